@@ -1,0 +1,1 @@
+"""Data analysis: shares, duplicates and coverage of query and example sets."""

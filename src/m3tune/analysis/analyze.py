@@ -1,0 +1,188 @@
+"""The `analyze` step: shares by language, query type and source, against targets.
+
+Reads any JSONL of Query records or Example records (FlagEmbedding format
+included; missing language is detected from the script, missing source
+from the positive ids). The pipeline runs it with `fail_on_miss` after
+`combine`, so data that misses its targets never reaches the GPU step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from m3tune.arabic import detect_language, normalize
+from m3tune.jsonl import Rejects, read_jsonl
+from m3tune.records import Example, Query
+from m3tune.storage import file_digest, split_uri
+
+
+class TargetsMissed(Exception):
+    """The analyzed data misses one or more share targets."""
+
+    def __init__(self, report: dict[str, Any]):
+        self.report = report
+        missed = [t for t in report["targets"] if not t["met"]]
+        super().__init__("targets missed: " + "; ".join(
+            f"{t['name']} {t['share']:.1%} (target {t['target']:.0%} ± {t['tolerance']:.0%})" for t in missed))
+
+
+class AnalyzeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = Field(default=None, description="JSONL of queries or examples (path, file:// or s3:// URI)")
+    arabic_target: float = Field(default=0.50, ge=0, le=1, description="share of Arabic queries")
+    conceptual_target: float = Field(default=0.20, ge=0, le=1, description="share of conceptual (thematic) queries")
+    quran_target: float = Field(default=0.25, ge=0, le=1, description="share of queries whose positives are Quran verses")
+    tolerance: float = Field(default=0.05, ge=0, le=1, description="a share within target ± tolerance is met")
+    fail_on_miss: bool = Field(default=False, description="fail (exit 3) when a target is missed")
+    skip_invalid: bool = Field(default=False, description="skip invalid lines (written to rejects.jsonl) instead of failing")
+
+
+def analyze_inputs(config: AnalyzeConfig) -> dict[str, str]:
+    if not config.input:
+        return {}
+    store, name = split_uri(config.input)
+    return {f"input:{config.input}": "sha256:" + file_digest(store, name)}
+
+
+def _row_kind(first_line: bytes) -> type[BaseModel]:
+    try:
+        keys = json.loads(first_line)
+    except ValueError:
+        return Query  # let the validating reader report the bad line
+    return Example if isinstance(keys, dict) and "pos" in keys and "positive_ids" not in keys else Query
+
+
+def _source_of(ids: list[str]) -> str:
+    kinds = {"quran" if i.startswith("quran:") else "hadith" for i in ids}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _facts(rows: Iterable[BaseModel]) -> Iterator[tuple[str, str, str, str, list[str], int | None]]:
+    """(query, language, type, source, positive keys, negatives) per row."""
+    for r in rows:
+        if isinstance(r, Query):
+            yield r.query, r.language, r.type, r.source, list(r.positive_ids), None
+        else:
+            assert isinstance(r, Example)
+            keys = list(r.pos_ids) if r.pos_ids else [f"text:{normalize(t)[:80]}" for t in r.pos]
+            source = r.source or (_source_of(r.pos_ids) if r.pos_ids else "unknown")
+            yield r.query, r.language or detect_language(r.query), r.type or "unknown", source, keys, len(r.neg)
+
+
+def _shares(counter: Counter[str], total: int) -> dict[str, float]:
+    return {k: round(v / total, 4) for k, v in counter.most_common()}
+
+
+def build_report(rows: Iterable[BaseModel], *, arabic_target: float, conceptual_target: float,
+                 quran_target: float, tolerance: float) -> dict[str, Any]:
+    language: Counter[str] = Counter()
+    qtype: Counter[str] = Counter()
+    source: Counter[str] = Counter()
+    per_passage: Counter[str] = Counter()
+    queries: Counter[str] = Counter()
+    negatives: list[int] = []
+    n = 0
+    for query, lang, typ, src, keys, negs in _facts(rows):
+        n += 1
+        language[lang] += 1
+        qtype[typ] += 1
+        source[src] += 1
+        per_passage.update(set(keys))
+        queries[normalize(query)] += 1
+        if negs is not None:
+            negatives.append(negs)
+    if n == 0:
+        raise ValueError("no valid rows to analyze")
+    dup_rows = sum(c - 1 for c in queries.values() if c > 1)
+    counts = sorted(per_passage.values())
+    report: dict[str, Any] = {
+        "rows": n,
+        "counts": {"language": dict(language), "type": dict(qtype), "source": dict(source)},
+        "shares": {"language": _shares(language, n), "type": _shares(qtype, n), "source": _shares(source, n)},
+        "duplicates": {"rows": dup_rows, "distinct_queries": len(queries),
+                       "most_repeated": [[q, c] for q, c in queries.most_common(5) if c > 1]},
+        "per_passage": {"passages": len(per_passage), "mean": round(statistics.fmean(counts), 3),
+                        "median": statistics.median(counts), "max": counts[-1],
+                        "p95": counts[min(len(counts) - 1, int(0.95 * len(counts)))],
+                        "most_used": [[k, c] for k, c in per_passage.most_common(5)]},
+    }
+    if negatives:
+        report["negatives"] = {"mean": round(statistics.fmean(negatives), 3), "min": min(negatives),
+                               "max": max(negatives), "without_negatives": sum(1 for x in negatives if x == 0)}
+    targets = []
+    for name, share, target in (("arabic", language["ar"] / n, arabic_target),
+                                ("conceptual", qtype["conceptual"] / n, conceptual_target),
+                                ("quran", source["quran"] / n, quran_target)):
+        targets.append({"name": name, "share": round(share, 4), "target": target, "tolerance": tolerance,
+                        "met": abs(share - target) <= tolerance + 1e-9})
+    report["targets"] = targets
+    report["ok"] = all(t["met"] for t in targets)
+    return report
+
+
+def analyze_file(uri: str, *, rejects: Rejects | None = None, **targets: float) -> dict[str, Any]:
+    """The report for the JSONL file at URI (Query or Example rows, detected from the first line)."""
+    store, name = split_uri(uri)
+    with store.open_read(name) as f:
+        first = next((line for line in f if line.strip()), b"")
+    model = _row_kind(first)
+    with store.open_read(name) as f:
+        report = build_report(read_jsonl(f, model, name=uri, rejects=rejects), **targets)
+    report = {"input": uri, "kind": "examples" if model is Example else "queries", **report}
+    if rejects is not None:
+        report["rejected"] = len(rejects)
+    return report
+
+
+def render_report(report: dict[str, Any]):
+    """A rich renderable: the shares and targets as tables."""
+    from rich.console import Group
+    from rich.table import Table
+
+    shares = Table(title=f"{report['input']}: {report['rows']:,} {report['kind']}", title_justify="left")
+    shares.add_column("dimension")
+    shares.add_column("value")
+    shares.add_column("rows", justify="right")
+    shares.add_column("share", justify="right")
+    for dim in ("language", "type", "source"):
+        for value, share in report["shares"][dim].items():
+            shares.add_row(dim, value, f"{report['counts'][dim][value]:,}", f"{share:.1%}")
+    targets = Table(title="targets", title_justify="left")
+    for col in ("target", "share", "goal", ""):
+        targets.add_column(col, justify="right" if col in ("share", "goal") else "left")
+    for t in report["targets"]:
+        targets.add_row(f"{t['name']} queries", f"{t['share']:.1%}", f"{t['target']:.0%} ± {t['tolerance']:.0%}",
+                        "✅" if t["met"] else "❌")
+    d, p = report["duplicates"], report["per_passage"]
+    extra = Table.grid(padding=(0, 2))
+    extra.add_row("duplicate queries", f"{d['rows']:,} rows ({d['distinct_queries']:,} distinct)")
+    extra.add_row("examples per passage", f"mean {p['mean']}, median {p['median']}, p95 {p['p95']}, "
+                  f"max {p['max']} over {p['passages']:,} passages")
+    if "negatives" in report:
+        n = report["negatives"]
+        extra.add_row("negatives per example", f"mean {n['mean']}, min {n['min']}, max {n['max']}")
+    return Group(shares, targets, extra)
+
+
+def analyze(ctx, *, input: str | None, arabic_target: float, conceptual_target: float, quran_target: float,
+            tolerance: float, fail_on_miss: bool, skip_invalid: bool) -> dict[str, Any]:
+    if not input:
+        raise ValueError("analyze needs an input file: --input URI (JSONL of queries or examples)")
+    rejects = Rejects() if skip_invalid else None
+    report = analyze_file(input, rejects=rejects, arabic_target=arabic_target,
+                          conceptual_target=conceptual_target, quran_target=quran_target, tolerance=tolerance)
+    ctx.write_bytes("report.json", json.dumps(report, ensure_ascii=False, indent=2).encode() + b"\n")
+    if rejects is not None:
+        ctx.write_rejects(rejects)
+    if fail_on_miss and not report["ok"]:
+        raise TargetsMissed(report)
+    return {"counts": {"rows": report["rows"], **{f"{k}_{v}": n for k in ("language", "source")
+                                                   for v, n in report["counts"][k].items()}},
+            "metrics": {t["name"] + "_share": t["share"] for t in report["targets"]}}

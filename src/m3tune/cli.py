@@ -1,0 +1,323 @@
+"""The `m3tune` command line.
+
+    m3tune run     the whole pipeline, locally, resuming
+    m3tune step    one step (what each Argo task runs)
+    m3tune status  per step: done / stale / missing, with counts
+    m3tune analyze shares and targets of any queries/examples JSONL
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+app = typer.Typer(
+    name="m3tune",
+    help="Fine-tune BGE-M3 for Arabic Islamic search (Quran and Hadith): from corpus to evaluated model.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+step_app = typer.Typer(help="Run one step of a run (skipped when its manifest proves it done; --force reruns).",
+                       no_args_is_help=True)
+app.add_typer(step_app, name="step")
+
+EXIT_ERROR = 1
+EXIT_TARGETS_MISSED = 3
+
+RootOpt = Annotated[Optional[str], typer.Option(
+    "--root", envvar="M3TUNE_ROOT", show_envvar=True,
+    help="Run root URI: file:///…/runs/RUN_ID, s3://bucket/prefix/RUN_ID or a path. Or use --runs and --run-id.")]
+RunsOpt = Annotated[str, typer.Option(
+    "--runs", envvar="M3TUNE_RUNS", show_envvar=True, help="Where runs live; the root is RUNS/RUN_ID.")]
+RunIdOpt = Annotated[Optional[str], typer.Option(
+    "--run-id", envvar="M3TUNE_RUN_ID", show_envvar=True,
+    help="Run id: letters, digits, '.', '_', '-' (no '/', no '..').")]
+EndpointOpt = Annotated[Optional[str], typer.Option(
+    "--s3-endpoint", envvar="M3TUNE_S3_ENDPOINT", show_envvar=True,
+    help="S3-compatible endpoint URL (MinIO, moto, …); credentials come from the usual AWS variables.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and full tracebacks.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the step's manifest proves it done.")]
+
+
+def _setup(verbose: bool, s3_endpoint: str | None) -> None:
+    from rich.logging import RichHandler
+
+    if s3_endpoint:
+        os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, markup=False, rich_tracebacks=verbose)], force=True)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _state["verbose"] = verbose
+
+
+_state: dict[str, Any] = {"verbose": False}
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _errors(fn):
+    """Turn the errors a user can fix into one clear line and an exit code, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from m3tune.analysis.analyze import TargetsMissed
+        from m3tune.corpus.packaged import CorpusError
+        from m3tune.executor import MissingInput
+        from m3tune.jsonl import RecordError
+        from m3tune.storage import StorageError
+
+        try:
+            return fn(*args, **kwargs)
+        except TargetsMissed as e:
+            raise _fail(str(e), EXIT_TARGETS_MISSED) from None
+        except (RecordError, StorageError, CorpusError, MissingInput, ConfigError, ValueError, KeyError) as e:
+            if _state["verbose"]:
+                raise
+            raise _fail(str(e).strip('"')) from None
+
+    return wrapper
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _root(root: str | None, runs: str, run_id: str | None):
+    from m3tune.storage import open_root, run_root_uri
+
+    if root and run_id:
+        raise ConfigError("give either --root or --run-id, not both")
+    if not root:
+        if not run_id:
+            raise ConfigError("no run given: pass --root URI, or --run-id ID (with --runs, default ./runs)")
+        root = run_root_uri(runs, run_id)
+    return open_root(root)
+
+
+def _build(model: type[BaseModel], values: dict[str, Any], where: str) -> BaseModel:
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}"
+                             for err in e.errors(include_url=False))
+        raise ConfigError(f"{where}: {problems}") from None
+
+
+def load_run_config(path: Path | None) -> dict[str, BaseModel]:
+    """Per-step configs from a YAML/JSON file {step: {option: value}}; absent steps use defaults."""
+    from m3tune.pipeline import STEPS
+
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of step name to options")
+    configs = {}
+    for name, values in data.items():
+        if name not in STEPS:
+            raise ConfigError(f"{path}: unknown step {name!r}; steps: {', '.join(STEPS)}")
+        configs[name] = _build(STEPS[name].config, values or {}, f"{path}: {name}")
+    return configs
+
+
+def _print_manifest(manifest, ran: bool) -> None:
+    from rich.console import Console
+
+    verb = "ran" if ran else "skipped (done)"
+    console = Console()
+    console.print(f"[bold]{manifest.step}[/bold] {verb}: {json.dumps(manifest.counts, ensure_ascii=False)}")
+    for name, info in manifest.outputs.items():
+        rows = f"{info.rows:,} rows, " if info.rows is not None else ""
+        console.print(f"  {name}: {rows}{info.bytes:,} bytes")
+
+
+@app.command()
+@_errors
+def run(
+    root: RootOpt = None,
+    runs: RunsOpt = "runs",
+    run_id: RunIdOpt = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False,
+                      help="YAML with per-step options, e.g. 'ingest: {limit: 100}'. Defaults otherwise.")] = None,
+    force: Annotated[list[str], typer.Option("--force", help="Rerun this step even if done (repeatable).")] = [],
+    until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step.")] = None,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Run the whole pipeline locally, in order. Finished steps are skipped, so a rerun resumes."""
+    from rich.console import Console
+
+    from m3tune.executor import run_pipeline
+    from m3tune.manifest import read_manifest
+    from m3tune.pipeline import PIPELINE
+
+    _setup(verbose, s3_endpoint)
+    store = _root(root, runs, run_id)
+    configs = load_run_config(config)
+    unknown = [f for f in force if f not in PIPELINE]
+    if unknown:
+        raise ConfigError(f"--force {unknown[0]!r} is not a pipeline step; steps: {', '.join(PIPELINE)}")
+    ran = run_pipeline(store, configs, force=set(force), until=until)
+    for name, did_run in ran:
+        _print_manifest(read_manifest(store.child(name)), did_run)
+    Console().print(f"\nrun root: [bold]{store.uri}[/bold]")
+
+
+@app.command()
+@_errors
+def status(
+    root: RootOpt = None,
+    runs: RunsOpt = "runs",
+    run_id: RunIdOpt = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False,
+                      help="Compare against this config (else each step's recorded config).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Show each step of a run: done, stale (inputs or config changed) or missing, with counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from m3tune.executor import pipeline_status
+
+    _setup(verbose, s3_endpoint)
+    store = _root(root, runs, run_id)
+    statuses = pipeline_status(store, load_run_config(config))
+    if as_json:
+        typer.echo(json.dumps([{"step": s.step, "state": s.state, "reason": s.reason,
+                                "counts": s.manifest.counts if s.manifest else None,
+                                "finished_at": s.manifest.finished_at if s.manifest else None}
+                               for s in statuses], ensure_ascii=False, indent=2))
+        return
+    table = Table(title=store.uri, title_justify="left")
+    for col in ("step", "state", "why", "counts", "finished"):
+        table.add_column(col)
+    colour = {"done": "green", "stale": "yellow", "missing": "red"}
+    for s in statuses:
+        table.add_row(s.step, f"[{colour[s.state]}]{s.state}[/]", s.reason,
+                      json.dumps(s.manifest.counts, ensure_ascii=False) if s.manifest else "",
+                      s.manifest.finished_at if s.manifest else "")
+    Console().print(table)
+
+
+@step_app.command("ingest")
+@_errors
+def step_ingest(
+    root: RootOpt = None,
+    runs: RunsOpt = "runs",
+    run_id: RunIdOpt = None,
+    source: Annotated[Optional[list[str]], typer.Option(
+        "--source", help="Packaged corpus: quran, bukhari, muslim (repeatable; default all three).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most N passages from each source and user file.")] = None,
+    user_file: Annotated[Optional[list[str]], typer.Option(
+        "--user-file", help="JSONL of passages (id, source, text; path or URI), added after the packaged ones.")] = None,
+    no_packaged: Annotated[bool, typer.Option("--no-packaged", help="Only the user files, no packaged corpus.")] = False,
+    skip_invalid: Annotated[bool, typer.Option(help="Write invalid user lines to rejects.jsonl and go on.")] = False,
+    force: ForceOpt = False,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Build passages.jsonl from the packaged Quran (6,236 verses) and hadith (Bukhari, Muslim) and user files."""
+    from m3tune.corpus.ingest import IngestConfig
+
+    values: dict[str, Any] = {"limit": limit, "skip_invalid": skip_invalid, "user_files": user_file or []}
+    if no_packaged:
+        values["sources"] = []
+    elif source:
+        values["sources"] = source
+    _run_one("ingest", IngestConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
+
+
+@step_app.command("analyze")
+@_errors
+def step_analyze(
+    input: Annotated[str, typer.Option("--input", help="JSONL of queries or examples (path or URI).")],
+    root: RootOpt = None,
+    runs: RunsOpt = "runs",
+    run_id: RunIdOpt = None,
+    arabic_target: Annotated[float, typer.Option(help="Target share of Arabic queries.")] = 0.50,
+    conceptual_target: Annotated[float, typer.Option(help="Target share of conceptual queries.")] = 0.20,
+    quran_target: Annotated[float, typer.Option(help="Target share of Quran positives.")] = 0.25,
+    tolerance: Annotated[float, typer.Option(help="A share within target ± tolerance is met.")] = 0.05,
+    fail_on_miss: Annotated[bool, typer.Option(help="Exit 3 when a target is missed.")] = False,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip invalid lines (to rejects.jsonl).")] = False,
+    force: ForceOpt = False,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Analyze a queries/examples JSONL into ROOT/analyze/report.json, as a pipeline step."""
+    from rich.console import Console
+
+    from m3tune.analysis.analyze import AnalyzeConfig, render_report
+
+    values = {"input": input, "arabic_target": arabic_target, "conceptual_target": conceptual_target,
+              "quran_target": quran_target, "tolerance": tolerance, "fail_on_miss": fail_on_miss,
+              "skip_invalid": skip_invalid}
+    store = _run_one("analyze", AnalyzeConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
+    Console().print(render_report(json.loads(store.child("analyze").read_bytes("report.json"))))
+
+
+def _run_one(name, model, values, root, runs, run_id, force, s3_endpoint, verbose):
+    from m3tune.executor import run_step
+
+    _setup(verbose, s3_endpoint)
+    store = _root(root, runs, run_id)
+    config = _build(model, {k: v for k, v in values.items() if v is not None}, f"step {name}")
+    manifest, ran = run_step(store, name, config, force=force)
+    _print_manifest(manifest, ran)
+    return store
+
+
+@app.command()
+@_errors
+def analyze(
+    input: Annotated[str, typer.Argument(help="JSONL of queries or examples (path or URI).")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    arabic_target: Annotated[float, typer.Option(help="Target share of Arabic queries.")] = 0.50,
+    conceptual_target: Annotated[float, typer.Option(help="Target share of conceptual queries.")] = 0.20,
+    quran_target: Annotated[float, typer.Option(help="Target share of Quran positives.")] = 0.25,
+    tolerance: Annotated[float, typer.Option(help="A share within target ± tolerance is met.")] = 0.05,
+    fail_on_miss: Annotated[bool, typer.Option(help="Exit 3 when a target is missed.")] = False,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Print shares by language, type and source of any queries/examples JSONL, with ✅/❌ against targets."""
+    from rich.console import Console
+
+    from m3tune.analysis.analyze import TargetsMissed, analyze_file, render_report
+
+    _setup(verbose, s3_endpoint)
+    report = analyze_file(input, arabic_target=arabic_target, conceptual_target=conceptual_target,
+                          quran_target=quran_target, tolerance=tolerance)
+    Console().print(render_report(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if fail_on_miss and not report["ok"]:
+        raise TargetsMissed(report)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

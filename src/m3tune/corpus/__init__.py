@@ -1,0 +1,1 @@
+"""The corpus: packaged Quran and hadith texts, read offline, and the ingest step."""

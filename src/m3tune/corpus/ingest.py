@@ -1,0 +1,101 @@
+"""The `ingest` step: packaged corpora and user JSONL -> `passages.jsonl`.
+
+Passages are written in a fixed order (Quran in mushaf order, then each
+hadith collection in sunnah.com order, then user files in the order given),
+so the same inputs always give byte-identical output, locally or on S3.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from m3tune.arabic import normalize
+from m3tune.jsonl import RecordError, Rejects, read_jsonl_numbered
+from m3tune.pipeline import StepContext
+from m3tune.records import Passage, PassageInput
+from m3tune.storage import file_digest, split_uri
+
+PackagedSource = Literal["quran", "bukhari", "muslim"]
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[PackagedSource] = Field(
+        default=["quran", "bukhari", "muslim"], description="packaged corpora to include")
+    limit: int | None = Field(default=None, ge=1, description="at most this many passages from each source and user file")
+    user_files: list[str] = Field(
+        default_factory=list, description="JSONL files of passages (path, file:// or s3:// URI); "
+        "each line needs id, source, text; text_plain and collection are derived when absent")
+    skip_invalid: bool = Field(default=False, description="write invalid user lines to rejects.jsonl instead of failing")
+
+
+def ingest_inputs(config: IngestConfig) -> dict[str, str]:
+    from m3tune.corpus.packaged import package_versions
+
+    inputs: dict[str, str] = {}
+    for source in config.sources:
+        inputs.update(package_versions(source))
+    for uri in config.user_files:
+        store, name = split_uri(uri)
+        inputs[f"user:{uri}"] = "sha256:" + file_digest(store, name)
+    return inputs
+
+
+def _from_user(row: PassageInput) -> Passage:
+    return Passage(
+        id=row.id, source=row.source, collection=row.collection or row.id.split(":", 1)[0], text=row.text,
+        text_plain=row.text_plain or normalize(row.text), translation_en=row.translation_en, meta=row.meta,
+    )
+
+
+def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_files: list[str],
+           skip_invalid: bool) -> dict[str, Any]:
+    from m3tune.corpus.packaged import expected_count, hadith_passages, notice, quran_passages
+    from m3tune.progress import track
+
+    origin_of: dict[str, str] = {}  # passage id -> where it came from, to name duplicates
+    by_source: Counter[str] = Counter()
+    rejects = Rejects() if skip_invalid else None
+
+    with ctx.write_jsonl("passages.jsonl") as out:
+        for source in sources:
+            passages = quran_passages(limit) if source == "quran" else hadith_passages(source, limit)
+            total = min(filter(None, (expected_count(source), limit)))
+            for p in track(passages, description=f"ingest {source}", total=total):
+                origin_of[p.id] = source
+                out.write(p)
+                by_source[source] += 1
+            ctx.log.info("%s: %s passages", source, f"{by_source[source]:,}")
+
+        for uri in user_files:
+            store, name = split_uri(uri)
+            taken = 0
+            with store.open_read(name) as f:
+                for line_no, row in read_jsonl_numbered(f, PassageInput, name=uri, rejects=rejects):
+                    if limit is not None and taken >= limit:
+                        break
+                    if row.id in origin_of:
+                        err = RecordError(uri, line_no, "id",
+                                          f"duplicate passage id {row.id!r}, already from {origin_of[row.id]}")
+                        if rejects is None:
+                            raise err
+                        rejects.add(err, row.model_dump_json().encode())
+                        continue
+                    origin_of[row.id] = f"{uri}:{line_no}"
+                    out.write(_from_user(row))
+                    by_source[f"user:{name}"] += 1
+                    taken += 1
+            ctx.log.info("%s: %s passages", uri, f"{taken:,}")
+
+    if rejects is not None:
+        ctx.write_rejects(rejects)
+    kinds = ["quran"] * ("quran" in sources) + ["hadith"] * any(s in sources for s in ("bukhari", "muslim"))
+    if kinds:
+        ctx.write_bytes("NOTICE.md", ("# Sources and licences of passages.jsonl\n\n"
+                                      + "\n\n".join(notice(k) for k in kinds) + "\n").encode())
+    return {"counts": {"passages": out.rows, "by_source": dict(by_source),
+                       "rejected": len(rejects) if rejects is not None else 0}}

@@ -1,0 +1,149 @@
+"""The local executor: runs steps in this process, skipping what is proven done.
+
+`run_step` is what `m3tune step NAME` and each Argo task call; `run_pipeline`
+is `m3tune run`, the DAG in order on one machine. Neither has step logic of
+its own: both check the manifest, call the step function, publish the
+manifest last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel
+
+from m3tune import __version__
+from m3tune.manifest import MANIFEST, Manifest, OutputInfo, config_digest, read_manifest, write_manifest
+from m3tune.pipeline import PIPELINE, STEPS, Step, StepContext, get_step
+from m3tune.storage import Store
+
+log = logging.getLogger("m3tune")
+
+State = Literal["done", "stale", "missing"]
+
+
+class MissingInput(Exception):
+    """A step's upstream step has not finished in this run."""
+
+
+@dataclass
+class StepStatus:
+    step: str
+    state: State
+    reason: str
+    manifest: Manifest | None
+
+
+def current_inputs(root: Store, step: Step, config: BaseModel) -> dict[str, str]:
+    """Digests of everything STEP would read now: upstream outputs and external inputs."""
+    inputs: dict[str, str] = {}
+    for need in step.needs:
+        upstream = read_manifest(root.child(need))
+        if upstream is None:
+            raise MissingInput(f"step '{step.name}' needs '{need}', which has not finished in {root.uri}")
+        for name, info in upstream.outputs.items():
+            inputs[f"{need}/{name}"] = "sha256:" + info.sha256
+    inputs.update(step.external_inputs(config))
+    return inputs
+
+
+def _changed(old: dict[str, str], new: dict[str, str]) -> str:
+    names = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def step_status(root: Store, step: Step, config: BaseModel | None = None) -> StepStatus:
+    """Whether STEP is done in ROOT. Without CONFIG, the config its manifest recorded is assumed."""
+    folder = root.child(step.name)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        reason = "started but not finished (no manifest)" if folder.list() else "not run"
+        return StepStatus(step.name, "missing", reason, None)
+    config = config if config is not None else step.config.model_validate(manifest.config)
+    if manifest.config_digest != config_digest(config):
+        return StepStatus(step.name, "stale", "config changed", manifest)
+    try:
+        inputs = current_inputs(root, step, config)
+    except MissingInput as e:
+        return StepStatus(step.name, "stale", str(e), manifest)
+    if inputs != manifest.inputs:
+        return StepStatus(step.name, "stale", f"inputs changed: {_changed(manifest.inputs, inputs)}", manifest)
+    gone = [name for name in manifest.outputs if not folder.exists(name)]
+    if gone:
+        return StepStatus(step.name, "stale", f"output missing: {', '.join(gone)}", manifest)
+    return StepStatus(step.name, "done", "up to date", manifest)
+
+
+def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: bool = False) -> tuple[Manifest, bool]:
+    """Run step NAME in ROOT unless it is done; return (manifest, ran)."""
+    step = get_step(name)
+    config = config if config is not None else step.config()
+    if not isinstance(config, step.config):
+        raise TypeError(f"step {name!r} takes a {step.config.__name__}, got {type(config).__name__}")
+    status = step_status(root, step, config)
+    if status.state == "done" and not force:
+        log.info("%s: done, skipped (%s)", name, root.child(name).uri_of(MANIFEST))
+        assert status.manifest is not None
+        return status.manifest, False
+    inputs = current_inputs(root, step, config)  # fails early, before any write, if upstream is missing
+
+    folder = root.child(name)
+    # The old manifest goes first: a rerun that dies half-way must not leave
+    # a manifest vouching for outputs it did not write.
+    folder.delete(MANIFEST)
+    cleaned = folder.clean_temporaries()
+    if cleaned:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", name, cleaned)
+    why = "forced" if status.state == "done" else status.reason
+    log.info("%s: running (%s) -> %s", name, why, folder.uri)
+
+    ctx = StepContext(root=root, name=name)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    result = step.func(ctx, **config.model_dump()) or {}
+    seconds = time.perf_counter() - t0
+    manifest = Manifest(
+        step=name,
+        m3tune_version=__version__,
+        config=config.model_dump(mode="json"),
+        config_digest=config_digest(config),
+        inputs=inputs,
+        outputs={k: OutputInfo(sha256=v.sha256, bytes=v.bytes, rows=getattr(v, "rows", None))
+                 for k, v in ctx.outputs.items()},
+        counts=result.get("counts", {}),
+        metrics=result.get("metrics", {}),
+        started_at=started.isoformat(timespec="seconds"),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(seconds, 3),
+    )
+    write_manifest(folder, manifest)
+    log.info("%s: finished in %.1fs -> %s", name, seconds, folder.uri_of(MANIFEST))
+    return manifest, True
+
+
+def run_pipeline(root: Store, configs: dict[str, BaseModel], *, force: set[str] = frozenset(),
+                 until: str | None = None) -> list[tuple[str, bool]]:
+    """Run the pipeline's steps in order, resuming: finished steps are skipped."""
+    if until is not None and until not in PIPELINE:
+        raise KeyError(f"--until {until!r} is not a pipeline step; steps: {', '.join(PIPELINE)}")
+    ran: list[tuple[str, bool]] = []
+    for name in PIPELINE:
+        _, did_run = run_step(root, name, configs.get(name), force=name in force)
+        ran.append((name, did_run))
+        if name == until:
+            break
+    return ran
+
+
+def pipeline_status(root: Store, configs: dict[str, BaseModel] | None = None) -> list[StepStatus]:
+    """Status of the pipeline's steps, and of any other step that has run in ROOT."""
+    statuses = []
+    for name in STEPS:
+        status = step_status(root, STEPS[name], (configs or {}).get(name))
+        if name in PIPELINE or status.state != "missing" or root.child(name).list():
+            statuses.append(status)
+    return statuses

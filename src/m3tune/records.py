@@ -1,0 +1,110 @@
+"""The record contracts between steps (DESIGN.md, "Record contracts").
+
+Every JSONL file the pipeline reads is validated row by row against one of
+these models; `m3tune.jsonl` names the file, line and field of a bad row.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+PASSAGE_ID = r"^[a-z][a-z0-9_-]*:[A-Za-z0-9][A-Za-z0-9:._-]*$"
+
+PassageId = Annotated[str, StringConstraints(pattern=PASSAGE_ID)]
+Text = Annotated[str, StringConstraints(min_length=1)]
+Language = Literal["ar", "en"]
+Source = Literal["quran", "hadith"]
+QueryType = Literal["question", "keyword", "conceptual", "exact"]
+
+
+class _Strict(BaseModel):
+    # Our own records: an unknown field is a typo or a contract drift, so it is an error.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Passage(_Strict):
+    """One retrievable unit: a Quran verse or a hadith."""
+
+    id: PassageId = Field(description="stable readable id: quran:2:153, bukhari:1, muslim:196")
+    source: Source
+    collection: Text = Field(description="quran, bukhari, muslim, ...")
+    text: Text = Field(description="Arabic as displayed")
+    text_plain: Text = Field(description="diacritics stripped and normalized (m3tune.arabic.normalize)")
+    translation_en: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class PassageInput(_Strict):
+    """A passage as a user supplies it: text_plain and collection are derived when absent."""
+
+    id: PassageId
+    source: Source
+    text: Text
+    collection: Text | None = None
+    text_plain: Text | None = None
+    translation_en: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Generator(_Strict):
+    backend: Text
+    model: Text
+    prompt_version: Text
+
+
+class Query(_Strict):
+    """A training query with the passage(s) that answer it."""
+
+    id: Text
+    query: Text
+    language: Language
+    type: QueryType
+    positive_ids: list[PassageId] = Field(min_length=1)
+    source: Literal["quran", "hadith", "mixed"]
+    generator: Generator
+
+
+class Example(BaseModel):
+    """A training example, a superset of FlagEmbedding's {query, pos, neg} format.
+
+    Extra fields are kept (not rejected), so that FlagEmbedding files with
+    their own additions pass through the pipeline without losing anything.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    query: Text
+    pos: list[Text] = Field(min_length=1)
+    neg: list[Text] = Field(default_factory=list)
+    pos_ids: list[PassageId] | None = None
+    neg_ids: list[PassageId] | None = None
+    pos_scores: list[float] | None = None
+    neg_scores: list[float] | None = None
+    query_id: str | None = None
+    language: Language | None = None
+    type: QueryType | None = None
+    source: Literal["quran", "hadith", "mixed"] | None = None
+
+    @model_validator(mode="after")
+    def _parallel_lists(self) -> "Example":
+        for name, texts in (("pos_ids", self.pos), ("pos_scores", self.pos),
+                            ("neg_ids", self.neg), ("neg_scores", self.neg)):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(texts):
+                base = "pos" if name.startswith("pos") else "neg"
+                raise ValueError(f"{name} has {len(values)} items but {base} has {len(texts)}")
+        return self
+
+
+class GoldQuery(_Strict):
+    """An evaluation query with its relevant passages."""
+
+    id: Text
+    query: Text
+    relevant_ids: list[PassageId] = Field(min_length=1)
+    category: Text = Field(description="exact, thematic, cross_lingual, paraphrase, ...")
+    language: Language
+    source: Literal["quran", "hadith", "mixed"]
+    difficulty: Literal["easy", "medium", "hard"]

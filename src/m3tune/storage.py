@@ -1,0 +1,361 @@
+"""Run storage: one folder abstraction over a local directory or an S3 prefix.
+
+Every step reads and writes through a `Store`, so `file://` and `s3://` roots
+behave the same. Writes are atomic: a local file is written under a hidden
+temporary name in the same folder and renamed into place; an S3 object is
+spooled to a local temporary file and sent with one upload, which S3 makes
+visible only once complete. A killed writer therefore never leaves a
+half-written file under its published name.
+
+S3 goes through boto3 alone (not s3fs): s3fs pulls aiobotocore, which pins
+botocore to a narrow range that fights boto3's own pin, and everything here
+(streamed GET, atomic PUT, list, delete) is a few boto3 calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, BinaryIO
+from urllib.parse import urlparse
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TMP_MARK = ".tmp-"
+S3_ENDPOINT_ENV = "M3TUNE_S3_ENDPOINT"
+
+
+class StorageError(Exception):
+    """A storage location is invalid or cannot be read or written."""
+
+
+def validate_run_id(run_id: str) -> str:
+    """A run id is one path segment of letters, digits, '.', '_' or '-', not '.' or '..'."""
+    if not RUN_ID_PATTERN.match(run_id or "") or set(run_id) == {"."}:
+        raise StorageError(
+            f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', no '..')"
+        )
+    return run_id
+
+
+def _check_relative(rel: str) -> str:
+    """Refuse paths that would escape their store ('..', absolute, empty segments)."""
+    parts = PurePosixPath(rel).parts
+    if not rel or rel.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in rel:
+        raise StorageError(f"invalid relative path {rel!r}: it must stay inside the run root")
+    return "/".join(parts)
+
+
+def run_root_uri(runs: str, run_id: str) -> str:
+    """The root URI of run RUN_ID under the runs location RUNS."""
+    validate_run_id(run_id)
+    return runs.rstrip("/") + "/" + run_id
+
+
+@dataclass
+class WrittenFile:
+    """What a finished atomic write published."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only binary stream that hashes and counts what passes through."""
+
+    def __init__(self, target: IO[bytes]):
+        self._target = target
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self._hash.update(data)
+        self.size += len(data)
+        return self._target.write(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+class Store(ABC):
+    """A folder: a local directory or an S3 prefix. Paths inside are '/'-separated."""
+
+    uri: str
+
+    @abstractmethod
+    def child(self, rel: str) -> "Store":
+        """The sub-folder REL."""
+
+    @abstractmethod
+    def open_read(self, rel: str) -> BinaryIO:
+        """A binary stream over REL; StorageError if it does not exist."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool:
+        """Whether the file REL exists."""
+
+    @abstractmethod
+    def size(self, rel: str) -> int:
+        """The size of REL in bytes."""
+
+    @abstractmethod
+    def list(self) -> list[str]:
+        """Names of the files directly or indirectly under this folder, relative to it."""
+
+    @abstractmethod
+    def delete(self, rel: str) -> None:
+        """Delete REL if it exists."""
+
+    @abstractmethod
+    def _publish(self, rel: str) -> AbstractContextManager[IO[bytes]]:
+        """A context giving a binary file that becomes REL only if the block succeeds."""
+
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[_HashingWriter]:
+        """Write REL atomically. On error nothing is published; `writer.result` tells what was."""
+        rel = _check_relative(rel)
+        with self._publish(rel) as raw:
+            writer = _HashingWriter(raw)
+            yield writer
+        writer.result = WrittenFile(rel, writer.sha256, writer.size)  # type: ignore[attr-defined]
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.open_read(rel) as f:
+            return f.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> WrittenFile:
+        with self.open_write(rel) as w:
+            w.write(data)
+        return w.result  # type: ignore[attr-defined]
+
+    def uri_of(self, rel: str) -> str:
+        return self.uri.rstrip("/") + "/" + _check_relative(rel)
+
+    def clean_temporaries(self) -> int:
+        """Remove temporary files a killed writer left behind; return how many."""
+        return 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+class LocalStore(Store):
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).absolute()
+        self.uri = self.path.as_uri()
+
+    def child(self, rel: str) -> "LocalStore":
+        return LocalStore(self.path / _check_relative(rel))
+
+    def _file(self, rel: str) -> Path:
+        return self.path / _check_relative(rel)
+
+    def open_read(self, rel: str) -> BinaryIO:
+        try:
+            return open(self._file(rel), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.uri_of(rel)}") from None
+
+    def exists(self, rel: str) -> bool:
+        return self._file(rel).is_file()
+
+    def size(self, rel: str) -> int:
+        return self._file(rel).stat().st_size
+
+    def list(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
+
+    def delete(self, rel: str) -> None:
+        self._file(rel).unlink(missing_ok=True)
+
+    @contextmanager
+    def _publish(self, rel: str) -> Iterator[IO[bytes]]:
+        final = self._file(rel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def clean_temporaries(self) -> int:
+        if not self.path.is_dir():
+            return 0
+        stale = [p for p in self.path.rglob(f".*{TMP_MARK}*") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client=None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3  # lazy: local runs never pay for it
+
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url)
+        return self._client
+
+    def _key(self, rel: str) -> str:
+        rel = _check_relative(rel)
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def child(self, rel: str) -> "S3Store":
+        return S3Store(self.bucket, self._key(rel), endpoint_url=self.endpoint_url, client=self._client)
+
+    def _call(self, what: str, fn, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageError(f"not found: s3://{self.bucket}/{kw.get('Key', '')}") from None
+            raise StorageError(f"S3 {what} s3://{self.bucket}/{kw.get('Key', kw.get('Prefix', ''))} failed: {e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"S3 {what} on {self.uri} failed: {e}") from e
+
+    def open_read(self, rel: str) -> BinaryIO:
+        body = self._call("GET", self.client.get_object, Key=self._key(rel))["Body"]
+        # A buffered reader over the streaming body gives line iteration
+        # without loading the object into memory.
+        return io.BufferedReader(_StreamingRaw(body), buffer_size=1 << 20)  # type: ignore[return-value]
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self._call("HEAD", self.client.head_object, Key=self._key(rel))
+            return True
+        except StorageError as e:
+            if str(e).startswith("not found"):
+                return False
+            raise
+
+    def size(self, rel: str) -> int:
+        return self._call("HEAD", self.client.head_object, Key=self._key(rel))["ContentLength"]
+
+    def list(self) -> list[str]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        names: list[str] = []
+        token = None
+        while True:
+            kw = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            page = self._call("LIST", self.client.list_objects_v2, **kw)
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(names)
+            token = page["NextContinuationToken"]
+
+    def delete(self, rel: str) -> None:
+        self._call("DELETE", self.client.delete_object, Key=self._key(rel))
+
+    @contextmanager
+    def _publish(self, rel: str) -> Iterator[IO[bytes]]:
+        # Spool locally, then one upload: S3 shows the object only when the
+        # upload completes, so readers never see a partial file.
+        with tempfile.TemporaryFile(prefix="m3tune-s3-") as f:
+            yield f
+            f.seek(0)
+            self._call("PUT", lambda **kw: self.client.upload_fileobj(f, kw["Bucket"], kw["Key"]), Key=self._key(rel))
+
+
+class _StreamingRaw(io.RawIOBase):
+    """Adapts botocore's StreamingBody to a raw stream for io.BufferedReader."""
+
+    def __init__(self, body):
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
+
+
+def open_store(uri: str, *, s3_endpoint: str | None = None) -> Store:
+    """The store at URI: 's3://bucket/prefix', 'file:///abs/path' or a plain path."""
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"invalid S3 URI {uri!r}: expected s3://bucket/prefix")
+        prefix = parsed.path.strip("/")
+        if any(p in ("..", ".") for p in prefix.split("/")):
+            raise StorageError(f"invalid S3 URI {uri!r}: '..' and '.' segments are not allowed")
+        endpoint = s3_endpoint or os.environ.get(S3_ENDPOINT_ENV) or None
+        return S3Store(parsed.netloc, prefix, endpoint_url=endpoint)
+    if uri.startswith("file://"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"invalid file URI {uri!r}: use file:///absolute/path")
+        path = parsed.path
+    elif "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use file://, s3:// or a path")
+    else:
+        path = uri
+    if ".." in Path(path).parts:
+        raise StorageError(f"invalid path {uri!r}: '..' segments are not allowed in a run location")
+    return LocalStore(path)
+
+
+def open_root(uri: str, *, s3_endpoint: str | None = None) -> Store:
+    """The store of one run: its last path segment is the run id, validated."""
+    store = open_store(uri, s3_endpoint=s3_endpoint)
+    last = store.uri.rstrip("/").rsplit("/", 1)[-1]
+    if isinstance(store, S3Store) and not store.prefix:
+        raise StorageError(f"invalid run root {uri!r}: expected s3://bucket/prefix/RUN_ID")
+    validate_run_id(last)
+    return store
+
+
+def split_uri(uri: str, *, s3_endpoint: str | None = None) -> tuple[Store, str]:
+    """A file URI or path as (store of its folder, file name), for inputs outside a run."""
+    if uri.startswith("s3://"):
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        if parent == "s3:/" or not name:
+            raise StorageError(f"invalid S3 object URI {uri!r}: expected s3://bucket/key")
+        return open_store(parent, s3_endpoint=s3_endpoint), name
+    store_path = Path(urlparse(uri).path if uri.startswith("file://") else uri).absolute()
+    return LocalStore(store_path.parent), store_path.name
+
+
+def file_digest(store: Store, rel: str) -> str:
+    """sha256 of a stored file, streamed."""
+    h = hashlib.sha256()
+    with store.open_read(rel) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
