@@ -49,12 +49,14 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the step'
 
 
 def _setup(verbose: bool, s3_endpoint: str | None) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
     if s3_endpoint:
         os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, markup=False, rich_tracebacks=verbose)], force=True)
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False,
+                                              rich_tracebacks=verbose)], force=True)
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _state["verbose"] = verbose
@@ -138,12 +140,22 @@ def load_run_config(path: Path | None) -> dict[str, BaseModel]:
     return configs
 
 
+def _fmt_counts(counts: dict[str, Any]) -> str:
+    """{'passages': 21176, 'by_source': {'quran': 6236}} -> 'passages 21,176 · by_source: quran 6,236'."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items())
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    return " · ".join(f"{k}: {fmt(v)}" if isinstance(v, dict) else f"{k} {fmt(v)}" for k, v in counts.items())
+
+
 def _print_manifest(manifest, ran: bool) -> None:
     from rich.console import Console
 
     verb = "ran" if ran else "skipped (done)"
     console = Console()
-    console.print(f"[bold]{manifest.step}[/bold] {verb}: {json.dumps(manifest.counts, ensure_ascii=False)}")
+    console.print(f"[bold]{manifest.step}[/bold] {verb}: {_fmt_counts(manifest.counts)}", highlight=False)
     for name, info in manifest.outputs.items():
         rows = f"{info.rows:,} rows, " if info.rows is not None else ""
         console.print(f"  {name}: {rows}{info.bytes:,} bytes")
@@ -214,7 +226,7 @@ def status(
     colour = {"done": "green", "stale": "yellow", "missing": "red"}
     for s in statuses:
         table.add_row(s.step, f"[{colour[s.state]}]{s.state}[/]", s.reason,
-                      json.dumps(s.manifest.counts, ensure_ascii=False) if s.manifest else "",
+                      _fmt_counts(s.manifest.counts) if s.manifest else "",
                       s.manifest.finished_at if s.manifest else "")
     Console().print(table)
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from m3tune import __version__
 from m3tune.manifest import MANIFEST, Manifest, OutputInfo, config_digest, read_manifest, write_manifest
-from m3tune.pipeline import PIPELINE, STEPS, Step, StepContext, get_step
+from m3tune.context import StepContext
+from m3tune.pipeline import PIPELINE, STEPS, Step, get_step
 from m3tune.storage import Store
 
 log = logging.getLogger("m3tune")

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, BinaryIO
 from urllib.parse import urlparse
 
@@ -49,10 +49,10 @@ def validate_run_id(run_id: str) -> str:
 
 def _check_relative(rel: str) -> str:
     """Refuse paths that would escape their store ('..', absolute, empty segments)."""
-    parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in rel:
+    parts = rel.split("/")
+    if any(p in ("..", ".", "") for p in parts) or "\\" in rel:
         raise StorageError(f"invalid relative path {rel!r}: it must stay inside the run root")
-    return "/".join(parts)
+    return rel
 
 
 def run_root_uri(runs: str, run_id: str) -> str:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.arabic import normalize
 from m3tune.jsonl import RecordError, Rejects, read_jsonl_numbered
-from m3tune.pipeline import StepContext
+from m3tune.context import StepContext
 from m3tune.records import Passage, PassageInput
 from m3tune.storage import file_digest, split_uri
 

@@ -1,0 +1,61 @@
+"""Shared fixtures: run roots on local disk and on a real S3 API (moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from m3tune.storage import LocalStore, S3Store, open_root
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on loopback, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    import boto3
+
+    name = f"m3tune-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def local_root(tmp_path) -> LocalStore:
+    return open_root(str(tmp_path / "runs" / "test-run"))  # type: ignore[return-value]
+
+
+@pytest.fixture
+def s3_root(s3_bucket, s3_endpoint) -> S3Store:
+    return open_root(f"s3://{s3_bucket}/prefix/runs/test-run", s3_endpoint=s3_endpoint)  # type: ignore[return-value]
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_root(request):
+    """The same test against a local folder and against S3."""
+    return request.getfixturevalue(f"{request.param}_root")
+
+
+@pytest.fixture(scope="session")
+def full_ingest(tmp_path_factory):
+    """The whole packaged corpus ingested once into a local run, shared by tests that read it."""
+    from m3tune.executor import run_step
+
+    root = open_root(str(tmp_path_factory.mktemp("full") / "runs" / "full"))
+    manifest, ran = run_step(root, "ingest")
+    assert ran
+    return root, manifest

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from m3tune.cli import EXIT_TARGETS_MISSED, app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def _commands(group: typer.Typer, prefix=()):
+    for cmd in group.registered_commands:
+        yield (*prefix, cmd.name or cmd.callback.__name__)
+    for sub in group.registered_groups:
+        yield (*prefix, sub.name)
+        yield from _commands(sub.typer_instance, (*prefix, sub.name))
+
+
+@pytest.mark.parametrize("command", sorted(set(_commands(app))), ids=" ".join)
+def test_every_command_explains_itself(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage: m3tune " + " ".join(command) in " ".join(result.output.split())
+
+
+def test_run_then_status(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("ingest:\n  sources: [quran]\n  limit: 7\n")
+    root = str(tmp_path / "runs" / "cli")
+    result = invoke("run", "--root", root, "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "ingest ran: passages 7" in result.output
+    assert (tmp_path / "runs" / "cli" / "ingest" / "passages.jsonl").is_file()
+    again = invoke("run", "--runs", str(tmp_path / "runs"), "--run-id", "cli", "--config", str(config))
+    assert "ingest skipped (done)" in again.output
+    status = invoke("status", "--root", root, "--json")
+    assert json.loads(status.output)[0]["state"] == "done"
+    status = invoke("status", "--root", root)  # no --config: compared with the config the manifest recorded
+    assert "done" in status.output
+    other = tmp_path / "other.yaml"
+    other.write_text("ingest:\n  sources: [quran]\n  limit: 8\n")
+    stale = invoke("status", "--root", root, "--config", str(other), "--json")
+    assert json.loads(stale.output)[0]["state"] == "stale"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run",), "no run given"),
+    (("run", "--run-id", "../etc"), "invalid run id"),
+    (("run", "--root", "x/runs/a", "--run-id", "b"), "either --root or --run-id"),
+    (("step", "ingest", "--root", "RUNS/r", "--source", "tirmidhi"), "sources.0"),
+    (("step", "ingest", "--root", "RUNS/r", "--limit", "0"), "greater than or equal to 1"),
+    (("step", "analyze", "--root", "RUNS/r", "--input", "RUNS/none.jsonl"), "not found"),
+    (("run", "--root", "RUNS/r", "--force", "nope"), "not a pipeline step"),
+])
+def test_user_errors_are_one_clear_line(tmp_path, args, message):
+    args = tuple(a.replace("RUNS", str(tmp_path)) for a in args)
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_config_file_names_file_and_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("ingest:\n  limt: 5\n")
+    result = runner.invoke(app, ["run", "--root", str(tmp_path / "r"), "--config", str(config)])
+    assert result.exit_code == 1 and "bad.yaml: ingest: limt: Extra inputs are not permitted" in result.output
+    config.write_text("trian: {}\n")
+    result = runner.invoke(app, ["run", "--root", str(tmp_path / "r"), "--config", str(config)])
+    assert result.exit_code == 1 and "unknown step 'trian'" in result.output
+
+
+def test_analyze_command_shows_targets_and_exits_3_on_miss(tmp_path):
+    gen = {"backend": "offline", "model": "none", "prompt_version": "v1"}
+    rows = [{"id": f"q{i}", "query": "آيات عن الصبر", "language": "ar", "type": "conceptual",
+             "positive_ids": ["quran:2:153"], "source": "quran", "generator": gen} for i in range(3)]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    ok = invoke("analyze", str(path), "--json", str(tmp_path / "r.json"))
+    assert ok.exit_code == 0 and "❌" in ok.output and "100.0%" in ok.output
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == 3
+    miss = runner.invoke(app, ["analyze", str(path), "--fail-on-miss"])
+    assert miss.exit_code == EXIT_TARGETS_MISSED and "targets missed: arabic 100.0%" in miss.output
+    met = invoke("analyze", str(path), "--arabic-target", "1", "--conceptual-target", "1", "--quran-target", "1",
+                 "--fail-on-miss")
+    assert met.exit_code == 0 and "❌" not in met.output
