@@ -26,6 +26,13 @@ def test_every_command_explains_itself(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0
     assert "Usage: m3tune " + " ".join(command) in " ".join(result.output.split())
+    click_command = typer.main.get_command(app)
+    for name in command:
+        click_command = click_command.commands[name]
+    assert click_command.help, "no summary"
+    undocumented = [p.name for p in click_command.params if not getattr(p, "help", None) and p.name != "help"
+                    and p.param_type_name == "option"]
+    assert not undocumented, f"options without help: {undocumented}"
 
 
 def test_run_then_status(tmp_path):
@@ -38,10 +45,11 @@ def test_run_then_status(tmp_path):
     assert (tmp_path / "runs" / "cli" / "ingest" / "passages.jsonl").is_file()
     again = invoke("run", "--runs", str(tmp_path / "runs"), "--run-id", "cli", "--config", str(config))
     assert "ingest skipped (done)" in again.output
-    status = invoke("status", "--root", root, "--json")
+    status = invoke("status", "--root", root, "--config", str(config), "--json")
     assert json.loads(status.output)[0]["state"] == "done"
-    status = invoke("status", "--root", root)  # no --config: compared with the config the manifest recorded
-    assert "done" in status.output
+    # without --config, status answers for `m3tune run` without --config: the defaults (all sources)
+    status = json.loads(invoke("status", "--root", root, "--json").output)[0]
+    assert (status["state"], status["reason"]) == ("stale", "config changed")
     other = tmp_path / "other.yaml"
     other.write_text("ingest:\n  sources: [quran]\n  limit: 8\n")
     stale = invoke("status", "--root", root, "--config", str(other), "--json")
@@ -56,6 +64,8 @@ def test_run_then_status(tmp_path):
     (("step", "ingest", "--root", "RUNS/r", "--limit", "0"), "greater than or equal to 1"),
     (("step", "analyze", "--root", "RUNS/r", "--input", "RUNS/none.jsonl"), "not found"),
     (("run", "--root", "RUNS/r", "--force", "nope"), "not a pipeline step"),
+    (("step", "ingest", "--root", "RUNS/r", "--source", "quran", "--source", "quran"), "each source may be given once"),
+    (("step", "ingest", "--root", "RUNS/r", "--no-packaged", "--user-file", "RUNS"), "cannot read"),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, args, message):
     args = tuple(a.replace("RUNS", str(tmp_path)) for a in args)
@@ -77,15 +87,18 @@ def test_bad_config_file_names_file_and_key(tmp_path):
 
 def test_analyze_command_shows_targets_and_exits_3_on_miss(tmp_path):
     gen = {"backend": "offline", "model": "none", "prompt_version": "v1"}
-    rows = [{"id": f"q{i}", "query": "آيات عن الصبر", "language": "ar", "type": "conceptual",
-             "positive_ids": ["quran:2:153"], "source": "quran", "generator": gen} for i in range(3)]
+    rows = [{"id": f"q{i}", "query": "hadith about patience", "language": "en", "type": "question",
+             "positive_ids": ["bukhari:1"], "source": "hadith", "generator": gen} for i in range(3)]
     path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    ok = invoke("analyze", str(path), "--json", str(tmp_path / "r.json"))
-    assert ok.exit_code == 0 and "❌" in ok.output and "100.0%" in ok.output
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "{bad\n", encoding="utf-8")
+    bad = runner.invoke(app, ["analyze", str(path)])
+    assert bad.exit_code == 1 and "q.jsonl:4: invalid JSON" in bad.output
+    ok = invoke("analyze", str(path), "--skip-invalid", "--json", str(tmp_path / "r.json"))
+    assert ok.exit_code == 0 and "❌" in ok.output and "100.0%" in ok.output and "skipped" in ok.output
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == 3
-    miss = runner.invoke(app, ["analyze", str(path), "--fail-on-miss"])
-    assert miss.exit_code == EXIT_TARGETS_MISSED and "targets missed: arabic 100.0%" in miss.output
-    met = invoke("analyze", str(path), "--arabic-target", "1", "--conceptual-target", "1", "--quran-target", "1",
-                 "--fail-on-miss")
+    miss = runner.invoke(app, ["analyze", str(path), "--skip-invalid", "--fail-on-miss"])
+    assert miss.exit_code == EXIT_TARGETS_MISSED
+    assert "targets missed: arabic 0.0% (target 50%, at least 45%); conceptual 0.0%" in " ".join(miss.output.split())
+    met = invoke("analyze", str(path), "--skip-invalid", "--arabic-target", "0", "--conceptual-target", "0",
+                 "--quran-target", "0", "--fail-on-miss")
     assert met.exit_code == 0 and "❌" not in met.output

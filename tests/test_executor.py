@@ -95,7 +95,7 @@ def test_pipeline_runs_in_order_and_reports_status(local_root):
     assert [s.state for s in pipeline_status(local_root)] == ["missing"]
     assert run_pipeline(local_root, {"ingest": SMALL}) == [("ingest", True)]
     assert run_pipeline(local_root, {"ingest": SMALL}) == [("ingest", False)]
-    (status,) = pipeline_status(local_root)
+    (status,) = pipeline_status(local_root, {"ingest": SMALL})
     assert (status.step, status.state) == ("ingest", "done")
     assert status.manifest.counts["by_source"] == {"quran": 5, "bukhari": 5}
 
@@ -154,3 +154,68 @@ def test_killed_step_publishes_nothing_and_reruns_cleanly(tmp_path):
     assert step_status(root, get_step("ingest")).state == "missing"
     _, ran = run_step(root, "ingest", IngestConfig(sources=[], user_files=[str(user)]))
     assert ran and sorted(p.name for p in folder.iterdir()) == [MANIFEST, "passages.jsonl"]
+
+
+def test_rerun_removes_outputs_the_new_run_does_not_produce(local_root, tmp_path):
+    user = tmp_path / "u.jsonl"
+    user.write_text('{"id": "x:1", "source": "hadith", "text": "نص"}\n{bad\n', encoding="utf-8")
+    run_step(local_root, "ingest", IngestConfig(sources=["quran"], limit=1, user_files=[str(user)], skip_invalid=True))
+    folder = local_root.child("ingest")
+    assert sorted(folder.list()) == ["NOTICE.md", MANIFEST, "passages.jsonl", "rejects.jsonl"]
+    run_step(local_root, "ingest", IngestConfig(sources=[], user_files=[str(user)], skip_invalid=True))
+    assert sorted(folder.list()) == [MANIFEST, "passages.jsonl", "rejects.jsonl"]  # no NOTICE without packaged text
+    user.write_text('{"id": "x:1", "source": "hadith", "text": "نص"}\n', encoding="utf-8")
+    run_step(local_root, "ingest", IngestConfig(sources=[], user_files=[str(user)]))
+    assert sorted(folder.list()) == [MANIFEST, "passages.jsonl"]  # the old rejects are gone
+
+
+def test_corrupt_manifest_is_stale_and_force_repairs_it(local_root):
+    run_step(local_root, "ingest", SMALL)
+    local_root.child("ingest").write_bytes(MANIFEST, b"{not a manifest")
+    status = step_status(local_root, get_step("ingest"), SMALL)
+    assert status.state == "stale" and status.reason.startswith("manifest unreadable")
+    _, ran = run_step(local_root, "ingest", SMALL, force=True)
+    assert ran and step_status(local_root, get_step("ingest"), SMALL).state == "done"
+
+
+def test_changed_output_is_stale(local_root):
+    run_step(local_root, "ingest", SMALL)
+    local_root.child("ingest").write_bytes("passages.jsonl", b"{}\n")
+    status = step_status(local_root, get_step("ingest"), SMALL)
+    assert (status.state, status.reason) == ("stale", "output changed: passages.jsonl")
+    assert run_step(local_root, "ingest", SMALL)[1]
+
+
+def test_user_file_is_recorded_absolute_and_a_missing_one_makes_status_stale(local_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "u.jsonl").write_text('{"id": "x:1", "source": "hadith", "text": "نص"}\n', encoding="utf-8")
+    config = IngestConfig(sources=[], user_files=["u.jsonl"])
+    assert config.user_files == [str(tmp_path / "u.jsonl")]
+    run_step(local_root, "ingest", config)
+    monkeypatch.chdir("/")
+    assert step_status(local_root, get_step("ingest"), config).state == "done"
+    (tmp_path / "u.jsonl").unlink()
+    status = step_status(local_root, get_step("ingest"), config)
+    assert status.state == "stale" and status.reason.startswith("inputs unavailable: not found")
+
+
+def test_duplicate_sources_are_refused():
+    with pytest.raises(ValueError, match="each source may be given once"):
+        IngestConfig(sources=["quran", "quran"])
+
+
+def test_killed_s3_step_publishes_nothing(tmp_path, s3_root, s3_endpoint):
+    user = tmp_path / "big.jsonl"
+    _big_user_file(user, rows=300_000)
+    env = {**os.environ, "M3TUNE_S3_ENDPOINT": s3_endpoint}
+    args = [sys.executable, "-m", "m3tune.cli", "step", "ingest", "--root", s3_root.uri, "--no-packaged",
+            "--user-file", str(user)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    assert proc.poll() is None, "the step finished before it could be killed; make the input bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert s3_root.child("ingest").list() == []
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(s3_root.child("ingest").list()) == [MANIFEST, "passages.jsonl"]

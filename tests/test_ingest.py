@@ -62,7 +62,7 @@ def test_user_file_passages_are_completed(local_root, tmp_path):
     assert [p.id for p in rows] == ["quran:1:1", "quran:1:2", "tirmidhi:1", "tafsir:1"]
     assert rows[2].collection == "tirmidhi" and rows[2].text_plain == "لا تقبل صلاه بغير طهور"
     assert rows[3].collection == "ibn-kathir" and rows[3].text_plain == "تفسير مختصر"
-    assert manifest.counts["by_source"] == {"quran": 2, "user:user.jsonl": 2}
+    assert manifest.counts["by_source"] == {"quran": 2, f"user:{user}": 2}
     assert f"user:{user}" in manifest.inputs
 
 

@@ -56,8 +56,10 @@ def test_wrong_type_in_nested_list():
 
 def test_parallel_lists_must_match():
     row = {"query": "q", "pos": ["a"], "neg": ["b"], "neg_scores": [0.1, 0.2]}
-    with pytest.raises(RecordError, match="neg_scores has 2 items but neg has 1"):
+    with pytest.raises(RecordError, match="field 'neg_scores': Value error, has 2 items but neg has 1"):
         read(lines(row), Example)
+    with pytest.raises(RecordError, match="field 'pos_scores.0'"):
+        read(lines({"query": "q", "pos": ["a"], "pos_scores": [float("nan")]}), Example)
 
 
 @pytest.mark.parametrize("data", [b"", b"\n\n  \n"])

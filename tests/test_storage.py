@@ -68,3 +68,20 @@ def test_split_uri(tmp_path, s3_bucket, s3_endpoint):
     store, name = split_uri(f"s3://{s3_bucket}/in/x.jsonl", s3_endpoint=s3_endpoint)
     assert (store.uri, name) == (f"s3://{s3_bucket}/in", "x.jsonl")
     assert open_store(f"file://{tmp_path}").uri == tmp_path.as_uri()
+
+
+def test_printed_file_uris_work_as_input(tmp_path):
+    root = open_root(str(tmp_path / "with space" / "runs" / "r1"))
+    root.write_bytes("a.txt", b"x")
+    assert "%20" in root.uri
+    again = open_root(root.uri)
+    assert again.read_bytes("a.txt") == b"x"
+    store, name = split_uri(root.uri_of("a.txt"))
+    assert store.read_bytes(name) == b"x"
+
+
+def test_reading_a_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "d").mkdir()
+    store, name = split_uri(str(tmp_path / "d"))
+    with pytest.raises(StorageError, match="cannot read"):
+        store.open_read(name)

@@ -58,7 +58,10 @@ _LETTERS.update({
     "\u06a9": "\u0643",  # keheh → kaf
 })
 _LETTERS.update({d: str(i) for i, d in enumerate("\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")})
-_LETTER_ITEMS = tuple(_LETTERS.items())
+# Not letters a writer chooses: alef wasla is a plain alef, tatweel is
+# stretching, a leftover combining hamza already has its seat letter.
+_SEAT_MARKS = ((araby.ALEF_WASLA, ALEF), ("\u0640", ""), (HAMZA_ABOVE, ""))
+_LETTER_ITEMS = tuple((k, v) for k, v in _LETTERS.items() if k not in dict(_SEAT_MARKS))
 _LIGATURES = tuple(araby.LIGUATURES)
 
 _M = "[\u064b-\u0653\u0655-\u065f\u06d6-\u06ed]*"  # any run of marks, but not hamza above
@@ -118,12 +121,11 @@ _TOKEN = re.compile(r"[\w\u0600-\u06ff]+")
 _PUNCT = re.compile(r"[^\w\s]")
 
 
-def normalize(text: str) -> str:
-    """The plain, searchable form of Arabic (or mixed) text.
+def strip_marks(text: str) -> str:
+    """Arabic as a reader types it: no tashkeel, Quranic marks or tatweel, Uthmani spelling made standard.
 
-    Strips tashkeel and Quranic marks, unifies alef forms (أ إ آ ٱ → ا), alef
-    maqsura (ى → ي), ta marbuta (ة → ه), hamza seats (ؤ → و, ئ → ي), removes
-    tatweel and punctuation, lower-cases Latin text and collapses spaces.
+    Letters are kept as written (ة, أ, ى stay), so this is the form to show
+    or to build queries from; `normalize` goes further for matching.
     """
     # No Unicode NFC pass: the only compositions it makes in Arabic (alef,
     # waw, yeh + hamza or madda) end up as the bare letter below either way.
@@ -135,6 +137,20 @@ def normalize(text: str) -> str:
             text = text.replace(mark, "")
     if any(c in text for c in _LIGATURES):
         text = araby.normalize_ligature(text)
+    for mark, plain in _SEAT_MARKS:
+        if mark in text:
+            text = text.replace(mark, plain)
+    return text
+
+
+def normalize(text: str) -> str:
+    """The plain, searchable form of Arabic (or mixed) text.
+
+    Strips tashkeel and Quranic marks, unifies alef forms (أ إ آ ٱ → ا), alef
+    maqsura (ى → ي), ta marbuta (ة → ه), hamza seats (ؤ → و, ئ → ي), removes
+    tatweel and punctuation, lower-cases Latin text and collapses spaces.
+    """
+    text = strip_marks(text)
     for letter, plain in _LETTER_ITEMS:
         if letter in text:
             text = text.replace(letter, plain)

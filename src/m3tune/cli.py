@@ -19,6 +19,8 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import BaseModel, ValidationError
 
+from m3tune.errors import ConfigError, UserError
+
 app = typer.Typer(
     name="m3tune",
     help="Fine-tune BGE-M3 for Arabic Islamic search (Quran and Hadith): from corpus to evaluated model.",
@@ -76,25 +78,17 @@ def _errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from m3tune.analysis.analyze import TargetsMissed
-        from m3tune.corpus.packaged import CorpusError
-        from m3tune.executor import MissingInput
-        from m3tune.jsonl import RecordError
-        from m3tune.storage import StorageError
 
         try:
             return fn(*args, **kwargs)
         except TargetsMissed as e:
             raise _fail(str(e), EXIT_TARGETS_MISSED) from None
-        except (RecordError, StorageError, CorpusError, MissingInput, ConfigError, ValueError, KeyError) as e:
+        except UserError as e:
             if _state["verbose"]:
                 raise
-            raise _fail(str(e).strip('"')) from None
+            raise _fail(str(e)) from None
 
     return wrapper
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _root(root: str | None, runs: str, run_id: str | None):
@@ -200,7 +194,7 @@ def status(
     runs: RunsOpt = "runs",
     run_id: RunIdOpt = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False,
-                      help="Compare against this config (else each step's recorded config).")] = None,
+                      help="Compare against this config (else the defaults, as `m3tune run` without --config).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     s3_endpoint: EndpointOpt = None,
     verbose: VerboseOpt = False,
@@ -259,29 +253,46 @@ def step_ingest(
     _run_one("ingest", IngestConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
 
 
+def _default(model: str, field: str):
+    """A config model's default, so --help and the step agree (models imported lazily)."""
+    from m3tune.pipeline import STEPS
+
+    return STEPS[model].config.model_fields[field].default
+
+
+ArabicOpt = Annotated[float, typer.Option(help="Target share of Arabic queries (a floor).")]
+ConceptualOpt = Annotated[float, typer.Option(help="Target share of conceptual queries (a floor).")]
+QuranOpt = Annotated[float, typer.Option(help="Target share of queries with Quran positives (a floor).")]
+ToleranceOpt = Annotated[float, typer.Option(help="A share of at least target - tolerance is met.")]
+FailOnMissOpt = Annotated[bool, typer.Option(help="Exit 3 when a target is missed.")]
+SkipInvalidOpt = Annotated[bool, typer.Option(help="Skip invalid lines (reported with file, line, reason).")]
+
+
 @step_app.command("analyze")
 @_errors
 def step_analyze(
-    input: Annotated[str, typer.Option("--input", help="JSONL of queries or examples (path or URI).")],
+    input: Annotated[Optional[list[str]], typer.Option(
+        "--input", help="JSONL of queries or examples (repeatable; path or URI). "
+                        "Default: what the steps before analyze in the pipeline published.")] = None,
     root: RootOpt = None,
     runs: RunsOpt = "runs",
     run_id: RunIdOpt = None,
-    arabic_target: Annotated[float, typer.Option(help="Target share of Arabic queries.")] = 0.50,
-    conceptual_target: Annotated[float, typer.Option(help="Target share of conceptual queries.")] = 0.20,
-    quran_target: Annotated[float, typer.Option(help="Target share of Quran positives.")] = 0.25,
-    tolerance: Annotated[float, typer.Option(help="A share within target ± tolerance is met.")] = 0.05,
-    fail_on_miss: Annotated[bool, typer.Option(help="Exit 3 when a target is missed.")] = False,
-    skip_invalid: Annotated[bool, typer.Option(help="Skip invalid lines (to rejects.jsonl).")] = False,
+    arabic_target: ArabicOpt = _default("analyze", "arabic_target"),
+    conceptual_target: ConceptualOpt = _default("analyze", "conceptual_target"),
+    quran_target: QuranOpt = _default("analyze", "quran_target"),
+    tolerance: ToleranceOpt = _default("analyze", "tolerance"),
+    fail_on_miss: FailOnMissOpt = False,
+    skip_invalid: SkipInvalidOpt = False,
     force: ForceOpt = False,
     s3_endpoint: EndpointOpt = None,
     verbose: VerboseOpt = False,
 ):
-    """Analyze a queries/examples JSONL into ROOT/analyze/report.json, as a pipeline step."""
+    """Analyze queries/examples into ROOT/analyze/report.json, as a pipeline step (rejects.jsonl with --skip-invalid)."""
     from rich.console import Console
 
     from m3tune.analysis.analyze import AnalyzeConfig, render_report
 
-    values = {"input": input, "arabic_target": arabic_target, "conceptual_target": conceptual_target,
+    values = {"inputs": input or [], "arabic_target": arabic_target, "conceptual_target": conceptual_target,
               "quran_target": quran_target, "tolerance": tolerance, "fail_on_miss": fail_on_miss,
               "skip_invalid": skip_invalid}
     store = _run_one("analyze", AnalyzeConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
@@ -302,25 +313,30 @@ def _run_one(name, model, values, root, runs, run_id, force, s3_endpoint, verbos
 @app.command()
 @_errors
 def analyze(
-    input: Annotated[str, typer.Argument(help="JSONL of queries or examples (path or URI).")],
+    inputs: Annotated[list[str], typer.Argument(help="JSONL files of queries or examples (paths or URIs).")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
-    arabic_target: Annotated[float, typer.Option(help="Target share of Arabic queries.")] = 0.50,
-    conceptual_target: Annotated[float, typer.Option(help="Target share of conceptual queries.")] = 0.20,
-    quran_target: Annotated[float, typer.Option(help="Target share of Quran positives.")] = 0.25,
-    tolerance: Annotated[float, typer.Option(help="A share within target ± tolerance is met.")] = 0.05,
-    fail_on_miss: Annotated[bool, typer.Option(help="Exit 3 when a target is missed.")] = False,
+    arabic_target: ArabicOpt = _default("analyze", "arabic_target"),
+    conceptual_target: ConceptualOpt = _default("analyze", "conceptual_target"),
+    quran_target: QuranOpt = _default("analyze", "quran_target"),
+    tolerance: ToleranceOpt = _default("analyze", "tolerance"),
+    fail_on_miss: FailOnMissOpt = False,
+    skip_invalid: SkipInvalidOpt = False,
     s3_endpoint: EndpointOpt = None,
     verbose: VerboseOpt = False,
 ):
-    """Print shares by language, type and source of any queries/examples JSONL, with ✅/❌ against targets."""
+    """Print shares by language, type and source of queries/examples JSONL, with ✅/❌ against targets."""
     from rich.console import Console
 
-    from m3tune.analysis.analyze import TargetsMissed, analyze_file, render_report
+    from m3tune.analysis.analyze import TargetsMissed, analyze_files, render_report
+    from m3tune.jsonl import Rejects
 
     _setup(verbose, s3_endpoint)
-    report = analyze_file(input, arabic_target=arabic_target, conceptual_target=conceptual_target,
-                          quran_target=quran_target, tolerance=tolerance)
+    rejects = Rejects() if skip_invalid else None
+    report = analyze_files(inputs, rejects=rejects, arabic_target=arabic_target, conceptual_target=conceptual_target,
+                           quran_target=quran_target, tolerance=tolerance)
     Console().print(render_report(report))
+    for r in (rejects.rows if rejects else []):
+        typer.secho(f"skipped {r['file']}:{r['line']}: {r['error']}", fg=typer.colors.YELLOW, err=True)
     if json_out:
         json_out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if fail_on_miss and not report["ok"]:

@@ -17,6 +17,7 @@ class StepContext:
 
     root: Store
     name: str
+    needs: tuple[str, ...] = ()
     rank: int = 0
     world_size: int = 1
     outputs: dict[str, WrittenFile] = field(default_factory=dict)
@@ -42,7 +43,7 @@ class StepContext:
         self.outputs[rel] = self.out.write_bytes(rel, data)
 
     def write_rejects(self, rejects: Rejects, rel: str = "rejects.jsonl") -> None:
-        """Publish the invalid input lines, always, so a stale rejects file never survives a rerun."""
+        """Publish the invalid input lines (with file, line, field and reason) as REL."""
         with self.write_jsonl(rel) as w:
             w.write_all(rejects.rows)
         if len(rejects):

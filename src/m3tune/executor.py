@@ -19,15 +19,16 @@ from pydantic import BaseModel
 from m3tune import __version__
 from m3tune.manifest import MANIFEST, Manifest, OutputInfo, config_digest, read_manifest, write_manifest
 from m3tune.context import StepContext
+from m3tune.errors import ConfigError, UserError
 from m3tune.pipeline import PIPELINE, STEPS, Step, get_step
-from m3tune.storage import Store
+from m3tune.storage import StorageError, Store
 
 log = logging.getLogger("m3tune")
 
 State = Literal["done", "stale", "missing"]
 
 
-class MissingInput(Exception):
+class MissingInput(UserError):
     """A step's upstream step has not finished in this run."""
 
 
@@ -57,26 +58,42 @@ def _changed(old: dict[str, str], new: dict[str, str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def step_status(root: Store, step: Step, config: BaseModel | None = None) -> StepStatus:
-    """Whether STEP is done in ROOT. Without CONFIG, the config its manifest recorded is assumed."""
+def _check(root: Store, step: Step, config: BaseModel) -> tuple[StepStatus, dict[str, str] | None]:
+    """(status of STEP in ROOT against CONFIG, the current input digests if they could be taken)."""
     folder = root.child(step.name)
-    manifest = read_manifest(folder)
-    if manifest is None:
-        reason = "started but not finished (no manifest)" if folder.list() else "not run"
-        return StepStatus(step.name, "missing", reason, None)
-    config = config if config is not None else step.config.model_validate(manifest.config)
-    if manifest.config_digest != config_digest(config):
-        return StepStatus(step.name, "stale", "config changed", manifest)
     try:
-        inputs = current_inputs(root, step, config)
-    except MissingInput as e:
-        return StepStatus(step.name, "stale", str(e), manifest)
+        manifest = read_manifest(folder)
+    except StorageError as e:
+        manifest, unreadable = None, str(e)
+    else:
+        unreadable = None
+    try:
+        inputs: dict[str, str] | None = current_inputs(root, step, config)
+        input_problem = None
+    except UserError as e:
+        inputs, input_problem = None, str(e)
+    if manifest is None:
+        if unreadable:
+            return StepStatus(step.name, "stale", f"manifest unreadable: {unreadable}", None), inputs
+        reason = "started but not finished (no manifest)" if folder.list() else "not run"
+        return StepStatus(step.name, "missing", reason, None), inputs
+    if manifest.config_digest != config_digest(config):
+        return StepStatus(step.name, "stale", "config changed", manifest), inputs
+    if inputs is None:
+        return StepStatus(step.name, "stale", f"inputs unavailable: {input_problem}", manifest), inputs
     if inputs != manifest.inputs:
-        return StepStatus(step.name, "stale", f"inputs changed: {_changed(manifest.inputs, inputs)}", manifest)
-    gone = [name for name in manifest.outputs if not folder.exists(name)]
-    if gone:
-        return StepStatus(step.name, "stale", f"output missing: {', '.join(gone)}", manifest)
-    return StepStatus(step.name, "done", "up to date", manifest)
+        return StepStatus(step.name, "stale", f"inputs changed: {_changed(manifest.inputs, inputs)}", manifest), inputs
+    for name, info in manifest.outputs.items():
+        if not folder.exists(name):
+            return StepStatus(step.name, "stale", f"output missing: {name}", manifest), inputs
+        if folder.size(name) != info.bytes:
+            return StepStatus(step.name, "stale", f"output changed: {name}", manifest), inputs
+    return StepStatus(step.name, "done", "up to date", manifest), inputs
+
+
+def step_status(root: Store, step: Step, config: BaseModel | None = None) -> StepStatus:
+    """Whether STEP is done in ROOT for CONFIG (default: the step's defaults, as `m3tune run` would use)."""
+    return _check(root, step, config if config is not None else step.config())[0]
 
 
 def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: bool = False) -> tuple[Manifest, bool]:
@@ -85,16 +102,18 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
     config = config if config is not None else step.config()
     if not isinstance(config, step.config):
         raise TypeError(f"step {name!r} takes a {step.config.__name__}, got {type(config).__name__}")
-    status = step_status(root, step, config)
+    status, inputs = _check(root, step, config)
     if status.state == "done" and not force:
         log.info("%s: done, skipped (%s)", name, root.child(name).uri_of(MANIFEST))
         assert status.manifest is not None
         return status.manifest, False
-    inputs = current_inputs(root, step, config)  # fails early, before any write, if upstream is missing
+    if inputs is None:  # fail early, before any write: an upstream step or an input is missing
+        inputs = current_inputs(root, step, config)
 
     folder = root.child(name)
     # The old manifest goes first: a rerun that dies half-way must not leave
-    # a manifest vouching for outputs it did not write.
+    # a manifest vouching for outputs it did not write. This assumes one
+    # writer per step folder at a time (sharded steps write per-rank names).
     folder.delete(MANIFEST)
     cleaned = folder.clean_temporaries()
     if cleaned:
@@ -102,11 +121,18 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
     why = "forced" if status.state == "done" else status.reason
     log.info("%s: running (%s) -> %s", name, why, folder.uri)
 
-    ctx = StepContext(root=root, name=name)
+    ctx = StepContext(root=root, name=name, needs=step.needs)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     result = step.func(ctx, **config.model_dump()) or {}
     seconds = time.perf_counter() - t0
+    # Files an earlier run published that this one did not (a rejects file
+    # from a run with --skip-invalid, say) would sit beside the new outputs
+    # as if current: remove them. Sub-folders (a step's journal) are its own.
+    for old in folder.list():
+        if "/" not in old and old != MANIFEST and old not in ctx.outputs:
+            folder.delete(old)
+            log.info("%s: removed %s, left by an earlier run and not produced by this one", name, old)
     manifest = Manifest(
         step=name,
         m3tune_version=__version__,
@@ -130,7 +156,7 @@ def run_pipeline(root: Store, configs: dict[str, BaseModel], *, force: set[str] 
                  until: str | None = None) -> list[tuple[str, bool]]:
     """Run the pipeline's steps in order, resuming: finished steps are skipped."""
     if until is not None and until not in PIPELINE:
-        raise KeyError(f"--until {until!r} is not a pipeline step; steps: {', '.join(PIPELINE)}")
+        raise ConfigError(f"--until {until!r} is not a pipeline step; steps: {', '.join(PIPELINE)}")
     ran: list[tuple[str, bool]] = []
     for name in PIPELINE:
         _, did_run = run_step(root, name, configs.get(name), force=name in force)
@@ -141,10 +167,19 @@ def run_pipeline(root: Store, configs: dict[str, BaseModel], *, force: set[str] 
 
 
 def pipeline_status(root: Store, configs: dict[str, BaseModel] | None = None) -> list[StepStatus]:
-    """Status of the pipeline's steps, and of any other step that has run in ROOT."""
+    """Status of the pipeline's steps against CONFIGS (else defaults), as `m3tune run` would see them,
+    and of any other step that has run in ROOT (against the config it recorded)."""
     statuses = []
-    for name in STEPS:
-        status = step_status(root, STEPS[name], (configs or {}).get(name))
-        if name in PIPELINE or status.state != "missing" or root.child(name).list():
-            statuses.append(status)
+    for name, step in STEPS.items():
+        config = (configs or {}).get(name)
+        if name not in PIPELINE:
+            if not root.child(name).list():
+                continue
+            if config is None:
+                try:
+                    recorded = read_manifest(root.child(name))
+                    config = step.config.model_validate(recorded.config) if recorded else None
+                except (StorageError, ValueError):
+                    config = None
+        statuses.append(step_status(root, step, config))
     return statuses

@@ -17,12 +17,13 @@ from typing import Any, BinaryIO, TypeVar
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
+from m3tune.errors import UserError
 from m3tune.storage import Store, WrittenFile
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A JSONL line that is not a valid record."""
 
     def __init__(self, path: str, line: int, field: str | None, message: str):
@@ -83,22 +84,24 @@ def read_jsonl(stream: BinaryIO, model: type[M], *, name: str, rejects: Rejects 
     Without REJECTS the first invalid line raises RecordError; with it, the
     line is recorded there and skipped. A file with no records at all raises.
     """
-    for _, record in read_jsonl_numbered(stream, model, name=name, rejects=rejects):
+    for _, _, record in read_jsonl_numbered(stream, model, name=name, rejects=rejects):
         yield record
 
 
 def read_jsonl_numbered(stream: BinaryIO, model: type[M], *, name: str,
-                        rejects: Rejects | None = None) -> Iterator[tuple[int, M]]:
-    """As read_jsonl, with each record's line number (for errors found after parsing)."""
+                        rejects: Rejects | None = None) -> Iterator[tuple[int, bytes, M]]:
+    """As read_jsonl, with each record's line number and raw bytes (for errors found after parsing)."""
     validate = model.model_validate_json
     seen = 0
     for line_no, raw in enumerate(stream, start=1):
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+            raw = raw[3:]
         raw = raw.strip()
         if not raw:
             continue
         seen += 1
         try:
-            yield line_no, validate(raw)
+            yield line_no, raw, validate(raw)
         except ValidationError as e:
             field, message = _describe(e, raw)
             err = RecordError(name, line_no, field, message)

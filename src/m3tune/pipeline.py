@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from m3tune.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Step:
@@ -49,4 +51,4 @@ def get_step(name: str) -> Step:
     try:
         return STEPS[name]
     except KeyError:
-        raise KeyError(f"unknown step {name!r}; steps: {', '.join(STEPS)}") from None
+        raise ConfigError(f"unknown step {name!r}; steps: {', '.join(STEPS)}") from None

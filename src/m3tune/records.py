@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 PASSAGE_ID = r"^[a-z][a-z0-9_-]*:[A-Za-z0-9][A-Za-z0-9:._-]*$"
 
@@ -17,6 +17,7 @@ Text = Annotated[str, StringConstraints(min_length=1)]
 Language = Literal["ar", "en"]
 Source = Literal["quran", "hadith"]
 QueryType = Literal["question", "keyword", "conceptual", "exact"]
+Score = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -80,22 +81,21 @@ class Example(BaseModel):
     neg: list[Text] = Field(default_factory=list)
     pos_ids: list[PassageId] | None = None
     neg_ids: list[PassageId] | None = None
-    pos_scores: list[float] | None = None
-    neg_scores: list[float] | None = None
+    pos_scores: list[Score] | None = None
+    neg_scores: list[Score] | None = None
     query_id: str | None = None
     language: Language | None = None
     type: QueryType | None = None
     source: Literal["quran", "hadith", "mixed"] | None = None
 
-    @model_validator(mode="after")
-    def _parallel_lists(self) -> "Example":
-        for name, texts in (("pos_ids", self.pos), ("pos_scores", self.pos),
-                            ("neg_ids", self.neg), ("neg_scores", self.neg)):
-            values = getattr(self, name)
-            if values is not None and len(values) != len(texts):
-                base = "pos" if name.startswith("pos") else "neg"
-                raise ValueError(f"{name} has {len(values)} items but {base} has {len(texts)}")
-        return self
+    @field_validator("pos_ids", "pos_scores", "neg_ids", "neg_scores")
+    @classmethod
+    def _parallel_to_texts(cls, values: list | None, info: ValidationInfo) -> list | None:
+        # pos and neg are declared first, so they are validated (and in info.data) by now
+        base = info.field_name.split("_")[0]
+        if values is not None and base in info.data and len(values) != len(info.data[base]):
+            raise ValueError(f"has {len(values)} items but {base} has {len(info.data[base])}")
+        return values
 
 
 class GoldQuery(_Strict):

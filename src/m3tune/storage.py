@@ -26,20 +26,26 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
+
+from m3tune.errors import UserError
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TMP_MARK = ".tmp-"
 S3_ENDPOINT_ENV = "M3TUNE_S3_ENDPOINT"
 
 
-class StorageError(Exception):
+class StorageError(UserError):
     """A storage location is invalid or cannot be read or written."""
+
+
+class NotFound(StorageError):
+    """The file does not exist."""
 
 
 def validate_run_id(run_id: str) -> str:
     """A run id is one path segment of letters, digits, '.', '_' or '-', not '.' or '..'."""
-    if not RUN_ID_PATTERN.match(run_id or "") or set(run_id) == {"."}:
+    if not RUN_ID_PATTERN.match(run_id or ""):
         raise StorageError(
             f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', no '..')"
@@ -165,10 +171,13 @@ class LocalStore(Store):
         return self.path / _check_relative(rel)
 
     def open_read(self, rel: str) -> BinaryIO:
+        path = self._file(rel)
         try:
-            return open(self._file(rel), "rb")
+            return open(path, "rb")
         except FileNotFoundError:
-            raise StorageError(f"not found: {self.uri_of(rel)}") from None
+            raise NotFound(f"not found: {path}") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror}") from None
 
     def exists(self, rel: str) -> bool:
         return self._file(rel).is_file()
@@ -234,15 +243,16 @@ class S3Store(Store):
     def _call(self, what: str, fn, **kw):
         from botocore.exceptions import BotoCoreError, ClientError
 
+        where = f"s3://{self.bucket}/{kw.get('Key', kw.get('Prefix', ''))}"
         try:
             return fn(Bucket=self.bucket, **kw)
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageError(f"not found: s3://{self.bucket}/{kw.get('Key', '')}") from None
-            raise StorageError(f"S3 {what} s3://{self.bucket}/{kw.get('Key', kw.get('Prefix', ''))} failed: {e}") from e
+                raise NotFound(f"not found: {where}") from None
+            raise StorageError(f"S3 {what} {where} failed: {e}") from None
         except BotoCoreError as e:
-            raise StorageError(f"S3 {what} on {self.uri} failed: {e}") from e
+            raise StorageError(f"S3 {what} {where} failed: {e}") from None
 
     def open_read(self, rel: str) -> BinaryIO:
         body = self._call("GET", self.client.get_object, Key=self._key(rel))["Body"]
@@ -254,10 +264,8 @@ class S3Store(Store):
         try:
             self._call("HEAD", self.client.head_object, Key=self._key(rel))
             return True
-        except StorageError as e:
-            if str(e).startswith("not found"):
-                return False
-            raise
+        except NotFound:
+            return False
 
     def size(self, rel: str) -> int:
         return self._call("HEAD", self.client.head_object, Key=self._key(rel))["ContentLength"]
@@ -321,7 +329,7 @@ def open_store(uri: str, *, s3_endpoint: str | None = None) -> Store:
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
             raise StorageError(f"invalid file URI {uri!r}: use file:///absolute/path")
-        path = parsed.path
+        path = unquote(parsed.path)  # as_uri() percent-encodes; printed URIs must work as input
     elif "://" in uri:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use file://, s3:// or a path")
     else:
@@ -348,8 +356,15 @@ def split_uri(uri: str, *, s3_endpoint: str | None = None) -> tuple[Store, str]:
         if parent == "s3:/" or not name:
             raise StorageError(f"invalid S3 object URI {uri!r}: expected s3://bucket/key")
         return open_store(parent, s3_endpoint=s3_endpoint), name
-    store_path = Path(urlparse(uri).path if uri.startswith("file://") else uri).absolute()
+    store_path = Path(unquote(urlparse(uri).path) if uri.startswith("file://") else uri).absolute()
     return LocalStore(store_path.parent), store_path.name
+
+
+def absolute_uri(uri: str) -> str:
+    """URI unchanged when it has a scheme; a plain path made absolute (as a path, not a file:// URI)."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).absolute())
 
 
 def file_digest(store: Store, rel: str) -> str:

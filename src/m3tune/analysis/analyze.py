@@ -14,49 +14,68 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.arabic import detect_language, normalize
+from m3tune.errors import UserError
 from m3tune.jsonl import Rejects, read_jsonl
 from m3tune.records import Example, Query
-from m3tune.storage import file_digest, split_uri
+from m3tune.storage import absolute_uri, file_digest, split_uri
 
 
-class TargetsMissed(Exception):
+class TargetsMissed(UserError):
     """The analyzed data misses one or more share targets."""
 
     def __init__(self, report: dict[str, Any]):
         self.report = report
         missed = [t for t in report["targets"] if not t["met"]]
         super().__init__("targets missed: " + "; ".join(
-            f"{t['name']} {t['share']:.1%} (target {t['target']:.0%} ± {t['tolerance']:.0%})" for t in missed))
+            f"{t['name']} {t['share']:.1%} (target {t['target']:.0%}, at least {t['target'] - t['tolerance']:.0%})"
+            for t in missed))
 
 
 class AnalyzeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: str | None = Field(default=None, description="JSONL of queries or examples (path, file:// or s3:// URI)")
+    inputs: list[str] = Field(default_factory=list, description="JSONL files of queries or examples (paths or "
+                              "URIs); in the pipeline, empty means the outputs of the steps it follows")
     arabic_target: float = Field(default=0.50, ge=0, le=1, description="share of Arabic queries")
     conceptual_target: float = Field(default=0.20, ge=0, le=1, description="share of conceptual (thematic) queries")
     quran_target: float = Field(default=0.25, ge=0, le=1, description="share of queries whose positives are Quran verses")
-    tolerance: float = Field(default=0.05, ge=0, le=1, description="a share within target ± tolerance is met")
+    tolerance: float = Field(default=0.05, ge=0, le=1, description="a share of at least target - tolerance is met")
     fail_on_miss: bool = Field(default=False, description="fail (exit 3) when a target is missed")
     skip_invalid: bool = Field(default=False, description="skip invalid lines (written to rejects.jsonl) instead of failing")
 
 
+    @field_validator("inputs")
+    @classmethod
+    def _absolute(cls, uris: list[str]) -> list[str]:
+        return [absolute_uri(u) for u in uris]
+
+
+# What analyze reads from the steps it follows in the pipeline.
+ANALYZABLE = ("queries.jsonl", "examples.jsonl", "train.jsonl")
+
+
 def analyze_inputs(config: AnalyzeConfig) -> dict[str, str]:
-    if not config.input:
-        return {}
-    store, name = split_uri(config.input)
-    return {f"input:{config.input}": "sha256:" + file_digest(store, name)}
+    digests = {}
+    for uri in config.inputs:
+        store, name = split_uri(uri)
+        digests[f"input:{uri}"] = "sha256:" + file_digest(store, name)
+    return digests
 
 
-def _row_kind(first_line: bytes) -> type[BaseModel]:
-    try:
-        keys = json.loads(first_line)
-    except ValueError:
-        return Query  # let the validating reader report the bad line
-    return Example if isinstance(keys, dict) and "pos" in keys and "positive_ids" not in keys else Query
+def _row_kind(store, name: str) -> type[BaseModel]:
+    """Example when the first line that is a JSON object has 'pos' and no 'positive_ids'; else Query."""
+    with store.open_read(name) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the validating reader reports it, by line
+            if isinstance(row, dict):
+                return Example if "pos" in row and "positive_ids" not in row else Query
+    return Query
 
 
 def _source_of(ids: list[str]) -> str:
@@ -99,7 +118,7 @@ def build_report(rows: Iterable[BaseModel], *, arabic_target: float, conceptual_
         if negs is not None:
             negatives.append(negs)
     if n == 0:
-        raise ValueError("no valid rows to analyze")
+        raise UserError("no valid rows to analyze")
     dup_rows = sum(c - 1 for c in queries.values() if c > 1)
     counts = sorted(per_passage.values())
     report: dict[str, Any] = {
@@ -116,26 +135,36 @@ def build_report(rows: Iterable[BaseModel], *, arabic_target: float, conceptual_
     if negatives:
         report["negatives"] = {"mean": round(statistics.fmean(negatives), 3), "min": min(negatives),
                                "max": max(negatives), "without_negatives": sum(1 for x in negatives if x == 0)}
+    # Targets are floors, as in the guide: the old data failed by having too
+    # few Arabic, conceptual and Quran queries. A share far above its target
+    # is reported (`above`) but is not a miss; `combine` balances exactly.
     targets = []
     for name, share, target in (("arabic", language["ar"] / n, arabic_target),
                                 ("conceptual", qtype["conceptual"] / n, conceptual_target),
                                 ("quran", source["quran"] / n, quran_target)):
         targets.append({"name": name, "share": round(share, 4), "target": target, "tolerance": tolerance,
-                        "met": abs(share - target) <= tolerance + 1e-9})
+                        "met": share >= target - tolerance - 1e-9, "above": share > target + tolerance + 1e-9})
     report["targets"] = targets
     report["ok"] = all(t["met"] for t in targets)
     return report
 
 
-def analyze_file(uri: str, *, rejects: Rejects | None = None, **targets: float) -> dict[str, Any]:
-    """The report for the JSONL file at URI (Query or Example rows, detected from the first line)."""
-    store, name = split_uri(uri)
-    with store.open_read(name) as f:
-        first = next((line for line in f if line.strip()), b"")
-    model = _row_kind(first)
-    with store.open_read(name) as f:
-        report = build_report(read_jsonl(f, model, name=uri, rejects=rejects), **targets)
-    report = {"input": uri, "kind": "examples" if model is Example else "queries", **report}
+def analyze_files(uris: list[str], *, rejects: Rejects | None = None, **targets: float) -> dict[str, Any]:
+    """One report over the JSONL files at URIS (each of Query or Example rows, detected per file)."""
+    kinds: list[str] = []
+
+    def rows() -> Iterator[BaseModel]:
+        for uri in uris:
+            store, name = split_uri(uri)
+            model = _row_kind(store, name)
+            kinds.append("examples" if model is Example else "queries")
+            with store.open_read(name) as f:
+                yield from read_jsonl(f, model, name=uri, rejects=rejects)
+
+    if not uris:
+        raise UserError("nothing to analyze: give one or more JSONL files of queries or examples")
+    report = build_report(rows(), **targets)
+    report = {"input": ", ".join(uris), "kind": "+".join(sorted(set(kinds))), **report}
     if rejects is not None:
         report["rejected"] = len(rejects)
     return report
@@ -158,8 +187,9 @@ def render_report(report: dict[str, Any]):
     for col in ("target", "share", "goal", ""):
         targets.add_column(col, justify="right" if col in ("share", "goal") else "left")
     for t in report["targets"]:
-        targets.add_row(f"{t['name']} queries", f"{t['share']:.1%}", f"{t['target']:.0%} ± {t['tolerance']:.0%}",
-                        "✅" if t["met"] else "❌")
+        mark = ("✅" if t["met"] else "❌") + (" (above target)" if t.get("above") else "")
+        targets.add_row(f"{t['name']} queries", f"{t['share']:.1%}", f"≥ {t['target']:.0%} (± {t['tolerance']:.0%})",
+                        mark)
     d, p = report["duplicates"], report["per_passage"]
     extra = Table.grid(padding=(0, 2))
     extra.add_row("duplicate queries", f"{d['rows']:,} rows ({d['distinct_queries']:,} distinct)")
@@ -171,16 +201,19 @@ def render_report(report: dict[str, Any]):
     return Group(shares, targets, extra)
 
 
-def analyze(ctx, *, input: str | None, arabic_target: float, conceptual_target: float, quran_target: float,
+def analyze(ctx, *, inputs: list[str], arabic_target: float, conceptual_target: float, quran_target: float,
             tolerance: float, fail_on_miss: bool, skip_invalid: bool) -> dict[str, Any]:
-    if not input:
-        raise ValueError("analyze needs an input file: --input URI (JSONL of queries or examples)")
+    if not inputs:  # in the pipeline: what the steps before it published
+        inputs = [ctx.root.child(need).uri_of(name) for need in ctx.needs for name in ANALYZABLE
+                  if ctx.root.child(need).exists(name)]
     rejects = Rejects() if skip_invalid else None
-    report = analyze_file(input, rejects=rejects, arabic_target=arabic_target,
-                          conceptual_target=conceptual_target, quran_target=quran_target, tolerance=tolerance)
+    try:
+        report = analyze_files(inputs, rejects=rejects, arabic_target=arabic_target,
+                               conceptual_target=conceptual_target, quran_target=quran_target, tolerance=tolerance)
+    finally:
+        if rejects is not None:
+            ctx.write_rejects(rejects)  # even when no valid row is left: they say why
     ctx.write_bytes("report.json", json.dumps(report, ensure_ascii=False, indent=2).encode() + b"\n")
-    if rejects is not None:
-        ctx.write_rejects(rejects)
     if fail_on_miss and not report["ok"]:
         raise TargetsMissed(report)
     return {"counts": {"rows": report["rows"], **{f"{k}_{v}": n for k in ("language", "source")

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.arabic import normalize
 from m3tune.jsonl import RecordError, Rejects, read_jsonl_numbered
 from m3tune.context import StepContext
 from m3tune.records import Passage, PassageInput
-from m3tune.storage import file_digest, split_uri
+from m3tune.storage import absolute_uri, file_digest, split_uri
 
 PackagedSource = Literal["quran", "bukhari", "muslim"]
 
@@ -31,6 +31,22 @@ class IngestConfig(BaseModel):
         default_factory=list, description="JSONL files of passages (path, file:// or s3:// URI); "
         "each line needs id, source, text; text_plain and collection are derived when absent")
     skip_invalid: bool = Field(default=False, description="write invalid user lines to rejects.jsonl instead of failing")
+    quran_plain: Literal["tanzil", "uthmani"] = Field(
+        default="tanzil", description="text_plain of Quran verses from Tanzil's standard spelling (best for "
+        "lexical matching) or from the Uthmani text normalized (no Tanzil text involved)")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[str]) -> list[str]:
+        if len(set(sources)) != len(sources):
+            raise ValueError("each source may be given once")
+        return sources
+
+    @field_validator("user_files")
+    @classmethod
+    def _absolute(cls, uris: list[str]) -> list[str]:
+        # recorded in the manifest and compared by `status`, so it must not depend on the current folder
+        return [absolute_uri(u) for u in uris]
 
 
 def ingest_inputs(config: IngestConfig) -> dict[str, str]:
@@ -38,7 +54,7 @@ def ingest_inputs(config: IngestConfig) -> dict[str, str]:
 
     inputs: dict[str, str] = {}
     for source in config.sources:
-        inputs.update(package_versions(source))
+        inputs.update(package_versions(source, config.quran_plain))
     for uri in config.user_files:
         store, name = split_uri(uri)
         inputs[f"user:{uri}"] = "sha256:" + file_digest(store, name)
@@ -53,7 +69,7 @@ def _from_user(row: PassageInput) -> Passage:
 
 
 def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_files: list[str],
-           skip_invalid: bool) -> dict[str, Any]:
+           skip_invalid: bool, quran_plain: str) -> dict[str, Any]:
     from m3tune.corpus.packaged import expected_count, hadith_passages, notice, quran_passages
     from m3tune.progress import track
 
@@ -63,7 +79,8 @@ def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_file
 
     with ctx.write_jsonl("passages.jsonl") as out:
         for source in sources:
-            passages = quran_passages(limit) if source == "quran" else hadith_passages(source, limit)
+            passages = (quran_passages(limit, plain_from=quran_plain) if source == "quran"
+                        else hadith_passages(source, limit))
             total = min(filter(None, (expected_count(source), limit)))
             for p in track(passages, description=f"ingest {source}", total=total):
                 origin_of[p.id] = source
@@ -75,7 +92,7 @@ def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_file
             store, name = split_uri(uri)
             taken = 0
             with store.open_read(name) as f:
-                for line_no, row in read_jsonl_numbered(f, PassageInput, name=uri, rejects=rejects):
+                for line_no, raw, row in read_jsonl_numbered(f, PassageInput, name=uri, rejects=rejects):
                     if limit is not None and taken >= limit:
                         break
                     if row.id in origin_of:
@@ -83,17 +100,18 @@ def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_file
                                           f"duplicate passage id {row.id!r}, already from {origin_of[row.id]}")
                         if rejects is None:
                             raise err
-                        rejects.add(err, row.model_dump_json().encode())
+                        rejects.add(err, raw)
                         continue
                     origin_of[row.id] = f"{uri}:{line_no}"
                     out.write(_from_user(row))
-                    by_source[f"user:{name}"] += 1
+                    by_source[f"user:{uri}"] += 1
                     taken += 1
             ctx.log.info("%s: %s passages", uri, f"{taken:,}")
 
     if rejects is not None:
         ctx.write_rejects(rejects)
-    kinds = ["quran"] * ("quran" in sources) + ["hadith"] * any(s in sources for s in ("bukhari", "muslim"))
+    kinds = (["quran"] * ("quran" in sources) + ["tanzil"] * ("quran" in sources and quran_plain == "tanzil")
+             + ["hadith"] * any(s in sources for s in ("bukhari", "muslim")))
     if kinds:
         ctx.write_bytes("NOTICE.md", ("# Sources and licences of passages.jsonl\n\n"
                                       + "\n\n".join(notice(k) for k in kinds) + "\n").encode())

