@@ -51,11 +51,20 @@ def any_root(request):
 
 
 @pytest.fixture(scope="session")
-def full_ingest(tmp_path_factory):
-    """The whole packaged corpus ingested once into a local run, shared by tests that read it."""
-    from m3tune.executor import run_step
+def full_run(tmp_path_factory):
+    """The whole pipeline on embedded defaults (what `make demo` runs), once, shared by tests that read it."""
+    from m3tune.executor import run_pipeline
 
     root = open_root(str(tmp_path_factory.mktemp("full") / "runs" / "full"))
-    manifest, ran = run_step(root, "ingest")
-    assert ran
-    return root, manifest
+    ran = run_pipeline(root, {})
+    assert all(did for _, did in ran)
+    return root, [name for name, _ in ran]
+
+
+@pytest.fixture(scope="session")
+def full_ingest(full_run):
+    """The whole packaged corpus ingested (part of full_run): (root, ingest manifest)."""
+    from m3tune.manifest import read_manifest
+
+    root, _ = full_run
+    return root, read_manifest(root.child("ingest"))

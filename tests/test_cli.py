@@ -39,11 +39,11 @@ def test_run_then_status(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("ingest:\n  sources: [quran]\n  limit: 7\n")
     root = str(tmp_path / "runs" / "cli")
-    result = invoke("run", "--root", root, "--config", str(config))
+    result = invoke("run", "--root", root, "--config", str(config), "--until", "ingest")
     assert result.exit_code == 0, result.output
     assert "ingest ran: passages 7" in result.output
     assert (tmp_path / "runs" / "cli" / "ingest" / "passages.jsonl").is_file()
-    again = invoke("run", "--runs", str(tmp_path / "runs"), "--run-id", "cli", "--config", str(config))
+    again = invoke("run", "--runs", str(tmp_path / "runs"), "--run-id", "cli", "--config", str(config), "--until", "ingest")
     assert "ingest skipped (done)" in again.output
     status = invoke("status", "--root", root, "--config", str(config), "--json")
     assert json.loads(status.output)[0]["state"] == "done"

@@ -12,7 +12,7 @@ from m3tune.corpus.ingest import IngestConfig
 from m3tune.executor import MissingInput, pipeline_status, run_pipeline, run_step, step_status
 from m3tune.jsonl import read_records
 from m3tune.manifest import MANIFEST, config_digest, read_manifest
-from m3tune.pipeline import STEPS, Step, get_step
+from m3tune.pipeline import PIPELINE, STEPS, Step, get_step
 from m3tune.records import Passage
 from m3tune.storage import file_digest
 
@@ -92,12 +92,13 @@ def test_downstream_step_follows_its_upstream(local_root, monkeypatch):
 
 
 def test_pipeline_runs_in_order_and_reports_status(local_root):
-    assert [s.state for s in pipeline_status(local_root)] == ["missing"]
-    assert run_pipeline(local_root, {"ingest": SMALL}) == [("ingest", True)]
-    assert run_pipeline(local_root, {"ingest": SMALL}) == [("ingest", False)]
-    (status,) = pipeline_status(local_root, {"ingest": SMALL})
-    assert (status.step, status.state) == ("ingest", "done")
-    assert status.manifest.counts["by_source"] == {"quran": 5, "bukhari": 5}
+    statuses = pipeline_status(local_root)
+    assert [(s.step, s.state) for s in statuses] == [(name, "missing") for name in PIPELINE]
+    assert run_pipeline(local_root, {"ingest": SMALL}, until="ingest") == [("ingest", True)]
+    assert run_pipeline(local_root, {"ingest": SMALL}, until="ingest") == [("ingest", False)]
+    status = pipeline_status(local_root, {"ingest": SMALL})
+    assert [(s.step, s.state) for s in status[:2]] == [("ingest", "done"), ("generate-queries", "missing")]
+    assert status[0].manifest.counts["by_source"] == {"quran": 5, "bukhari": 5}
 
 
 def _big_user_file(path, rows=150_000):

@@ -12,32 +12,35 @@ def m3tune(*args, env):
     return subprocess.run([sys.executable, "-m", "m3tune.cli", *args], env=env, capture_output=True, text=True)
 
 
-def test_full_run_on_s3_matches_local(full_ingest, s3_root, s3_endpoint):
-    local, local_manifest = full_ingest
+def test_full_run_on_s3_matches_local(full_run, s3_root, s3_endpoint):
+    local, steps = full_run
     env = {**os.environ, "M3TUNE_S3_ENDPOINT": s3_endpoint}
 
     first = m3tune("run", "--root", s3_root.uri, env=env)
     assert first.returncode == 0, first.stderr
     assert s3_root.uri in first.stdout
 
-    s3_ingest, local_ingest = s3_root.child("ingest"), local.child("ingest")
-    assert sorted(s3_ingest.list()) == sorted(local_ingest.list()) == ["NOTICE.md", "_manifest.json", "passages.jsonl"]
-    for name in ("passages.jsonl", "NOTICE.md"):
-        assert s3_ingest.read_bytes(name) == local_ingest.read_bytes(name), name
-    s3_manifest = read_manifest(s3_ingest)
-    assert s3_manifest.outputs == local_manifest.outputs
-    assert s3_manifest.inputs == local_manifest.inputs
-    assert s3_manifest.config_digest == local_manifest.config_digest
+    for step in steps:
+        s3_step, local_step = s3_root.child(step), local.child(step)
+        names = sorted(s3_step.list())
+        assert names == sorted(local_step.list()) and "_manifest.json" in names, step
+        for name in names:
+            if name != "_manifest.json":
+                assert s3_step.read_bytes(name) == local_step.read_bytes(name), f"{step}/{name}"
+        s3_manifest, local_manifest = read_manifest(s3_step), read_manifest(local_step)
+        assert s3_manifest.outputs == local_manifest.outputs, step
+        assert s3_manifest.inputs == local_manifest.inputs, step
+        assert s3_manifest.config_digest == local_manifest.config_digest, step
+        assert s3_manifest.counts == local_manifest.counts, step
 
     second = m3tune("run", "--root", s3_root.uri, env=env)
-    assert second.returncode == 0 and "skipped" in second.stdout
-    assert read_manifest(s3_ingest) == s3_manifest
+    assert second.returncode == 0 and second.stdout.count("skipped (done)") == len(steps)
 
     status = m3tune("status", "--root", s3_root.uri, "--json", env=env)
     assert status.returncode == 0, status.stderr
-    (ingest,) = json.loads(status.stdout)
-    assert (ingest["step"], ingest["state"]) == ("ingest", "done")
-    assert ingest["counts"]["by_source"]["quran"] == 6236
+    states = {s["step"]: s["state"] for s in json.loads(status.stdout)}
+    assert states == {step: "done" for step in steps}
+    assert json.loads(status.stdout)[0]["counts"]["by_source"]["quran"] == 6236
 
 
 def test_s3_user_file_and_missing_bucket(s3_root, s3_endpoint, s3_bucket):

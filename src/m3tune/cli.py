@@ -299,6 +299,129 @@ def step_analyze(
     Console().print(render_report(json.loads(store.child("analyze").read_bytes("report.json"))))
 
 
+BackendOpt = Annotated[Optional[str], typer.Option(
+    "--backend", help="offline (default; no network, deterministic, weaker) or openai (any OpenAI-compatible API).")]
+BaseUrlOpt = Annotated[Optional[str], typer.Option(
+    "--base-url", help="OpenAI-compatible API base URL (default OpenRouter). Key from OPENROUTER_API_KEY or OPENAI_API_KEY.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model name at that endpoint.")]
+ApiKeyEnvOpt = Annotated[Optional[str], typer.Option("--api-key-env", help="Read the API key from this variable instead.")]
+ConcurrencyOpt = Annotated[Optional[int], typer.Option("--concurrency", help="Requests in flight at once.")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Seconds per request.")]
+RetriesOpt = Annotated[Optional[int], typer.Option("--max-retries", help="Retries of a 429/5xx/timeout per item.")]
+MaxRequestsOpt = Annotated[Optional[int], typer.Option("--max-requests", help="Stop starting requests after N.")]
+MaxCostOpt = Annotated[Optional[float], typer.Option("--max-cost", help="Stop starting requests past this cost (USD).")]
+PriceInOpt = Annotated[Optional[float], typer.Option("--price-in", help="USD per million prompt tokens (if the API reports no cost).")]
+PriceOutOpt = Annotated[Optional[float], typer.Option("--price-out", help="USD per million completion tokens.")]
+FlushOpt = Annotated[Optional[int], typer.Option("--flush-every", help="Answers per journal batch (durability vs. files).")]
+PromptOpt = Annotated[Optional[str], typer.Option("--prompt", help="Prompt version (packaged name) or a .txt prompt file.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print sample prompts and an estimate of requests, tokens "
+                                                           "and cost; call nothing, write nothing.")]
+
+
+def _llm(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _dry_run(name: str, model, values, root, runs, run_id, verbose) -> None:
+    from rich.console import Console
+
+    from m3tune.generation.plan import plan
+
+    _setup(verbose, None)
+    store = _root(root, runs, run_id)
+    config = _build(model, {k: v for k, v in values.items() if v is not None}, f"step {name}")
+    Console().print(plan(store, name, config), highlight=False, markup=False)
+
+
+@step_app.command("generate-queries")
+@_errors
+def step_generate_queries(
+    root: RootOpt = None,
+    runs: RunsOpt = "runs",
+    run_id: RunIdOpt = None,
+    backend: BackendOpt = None,
+    pilot: Annotated[Optional[int], typer.Option(help="First N passages of a seeded shuffle (default 500); 0 = all.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the passage order.")] = None,
+    source: Annotated[Optional[list[str]], typer.Option("--source", help="quran, hadith (repeatable; default both).")] = None,
+    queries_per_passage: Annotated[Optional[int], typer.Option(help="Queries per passage (default 4).")] = None,
+    arabic_share: Annotated[Optional[float], typer.Option(help="Share of Arabic queries per passage (default 0.5).")] = None,
+    type_: Annotated[Optional[list[str]], typer.Option("--type", help="question, keyword (repeatable; default both).")] = None,
+    prompt: PromptOpt = None,
+    base_url: BaseUrlOpt = None,
+    model: ModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    timeout: TimeoutOpt = None,
+    max_retries: RetriesOpt = None,
+    max_requests: MaxRequestsOpt = None,
+    max_cost: MaxCostOpt = None,
+    price_in: PriceInOpt = None,
+    price_out: PriceOutOpt = None,
+    flush_every: FlushOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Native Arabic and English cross-lingual queries per passage -> ROOT/generate-queries/queries.jsonl."""
+    from m3tune.generation.queries import GenerateQueriesConfig
+
+    values = {"backend": backend, "pilot": pilot, "seed": seed, "sources": source,
+              "queries_per_passage": queries_per_passage, "arabic_share": arabic_share, "types": type_,
+              "prompt": prompt,
+              "llm": _llm(base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency,
+                          timeout=timeout, max_retries=max_retries, max_requests=max_requests, max_cost=max_cost,
+                          price_in=price_in, price_out=price_out, flush_every=flush_every)}
+    if s3_endpoint:
+        os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
+    if dry_run:
+        return _dry_run("generate-queries", GenerateQueriesConfig, values, root, runs, run_id, verbose)
+    _run_one("generate-queries", GenerateQueriesConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
+
+
+@step_app.command("generate-conceptual")
+@_errors
+def step_generate_conceptual(
+    root: RootOpt = None,
+    runs: RunsOpt = "runs",
+    run_id: RunIdOpt = None,
+    backend: BackendOpt = None,
+    themes: Annotated[Optional[str], typer.Option("--themes", help="YAML theme list (default: the packaged one).")] = None,
+    source: Annotated[Optional[list[str]], typer.Option("--source", help="quran, hadith (repeatable; default both).")] = None,
+    max_positives: Annotated[Optional[int], typer.Option(help="Passages assigned to a theme, per source (default 25).")] = None,
+    queries_per_theme: Annotated[Optional[int], typer.Option(help="Queries asked of the LLM per theme (default 12).")] = None,
+    prompt: PromptOpt = None,
+    base_url: BaseUrlOpt = None,
+    model: ModelOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    timeout: TimeoutOpt = None,
+    max_retries: RetriesOpt = None,
+    max_requests: MaxRequestsOpt = None,
+    max_cost: MaxCostOpt = None,
+    price_in: PriceInOpt = None,
+    price_out: PriceOutOpt = None,
+    flush_every: FlushOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Thematic queries («آيات عن الصبر», "verses about patience") with all their positives -> queries.jsonl."""
+    from m3tune.generation.conceptual import GenerateConceptualConfig
+
+    values = {"backend": backend, "themes_file": themes, "sources": source, "max_positives": max_positives,
+              "queries_per_theme": queries_per_theme, "prompt": prompt,
+              "llm": _llm(base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency,
+                          timeout=timeout, max_retries=max_retries, max_requests=max_requests, max_cost=max_cost,
+                          price_in=price_in, price_out=price_out, flush_every=flush_every)}
+    if s3_endpoint:
+        os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
+    if dry_run:
+        return _dry_run("generate-conceptual", GenerateConceptualConfig, values, root, runs, run_id, verbose)
+    _run_one("generate-conceptual", GenerateConceptualConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
+
+
 def _run_one(name, model, values, root, runs, run_id, force, s3_endpoint, verbose):
     from m3tune.executor import run_step
 

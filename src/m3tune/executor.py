@@ -43,7 +43,7 @@ class StepStatus:
 def current_inputs(root: Store, step: Step, config: BaseModel) -> dict[str, str]:
     """Digests of everything STEP would read now: upstream outputs and external inputs."""
     inputs: dict[str, str] = {}
-    for need in step.needs:
+    for need in step.upstream(config):
         upstream = read_manifest(root.child(need))
         if upstream is None:
             raise MissingInput(f"step '{step.name}' needs '{need}', which has not finished in {root.uri}")
@@ -121,7 +121,7 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
     why = "forced" if status.state == "done" else status.reason
     log.info("%s: running (%s) -> %s", name, why, folder.uri)
 
-    ctx = StepContext(root=root, name=name, needs=step.needs)
+    ctx = StepContext(root=root, name=name, needs=step.upstream(config))
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     result = step.func(ctx, **config.model_dump()) or {}

@@ -26,25 +26,40 @@ class Step:
     needs: tuple[str, ...] = ()
     # Digests of what the step reads from outside the run (user files, packaged data).
     external_inputs: Callable[[Any], dict[str, str]] = lambda config: {}
+    # When given, the upstream steps this config actually reads (default: all of `needs`).
+    needs_for: Callable[[Any], tuple[str, ...]] | None = None
+
+    def upstream(self, config: BaseModel) -> tuple[str, ...]:
+        return self.needs_for(config) if self.needs_for else self.needs
 
 
 def _steps() -> dict[str, Step]:
     from m3tune.analysis.analyze import AnalyzeConfig, analyze, analyze_inputs
     from m3tune.corpus.ingest import IngestConfig, ingest, ingest_inputs
+    from m3tune.generation.conceptual import GenerateConceptualConfig, generate_conceptual, generate_conceptual_inputs
+    from m3tune.generation.queries import GenerateQueriesConfig, generate_queries, generate_queries_inputs
 
     steps = [
         Step("ingest", ingest, IngestConfig, "build passages.jsonl from the packaged Quran and hadith corpora and user files",
              external_inputs=ingest_inputs),
+        Step("generate-queries", generate_queries, GenerateQueriesConfig,
+             "native Arabic and English cross-lingual queries per passage (LLM or offline)",
+             needs=("ingest",), external_inputs=generate_queries_inputs),
+        Step("generate-conceptual", generate_conceptual, GenerateConceptualConfig,
+             "thematic queries over a curated theme list, with all their positives (LLM or offline)",
+             needs=("ingest",), external_inputs=generate_conceptual_inputs),
+        # Until `combine` lands, analyze gates the generated queries.
         Step("analyze", analyze, AnalyzeConfig, "report shares by language, type and source against targets",
-             external_inputs=analyze_inputs),
+             needs=("generate-queries", "generate-conceptual"), external_inputs=analyze_inputs,
+             needs_for=lambda config: () if config.inputs else ("generate-queries", "generate-conceptual")),
     ]
     return {s.name: s for s in steps}
 
 
 STEPS: dict[str, Step] = _steps()
 
-# What `m3tune run` runs, in order. `analyze` joins once `combine` exists to feed it.
-PIPELINE: list[str] = ["ingest"]
+# What `m3tune run` runs, in order.
+PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "analyze"]
 
 
 def get_step(name: str) -> Step:

@@ -43,7 +43,7 @@ class AnalyzeConfig(BaseModel):
     conceptual_target: float = Field(default=0.20, ge=0, le=1, description="share of conceptual (thematic) queries")
     quran_target: float = Field(default=0.25, ge=0, le=1, description="share of queries whose positives are Quran verses")
     tolerance: float = Field(default=0.05, ge=0, le=1, description="a share of at least target - tolerance is met")
-    fail_on_miss: bool = Field(default=False, description="fail (exit 3) when a target is missed")
+    fail_on_miss: bool = Field(default=True, description="fail (exit 3) when a target is missed: the pipeline's gate")
     skip_invalid: bool = Field(default=False, description="skip invalid lines (written to rejects.jsonl) instead of failing")
 
 
@@ -203,13 +203,17 @@ def render_report(report: dict[str, Any]):
 
 def analyze(ctx, *, inputs: list[str], arabic_target: float, conceptual_target: float, quran_target: float,
             tolerance: float, fail_on_miss: bool, skip_invalid: bool) -> dict[str, Any]:
+    labels = None
     if not inputs:  # in the pipeline: what the steps before it published
-        inputs = [ctx.root.child(need).uri_of(name) for need in ctx.needs for name in ANALYZABLE
-                  if ctx.root.child(need).exists(name)]
+        found = [(need, name) for need in ctx.needs for name in ANALYZABLE if ctx.root.child(need).exists(name)]
+        inputs = [ctx.root.child(need).uri_of(name) for need, name in found]
+        labels = [f"{need}/{name}" for need, name in found]  # relative to the run: same on any store
     rejects = Rejects() if skip_invalid else None
     try:
         report = analyze_files(inputs, rejects=rejects, arabic_target=arabic_target,
                                conceptual_target=conceptual_target, quran_target=quran_target, tolerance=tolerance)
+        if labels is not None:
+            report["input"] = ", ".join(labels)
     finally:
         if rejects is not None:
             ctx.write_rejects(rejects)  # even when no valid row is left: they say why

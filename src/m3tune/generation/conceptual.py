@@ -1,0 +1,167 @@
+"""The `generate-conceptual` step: thematic queries («آيات عن الصبر», "verses about patience").
+
+For each theme of a curated list (generation/data/themes.yaml, or your own),
+candidate passages are found by the theme's lexicon. The offline backend
+assigns the best-matching candidates to the theme and fills query templates;
+the LLM backend is shown the candidates, keeps those really about the theme
+and writes the queries. A thematic query has many positives: `positive_ids`
+holds every passage assigned to it (per scope: verses, hadith or both), and
+no later step may use one of them as a negative for that query.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from m3tune.context import StepContext
+from m3tune.generation.base import GenerationConfig, load_passages, publish, validator
+from m3tune.records import Generator, Query
+from m3tune.storage import absolute_uri
+
+
+class GenerateConceptualConfig(GenerationConfig):
+    themes_file: str | None = Field(default=None, description="YAML theme list (default: the packaged one)")
+    sources: list[Literal["quran", "hadith"]] = Field(default=["quran", "hadith"], description="passages to use")
+    max_positives: int = Field(default=25, ge=1, description="passages assigned to a theme, per source")
+    min_hits_quran: int = Field(default=1, ge=1, description="lexicon hits that make a verse a candidate")
+    min_hits_hadith: int = Field(default=2, ge=1, description="lexicon hits that make a hadith a candidate")
+    queries_per_theme: int = Field(default=12, ge=1, le=40, description="queries asked of the LLM per theme")
+    arabic_share: float = Field(default=0.5, ge=0, le=1, description="share of Arabic queries asked of the LLM")
+    prompt: str = Field(default="conceptual-v1", description="prompt version (a packaged name or a .txt file)")
+
+    @field_validator("themes_file", "prompt")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute_uri(value) if value and (value.endswith((".yaml", ".yml", ".txt"))) else value
+
+
+class ThemeQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    language: Literal["ar", "en"]
+    scope: Literal["quran", "hadith", "mixed"]
+
+
+class ConceptualAnswer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    relevant_ids: list[str]
+    queries: list[ThemeQuery] = Field(min_length=1, max_length=60)
+
+
+def _candidate_lines(candidates: list[str], by_id, limit_chars: int = 400) -> str:
+    lines = []
+    for pid in candidates:
+        p = by_id[pid]
+        text = p.text_plain if len(p.text_plain) <= limit_chars else p.text_plain[:limit_chars] + " …"
+        lines.append(f"- {pid}: {text}")
+    return "\n".join(lines)
+
+
+def prepare(passages, *, themes_file: str | None, sources: list[str], max_positives: int, min_hits_quran: int,
+            min_hits_hadith: int):
+    """(corpus, themes version, themes, candidate passage ids per theme and source)."""
+    from m3tune.generation.offline import Corpus, load_themes, theme_candidates
+
+    corpus = Corpus(p for p in passages if p.source in sources)
+    version, themes = load_themes(themes_file)
+    min_hits = {"quran": min_hits_quran, "hadith": min_hits_hadith}
+    candidates = {t.id: {s: theme_candidates(corpus, t, s, limit=max_positives, min_hits=min_hits[s])
+                         for s in sources} for t in themes}
+    return corpus, version, themes, candidates
+
+
+def theme_items(themes, candidates: dict[str, dict[str, list[str]]], passage_of, template, *, sources: list[str],
+                queries_per_theme: int, arabic_share: float) -> list:
+    """One LLM work item per theme that has candidate passages."""
+    from m3tune.generation.llm import WorkItem
+
+    n_ar = round(queries_per_theme * arabic_share)
+    items = []
+    for t in themes:
+        pool = [pid for s in sources for pid in candidates[t.id][s]]
+        if pool:
+            items.append(WorkItem(f"theme:{t.id}", template.messages(
+                theme_ar=t.ar[0], theme_en=t.en[0], n_ar=n_ar, n_en=queries_per_theme - n_ar,
+                candidates=_candidate_lines(pool, passage_of))))
+    return items
+
+
+def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], themes_file: str | None,
+                        sources: list[str], max_positives: int, min_hits_quran: int, min_hits_hadith: int,
+                        queries_per_theme: int, arabic_share: float, prompt: str, min_chars: int,
+                        max_words: int, max_copy_words: int) -> dict[str, Any]:
+    from m3tune.generation.offline import theme_queries
+
+    corpus, version, themes, candidates = prepare(load_passages(ctx), themes_file=themes_file, sources=sources,
+                                                  max_positives=max_positives, min_hits_quran=min_hits_quran,
+                                                  min_hits_hadith=min_hits_hadith)
+    ctx.log.info("%d themes (%s); backend %s", len(themes), version, backend)
+    passage_of = {d.passage.id: d.passage for d in corpus.docs}
+    rejects: list[dict[str, Any]] = []
+    stats = None
+    generated: list[Query] = []
+    if backend == "offline":
+        for t in themes:
+            generated += theme_queries(t, candidates[t.id])
+    else:
+        from m3tune.generation.llm import Journal, LLMSettings, parse_json_answer, run_items
+        from m3tune.generation.prompts import load_prompt
+
+        settings = LLMSettings.model_validate(llm)
+        template = load_prompt(prompt)
+        journal = Journal(ctx.out, f"{template.version}+{version}", settings.model)
+        items = theme_items(themes, candidates, passage_of, template, sources=sources,
+                            queries_per_theme=queries_per_theme, arabic_share=arabic_share)
+        stats, item_rejects = run_items(items, settings, parse_json_answer(ConceptualAnswer), journal)
+        journal.compact()
+        rejects += [{"kind": "theme", **r} for r in item_rejects]
+        generator = Generator(backend="openai", model=settings.model, prompt_version=journal.prompt_version)
+        for t in themes:
+            entry = journal.entries.get(f"theme:{t.id}")
+            if entry is None or entry.status != "accepted":
+                continue
+            answer = ConceptualAnswer.model_validate(entry.answer)
+            offered = {s: set(candidates[t.id][s]) for s in sources}
+            # Only ids that were offered count: an invented id is dropped, not trusted.
+            relevant = {s: [pid for pid in candidates[t.id][s] if pid in set(answer.relevant_ids)] for s in sources}
+            unknown = set(answer.relevant_ids) - set().union(*offered.values())
+            if unknown:
+                rejects.append({"kind": "theme", "key": f"theme:{t.id}", "reason": "unknown_relevant_ids",
+                                "ids": sorted(unknown)})
+            scopes = {"quran": relevant.get("quran", []), "hadith": relevant.get("hadith", []),
+                      "mixed": relevant.get("quran", []) + relevant.get("hadith", [])}
+            for n, q in enumerate(answer.queries):
+                if not scopes[q.scope]:
+                    rejects.append({"kind": "query", "key": f"theme:{t.id}", "reason": "no_positives_in_scope",
+                                    "query": q.query})
+                    continue
+                generated.append(Query(id=f"theme:{t.id}/{q.scope}/{q.language}-{n}", query=q.query.strip(),
+                                       language=q.language, type="conceptual", positive_ids=scopes[q.scope],
+                                       source=q.scope, generator=generator))
+
+    checks = validator(min_chars, max_words, max_copy_words)
+    kept = []
+    for q in generated:
+        why = checks.reason(q)  # many passages: the copy check does not apply to a theme
+        if why is None:
+            kept.append(q)
+        else:
+            checks.rejected[why] += 1
+            rejects.append({"kind": "query", "key": q.id, "reason": why, "query": q.query})
+    themes_used = len({q.id.split("/")[0] for q in kept})
+    return publish(ctx, kept, rejects, checks=checks, stats=stats,
+                   extra={"themes": len(themes), "themes_with_queries": themes_used,
+                          "positives_per_query": round(sum(len(q.positive_ids) for q in kept) / max(1, len(kept)), 2)})
+
+
+def generate_conceptual_inputs(config: GenerateConceptualConfig) -> dict[str, str]:
+    from m3tune.storage import file_digest, split_uri
+
+    inputs = {}
+    for label, path in (("themes", config.themes_file), ("prompt", config.prompt if config.prompt.endswith(".txt") else None)):
+        if path:
+            store, name = split_uri(path)
+            inputs[f"{label}:{path}"] = "sha256:" + file_digest(store, name)
+    return inputs

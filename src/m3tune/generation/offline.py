@@ -1,0 +1,244 @@
+"""The offline generator: queries from the real corpus, deterministically, with no network.
+
+It is much weaker than an LLM — its "questions" are templates filled with
+salient words, its English exists only where a passage has a translation
+(the Quran), and its themes are matched by a lexicon, not understood — but
+it produces real, checkable training data from the real corpus, so the whole
+pipeline runs end to end on a laptop or in CI.
+
+Salient words are ranked by TF-IDF over the corpus. The weights are computed
+here (a document-frequency table and a log) rather than with a library: what
+is needed is a per-passage ranking of its own words, not a retrieval index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from importlib.resources import files
+
+from m3tune.arabic import normalize, strip_marks
+from m3tune.errors import ConfigError
+from m3tune.records import Generator, Passage, Query
+
+OFFLINE_VERSION = "offline-v1"
+GENERATOR = Generator(backend="offline", model="tfidf-lexicon", prompt_version=OFFLINE_VERSION)
+
+_EN_WORD = re.compile(r"[a-z][a-z'-]+")
+_AR_WORD = re.compile(r"[\u0621-\u064a]+")
+# Where a hadith's chain of narrators gives way to its text: the last
+# narration verb, then the first "said"/"that" after it (normalized forms).
+_ISNAD_MARKERS = {"حدثنا", "حدثني", "اخبرنا", "اخبرني", "انبانا", "سمعت", "عن", "حدثه", "اخبره"}
+_MATN_OPENERS = {"قال", "يقول", "قالت", "ان", "انه", "انها", "فقال", "يقال"}
+_BLESSING = "صلي الله عليه وسلم"
+
+
+def stable_pick(key: str, options: Sequence[str]) -> str:
+    """The same option for the same key, on every machine and run."""
+    return options[int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % len(options)]
+
+
+def matn(text_plain: str) -> str:
+    """The body of a hadith without its chain of narrators (heuristic; whole text if unsure)."""
+    words = text_plain.split()
+    limit = int(len(words) * 0.8)
+    last = max((i for i, w in enumerate(words[:limit]) if w in _ISNAD_MARKERS), default=-1)
+    if last < 0:
+        return text_plain
+    start = next((i + 1 for i in range(last + 1, len(words)) if words[i] in _MATN_OPENERS), last + 1)
+    body = " ".join(words[start:]).replace(_BLESSING, " ")
+    return body if len(body.split()) >= 5 else text_plain
+
+
+def _stopwords() -> tuple[frozenset[str], frozenset[str]]:
+    from stop_words import get_stop_words
+
+    own = files("m3tune.generation").joinpath("data/stopwords_ar.txt").read_text(encoding="utf-8")
+    ar = {normalize(w) for w in own.splitlines() if w and not w.startswith("#")}
+    ar |= {normalize(w) for w in get_stop_words("arabic")}
+    en = {w.lower() for w in get_stop_words("english")} | {"o", "ye", "thee", "thou", "thy", "indeed", "verily"}
+    return frozenset(ar), frozenset(en)
+
+
+@dataclass
+class Doc:
+    passage: Passage
+    ar_words: list[str]  # normalized Arabic words of the searchable part (matn for hadith)
+    en_words: list[str]  # lower-case words of the English translation, if any
+
+
+class Corpus:
+    """Passages with the document frequencies TF-IDF needs."""
+
+    def __init__(self, passages: Iterable[Passage]):
+        self.docs: list[Doc] = []
+        for p in passages:
+            body = matn(p.text_plain) if p.source == "hadith" else p.text_plain
+            en = _EN_WORD.findall(p.translation_en.lower()) if p.translation_en else []
+            self.docs.append(Doc(p, body.split(), en))
+        # "and"/"so" written onto a word (والصبر, فاصبر) is not part of what a
+        # reader searches for: fold such a word onto its bare form when the
+        # corpus has that form too.
+        vocab = {w for d in self.docs for w in d.ar_words}
+        self.bare = {w: w[1:] for w in vocab if len(w) > 3 and w[0] in "وف" and w[1:] in vocab}
+        for d in self.docs:
+            d.ar_words = [self.bare.get(w, w) for w in d.ar_words]
+        self.by_id = {d.passage.id: d for d in self.docs}
+        self.ar_df = Counter(w for d in self.docs for w in set(d.ar_words))
+        self.en_df = Counter(w for d in self.docs for w in set(d.en_words))
+        self.n = len(self.docs)
+
+    @cached_property
+    def stopwords(self) -> tuple[frozenset[str], frozenset[str]]:
+        return _stopwords()
+
+    def salient(self, doc: Doc, language: str, k: int) -> list[str]:
+        """The K words of DOC with the highest TF-IDF, best first (ties: first occurrence)."""
+        words, df = (doc.ar_words, self.ar_df) if language == "ar" else (doc.en_words, self.en_df)
+        stop = self.stopwords[0] if language == "ar" else self.stopwords[1]
+        tf = Counter(words)
+        first = {}
+        for i, w in enumerate(words):
+            first.setdefault(w, i)
+        candidates = [w for w in tf if len(w) >= 3 and w not in stop and not w.isdigit()]
+        # A word in (nearly) every passage says nothing; a word seen once is
+        # often a name or a spelling accident: both rank low.
+        candidates.sort(key=lambda w: (-(1 + math.log(tf[w])) * math.log(self.n / df[w]) * min(1.0, df[w] / 2),
+                                       first[w]))
+        return candidates[:k]
+
+
+def _surface(passage: Passage, words: list[str], bare: dict[str, str]) -> list[str]:
+    """The written forms (ة, أ, ى kept) of normalized WORDS, as they appear in the passage."""
+    forms: dict[str, str] = {}
+    for token in _AR_WORD.findall(strip_marks(passage.text)):
+        key = normalize(token)
+        forms.setdefault(key, token)
+        if key in bare:
+            forms.setdefault(bare[key], token[1:])
+    return [forms.get(w, w) for w in words]
+
+
+AR_QUESTIONS = {
+    "quran": ("ما الآية التي تذكر {a} و{b}؟", "أين ورد ذكر {a} في القرآن؟", "ماذا قال الله تعالى عن {a} و{b}؟",
+              "ما الآية التي تتحدث عن {a}؟"),
+    "hadith": ("ما الحديث الذي يذكر {a} و{b}؟", "ماذا قال النبي عن {a}؟", "هل ورد حديث في {a} و{b}؟",
+               "ما حكم {a} في السنة؟"),
+}
+EN_QUESTIONS = ("Which verse mentions {a} and {b}?", "What does the Quran say about {a}?",
+                "Where does the Quran speak of {a} and {b}?", "Which verse talks about {a}?")
+
+
+def passage_queries(corpus: Corpus, doc: Doc, *, ar: int, en: int, types: Sequence[str]) -> list[Query]:
+    """Up to AR Arabic and EN English queries for one passage, cycling through TYPES."""
+    p = doc.passage
+    out: list[Query] = []
+    for language, count in (("ar", ar), ("en", en)):
+        if count <= 0:
+            continue
+        words = corpus.salient(doc, language, 6)
+        if language == "ar":
+            words = _surface(p, words, corpus.bare)
+        if len(words) < 2:
+            continue
+        for n in range(count):
+            qtype = types[n % len(types)]
+            shift = n // len(types)  # a second query of the same type uses the next salient words
+            picked = words[shift:shift + 3] if len(words) > shift + 1 else words[:3]
+            if qtype == "keyword":
+                text = " ".join(picked)
+            else:
+                templates = AR_QUESTIONS[p.source] if language == "ar" else EN_QUESTIONS
+                text = stable_pick(f"{p.id}/{language}/{n}", templates).format(a=picked[0], b=picked[1])
+            out.append(Query(id=f"{p.id}/{language}-{qtype}-{n}", query=text, language=language, type=qtype,
+                             positive_ids=[p.id], source=p.source, generator=GENERATOR))
+    return out
+
+
+# --- themes -------------------------------------------------------------------------------------
+
+AR_THEME_TEMPLATES = {
+    "quran": ("آيات عن {t}", "ما ورد في القرآن عن {t}", "{t} في القرآن الكريم"),
+    "hadith": ("أحاديث عن {t}", "ما قاله النبي عن {t}", "{t} في السنة النبوية"),
+    "mixed": ("{t} في الإسلام", "فضل {t}", "الحث على {t}"),
+}
+EN_THEME_TEMPLATES = {
+    "quran": ("verses about {t}", "what the Quran says about {t}"),
+    "hadith": ("hadith about {t}", "what the Prophet said about {t}"),
+    "mixed": ("{t} in Islam",),
+}
+_PROCLITICS = ("", "و", "ف", "ب", "ل", "ك", "وب", "ول", "فب", "فل", "وك")
+
+
+@dataclass
+class Theme:
+    id: str
+    ar: list[str]
+    en: list[str]
+    lexicon: list[str]
+
+    @cached_property
+    def words(self) -> frozenset[str]:
+        single = [normalize(w) for w in self.lexicon if " " not in w.strip()]
+        return frozenset(pre + w for w in single for pre in _PROCLITICS)
+
+    @cached_property
+    def phrases(self) -> tuple[str, ...]:
+        return tuple(normalize(w) for w in self.lexicon if " " in w.strip())
+
+    def hits(self, words: list[str]) -> int:
+        n = sum(1 for w in words if w in self.words)
+        if self.phrases:
+            text = " " + " ".join(words) + " "
+            n += sum(text.count(f" {p} ") for p in self.phrases)
+        return n
+
+
+def load_themes(path: str | None = None) -> tuple[str, list[Theme]]:
+    """(version, themes) from PATH or the packaged curated list."""
+    import yaml
+
+    raw = (open(path, encoding="utf-8").read() if path
+           else files("m3tune.generation").joinpath("data/themes.yaml").read_text(encoding="utf-8"))
+    data = yaml.safe_load(raw)
+    where = path or "themes.yaml"
+    try:
+        themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]), lexicon=list(t["lexicon"]))
+                  for t in data["themes"]]
+        version = str(data["version"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: each theme needs id, ar, en, lexicon and the file a version ({e})") from None
+    if len({t.id for t in themes}) != len(themes):
+        raise ConfigError(f"{where}: theme ids must be unique")
+    return version, themes
+
+
+def theme_candidates(corpus: Corpus, theme: Theme, source: str, *, limit: int, min_hits: int) -> list[str]:
+    """Passage ids of SOURCE most about THEME by lexicon hits (best first, then corpus order)."""
+    scored = [(theme.hits(d.ar_words), i, d.passage.id) for i, d in enumerate(corpus.docs)
+              if d.passage.source == source]
+    scored = [s for s in scored if s[0] >= min_hits]
+    scored.sort(key=lambda s: (-s[0], s[1]))
+    return [pid for _, _, pid in scored[:limit]]
+
+
+def theme_queries(theme: Theme, positives: dict[str, list[str]], generator: Generator = GENERATOR,
+                  ar_templates=AR_THEME_TEMPLATES, en_templates=EN_THEME_TEMPLATES) -> list[Query]:
+    """Thematic queries for THEME; POSITIVES maps 'quran'/'hadith' to the passage ids assigned to it."""
+    out: list[Query] = []
+    scopes = {"quran": positives.get("quran", []), "hadith": positives.get("hadith", []),
+              "mixed": positives.get("quran", []) + positives.get("hadith", [])}
+    for scope, ids in scopes.items():
+        if not ids or (scope == "mixed" and not (positives.get("quran") and positives.get("hadith"))):
+            continue
+        for language, names, templates in (("ar", theme.ar, ar_templates), ("en", theme.en, en_templates)):
+            for n, (name, template) in enumerate((nm, tp) for nm in names for tp in templates[scope]):
+                out.append(Query(id=f"theme:{theme.id}/{scope}/{language}-{n}", query=template.format(t=name),
+                                 language=language, type="conceptual", positive_ids=list(ids), source=scope,
+                                 generator=generator))
+    return out

@@ -1,0 +1,158 @@
+"""The `generate-queries` step: per passage, native Arabic and English cross-lingual queries.
+
+Per passage it asks for `queries_per_passage` queries, `arabic_share` of them
+Arabic, cycling through `types` (question, keyword). The LLM backend writes
+them from the passage; the offline backend builds them from the passage's
+most salient words, and can write English only where a translation exists
+(the Quran), so its Arabic share comes out above the target. Nothing is
+dropped to force a share here: `combine` balances the final data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from m3tune.context import StepContext
+from m3tune.generation.base import GenerationConfig, load_passages, publish, seeded_order, validator
+from m3tune.records import Generator, Passage, Query
+from m3tune.storage import absolute_uri
+
+QueryKind = Literal["question", "keyword"]
+
+
+class GenerateQueriesConfig(GenerationConfig):
+    pilot: int = Field(default=500, ge=0, description="only the first N passages of a seeded shuffle "
+                       "(500, as the guide's pilot); 0 for every passage")
+    seed: int = Field(default=13, description="seed of the passage order")
+    sources: list[Literal["quran", "hadith"]] = Field(default=["quran", "hadith"], description="passages to use")
+    queries_per_passage: int = Field(default=4, ge=1, le=20, description="queries asked for per passage")
+    arabic_share: float = Field(default=0.5, ge=0, le=1, description="target share of Arabic queries")
+    types: list[QueryKind] = Field(default=["question", "keyword"], min_length=1,
+                                   description="query types, cycled within each language")
+    prompt: str = Field(default="queries-v1", description="prompt version (a packaged name or a .txt file)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return absolute_uri(value) if value.endswith(".txt") else value
+
+
+class GenQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    language: Literal["ar", "en"]
+    type: QueryKind
+
+
+class QueriesAnswer(BaseModel):
+    """What the LLM must answer: one JSON object, validated strictly."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[GenQuery] = Field(min_length=1, max_length=40)
+
+
+def allocation(queries_per_passage: int, arabic_share: float) -> tuple[int, int]:
+    n_ar = round(queries_per_passage * arabic_share)
+    return n_ar, queries_per_passage - n_ar
+
+
+def select(passages: list[Passage], *, sources: list[str], pilot: int, seed: int) -> list[Passage]:
+    by_id = {p.id: p for p in passages if p.source in sources}
+    order = seeded_order(list(by_id), seed)
+    return [by_id[i] for i in (order[:pilot] if pilot else order)]
+
+
+def work_items(selected: list[Passage], prompt, *, n_ar: int, n_en: int, types: list[str]):
+    from m3tune.generation.llm import WorkItem
+
+    names = {"quran": "Quran verse", "hadith": "hadith"}
+    for p in selected:
+        translation = f"English translation: {p.translation_en}" if p.translation_en else ""
+        yield WorkItem(p.id, prompt.messages(passage_id=p.id, source_name=names[p.source], text=p.text,
+                                             translation_line=translation, n_ar=n_ar, n_en=n_en,
+                                             types=", ".join(types)))
+
+
+def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Passage], generator: Generator,
+                       *, n_ar: int, n_en: int) -> list[Query]:
+    """Query records from journaled answers, in passage order, at most N_AR / N_EN per passage."""
+    out: list[Query] = []
+    for pid, answer in answers.items():
+        p = by_id[pid]
+        taken = {"ar": 0, "en": 0}
+        for q in QueriesAnswer.model_validate(answer).queries:
+            if taken[q.language] >= {"ar": n_ar, "en": n_en}[q.language]:
+                continue
+            n = taken[q.language]
+            taken[q.language] += 1
+            out.append(Query(id=f"{pid}/{q.language}-{q.type}-{n}", query=q.query.strip(), language=q.language,
+                             type=q.type, positive_ids=[pid], source=p.source, generator=generator))
+    return out
+
+
+def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pilot: int, seed: int,
+                     sources: list[str], queries_per_passage: int, arabic_share: float, types: list[str],
+                     prompt: str, min_chars: int, max_words: int, max_copy_words: int) -> dict[str, Any]:
+    passages = load_passages(ctx)
+    selected = select(passages, sources=sources, pilot=pilot, seed=seed)
+    by_id = {p.id: p for p in passages}
+    n_ar, n_en = allocation(queries_per_passage, arabic_share)
+    ctx.log.info("%s passages selected (pilot %s), %d Arabic + %d English queries each, backend %s",
+                 f"{len(selected):,}", pilot or "off", n_ar, n_en, backend)
+    rejects: list[dict[str, Any]] = []
+    stats = None
+    if backend == "offline":
+        from m3tune.generation.offline import Corpus, passage_queries
+        from m3tune.progress import track
+
+        corpus = Corpus(passages)
+        candidates = [q for p in track(selected, description="generate queries", total=len(selected))
+                      for q in passage_queries(corpus, corpus.by_id[p.id], ar=n_ar, en=n_en if p.translation_en else 0,
+                                               types=types)]
+    else:
+        from m3tune.generation.llm import Journal, LLMSettings, parse_json_answer, run_items
+        from m3tune.generation.prompts import load_prompt
+
+        settings = LLMSettings.model_validate(llm)
+        template = load_prompt(prompt)
+        journal = Journal(ctx.out, template.version, settings.model)
+        items = list(work_items(selected, template, n_ar=n_ar, n_en=n_en, types=types))
+        stats, item_rejects = run_items(items, settings, parse_json_answer(QueriesAnswer), journal)
+        journal.compact()
+        rejects += [{"kind": "passage", **r} for r in item_rejects]
+        rejects += [{"kind": "passage", "key": e.key, "reason": e.reason, "permanent": True, "from_journal": True}
+                    for e in journal.entries.values() if e.status == "rejected" and e.key in by_id
+                    and not any(r.get("key") == e.key for r in item_rejects)]
+        answers = {i.key: journal.entries[i.key].answer for i in items
+                   if i.key in journal.entries and journal.entries[i.key].status == "accepted"}
+        generator = Generator(backend="openai", model=settings.model, prompt_version=template.version)
+        candidates = answers_to_queries(answers, by_id, generator, n_ar=n_ar, n_en=n_en)
+
+    checks = validator(min_chars, max_words, max_copy_words)
+    kept = []
+    for q in candidates:
+        p = by_id[q.positive_ids[0]]
+        texts = [p.text] if q.language == "ar" else [p.translation_en or ""]
+        why = checks.reason(q, texts)
+        if why is None:
+            kept.append(q)
+        else:
+            checks.rejected[why] += 1
+            rejects.append({"kind": "query", "key": q.id, "reason": why, "query": q.query})
+    share = sum(q.language == "ar" for q in kept) / max(1, len(kept))
+    if kept and abs(share - arabic_share) > 0.05:
+        ctx.log.warning("Arabic share %.1f%% (target %.0f%%)%s", 100 * share, 100 * arabic_share,
+                        ": the offline backend writes English only for passages with a translation"
+                        if backend == "offline" else "")
+    return publish(ctx, kept, rejects, checks=checks, stats=stats, extra={"passages": len(selected)})
+
+
+def generate_queries_inputs(config: GenerateQueriesConfig) -> dict[str, str]:
+    if config.backend == "openai" and config.prompt.endswith(".txt"):
+        from m3tune.storage import file_digest, split_uri
+
+        store, name = split_uri(config.prompt)
+        return {f"prompt:{config.prompt}": "sha256:" + file_digest(store, name)}
+    return {}

@@ -1,0 +1,71 @@
+"""Checks every generated query must pass, whichever backend wrote it.
+
+A query is rejected, with its reason counted for the manifest, when its
+script does not match its declared language, when it is too short or too
+long, when it copies more than N consecutive words of its passage (a query
+that quotes the answer teaches the model nothing; type `exact` is exempt),
+or when it repeats an earlier query.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+from m3tune.arabic import detect_language, normalize
+from m3tune.records import Query
+
+
+def longest_shared_run(query_tokens: list[str], passage_tokens: list[str]) -> int:
+    """Length of the longest run of consecutive tokens the query shares with the passage."""
+    if not query_tokens or not passage_tokens:
+        return 0
+    positions: dict[str, list[int]] = {}
+    for i, tok in enumerate(passage_tokens):
+        positions.setdefault(tok, []).append(i)
+    best = 0
+    prev: dict[int, int] = {}  # passage index -> run length ending there, for the previous query token
+    for tok in query_tokens:
+        cur = {i: prev.get(i - 1, 0) + 1 for i in positions.get(tok, ())}
+        if cur:
+            best = max(best, max(cur.values()))
+        prev = cur
+    return best
+
+
+class QueryValidator:
+    """Stateful: remembers accepted queries to drop duplicates; counts rejections by reason."""
+
+    def __init__(self, *, min_chars: int = 4, max_words: int = 24, max_copy_words: int = 5):
+        self.min_chars, self.max_words, self.max_copy_words = min_chars, max_words, max_copy_words
+        self.rejected: Counter[str] = Counter()
+        self._seen: set[str] = set()
+
+    def reason(self, query: Query, passage_texts: Iterable[str] = ()) -> str | None:
+        """Why QUERY is rejected, or None if it passes (and is remembered)."""
+        text = query.query.strip()
+        if detect_language(text) != query.language:
+            return f"language_mismatch_{query.language}"
+        plain = normalize(text)
+        words = plain.split()
+        if len(plain) < self.min_chars:
+            return "too_short"
+        if len(words) > self.max_words:
+            return "too_long"
+        if query.type != "exact":
+            for passage in passage_texts:
+                if longest_shared_run(words, normalize(passage).split()) > self.max_copy_words:
+                    return "copies_passage"
+        if plain in self._seen:
+            return "duplicate"
+        self._seen.add(plain)
+        return None
+
+    def filter(self, items: Iterable[tuple[Query, Iterable[str]]]) -> Iterator[Query]:
+        """The queries that pass, in order; rejections are counted in `self.rejected`."""
+        for query, passages in items:
+            why = self.reason(query, passages)
+            if why is None:
+                yield query
+            else:
+                self.rejected[why] += 1

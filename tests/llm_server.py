@@ -1,0 +1,160 @@
+"""A real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions protocol, misbehaving on purpose.
+
+Used by the tests and the benchmark. Each request is answered by the next
+action scripted for its item (the passage id or theme the prompt names):
+
+    ok          a valid JSON answer for what the prompt asks
+    429         HTTP 429 with Retry-After (seconds: RETRY_AFTER)
+    500         HTTP 500
+    hang        no answer for HANG seconds (past the client's timeout), then a valid one
+    malformed   an answer that is not JSON
+    empty       an empty answer
+    refusal     a refusal (message.refusal set, no content)
+    401         HTTP 401, as for a bad key
+
+Items with no script get `ok`, after `delay` seconds if one is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RETRY_AFTER = 1
+HANG = 3.0
+_ITEM = re.compile(r"^(?:Passage (\S+) \(|Theme: (.+?) \()", re.M)
+_COUNTS = re.compile(r"exactly (\d+) Arabic and (\d+) English|Write (\d+) Arabic and (\d+) English")
+_CANDIDATE = re.compile(r"^- (\S+): ", re.M)
+_AR_LETTERS = "ابتثجحخدذرزسشصضطظعغفقكلمنهوي"
+
+
+def arabic_word(seed: str, n: int = 4) -> str:
+    h = hashlib.sha256(seed.encode()).digest()
+    return "".join(_AR_LETTERS[b % len(_AR_LETTERS)] for b in h[:n])
+
+
+def english_word(seed: str, n: int = 6) -> str:
+    h = hashlib.sha256(("en" + seed).encode()).digest()
+    return "".join("abcdefghijklmnopqrstuvwxyz"[b % 26] for b in h[:n])
+
+
+def answer_for(prompt: str) -> str:
+    """A valid answer to a queries-v1 or conceptual-v1 prompt: unique, non-copying queries."""
+    item = _ITEM.search(prompt)
+    key = (item.group(1) or item.group(2)) if item else "item"
+    counts = _COUNTS.search(prompt)
+    n_ar, n_en = (int(g) for g in (counts.group(1, 2) if counts.group(1) else counts.group(3, 4))) if counts else (2, 2)
+    if "Candidate passages:" in prompt:
+        ids = _CANDIDATE.findall(prompt)
+        scopes = sorted({"quran" if i.startswith("quran:") else "hadith" for i in ids}) or ["quran"]
+        queries = [{"query": f"آيات عن موضوع {arabic_word(key + str(i))}", "language": "ar", "scope": scopes[i % len(scopes)]}
+                   for i in range(n_ar)]
+        queries += [{"query": f"verses about topic {english_word(key + str(i))}", "language": "en",
+                     "scope": scopes[i % len(scopes)]} for i in range(n_en)]
+        return json.dumps({"relevant_ids": ids[: max(1, len(ids) // 2)], "queries": queries}, ensure_ascii=False)
+    types = ["question", "keyword"]
+    queries = [{"query": f"ما معنى {arabic_word(key + str(i))} في النص", "language": "ar", "type": types[i % 2]}
+               for i in range(n_ar)]
+    queries += [{"query": f"what is the meaning of {english_word(key + str(i))}", "language": "en",
+                 "type": types[i % 2]} for i in range(n_en)]
+    return json.dumps({"queries": queries}, ensure_ascii=False)
+
+
+class ChatServer:
+    def __init__(self, script: dict[str, list[str]] | None = None, *, delay: float = 0.0, report_cost: bool = False):
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.delay = delay
+        self.report_cost = report_cost
+        self.requests: list[dict] = []  # {"key", "action", "at", "messages"}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not self.path.endswith("/chat/completions"):
+                    return self._json(404, {"error": {"message": "not found"}})
+                prompt = next((m["content"] for m in body.get("messages", []) if m["role"] == "user"), "")
+                item = _ITEM.search(prompt)
+                key = (item.group(1) or item.group(2)) if item else "?"
+                with server._lock:
+                    todo = server.script.get(key)
+                    action = todo.pop(0) if todo else "ok"
+                    server.requests.append({"key": key, "action": action, "at": time.monotonic(),
+                                            "messages": body.get("messages", []), "body": body})
+                server._act(self, action, body, prompt)
+
+            def _json(self, status, payload, headers=()):
+                data = json.dumps(payload, ensure_ascii=False).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    for k, v in headers:
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (its timeout): nothing to answer
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> "ChatServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def keys(self) -> list[str]:
+        return [r["key"] for r in self.requests]
+
+    def _act(self, handler, action: str, body: dict, prompt: str) -> None:
+        def completion(content, refusal=None):
+            usage = {"prompt_tokens": len(prompt) // 3, "completion_tokens": len(content or "") // 3}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if self.report_cost:
+                usage["cost"] = 0.001
+            return {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model", "test"),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content, "refusal": refusal}}],
+                    "usage": usage}
+
+        if action == "429":
+            return handler._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
+                                 [("retry-after", str(RETRY_AFTER))])
+        if action == "500":
+            return handler._json(500, {"error": {"message": "upstream error"}})
+        if action == "401":
+            return handler._json(401, {"error": {"message": "invalid api key"}})
+        if action == "hang":
+            time.sleep(HANG)
+        elif self.delay:
+            time.sleep(self.delay)
+        if action == "malformed":
+            return handler._json(200, completion('{"queries": [ this is not json'))
+        if action == "empty":
+            return handler._json(200, completion(""))
+        if action == "refusal":
+            return handler._json(200, completion(None, refusal="I can't help with that."))
+        return handler._json(200, completion(answer_for(prompt)))

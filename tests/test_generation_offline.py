@@ -1,0 +1,107 @@
+"""The offline generator, the query checks, and the pipeline's offline demo shares."""
+
+import json
+
+import pytest
+
+from m3tune.corpus.ingest import IngestConfig
+from m3tune.executor import run_step
+from m3tune.generation.conceptual import GenerateConceptualConfig
+from m3tune.generation.offline import Corpus, load_themes, matn, theme_candidates
+from m3tune.generation.queries import GenerateQueriesConfig
+from m3tune.generation.validate import QueryValidator, longest_shared_run
+from m3tune.jsonl import read_records
+from m3tune.records import Generator, Passage, Query
+
+GEN = Generator(backend="offline", model="m", prompt_version="v")
+
+
+def q(text, lang="ar", typ="question", pid="quran:1:1"):
+    return Query(id="x", query=text, language=lang, type=typ, positive_ids=[pid], source="quran", generator=GEN)
+
+
+def test_validator_reasons():
+    v = QueryValidator(max_copy_words=3)
+    passage = "إنما الأعمال بالنيات وإنما لكل امرئ ما نوى"
+    assert v.reason(q("what are deeds judged by", lang="ar")) == "language_mismatch_ar"
+    assert v.reason(q("ما حكم النية", lang="en")) == "language_mismatch_en"
+    assert v.reason(q("ما")) == "too_short"
+    assert v.reason(q(" ".join(["كلمة"] * 30))) == "too_long"
+    assert v.reason(q("إنما الأعمال بالنيات وإنما لكل"), [passage]) == "copies_passage"
+    assert v.reason(q("إنما الأعمال بالنيات وإنما لكل", typ="exact"), [passage]) is None
+    assert v.reason(q("بم تقاس الأعمال؟"), [passage]) is None
+    assert v.reason(q("بِمَ تُقاس الأعمال"), [passage]) == "duplicate"  # same after normalization
+    assert longest_shared_run("a b c x".split(), "z a b c d".split()) == 3
+
+
+def test_matn_drops_the_chain_of_narrators(full_ingest):
+    root, _ = full_ingest
+    by_id = {p.id: p for p in read_records(root.child("ingest"), "passages.jsonl", Passage)}
+    assert matn(by_id["bukhari:1"].text_plain).startswith("انما الاعمال بالنيات")
+    assert "الدين النصيحه" in matn(by_id["muslim:196"].text_plain)
+
+
+def test_theme_lexicon_finds_the_verses_about_it(full_ingest):
+    root, _ = full_ingest
+    corpus = Corpus(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    themes = {t.id: t for t in load_themes()[1]}
+    patience = theme_candidates(corpus, themes["patience"], "quran", limit=25, min_hits=1)
+    assert {"quran:2:153", "quran:2:45", "quran:2:155", "quran:3:200"} <= set(patience)
+    usury = theme_candidates(corpus, themes["usury"], "quran", limit=25, min_hits=1)
+    assert {"quran:2:275", "quran:2:276", "quran:2:278"} <= set(usury)
+    fasting = theme_candidates(corpus, themes["fasting"], "quran", limit=25, min_hits=1)
+    assert "quran:2:183" in fasting
+
+
+@pytest.fixture
+def small_root(local_root):
+    run_step(local_root, "ingest", IngestConfig(limit=300))
+    return local_root
+
+
+def test_offline_queries_are_checked_and_deterministic(small_root):
+    cfg = GenerateQueriesConfig(pilot=60)
+    manifest, _ = run_step(small_root, "generate-queries", cfg)
+    folder = small_root.child("generate-queries")
+    first = folder.read_bytes("queries.jsonl")
+    rows = list(read_records(folder, "queries.jsonl", Query))
+    assert len({q.positive_ids[0] for q in rows}) == manifest.counts["passages"] == 60
+    by_id = {p.id: p for p in read_records(small_root.child("ingest"), "passages.jsonl", Passage)}
+    for row in rows:
+        passage = by_id[row.positive_ids[0]]
+        assert row.language == ("ar" if any("\u0600" <= c <= "\u06ff" for c in row.query) else "en")
+        assert row.language == "ar" or passage.translation_en  # English only where a translation exists
+        texts = [passage.text] if row.language == "ar" else [passage.translation_en]
+        assert QueryValidator().reason(row, texts) is None
+    assert manifest.counts["language"]["en"] > 0 and manifest.counts["language"]["ar"] > manifest.counts["language"]["en"]
+    assert sum(manifest.counts["type"].values()) == len(rows) and set(manifest.counts["type"]) == {"question", "keyword"}
+    run_step(small_root, "generate-queries", cfg, force=True)
+    assert folder.read_bytes("queries.jsonl") == first
+
+
+def test_offline_conceptual_queries_hold_all_their_positives(small_root):
+    manifest, _ = run_step(small_root, "generate-conceptual", GenerateConceptualConfig(max_positives=10))
+    rows = list(read_records(small_root.child("generate-conceptual"), "queries.jsonl", Query))
+    assert rows and manifest.counts["themes"] == 28
+    assert {r.type for r in rows} == {"conceptual"}
+    for r in rows:
+        assert 1 <= len(r.positive_ids) <= 20
+        if r.source == "quran":
+            assert all(p.startswith("quran:") for p in r.positive_ids)
+        elif r.source == "hadith":
+            assert not any(p.startswith("quran:") for p in r.positive_ids)
+        else:
+            assert any(p.startswith("quran:") for p in r.positive_ids) and not all(
+                p.startswith("quran:") for p in r.positive_ids)
+    verses = {r.query: r for r in rows}
+    assert "آيات عن الصبر" in verses and "verses about patience" in verses
+
+
+def test_demo_pipeline_meets_the_arabic_and_conceptual_targets(full_run):
+    """`make demo` (offline): >= 50% Arabic, >= 20% conceptual, over Quran and Hadith, gated by analyze."""
+    root, ran = full_run
+    assert ran == ["ingest", "generate-queries", "generate-conceptual", "analyze"]
+    report = json.loads(root.child("analyze").read_bytes("report.json"))
+    shares = {t["name"]: t["share"] for t in report["targets"]}
+    assert shares["arabic"] >= 0.50 and shares["conceptual"] >= 0.20 and shares["quran"] >= 0.25
+    assert report["counts"]["source"]["hadith"] > 0 and report["ok"]
