@@ -65,6 +65,10 @@ def answer_for(prompt: str) -> str:
     return json.dumps({"queries": queries}, ensure_ascii=False)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 refuses connections at concurrency 32
+
+
 class ChatServer:
     def __init__(self, script: dict[str, list[str]] | None = None, *, delay: float = 0.0, report_cost: bool = False):
         self.script = {k: list(v) for k, v in (script or {}).items()}
@@ -76,6 +80,7 @@ class ChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args):  # quiet
                 pass
@@ -108,7 +113,7 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (its timeout): nothing to answer
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
