@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_io.py
+	$(BIN)/python benchmarks/bench_generation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
