@@ -138,7 +138,7 @@ def _fmt_counts(counts: dict[str, Any]) -> str:
     """{'passages': 21176, 'by_source': {'quran': 6236}} -> 'passages 21,176 · by_source: quran 6,236'."""
     def fmt(v: Any) -> str:
         if isinstance(v, dict):
-            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items())
+            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items()) or "none"
         return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
     return " · ".join(f"{k}: {fmt(v)}" if isinstance(v, dict) else f"{k} {fmt(v)}" for k, v in counts.items())
@@ -184,6 +184,10 @@ def run(
     ran = run_pipeline(store, configs, force=set(force), until=until)
     for name, did_run in ran:
         _print_manifest(read_manifest(store.child(name)), did_run)
+    if "analyze" in dict(ran):
+        from m3tune.analysis.analyze import render_report
+
+        Console().print(render_report(json.loads(store.child("analyze").read_bytes("report.json"))))
     Console().print(f"\nrun root: [bold]{store.uri}[/bold]")
 
 
