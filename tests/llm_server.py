@@ -10,7 +10,13 @@ action scripted for its item (the passage id or theme the prompt names):
     malformed   an answer that is not JSON
     empty       an empty answer
     refusal     a refusal (message.refusal set, no content)
-    401         HTTP 401, as for a bad key
+    sorry       a refusal written as plain text
+    short       valid JSON with fewer queries than asked
+    length      an answer cut short (finish_reason "length")
+    html        HTTP 200 with an HTML error page
+    badretry    HTTP 429 with an unreadable Retry-After
+    invented    (themes) relevant_ids with an id that was not offered, and a scope with no positives
+    400 401 402 HTTP 400 (bad request), 401 (bad key), 402 (no credits)
 
 Items with no script get `ok`, after `delay` seconds if one is set.
 """
@@ -43,7 +49,7 @@ def english_word(seed: str, n: int = 6) -> str:
     return "".join("abcdefghijklmnopqrstuvwxyz"[b % 26] for b in h[:n])
 
 
-def answer_for(prompt: str) -> str:
+def answer_for(prompt: str, invent: bool = False) -> str:
     """A valid answer to a queries-v1 or conceptual-v1 prompt: unique, non-copying queries."""
     item = _ITEM.search(prompt)
     key = (item.group(1) or item.group(2)) if item else "item"
@@ -56,7 +62,14 @@ def answer_for(prompt: str) -> str:
                    for i in range(n_ar)]
         queries += [{"query": f"verses about topic {english_word(key + str(i))}", "language": "en",
                      "scope": scopes[i % len(scopes)]} for i in range(n_en)]
-        return json.dumps({"relevant_ids": ids[: max(1, len(ids) // 2)], "queries": queries}, ensure_ascii=False)
+        by_source: dict[str, list[str]] = {}
+        for i in ids:
+            by_source.setdefault("quran" if i.startswith("quran:") else "hadith", []).append(i)
+        relevant = [i for group in by_source.values() for i in group[: max(1, len(group) // 2)]]  # some of each
+        if invent:
+            relevant = [i for i in relevant if i.startswith("quran:")] + ["quran:999:1"]
+            queries.append({"query": "أحاديث عن موضوع غائب", "language": "ar", "scope": "hadith"})
+        return json.dumps({"relevant_ids": relevant, "queries": queries}, ensure_ascii=False)
     types = ["question", "keyword"]
     queries = [{"query": f"ما معنى {arabic_word(key + str(i))} في النص", "language": "ar", "type": types[i % 2]}
                for i in range(n_ar)]
@@ -145,9 +158,19 @@ class ChatServer:
                                  "message": {"role": "assistant", "content": content, "refusal": refusal}}],
                     "usage": usage}
 
-        if action == "429":
+        if action in ("429", "badretry"):
             return handler._json(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
-                                 [("retry-after", str(RETRY_AFTER))])
+                                 [("retry-after", str(RETRY_AFTER) if action == "429" else "soon")])
+        if action in ("400", "402"):
+            return handler._json(int(action), {"error": {"message": f"error {action}"}})
+        if action == "html":
+            data = b"<html><body>502 Bad Gateway</body></html>"
+            handler.send_response(200)
+            handler.send_header("content-type", "text/html")
+            handler.send_header("content-length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+            return
         if action == "500":
             return handler._json(500, {"error": {"message": "upstream error"}})
         if action == "401":
@@ -162,4 +185,12 @@ class ChatServer:
             return handler._json(200, completion(""))
         if action == "refusal":
             return handler._json(200, completion(None, refusal="I can't help with that."))
-        return handler._json(200, completion(answer_for(prompt)))
+        if action == "sorry":
+            return handler._json(200, completion("I'm sorry, but I can't help with that request."))
+        if action == "short":
+            return handler._json(200, completion('{"queries": [{"query": "ما معنى هذا", "language": "ar", "type": "question"}]}'))
+        if action == "length":
+            body_ = completion('{"queries": [{"query": "ما مع')
+            body_["choices"][0]["finish_reason"] = "length"
+            return handler._json(200, body_)
+        return handler._json(200, completion(answer_for(prompt, invent=action == "invented")))

@@ -45,7 +45,7 @@ def test_theme_lexicon_finds_the_verses_about_it(full_ingest):
     root, _ = full_ingest
     corpus = Corpus(read_records(root.child("ingest"), "passages.jsonl", Passage))
     themes = {t.id: t for t in load_themes()[1]}
-    patience = theme_candidates(corpus, themes["patience"], "quran", limit=25, min_hits=1)
+    patience = theme_candidates(corpus, themes["patience"], "quran", limit=50, min_hits=1)
     assert {"quran:2:153", "quran:2:45", "quran:2:155", "quran:3:200"} <= set(patience)
     usury = theme_candidates(corpus, themes["usury"], "quran", limit=25, min_hits=1)
     assert {"quran:2:275", "quran:2:276", "quran:2:278"} <= set(usury)

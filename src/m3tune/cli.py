@@ -59,7 +59,7 @@ def _setup(verbose: bool, s3_endpoint: str | None) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False,
                                               rich_tracebacks=verbose)], force=True)
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "httpcore", "httpcore2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _state["verbose"] = verbose
 
@@ -147,7 +147,7 @@ def _fmt_counts(counts: dict[str, Any]) -> str:
 def _print_manifest(manifest, ran: bool) -> None:
     from rich.console import Console
 
-    verb = "ran" if ran else "skipped (done)"
+    verb = ("ran" if manifest.complete else "ran, INCOMPLETE") if ran else "skipped (done)"
     console = Console()
     console.print(f"[bold]{manifest.step}[/bold] {verb}: {_fmt_counts(manifest.counts)}", highlight=False)
     for name, info in manifest.outputs.items():

@@ -77,6 +77,8 @@ def _check(root: Store, step: Step, config: BaseModel) -> tuple[StepStatus, dict
             return StepStatus(step.name, "stale", f"manifest unreadable: {unreadable}", None), inputs
         reason = "started but not finished (no manifest)" if folder.list() else "not run"
         return StepStatus(step.name, "missing", reason, None), inputs
+    if not manifest.complete:
+        return StepStatus(step.name, "stale", f"incomplete: {manifest.incomplete_reason}", manifest), inputs
     if manifest.config_digest != config_digest(config):
         return StepStatus(step.name, "stale", "config changed", manifest), inputs
     if inputs is None:
@@ -146,9 +148,14 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
         started_at=started.isoformat(timespec="seconds"),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(seconds, 3),
+        complete=not result.get("incomplete"),
+        incomplete_reason=result.get("incomplete"),
     )
     write_manifest(folder, manifest)
     log.info("%s: finished in %.1fs -> %s", name, seconds, folder.uri_of(MANIFEST))
+    if not manifest.complete:
+        log.warning("%s: incomplete (%s); its outputs are published, and a rerun does the rest", name,
+                    manifest.incomplete_reason)
     return manifest, True
 
 

@@ -39,6 +39,8 @@ class Manifest(BaseModel):
     started_at: str
     finished_at: str
     seconds: float
+    complete: bool = Field(default=True, description="false: outputs published, but a rerun has work left")
+    incomplete_reason: str | None = None
 
 
 def config_digest(config: BaseModel) -> str:

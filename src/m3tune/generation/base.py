@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.context import StepContext
-from m3tune.generation.llm import LLMSettings, RunStats
+from m3tune.generation.llm import LLMSettings
 from m3tune.generation.validate import QueryValidator
 from m3tune.jsonl import read_records
 from m3tune.records import Passage, Query
@@ -38,30 +38,60 @@ def seeded_order(ids: list[str], seed: int) -> list[str]:
     return sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
 
 
-def validator(min_chars: int, max_words: int, max_copy_words: int) -> QueryValidator:
-    return QueryValidator(min_chars=min_chars, max_words=max_words, max_copy_words=max_copy_words)
+def twins(passages: list[Passage]) -> dict[str, list[str]]:
+    """For each passage, every passage with the same normalized text (itself first).
+
+    Hadith collections repeat reports word for word; a query about one copy is
+    answered by all of them, so all are its positives: none may later serve as
+    its negative.
+    """
+    groups: dict[str, list[str]] = {}
+    for p in passages:
+        groups.setdefault(p.text_plain, []).append(p.id)
+    return {pid: [pid] + [o for o in group if o != pid] for group in groups.values() for pid in group}
 
 
-def publish(ctx: StepContext, queries: list[Query], rejects: list[dict[str, Any]], *,
-            checks: QueryValidator, stats: RunStats | None, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write queries.jsonl and rejects.jsonl; return the manifest's counts and metrics."""
+def check_and_publish(ctx: StepContext, generated: list[tuple[Query, list[str]]], *, min_chars: int, max_words: int,
+                      max_copy_words: int, outcome=None, extra_rejects: list[dict[str, Any]] = (),
+                      extra: dict[str, Any]) -> tuple[dict[str, Any], list[Query]]:
+    """Check every (query, texts it must not copy), write queries.jsonl and rejects.jsonl.
+
+    Returns (the step's result for the manifest, the queries kept).
+
+    OUTCOME is the LLM backend's (None offline): its rejects are listed and an
+    unfinished run is reported incomplete, so a rerun asks for the rest.
+    """
+    checks = QueryValidator(min_chars=min_chars, max_words=max_words, max_copy_words=max_copy_words)
+    rejects: list[dict[str, Any]] = [{"kind": "item", **r} for r in (outcome.rejects if outcome else [])]
+    rejects += extra_rejects
+    kept = []
+    for query, texts in generated:
+        why = checks.reason(query, texts)
+        if why is None:
+            kept.append(query)
+        else:
+            checks.rejected[why] += 1
+            rejects.append({"kind": "query", "key": query.id, "reason": why, "query": query.query})
     with ctx.write_jsonl("queries.jsonl") as out:
-        out.write_all(queries)
+        out.write_all(kept)
     with ctx.write_jsonl("rejects.jsonl") as out:
         out.write_all(rejects)
     counts: dict[str, Any] = {
-        "queries": len(queries),
-        "language": dict(Counter(q.language for q in queries)),
-        "type": dict(Counter(q.type for q in queries)),
-        "source": dict(Counter(q.source for q in queries)),
+        "queries": len(kept),
+        "language": dict(Counter(q.language for q in kept)),
+        "type": dict(Counter(q.type for q in kept)),
+        "source": dict(Counter(q.source for q in kept)),
         "rejected_queries": dict(checks.rejected),
         **extra,
     }
-    metrics: dict[str, Any] = {}
-    if stats is not None:
+    result: dict[str, Any] = {"counts": counts, "metrics": {}}
+    if outcome is not None:
+        stats = outcome.stats
         counts["llm"] = stats.as_dict()
-        metrics = {"cost_usd": counts["llm"]["cost_usd"], "requests": stats.requests,
-                   "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens}
-    ctx.log.info("%s queries (%s); rejected: %s", f"{len(queries):,}",
-                 ", ".join(f"{k} {v}" for k, v in counts["language"].items()), dict(checks.rejected) or "none")
-    return {"counts": counts, "metrics": metrics}
+        result["metrics"] = {"cost_usd": counts["llm"]["cost_usd"], "requests": stats.requests,
+                             "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens}
+        result["incomplete"] = stats.incomplete
+    ctx.log.info("%s queries (%s); rejected: %s", f"{len(kept):,}",
+                 ", ".join(f"{k} {v}" for k, v in counts["language"].items()) or "none",
+                 dict(checks.rejected) or "none")
+    return result, kept

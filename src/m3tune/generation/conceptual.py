@@ -11,12 +11,13 @@ no later step may use one of them as a negative for that query.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.context import StepContext
-from m3tune.generation.base import GenerationConfig, load_passages, publish, validator
+from m3tune.generation.base import GenerationConfig, check_and_publish, load_passages, twins
 from m3tune.records import Generator, Query
 from m3tune.storage import absolute_uri
 
@@ -24,7 +25,8 @@ from m3tune.storage import absolute_uri
 class GenerateConceptualConfig(GenerationConfig):
     themes_file: str | None = Field(default=None, description="YAML theme list (default: the packaged one)")
     sources: list[Literal["quran", "hadith"]] = Field(default=["quran", "hadith"], description="passages to use")
-    max_positives: int = Field(default=25, ge=1, description="passages assigned to a theme, per source")
+    max_positives: int = Field(default=50, ge=1, description="passages assigned to a theme, per source (best "
+                               "lexicon matches first), plus their word-for-word twins")
     min_hits_quran: int = Field(default=1, ge=1, description="lexicon hits that make a verse a candidate")
     min_hits_hadith: int = Field(default=2, ge=1, description="lexicon hits that make a hadith a candidate")
     queries_per_theme: int = Field(default=12, ge=1, le=40, description="queries asked of the LLM per theme")
@@ -75,17 +77,22 @@ def prepare(passages, *, themes_file: str | None, sources: list[str], max_positi
 def theme_items(themes, candidates: dict[str, dict[str, list[str]]], passage_of, template, *, sources: list[str],
                 queries_per_theme: int, arabic_share: float) -> list:
     """One LLM work item per theme that has candidate passages."""
-    from m3tune.generation.llm import WorkItem
+    from m3tune.generation.llm import WorkItem, parse_json_answer
 
     n_ar = round(queries_per_theme * arabic_share)
+    parse = parse_json_answer(ConceptualAnswer)
     items = []
     for t in themes:
         pool = [pid for s in sources for pid in candidates[t.id][s]]
         if pool:
             items.append(WorkItem(f"theme:{t.id}", template.messages(
                 theme_ar=t.ar[0], theme_en=t.en[0], n_ar=n_ar, n_en=queries_per_theme - n_ar,
-                candidates=_candidate_lines(pool, passage_of))))
+                candidates=_candidate_lines(pool, passage_of)), parse))
     return items
+
+
+def _scopes(quran: list[str], hadith: list[str]) -> dict[str, list[str]]:
+    return {"quran": quran, "hadith": hadith, "mixed": quran + hadith if quran and hadith else []}
 
 
 def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], themes_file: str | None,
@@ -94,66 +101,63 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
                         max_words: int, max_copy_words: int) -> dict[str, Any]:
     from m3tune.generation.offline import theme_queries
 
-    corpus, version, themes, candidates = prepare(load_passages(ctx), themes_file=themes_file, sources=sources,
+    passages = load_passages(ctx)
+    corpus, version, themes, candidates = prepare(passages, themes_file=themes_file, sources=sources,
                                                   max_positives=max_positives, min_hits_quran=min_hits_quran,
                                                   min_hits_hadith=min_hits_hadith)
+    same_text = twins(passages)
+
+    def with_twins(ids: list[str]) -> list[str]:
+        return list(dict.fromkeys(t for pid in ids for t in same_text[pid]))
+
     ctx.log.info("%d themes (%s); backend %s", len(themes), version, backend)
-    passage_of = {d.passage.id: d.passage for d in corpus.docs}
-    rejects: list[dict[str, Any]] = []
-    stats = None
+    outcome = None
     generated: list[Query] = []
+    dropped: list[dict[str, Any]] = []
     if backend == "offline":
         for t in themes:
-            generated += theme_queries(t, candidates[t.id])
+            assigned = {s: with_twins(candidates[t.id][s]) for s in sources}
+            generated += theme_queries(t, assigned)
     else:
-        from m3tune.generation.llm import Journal, LLMSettings, parse_json_answer, run_items
+        from m3tune.generation.llm import LLMSettings, run_items
         from m3tune.generation.prompts import load_prompt
 
         settings = LLMSettings.model_validate(llm)
         template = load_prompt(prompt)
-        journal = Journal(ctx.out, f"{template.version}+{version}", settings.model)
+        passage_of = {d.passage.id: d.passage for d in corpus.docs}
         items = theme_items(themes, candidates, passage_of, template, sources=sources,
                             queries_per_theme=queries_per_theme, arabic_share=arabic_share)
-        stats, item_rejects = run_items(items, settings, parse_json_answer(ConceptualAnswer), journal)
-        journal.compact()
-        rejects += [{"kind": "theme", **r} for r in item_rejects]
-        generator = Generator(backend="openai", model=settings.model, prompt_version=journal.prompt_version)
+        outcome = run_items(items, settings, ctx.out)
+        generator = Generator(backend="openai", model=settings.model, prompt_version=f"{template.version}+{version}")
         for t in themes:
-            entry = journal.entries.get(f"theme:{t.id}")
-            if entry is None or entry.status != "accepted":
+            answer = outcome.answers.get(f"theme:{t.id}")
+            if answer is None:
                 continue
-            answer = ConceptualAnswer.model_validate(entry.answer)
-            offered = {s: set(candidates[t.id][s]) for s in sources}
+            answer = ConceptualAnswer.model_validate(answer)
+            chosen = set(answer.relevant_ids)
             # Only ids that were offered count: an invented id is dropped, not trusted.
-            relevant = {s: [pid for pid in candidates[t.id][s] if pid in set(answer.relevant_ids)] for s in sources}
-            unknown = set(answer.relevant_ids) - set().union(*offered.values())
-            if unknown:
-                rejects.append({"kind": "theme", "key": f"theme:{t.id}", "reason": "unknown_relevant_ids",
-                                "ids": sorted(unknown)})
-            scopes = {"quran": relevant.get("quran", []), "hadith": relevant.get("hadith", []),
-                      "mixed": relevant.get("quran", []) + relevant.get("hadith", [])}
+            offered = {pid for s in sources for pid in candidates[t.id].get(s, [])}
+            if chosen - offered:
+                dropped.append({"kind": "item", "key": f"theme:{t.id}", "reason": "unknown_relevant_ids",
+                                "ids": sorted(chosen - offered)})
+            relevant = {s: with_twins([p for p in candidates[t.id].get(s, []) if p in chosen]) for s in ("quran", "hadith")}
+            scopes = _scopes(relevant["quran"], relevant["hadith"])
             for n, q in enumerate(answer.queries):
                 if not scopes[q.scope]:
-                    rejects.append({"kind": "query", "key": f"theme:{t.id}", "reason": "no_positives_in_scope",
-                                    "query": q.query})
+                    dropped.append({"kind": "query", "key": f"theme:{t.id}", "reason": "no_positives_in_scope",
+                                    "query": q.query, "scope": q.scope})
                     continue
                 generated.append(Query(id=f"theme:{t.id}/{q.scope}/{q.language}-{n}", query=q.query.strip(),
                                        language=q.language, type="conceptual", positive_ids=scopes[q.scope],
                                        source=q.scope, generator=generator))
 
-    checks = validator(min_chars, max_words, max_copy_words)
-    kept = []
-    for q in generated:
-        why = checks.reason(q)  # many passages: the copy check does not apply to a theme
-        if why is None:
-            kept.append(q)
-        else:
-            checks.rejected[why] += 1
-            rejects.append({"kind": "query", "key": q.id, "reason": why, "query": q.query})
-    themes_used = len({q.id.split("/")[0] for q in kept})
-    return publish(ctx, kept, rejects, checks=checks, stats=stats,
-                   extra={"themes": len(themes), "themes_with_queries": themes_used,
-                          "positives_per_query": round(sum(len(q.positive_ids) for q in kept) / max(1, len(kept)), 2)})
+    result, kept = check_and_publish(ctx, [(q, []) for q in generated], min_chars=min_chars, max_words=max_words,
+                               max_copy_words=max_copy_words, outcome=outcome, extra_rejects=dropped,
+                               extra={"themes": len(themes)})  # no copy check: a theme has many passages
+    result["counts"]["themes_with_queries"] = len({q.id.split("/")[0] for q in kept})
+    result["counts"]["positives_per_query"] = round(sum(len(q.positive_ids) for q in kept) / max(1, len(kept)), 2)
+    result["counts"]["dropped"] = dict(Counter(d["reason"] for d in dropped))
+    return result
 
 
 def generate_conceptual_inputs(config: GenerateConceptualConfig) -> dict[str, str]:

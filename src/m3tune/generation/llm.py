@@ -1,24 +1,32 @@
 """The LLM backend: any OpenAI-compatible chat-completions endpoint, through the `openai` package.
 
-One `run_items` call sends one request per work item (a passage, or a theme
-with its candidate passages) with bounded concurrency, and returns what
-each item came to. What a user pays for is never lost nor paid twice:
+`run_items` sends one request per work item (a passage, or a theme with its
+candidate passages) with bounded concurrency and returns what each came to.
+What a user pays for is neither lost nor paid for twice:
 
-- Retries: 429, 5xx, timeouts and connection errors are retried with
-  exponential backoff and full jitter, honouring `Retry-After`, at most
-  `max_retries` times; then the item is rejected as `retries_exhausted`
-  (transient: a rerun tries it again).
-- Structured output: the answer must be one JSON object that the caller's
-  pydantic model accepts. A malformed answer is re-asked once, with the
-  validation error; a second malformed answer, an empty answer or a refusal
-  rejects the item (permanent: a rerun does not pay for it again).
-- Journal: accepted answers and permanent rejections are appended to the
-  step's journal every `flush_every` items, each batch one new file published
-  atomically (so it works on S3 too). A killed or retried run reads the
-  journal first and only calls for what is not in it.
-- Budget: requests and cost (the API's `usage`, or `price_in`/`price_out`
-  per million tokens) are counted; past `max_requests` or `max_cost` no new
-  request starts, the run finishes cleanly, and the rest is left pending.
+- Retries: 429, 408/409/425, 5xx, timeouts, connection errors and broken
+  responses (not JSON, no choices) are retried with exponential backoff and
+  full jitter, honouring `Retry-After`, at most `max_retries` times; then the
+  item is rejected as `retries_exhausted` and left for a later run.
+- Fatal: a refused key (401/403), no credits (402) or an unknown model (404)
+  stops the run at once; nothing more would succeed.
+- Structured output: the answer must be one JSON object that the item's
+  parser accepts (pydantic, plus the counts asked for). A malformed or empty
+  answer is re-asked once with the error; a second one, or a refusal, is a
+  final answer: journaled as rejected, not asked again. An answer cut at
+  `max_tokens` or another 4xx is rejected but not journaled (raise the limit,
+  fix the request, rerun).
+- Journal: final answers are written to the step's journal as they arrive
+  (every `flush_every` answers, default 1), each batch one new file published
+  atomically (so it works on S3), keyed by a digest of the exact request
+  (messages, model, temperature, max_tokens, response format). A killed or
+  retried run reads the journal first and asks only for what it lacks.
+- Budget: requests and cost (the API's `usage.cost`, or `price_in` /
+  `price_out` per million tokens) are counted. Past `max_requests`, or when
+  the cost so far plus what the requests in flight will cost would pass
+  `max_cost`, no new request starts; the run ends cleanly and what is left
+  stays pending. A run that leaves anything pending or failed is reported
+  incomplete, so `m3tune status` shows it stale and a rerun finishes it.
 
 The API key comes from the environment (`OPENROUTER_API_KEY`, then
 `OPENAI_API_KEY`, or the variable `api_key_env` names); it is never logged
@@ -29,10 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -42,7 +52,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from m3tune.errors import UserError
+from m3tune.errors import ConfigError, UserError
 from m3tune.jsonl import read_jsonl, write_jsonl
 from m3tune.storage import Store
 
@@ -50,10 +60,14 @@ log = logging.getLogger("m3tune.llm")
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 JOURNAL_DIR = "journal"
+RETRYABLE_STATUS = {408, 409, 425, 429}
+# Refusals some models write as plain text instead of using message.refusal.
+_REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:'|no)t|i won'?t|i am unable|i'm unable|"
+                      r"as an ai|لا أستطيع|عذرا|عذراً|آسف)", re.I)
 
 
 class LLMError(UserError):
-    """The endpoint cannot be used at all (no key, bad key, bad settings): the run stops."""
+    """The endpoint cannot be used at all (no key, bad key, no credits, bad settings): the run stops."""
 
 
 class LLMSettings(BaseModel):
@@ -66,24 +80,36 @@ class LLMSettings(BaseModel):
     api_key_env: str | None = Field(default=None, description="environment variable holding the key "
                                     "(default: OPENROUTER_API_KEY, then OPENAI_API_KEY)")
     concurrency: int = Field(default=8, ge=1, le=512, description="requests in flight at once")
-    timeout: float = Field(default=60.0, gt=0, description="seconds per request")
+    timeout: float = Field(default=120.0, gt=0, description="seconds per request")
     max_retries: int = Field(default=5, ge=0, le=20, description="retries of a transient failure per item")
     backoff: float = Field(default=1.0, gt=0, description="first retry delay in seconds (doubles each retry)")
     max_backoff: float = Field(default=60.0, gt=0, description="longest wait, Retry-After included")
     max_requests: int | None = Field(default=None, ge=1, description="stop starting requests after this many")
-    max_cost: float | None = Field(default=None, gt=0, description="stop starting requests past this cost (USD)")
+    max_cost: float | None = Field(default=None, gt=0, description="stop starting requests before this cost (USD) "
+                                   "would be passed")
     price_in: float | None = Field(default=None, ge=0, description="USD per million prompt tokens, if the API reports no cost")
     price_out: float | None = Field(default=None, ge=0, description="USD per million completion tokens")
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    max_tokens: int = Field(default=1024, ge=16)
-    json_mode: bool = Field(default=True, description="send response_format=json_object")
-    flush_every: int = Field(default=32, ge=1, description="journal batch size")
+    reports_cost: bool | None = Field(default=None, description="the endpoint reports each request's cost "
+                                      "(usage.cost); default: yes for OpenRouter")
+    temperature: float = Field(default=0.7, ge=0, le=2, description="sampling temperature")
+    max_tokens: int = Field(default=4096, ge=16, description="longest answer, in tokens (thinking models need room)")
+    json_mode: bool = Field(default=True, description="send response_format=json_object (turn off for endpoints "
+                            "that reject it)")
+    flush_every: int = Field(default=1, ge=1, description="answers per journal batch: 1 never pays twice after a "
+                             "kill; more means fewer files")
 
 
 @dataclass
 class WorkItem:
-    key: str  # what the journal is keyed by, with the prompt version and model: a passage id, a theme
+    key: str  # readable: a passage id, a theme
     messages: list[dict[str, str]]
+    parse: Callable[[str], BaseModel]  # the answer's validator: raises ValueError / ValidationError
+
+    def digest(self, s: LLMSettings) -> str:
+        """What the journal is keyed by: the exact request, so changing anything that shapes it asks again."""
+        request = {"messages": self.messages, "model": s.model, "temperature": s.temperature,
+                   "max_tokens": s.max_tokens, "json_mode": s.json_mode}
+        return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass
@@ -98,21 +124,33 @@ class RunStats:
     rejected: Counter[str] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
     pending: int = 0
+    unfinished: int = 0  # rejected now but worth asking again: retries exhausted, truncated, 4xx
     stopped: str | None = None
     seconds: float = 0.0
+
+    @property
+    def incomplete(self) -> str | None:
+        """Why a rerun has work left, or None."""
+        parts = []
+        if self.pending:
+            parts.append(f"{self.pending} not asked ({self.stopped})")
+        if self.unfinished:
+            parts.append(f"{self.unfinished} failed for now (see rejects.jsonl)")
+        return "; ".join(parts) or None
 
     def as_dict(self) -> dict[str, Any]:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "cost_usd": round(self.cost, 6) if self.cost_known else None,
                 "accepted": self.accepted, "from_journal": self.from_journal, "rejected": dict(self.rejected),
-                "retries": dict(self.retries), "pending": self.pending, "stopped": self.stopped,
+                "retries": dict(self.retries), "pending": self.pending, "unfinished": self.unfinished,
+                "stopped": self.stopped,
                 "requests_per_second": round(self.requests / self.seconds, 2) if self.seconds else None}
 
 
 class JournalEntry(BaseModel):
     key: str
-    prompt_version: str
+    request: str  # WorkItem.digest
     model: str
     status: str  # "accepted" or "rejected"
     reason: str | None = None
@@ -120,52 +158,54 @@ class JournalEntry(BaseModel):
 
 
 class Journal:
-    """Append-only record of paid-for answers, as batch files under STORE/journal/."""
+    """Append-only record of final answers, as batch files under STORE/journal/, keyed by request digest."""
 
-    def __init__(self, store: Store, prompt_version: str, model: str):
+    def __init__(self, store: Store):
         self.store = store.child(JOURNAL_DIR)
-        self.prompt_version, self.model = prompt_version, model
         self.entries: dict[str, JournalEntry] = {}
         self._buffer: list[JournalEntry] = []
 
+    def _names(self) -> list[str]:
+        return [n for n in self.store.list() if n.endswith(".jsonl") and "/" not in n and not n.startswith(".")]
+
     def load(self) -> dict[str, JournalEntry]:
-        """Entries of earlier runs for this prompt version and model (others are kept, not used)."""
-        for name in self.store.list():
-            if not name.endswith(".jsonl") or "/" in name:
-                continue
+        for name in self._names():
             with self.store.open_read(name) as f:
                 for e in read_jsonl(f, JournalEntry, name=self.store.uri_of(name)):
-                    if e.prompt_version == self.prompt_version and e.model == self.model:
-                        self.entries.setdefault(e.key, e)
+                    self.entries.setdefault(e.request, e)
         return self.entries
 
-    def add(self, entry: JournalEntry, flush_every: int) -> None:
-        self.entries[entry.key] = entry
+    def add(self, entry: JournalEntry, flush_every: int) -> list[JournalEntry] | None:
+        """Record ENTRY; return a batch to write when FLUSH_EVERY entries are waiting."""
+        self.entries[entry.request] = entry
         self._buffer.append(entry)
         if len(self._buffer) >= flush_every:
-            self.flush()
+            batch, self._buffer = self._buffer, []
+            return batch
+        return None
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
+    def write(self, batch: list[JournalEntry]) -> None:
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
         with write_jsonl(self.store, name) as w:
-            w.write_all(self._buffer)
-        self._buffer = []
+            w.write_all(batch)
+
+    def flush(self) -> None:
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self.write(batch)
 
     def compact(self) -> None:
         """Fold all batch files into one (written before the others are deleted: a kill in between only duplicates)."""
         self.flush()
-        names = [n for n in self.store.list() if n.endswith(".jsonl") and "/" not in n]
+        names = self._names()
         if len(names) <= 1:
             return
-        keep: dict[tuple[str, str, str], JournalEntry] = {}
+        keep: dict[str, JournalEntry] = {}
         for name in names:
             with self.store.open_read(name) as f:
                 for e in read_jsonl(f, JournalEntry, name=self.store.uri_of(name)):
-                    keep.setdefault((e.key, e.prompt_version, e.model), e)
-        compacted = f"part-{time.time_ns():020d}-compacted.jsonl"
-        with write_jsonl(self.store, compacted) as w:
+                    keep.setdefault(e.request, e)
+        with write_jsonl(self.store, f"part-{time.time_ns():020d}-compacted.jsonl") as w:
             w.write_all(keep.values())
         for name in names:
             self.store.delete(name)
@@ -180,164 +220,40 @@ def api_key(settings: LLMSettings) -> str:
 
 
 def _retry_after(response) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), if any."""
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
     value = response.headers.get("retry-after") if response is not None else None
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
-def _usage_cost(usage, settings: LLMSettings) -> float | None:
+def _reported_cost(usage) -> float | None:
     reported = getattr(usage, "cost", None)
     if reported is None and getattr(usage, "model_extra", None):
         reported = usage.model_extra.get("cost")
-    if reported is not None:
-        return float(reported)
-    if settings.price_in is not None and settings.price_out is not None:
-        return (usage.prompt_tokens * settings.price_in + usage.completion_tokens * settings.price_out) / 1e6
-    return None
+    return float(reported) if reported is not None else None
 
 
-class _Runner:
-    def __init__(self, settings: LLMSettings, parse: Callable[[str], BaseModel], journal: Journal,
-                 client=None):
-        try:
-            from openai import AsyncOpenAI
-        except ImportError:
-            raise LLMError("backend 'openai' needs the openai package: pip install 'm3tune[llm]'") from None
+class _Rejected(Exception):
+    """An item ends without an accepted answer. JOURNAL: final (never asked again) or worth a rerun."""
 
-        self.s, self.parse, self.journal = settings, parse, journal
-        self.client = client or AsyncOpenAI(base_url=settings.base_url, api_key=api_key(settings),
-                                            max_retries=0, timeout=settings.timeout)
-        from openai.types.chat import ChatCompletion
-
-        self._completion_type = ChatCompletion
-        self.stats = RunStats()
-        self.rejects: list[dict[str, Any]] = []
-        self._budget_lock = asyncio.Lock()
-        self._extra_body = {"usage": {"include": True}} if "openrouter.ai" in settings.base_url else None
-
-    async def _may_start(self) -> bool:
-        async with self._budget_lock:
-            s = self.s
-            if self.stats.stopped:
-                return False
-            if s.max_requests is not None and self.stats.requests >= s.max_requests:
-                self.stats.stopped = f"max_requests reached ({s.max_requests})"
-            elif s.max_cost is not None and self.stats.cost >= s.max_cost:
-                self.stats.stopped = f"max_cost reached (${self.stats.cost:.4f} of ${s.max_cost})"
-            if self.stats.stopped:
-                log.warning("stopping: %s; items not yet started stay pending for a later run", self.stats.stopped)
-                return False
-            self.stats.requests += 1
-            return True
-
-    async def _call(self, messages: list[dict[str, str]]):
-        """One successful response, or raise _Transient / _Permanent after the retry policy."""
-        import openai
-
-        attempt = 0
-        while True:
-            if not await self._may_start():
-                raise _Budget()
-            try:
-                body: dict[str, Any] = {"model": self.s.model, "messages": messages,
-                                        "temperature": self.s.temperature, "max_tokens": self.s.max_tokens,
-                                        **(self._extra_body or {})}
-                if self.s.json_mode:
-                    body["response_format"] = {"type": "json_object"}
-                # The client's own POST with a plain body: the same auth, errors and typed
-                # response as chat.completions.create, without its per-call recursive
-                # transform of the (already plain) parameters, which cost ~1 ms a request
-                # and capped throughput at high concurrency (benchmarks/bench_generation.py).
-                return await self.client.post("/chat/completions", body=body, cast_to=self._completion_type)
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                raise LLMError(f"{self.s.base_url} refused the API key ({e.status_code}); check the key") from None
-            except openai.NotFoundError as e:
-                raise LLMError(f"{self.s.base_url}: model {self.s.model!r} or endpoint not found ({e.status_code})") from None
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.APIConnectionError, openai.APIStatusError) as e:
-                status = getattr(e, "status_code", None)
-                if isinstance(e, openai.APIStatusError) and status is not None and status < 500 and status != 429:
-                    raise _Permanent(f"http_{status}", str(e)[:200]) from None
-                kind = ("timeout" if isinstance(e, openai.APITimeoutError) else
-                        "connection" if isinstance(e, openai.APIConnectionError) else f"http_{status}")
-                attempt += 1
-                if attempt > self.s.max_retries:
-                    raise _Transient(kind, f"gave up after {self.s.max_retries} retries: {kind}") from None
-                self.stats.retries[kind] += 1
-                wait = _retry_after(getattr(e, "response", None))
-                if wait is None:
-                    wait = random.uniform(0, self.s.backoff * 2 ** (attempt - 1))  # full jitter
-                await asyncio.sleep(min(wait, self.s.max_backoff))
-
-    def _count(self, response) -> None:
-        usage = getattr(response, "usage", None)
-        if usage is None:
-            self.stats.cost_known = self.stats.cost_known and self.s.max_cost is None
-            return
-        self.stats.prompt_tokens += usage.prompt_tokens or 0
-        self.stats.completion_tokens += usage.completion_tokens or 0
-        cost = _usage_cost(usage, self.s)
-        if cost is None:
-            self.stats.cost_known = False
-        else:
-            self.stats.cost += cost
-
-    async def item(self, item: WorkItem) -> None:
-        messages = list(item.messages)
-        try:
-            for asked in range(2):
-                response = await self._call(messages)
-                self._count(response)
-                choice = response.choices[0] if response.choices else None
-                message = choice.message if choice else None
-                if message is not None and (getattr(message, "refusal", None) or choice.finish_reason == "content_filter"):
-                    raise _Permanent("refusal", (getattr(message, "refusal", None) or "content_filter")[:200])
-                content = (message.content or "").strip() if message else ""
-                try:
-                    if not content:
-                        raise ValueError("empty answer")
-                    answer = self.parse(content)
-                except (ValueError, ValidationError) as e:
-                    if asked == 0:
-                        messages = messages + [
-                            {"role": "assistant", "content": content},
-                            {"role": "user", "content": f"That answer was not valid ({_short(e)}). Reply again with "
-                                                        "only the JSON object described above, nothing else."}]
-                        self.stats.retries["reask"] += 1
-                        continue
-                    raise _Permanent("empty_answer" if not content else "malformed", _short(e)) from None
-                self.stats.accepted += 1
-                self.journal.add(JournalEntry(key=item.key, prompt_version=self.journal.prompt_version,
-                                              model=self.journal.model, status="accepted",
-                                              answer=answer.model_dump(mode="json")), self.s.flush_every)
-                return
-        except _Transient as e:  # not journaled: a rerun tries the item again
-            self.stats.rejected["retries_exhausted"] += 1
-            self.rejects.append({"key": item.key, "reason": "retries_exhausted", "detail": e.detail, "permanent": False})
-        except _Permanent as e:  # journaled: a rerun does not pay for it again
-            self.stats.rejected[e.reason] += 1
-            self.rejects.append({"key": item.key, "reason": e.reason, "detail": e.detail, "permanent": True})
-            self.journal.add(JournalEntry(key=item.key, prompt_version=self.journal.prompt_version,
-                                          model=self.journal.model, status="rejected",
-                                          reason=f"{e.reason}: {e.detail}"), self.s.flush_every)
-        except _Budget:
-            self.stats.pending += 1
-
-
-class _Permanent(Exception):
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, *, journal: bool):
         super().__init__(reason)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.journal = reason, detail, journal
 
 
-class _Transient(_Permanent):
-    """Retries exhausted on 429/5xx/timeouts: worth trying again in a later run."""
+class _Retry(Exception):
+    def __init__(self, kind: str, response=None):
+        super().__init__(kind)
+        self.kind, self.response = kind, response
 
 
 class _Budget(Exception):
@@ -351,8 +267,175 @@ def _short(e: Exception) -> str:
     return str(e)[:200]
 
 
-def parse_json_answer(model: type[BaseModel]) -> Callable[[str], BaseModel]:
-    """A parser for answers that must be one JSON object of MODEL (a ```json fence is tolerated)."""
+class _Runner:
+    def __init__(self, settings: LLMSettings, journal: Journal):
+        try:
+            from openai import AsyncOpenAI
+            from openai.types.chat import ChatCompletion
+        except ImportError:
+            raise LLMError("backend 'openai' needs the openai package: pip install 'm3tune[llm]'") from None
+        self.s, self.journal = settings, journal
+        self._prices = settings.price_in is not None and settings.price_out is not None
+        openrouter = "openrouter.ai" in settings.base_url
+        reports_cost = settings.reports_cost if settings.reports_cost is not None else openrouter
+        if settings.max_cost is not None and not self._prices and not reports_cost:
+            raise ConfigError("max_cost needs price_in and price_out (USD per million tokens), or an endpoint "
+                              "that reports the cost of each request (OpenRouter)")
+        self.client = AsyncOpenAI(base_url=settings.base_url, api_key=api_key(settings), max_retries=0,
+                                  timeout=settings.timeout)
+        self._completion_type = ChatCompletion
+        self._extra_body = {"usage": {"include": True}} if openrouter else {}
+        self.stats = RunStats()
+        self.rejects: list[dict[str, Any]] = []
+        self._cond = asyncio.Condition()
+        self._in_flight = 0
+        self._costed = 0  # responses whose cost is known
+
+    # --- budget ------------------------------------------------------------------------------
+    async def _start(self) -> None:
+        """Reserve one request within the budget, or raise _Budget."""
+        s = self.s
+        async with self._cond:
+            # The cost of a request is unknown until one comes back: under a cost cap, one at a time till then.
+            while s.max_cost is not None and not self._costed and self._in_flight:
+                await self._cond.wait()
+            if not self.stats.stopped:
+                average = self.stats.cost / self._costed if self._costed else 0.0
+                if s.max_requests is not None and self.stats.requests >= s.max_requests:
+                    self.stats.stopped = f"max_requests reached ({s.max_requests})"
+                elif s.max_cost is not None and self.stats.cost + (self._in_flight + 1) * average > s.max_cost:
+                    self.stats.stopped = (f"max_cost: ${self.stats.cost:.4f} spent, the next request would pass "
+                                          f"${s.max_cost}")
+                if self.stats.stopped:
+                    log.warning("stopping: %s; what is not yet asked stays pending for a later run",
+                                self.stats.stopped)
+            if self.stats.stopped:
+                raise _Budget()
+            self.stats.requests += 1
+            self._in_flight += 1
+
+    def _count(self, response) -> None:
+        usage = getattr(response, "usage", None)
+        cost = None
+        if usage is not None:
+            self.stats.prompt_tokens += usage.prompt_tokens or 0
+            self.stats.completion_tokens += usage.completion_tokens or 0
+            cost = _reported_cost(usage)
+            if cost is None and self._prices:
+                cost = ((usage.prompt_tokens or 0) * self.s.price_in + (usage.completion_tokens or 0) * self.s.price_out) / 1e6
+        if cost is None:
+            self.stats.cost_known = False
+            if self.s.max_cost is not None:
+                raise LLMError("the endpoint reported no usage cost: give price_in and price_out to enforce max_cost")
+            return
+        self.stats.cost += cost
+        self._costed += 1
+
+    # --- one request, with retries -----------------------------------------------------------
+    async def _once(self, messages: list[dict[str, str]]):
+        import openai
+
+        body: dict[str, Any] = {"model": self.s.model, "messages": messages, "temperature": self.s.temperature,
+                                "max_tokens": self.s.max_tokens, **self._extra_body}
+        if self.s.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        await self._start()
+        try:
+            # The client's own POST with a plain body: the same auth, errors and typed
+            # response as chat.completions.create, without its per-call recursive
+            # transform of the (already plain) parameters, which cost ~1 ms a request
+            # and capped throughput at high concurrency (benchmarks/bench_generation.py).
+            response = await self.client.post("/chat/completions", body=body, cast_to=self._completion_type)
+            if isinstance(response, self._completion_type):
+                self._count(response)  # before the slot is released, so the budget sees this cost
+        except openai.APITimeoutError:
+            raise _Retry("timeout") from None
+        except openai.APIConnectionError:
+            raise _Retry("connection") from None
+        except openai.APIStatusError as e:
+            status = e.status_code
+            if status in (401, 403):
+                raise LLMError(f"{self.s.base_url} refused the API key (HTTP {status}); check the key") from None
+            if status == 402:
+                raise LLMError(f"{self.s.base_url}: payment required (HTTP 402): out of credits?") from None
+            if status == 404:
+                raise LLMError(f"{self.s.base_url}: model {self.s.model!r} or endpoint not found (HTTP 404)") from None
+            if status >= 500 or status in RETRYABLE_STATUS:
+                raise _Retry(f"http_{status}", e.response) from None
+            raise _Rejected(f"http_{status}", _short(e), journal=False) from None
+        except openai.APIResponseValidationError:
+            raise _Retry("bad_response") from None
+        finally:
+            async with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+        if not isinstance(response, self._completion_type) or not response.choices:
+            raise _Retry("bad_response")  # a proxy's error page, an empty body
+        if response.choices[0].finish_reason == "error":
+            raise _Retry("finish_error")
+        return response
+
+    async def _call(self, messages: list[dict[str, str]]):
+        attempt = 0
+        while True:
+            try:
+                return await self._once(messages)
+            except _Retry as e:
+                attempt += 1
+                if attempt > self.s.max_retries:
+                    raise _Rejected("retries_exhausted", f"gave up after {self.s.max_retries} retries: {e.kind}",
+                                    journal=False) from None
+                self.stats.retries[e.kind] += 1
+                wait = _retry_after(e.response)
+                if wait is None:
+                    wait = random.uniform(0, self.s.backoff * 2 ** (attempt - 1))  # full jitter
+                await asyncio.sleep(min(wait, self.s.max_backoff))
+
+    # --- one item: ask, check, re-ask once -----------------------------------------------------
+    async def item(self, item: WorkItem, digest: str) -> JournalEntry | None:
+        messages = list(item.messages)
+        try:
+            for asked in range(2):
+                response = await self._call(messages)
+                choice = response.choices[0]
+                message = choice.message
+                content = (message.content or "").strip()
+                refusal = getattr(message, "refusal", None)
+                if refusal or choice.finish_reason == "content_filter" or (content and _REFUSAL.match(content)):
+                    raise _Rejected("refusal", (refusal or content or "content_filter")[:200], journal=True)
+                if choice.finish_reason == "length":
+                    raise _Rejected("truncated", f"answer cut at max_tokens={self.s.max_tokens}", journal=False)
+                try:
+                    if not content:
+                        raise ValueError("empty answer")
+                    answer = item.parse(content)
+                except (ValueError, ValidationError) as e:
+                    if asked == 0:
+                        self.stats.retries["reask"] += 1
+                        messages = messages + [
+                            {"role": "assistant", "content": content},
+                            {"role": "user", "content": f"That answer was not valid ({_short(e)}). Reply again with "
+                                                        "only the JSON object described above, nothing else."}]
+                        continue
+                    raise _Rejected("empty_answer" if not content else "malformed", _short(e), journal=True) from None
+                self.stats.accepted += 1
+                return JournalEntry(key=item.key, request=digest, model=self.s.model, status="accepted",
+                                    answer=answer.model_dump(mode="json"))
+        except _Rejected as e:
+            self.stats.rejected[e.reason] += 1
+            self.rejects.append({"key": item.key, "reason": e.reason, "detail": e.detail, "final": e.journal})
+            if e.journal:
+                return JournalEntry(key=item.key, request=digest, model=self.s.model, status="rejected",
+                                    reason=f"{e.reason}: {e.detail}")
+            self.stats.unfinished += 1
+        except _Budget:
+            self.stats.pending += 1
+        return None
+
+
+def parse_json_answer(model: type[BaseModel], check: Callable[[BaseModel], None] | None = None) -> Callable[[str], BaseModel]:
+    """A parser for answers that must be one JSON object of MODEL (a ```json fence is tolerated),
+    then pass CHECK (which raises ValueError, e.g. for too few queries)."""
 
     def parse(content: str) -> BaseModel:
         text = content.strip()
@@ -363,33 +446,46 @@ def parse_json_answer(model: type[BaseModel]) -> Callable[[str], BaseModel]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        return model.model_validate(data)
+        answer = model.model_validate(data)
+        if check is not None:
+            check(answer)
+        return answer
 
     return parse
 
 
-def run_items(items: Sequence[WorkItem], settings: LLMSettings, parse: Callable[[str], BaseModel], journal: Journal,
-              *, client=None, progress: Callable[[int], None] | None = None) -> tuple[RunStats, list[dict[str, Any]]]:
-    """Call the endpoint for every item not already in the journal; return (stats, rejects)."""
+@dataclass
+class Outcome:
+    stats: RunStats
+    answers: dict[str, dict[str, Any]]  # item key -> accepted answer (this run or the journal)
+    rejects: list[dict[str, Any]]  # this run's, and final rejections from the journal
+
+
+def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
+              progress: Callable[[int], None] | None = None) -> Outcome:
+    """Ask the endpoint about every item whose exact request is not in STORE's journal yet."""
+    journal = Journal(store)
     done = journal.load()
-    todo = [it for it in items if it.key not in done]
+    digests = {it.key: it.digest(settings) for it in items}
+    todo = [it for it in items if digests[it.key] not in done]
     if len(todo) < len(items):
         log.info("journal: %d of %d items already answered, not asked again", len(items) - len(todo), len(items))
 
-    async def main() -> tuple[RunStats, list[dict[str, Any]]]:
-        runner = _Runner(settings, parse, journal, client)
+    async def main() -> _Runner:
+        runner = _Runner(settings, journal)
         runner.stats.from_journal = len(items) - len(todo)
         queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         for it in todo:
             queue.put_nowait(it)
 
         async def worker() -> None:
-            while True:
-                try:
-                    it = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await runner.item(it)
+            while not queue.empty():
+                it = queue.get_nowait()
+                entry = await runner.item(it, digests[it.key])
+                if entry is not None:
+                    batch = journal.add(entry, settings.flush_every)
+                    if batch:  # written off the event loop: an S3 PUT must not stall the other requests
+                        await asyncio.to_thread(journal.write, batch)
                 if progress:
                     progress(1)
 
@@ -400,6 +496,21 @@ def run_items(items: Sequence[WorkItem], settings: LLMSettings, parse: Callable[
             runner.stats.seconds = time.perf_counter() - t0
             journal.flush()
             await runner.client.close()
-        return runner.stats, runner.rejects
+        return runner
 
-    return asyncio.run(main())
+    runner = asyncio.run(main()) if todo else None
+    stats = runner.stats if runner else RunStats(from_journal=len(items))
+    rejects = runner.rejects if runner else []
+    answers: dict[str, dict[str, Any]] = {}
+    asked = {it.key for it in todo}
+    for it in items:
+        entry = journal.entries.get(digests[it.key])
+        if entry is None:
+            continue
+        if entry.status == "accepted":
+            answers[it.key] = entry.answer or {}
+        elif it.key not in asked:  # a final rejection from an earlier run
+            rejects.append({"key": it.key, "reason": (entry.reason or "").split(":")[0], "detail": entry.reason,
+                            "final": True, "from_journal": True})
+    journal.compact()
+    return Outcome(stats, answers, rejects)

@@ -38,6 +38,19 @@ _MATN_OPENERS = {"قال", "يقول", "قالت", "ان", "انه", "انها",
 _BLESSING = "صلي الله عليه وسلم"
 
 
+# Longest first: (prefix written, what replaces it). "بال" + X is "ال" + X; "لل" + X is "ال" + X.
+_PREFIXES = (("وبال", "ال"), ("فبال", "ال"), ("وال", "ال"), ("فال", "ال"), ("بال", "ال"), ("كال", "ال"),
+             ("لل", "ال"), ("و", ""), ("ف", ""), ("ب", ""), ("ل", ""), ("ك", ""))
+
+
+def _bare_form(word: str, vocab: set[str]) -> tuple[int, str] | None:
+    """(length of the particle, what replaces it) when WORD is a particle on a word VOCAB knows."""
+    for prefix, replacement in _PREFIXES:
+        if word.startswith(prefix) and len(word) - len(prefix) >= 3 and replacement + word[len(prefix):] in vocab:
+            return len(prefix), replacement
+    return None
+
+
 def stable_pick(key: str, options: Sequence[str]) -> str:
     """The same option for the same key, on every machine and run."""
     return options[int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % len(options)]
@@ -81,11 +94,12 @@ class Corpus:
             body = matn(p.text_plain) if p.source == "hadith" else p.text_plain
             en = _EN_WORD.findall(p.translation_en.lower()) if p.translation_en else []
             self.docs.append(Doc(p, body.split(), en))
-        # "and"/"so" written onto a word (والصبر, فاصبر) is not part of what a
-        # reader searches for: fold such a word onto its bare form when the
-        # corpus has that form too.
+        # Particles written onto a word (والصبر, فاصبر, بالحج, للسائلين) are not
+        # part of what a reader searches for: fold such a word onto its bare
+        # form when the corpus has that form too.
         vocab = {w for d in self.docs for w in d.ar_words}
-        self.bare = {w: w[1:] for w in vocab if len(w) > 3 and w[0] in "وف" and w[1:] in vocab}
+        self.particles = {w: cut for w in vocab if (cut := _bare_form(w, vocab))}
+        self.bare = {w: r + w[n:] for w, (n, r) in self.particles.items()}
         for d in self.docs:
             d.ar_words = [self.bare.get(w, w) for w in d.ar_words]
         self.by_id = {d.passage.id: d for d in self.docs}
@@ -113,14 +127,15 @@ class Corpus:
         return candidates[:k]
 
 
-def _surface(passage: Passage, words: list[str], bare: dict[str, str]) -> list[str]:
+def _surface(passage: Passage, words: list[str], particles: dict[str, tuple[int, str]]) -> list[str]:
     """The written forms (ة, أ, ى kept) of normalized WORDS, as they appear in the passage."""
     forms: dict[str, str] = {}
     for token in _AR_WORD.findall(strip_marks(passage.text)):
         key = normalize(token)
         forms.setdefault(key, token)
-        if key in bare:
-            forms.setdefault(bare[key], token[1:])
+        if key in particles and len(key) == len(token):  # letters align one to one: cut the particle off the written form
+            n, replacement = particles[key]
+            forms.setdefault(replacement + key[n:], replacement + token[n:])
     return [forms.get(w, w) for w in words]
 
 
@@ -143,7 +158,7 @@ def passage_queries(corpus: Corpus, doc: Doc, *, ar: int, en: int, types: Sequen
             continue
         words = corpus.salient(doc, language, 6)
         if language == "ar":
-            words = _surface(p, words, corpus.bare)
+            words = _surface(p, words, corpus.particles)
         if len(words) < 2:
             continue
         for n in range(count):
@@ -154,7 +169,8 @@ def passage_queries(corpus: Corpus, doc: Doc, *, ar: int, en: int, types: Sequen
                 text = " ".join(picked)
             else:
                 templates = AR_QUESTIONS[p.source] if language == "ar" else EN_QUESTIONS
-                text = stable_pick(f"{p.id}/{language}/{n}", templates).format(a=picked[0], b=picked[1])
+                b = picked[1][1:] if language == "ar" and picked[1].startswith("وال") else picked[1]  # no "و" twice
+                text = stable_pick(f"{p.id}/{language}/{n}", templates).format(a=picked[0], b=b)
             out.append(Query(id=f"{p.id}/{language}-{qtype}-{n}", query=text, language=language, type=qtype,
                              positive_ids=[p.id], source=p.source, generator=GENERATOR))
     return out
@@ -219,12 +235,12 @@ def load_themes(path: str | None = None) -> tuple[str, list[Theme]]:
 
 
 def theme_candidates(corpus: Corpus, theme: Theme, source: str, *, limit: int, min_hits: int) -> list[str]:
-    """Passage ids of SOURCE most about THEME by lexicon hits (best first, then corpus order)."""
-    scored = [(theme.hits(d.ar_words), i, d.passage.id) for i, d in enumerate(corpus.docs)
+    """Passage ids of SOURCE most about THEME: most lexicon hits first, then the shorter (more focused)."""
+    scored = [(theme.hits(d.ar_words), len(d.ar_words), i, d.passage.id) for i, d in enumerate(corpus.docs)
               if d.passage.source == source]
     scored = [s for s in scored if s[0] >= min_hits]
-    scored.sort(key=lambda s: (-s[0], s[1]))
-    return [pid for _, _, pid in scored[:limit]]
+    scored.sort(key=lambda s: (-s[0], s[1], s[2]))
+    return [s[3] for s in scored[:limit]]
 
 
 def theme_queries(theme: Theme, positives: dict[str, list[str]], generator: Generator = GENERATOR,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.context import StepContext
-from m3tune.generation.base import GenerationConfig, load_passages, publish, seeded_order, validator
+from m3tune.generation.base import GenerationConfig, check_and_publish, load_passages, seeded_order, twins
 from m3tune.records import Generator, Passage, Query
 from m3tune.storage import absolute_uri
 
@@ -64,20 +64,31 @@ def select(passages: list[Passage], *, sources: list[str], pilot: int, seed: int
     return [by_id[i] for i in (order[:pilot] if pilot else order)]
 
 
+def _check_counts(n_ar: int, n_en: int):
+    def check(answer: "QueriesAnswer") -> None:
+        got = {"ar": 0, "en": 0}
+        for q in answer.queries:
+            got[q.language] += 1
+        if got["ar"] < n_ar or got["en"] < n_en:
+            raise ValueError(f"asked for {n_ar} Arabic and {n_en} English queries, got {got['ar']} and {got['en']}")
+    return check
+
+
 def work_items(selected: list[Passage], prompt, *, n_ar: int, n_en: int, types: list[str]):
-    from m3tune.generation.llm import WorkItem
+    from m3tune.generation.llm import WorkItem, parse_json_answer
 
     names = {"quran": "Quran verse", "hadith": "hadith"}
+    parse = parse_json_answer(QueriesAnswer, _check_counts(n_ar, n_en))
     for p in selected:
         translation = f"English translation: {p.translation_en}" if p.translation_en else ""
         yield WorkItem(p.id, prompt.messages(passage_id=p.id, source_name=names[p.source], text=p.text,
                                              translation_line=translation, n_ar=n_ar, n_en=n_en,
-                                             types=", ".join(types)))
+                                             types=", ".join(types)), parse)
 
 
-def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Passage], generator: Generator,
-                       *, n_ar: int, n_en: int) -> list[Query]:
-    """Query records from journaled answers, in passage order, at most N_AR / N_EN per passage."""
+def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Passage], positives: dict[str, list[str]],
+                       generator: Generator, *, n_ar: int, n_en: int) -> list[Query]:
+    """Query records from accepted answers, at most N_AR / N_EN per passage."""
     out: list[Query] = []
     for pid, answer in answers.items():
         p = by_id[pid]
@@ -88,7 +99,7 @@ def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Pass
             n = taken[q.language]
             taken[q.language] += 1
             out.append(Query(id=f"{pid}/{q.language}-{q.type}-{n}", query=q.query.strip(), language=q.language,
-                             type=q.type, positive_ids=[pid], source=p.source, generator=generator))
+                             type=q.type, positive_ids=positives[pid], source=p.source, generator=generator))
     return out
 
 
@@ -98,57 +109,42 @@ def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pil
     passages = load_passages(ctx)
     selected = select(passages, sources=sources, pilot=pilot, seed=seed)
     by_id = {p.id: p for p in passages}
+    positives = twins(passages)
     n_ar, n_en = allocation(queries_per_passage, arabic_share)
     ctx.log.info("%s passages selected (pilot %s), %d Arabic + %d English queries each, backend %s",
                  f"{len(selected):,}", pilot or "off", n_ar, n_en, backend)
-    rejects: list[dict[str, Any]] = []
-    stats = None
+    outcome = None
     if backend == "offline":
         from m3tune.generation.offline import Corpus, passage_queries
         from m3tune.progress import track
 
         corpus = Corpus(passages)
-        candidates = [q for p in track(selected, description="generate queries", total=len(selected))
-                      for q in passage_queries(corpus, corpus.by_id[p.id], ar=n_ar, en=n_en if p.translation_en else 0,
-                                               types=types)]
+        generated = [q.model_copy(update={"positive_ids": positives[p.id]})
+                     for p in track(selected, description="generate queries", total=len(selected))
+                     for q in passage_queries(corpus, corpus.by_id[p.id], ar=n_ar,
+                                              en=n_en if p.translation_en else 0, types=types)]
     else:
-        from m3tune.generation.llm import Journal, LLMSettings, parse_json_answer, run_items
+        from m3tune.generation.llm import LLMSettings, run_items
         from m3tune.generation.prompts import load_prompt
 
         settings = LLMSettings.model_validate(llm)
         template = load_prompt(prompt)
-        journal = Journal(ctx.out, template.version, settings.model)
         items = list(work_items(selected, template, n_ar=n_ar, n_en=n_en, types=types))
-        stats, item_rejects = run_items(items, settings, parse_json_answer(QueriesAnswer), journal)
-        journal.compact()
-        rejects += [{"kind": "passage", **r} for r in item_rejects]
-        rejects += [{"kind": "passage", "key": e.key, "reason": e.reason, "permanent": True, "from_journal": True}
-                    for e in journal.entries.values() if e.status == "rejected" and e.key in by_id
-                    and not any(r.get("key") == e.key for r in item_rejects)]
-        answers = {i.key: journal.entries[i.key].answer for i in items
-                   if i.key in journal.entries and journal.entries[i.key].status == "accepted"}
+        outcome = run_items(items, settings, ctx.out)
         generator = Generator(backend="openai", model=settings.model, prompt_version=template.version)
-        candidates = answers_to_queries(answers, by_id, generator, n_ar=n_ar, n_en=n_en)
+        generated = answers_to_queries(outcome.answers, by_id, positives, generator, n_ar=n_ar, n_en=n_en)
 
-    checks = validator(min_chars, max_words, max_copy_words)
-    kept = []
-    for q in candidates:
-        p = by_id[q.positive_ids[0]]
-        texts = [p.text] if q.language == "ar" else [p.translation_en or ""]
-        why = checks.reason(q, texts)
-        if why is None:
-            kept.append(q)
-        else:
-            checks.rejected[why] += 1
-            rejects.append({"kind": "query", "key": q.id, "reason": why, "query": q.query})
-    share = sum(q.language == "ar" for q in kept) / max(1, len(kept))
-    if kept and abs(share - arabic_share) > 0.05:
+    share = sum(q.language == "ar" for q in generated) / max(1, len(generated))
+    if generated and abs(share - arabic_share) > 0.05:
         ctx.log.warning("Arabic share %.1f%% (target %.0f%%)%s", 100 * share, 100 * arabic_share,
                         ": the offline backend writes English only for passages with a translation"
                         if backend == "offline" else "")
-    return publish(ctx, kept, rejects, checks=checks, stats=stats, extra={"passages": len(selected)})
-
-
+    # Arabic queries must not copy the Arabic text, English ones the translation.
+    pairs = [(q, [by_id[q.positive_ids[0]].text] if q.language == "ar" else [by_id[q.positive_ids[0]].translation_en or ""])
+             for q in generated]
+    result, _ = check_and_publish(ctx, pairs, min_chars=min_chars, max_words=max_words,
+                                  max_copy_words=max_copy_words, outcome=outcome, extra={"passages": len(selected)})
+    return result
 def generate_queries_inputs(config: GenerateQueriesConfig) -> dict[str, str]:
     if config.backend == "openai" and config.prompt.endswith(".txt"):
         from m3tune.storage import file_digest, split_uri

@@ -10,7 +10,7 @@ or when it repeats an earlier query.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from m3tune.arabic import detect_language, normalize
 from m3tune.records import Query
@@ -60,12 +60,3 @@ class QueryValidator:
             return "duplicate"
         self._seen.add(plain)
         return None
-
-    def filter(self, items: Iterable[tuple[Query, Iterable[str]]]) -> Iterator[Query]:
-        """The queries that pass, in order; rejections are counted in `self.rejected`."""
-        for query, passages in items:
-            why = self.reason(query, passages)
-            if why is None:
-                yield query
-            else:
-                self.rejected[why] += 1
