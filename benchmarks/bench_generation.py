@@ -31,7 +31,7 @@ with ChatServer(delay={delay}) as s:
 def llm_rates(delay: float) -> list[tuple[int, int, float]]:
     import os
 
-    from m3tune.generation.llm import Journal, LLMSettings, WorkItem, parse_json_answer, run_items
+    from m3tune.generation.llm import LLMSettings, WorkItem, parse_json_answer, run_items
     from m3tune.generation.queries import QueriesAnswer
     from m3tune.storage import LocalStore
 
@@ -43,15 +43,16 @@ def llm_rates(delay: float) -> list[tuple[int, int, float]]:
     try:
         for concurrency in (1, 8, 32):
             n = max(30, concurrency * 20)
+            parse = parse_json_answer(QueriesAnswer)
             items = [WorkItem(f"bench:{concurrency}:{i}", [
                 {"role": "user", "content": f"Passage bench:{concurrency}:{i} (hadith):\nنص\n"
-                                            "Write exactly 2 Arabic and 2 English queries"}]) for i in range(n)]
-            settings = LLMSettings(base_url=url, model="bench", concurrency=concurrency, timeout=30, max_retries=0,
-                                   flush_every=1000)
+                                            "Write exactly 2 Arabic and 2 English queries"}], parse) for i in range(n)]
+            # the step's defaults (flush_every 1: every answer journaled as it arrives), but no retries
+            settings = LLMSettings(base_url=url, model="bench", concurrency=concurrency, timeout=30, max_retries=0)
             with tempfile.TemporaryDirectory() as tmp:
-                journal = Journal(LocalStore(tmp), "bench", "bench")
-                stats, rejects = run_items(items, settings, parse_json_answer(QueriesAnswer), journal)
-            assert not rejects and stats.accepted == n, (rejects[:3], stats)
+                outcome = run_items(items, settings, LocalStore(tmp))
+            stats = outcome.stats
+            assert not outcome.rejects and stats.accepted == n, (outcome.rejects[:3], stats)
             rows.append((concurrency, n, stats.requests / stats.seconds))
     finally:
         server.terminate()
@@ -75,7 +76,7 @@ def offline_rates() -> list[tuple[str, int, float]]:
         concept_s = time.perf_counter() - t0
     n = manifest.counts["passages"]
     return [("generate-queries, offline, whole corpus", n, n / queries_s, manifest.counts["queries"]),
-            ("generate-conceptual, offline, 28 themes over the corpus", 21176, 21176 / concept_s,
+            (f"generate-conceptual, offline, {concept.counts['themes']} themes over the corpus", n, n / concept_s,
              concept.counts["queries"])]
 
 

@@ -135,9 +135,9 @@ class JsonlWriter:
 
 
 @contextmanager
-def write_jsonl(store: Store, rel: str) -> Iterator[JsonlWriter]:
+def write_jsonl(store: Store, rel: str, *, durable: bool = True) -> Iterator[JsonlWriter]:
     """Write REL atomically as JSONL; afterwards `writer.result` is a WrittenJsonl."""
-    with store.open_write(rel) as raw:
+    with store.open_write(rel, durable=durable) as raw:
         writer = JsonlWriter(raw)
         yield writer
     written = raw.result

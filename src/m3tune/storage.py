@@ -127,14 +127,18 @@ class Store(ABC):
         """Delete REL if it exists."""
 
     @abstractmethod
-    def _publish(self, rel: str) -> AbstractContextManager[IO[bytes]]:
-        """A context giving a binary file that becomes REL only if the block succeeds."""
+    def _publish(self, rel: str, durable: bool = True) -> AbstractContextManager[IO[bytes]]:
+        """A context giving a binary file that becomes REL only if the block succeeds.
+
+        DURABLE also survives a machine crash (fsync); without it, a killed
+        process still never leaves a partial file, and writing is cheaper.
+        """
 
     @contextmanager
-    def open_write(self, rel: str) -> Iterator[_HashingWriter]:
+    def open_write(self, rel: str, *, durable: bool = True) -> Iterator[_HashingWriter]:
         """Write REL atomically. On error nothing is published; `writer.result` tells what was."""
         rel = _check_relative(rel)
-        with self._publish(rel) as raw:
+        with self._publish(rel, durable) as raw:
             writer = _HashingWriter(raw)
             yield writer
         writer.result = WrittenFile(rel, writer.sha256, writer.size)  # type: ignore[attr-defined]
@@ -194,7 +198,7 @@ class LocalStore(Store):
         self._file(rel).unlink(missing_ok=True)
 
     @contextmanager
-    def _publish(self, rel: str) -> Iterator[IO[bytes]]:
+    def _publish(self, rel: str, durable: bool = True) -> Iterator[IO[bytes]]:
         final = self._file(rel)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
@@ -202,7 +206,8 @@ class LocalStore(Store):
             with open(tmp, "wb") as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -286,7 +291,7 @@ class S3Store(Store):
         self._call("DELETE", self.client.delete_object, Key=self._key(rel))
 
     @contextmanager
-    def _publish(self, rel: str) -> Iterator[IO[bytes]]:
+    def _publish(self, rel: str, durable: bool = True) -> Iterator[IO[bytes]]:
         # Spool locally, then one upload: S3 shows the object only when the
         # upload completes, so readers never see a partial file.
         with tempfile.TemporaryFile(prefix="m3tune-s3-") as f:
