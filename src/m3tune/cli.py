@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import inspect
+
 import typer
 from pydantic import BaseModel, ValidationError
 
@@ -28,9 +30,6 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-step_app = typer.Typer(help="Run one step of a run (skipped when its manifest proves it done; --force reruns).",
-                       no_args_is_help=True)
-app.add_typer(step_app, name="step")
 
 EXIT_ERROR = 1
 EXIT_TARGETS_MISSED = 3
@@ -47,7 +46,6 @@ EndpointOpt = Annotated[Optional[str], typer.Option(
     "--s3-endpoint", envvar="M3TUNE_S3_ENDPOINT", show_envvar=True,
     help="S3-compatible endpoint URL (MinIO, moto, …); credentials come from the usual AWS variables.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and full tracebacks.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the step's manifest proves it done.")]
 
 
 def _setup(verbose: bool, s3_endpoint: str | None) -> None:
@@ -229,34 +227,6 @@ def status(
     Console().print(table)
 
 
-@step_app.command("ingest")
-@_errors
-def step_ingest(
-    root: RootOpt = None,
-    runs: RunsOpt = "runs",
-    run_id: RunIdOpt = None,
-    source: Annotated[Optional[list[str]], typer.Option(
-        "--source", help="Packaged corpus: quran, bukhari, muslim (repeatable; default all three).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="At most N passages from each source and user file.")] = None,
-    user_file: Annotated[Optional[list[str]], typer.Option(
-        "--user-file", help="JSONL of passages (id, source, text; path or URI), added after the packaged ones.")] = None,
-    no_packaged: Annotated[bool, typer.Option("--no-packaged", help="Only the user files, no packaged corpus.")] = False,
-    skip_invalid: Annotated[bool, typer.Option(help="Write invalid user lines to rejects.jsonl and go on.")] = False,
-    force: ForceOpt = False,
-    s3_endpoint: EndpointOpt = None,
-    verbose: VerboseOpt = False,
-):
-    """Build passages.jsonl from the packaged Quran (6,236 verses) and hadith (Bukhari, Muslim) and user files."""
-    from m3tune.corpus.ingest import IngestConfig
-
-    values: dict[str, Any] = {"limit": limit, "skip_invalid": skip_invalid, "user_files": user_file or []}
-    if no_packaged:
-        values["sources"] = []
-    elif source:
-        values["sources"] = source
-    _run_one("ingest", IngestConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
-
-
 def _default(model: str, field: str):
     """A config model's default, so --help and the step agree (models imported lazily)."""
     from m3tune.pipeline import STEPS
@@ -270,171 +240,6 @@ QuranOpt = Annotated[float, typer.Option(help="Target share of queries with Qura
 ToleranceOpt = Annotated[float, typer.Option(help="A share of at least target - tolerance is met.")]
 FailOnMissOpt = Annotated[bool, typer.Option(help="Exit 3 when a target is missed.")]
 SkipInvalidOpt = Annotated[bool, typer.Option(help="Skip invalid lines (reported with file, line, reason).")]
-
-
-@step_app.command("analyze")
-@_errors
-def step_analyze(
-    input: Annotated[Optional[list[str]], typer.Option(
-        "--input", help="JSONL of queries or examples (repeatable; path or URI). "
-                        "Default: what the steps before analyze in the pipeline published.")] = None,
-    root: RootOpt = None,
-    runs: RunsOpt = "runs",
-    run_id: RunIdOpt = None,
-    arabic_target: ArabicOpt = _default("analyze", "arabic_target"),
-    conceptual_target: ConceptualOpt = _default("analyze", "conceptual_target"),
-    quran_target: QuranOpt = _default("analyze", "quran_target"),
-    tolerance: ToleranceOpt = _default("analyze", "tolerance"),
-    fail_on_miss: FailOnMissOpt = False,
-    skip_invalid: SkipInvalidOpt = False,
-    force: ForceOpt = False,
-    s3_endpoint: EndpointOpt = None,
-    verbose: VerboseOpt = False,
-):
-    """Analyze queries/examples into ROOT/analyze/report.json, as a pipeline step (rejects.jsonl with --skip-invalid)."""
-    from rich.console import Console
-
-    from m3tune.analysis.analyze import AnalyzeConfig, render_report
-
-    values = {"inputs": input or [], "arabic_target": arabic_target, "conceptual_target": conceptual_target,
-              "quran_target": quran_target, "tolerance": tolerance, "fail_on_miss": fail_on_miss,
-              "skip_invalid": skip_invalid}
-    store = _run_one("analyze", AnalyzeConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
-    Console().print(render_report(json.loads(store.child("analyze").read_bytes("report.json"))))
-
-
-BackendOpt = Annotated[Optional[str], typer.Option(
-    "--backend", help="offline (default; no network, deterministic, weaker) or openai (any OpenAI-compatible API).")]
-BaseUrlOpt = Annotated[Optional[str], typer.Option(
-    "--base-url", help="OpenAI-compatible API base URL (default OpenRouter). Key from OPENROUTER_API_KEY or OPENAI_API_KEY.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model name at that endpoint.")]
-ApiKeyEnvOpt = Annotated[Optional[str], typer.Option("--api-key-env", help="Read the API key from this variable instead.")]
-ConcurrencyOpt = Annotated[Optional[int], typer.Option("--concurrency", help="Requests in flight at once.")]
-TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Seconds per request.")]
-RetriesOpt = Annotated[Optional[int], typer.Option("--max-retries", help="Retries of a 429/5xx/timeout per item.")]
-MaxRequestsOpt = Annotated[Optional[int], typer.Option("--max-requests", help="Stop starting requests after N.")]
-MaxCostOpt = Annotated[Optional[float], typer.Option("--max-cost", help="Stop starting requests past this cost (USD).")]
-PriceInOpt = Annotated[Optional[float], typer.Option("--price-in", help="USD per million prompt tokens (if the API reports no cost).")]
-PriceOutOpt = Annotated[Optional[float], typer.Option("--price-out", help="USD per million completion tokens.")]
-FlushOpt = Annotated[Optional[int], typer.Option("--flush-every", help="Answers per journal batch (durability vs. files).")]
-PromptOpt = Annotated[Optional[str], typer.Option("--prompt", help="Prompt version (packaged name) or a .txt prompt file.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print sample prompts and an estimate of requests, tokens "
-                                                           "and cost; call nothing, write nothing.")]
-
-
-def _llm(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _dry_run(name: str, model, values, root, runs, run_id, verbose) -> None:
-    from rich.console import Console
-
-    from m3tune.generation.plan import plan
-
-    _setup(verbose, None)
-    store = _root(root, runs, run_id)
-    config = _build(model, {k: v for k, v in values.items() if v is not None}, f"step {name}")
-    Console().print(plan(store, name, config), highlight=False, markup=False)
-
-
-@step_app.command("generate-queries")
-@_errors
-def step_generate_queries(
-    root: RootOpt = None,
-    runs: RunsOpt = "runs",
-    run_id: RunIdOpt = None,
-    backend: BackendOpt = None,
-    pilot: Annotated[Optional[int], typer.Option(help="First N passages of a seeded shuffle (default 500); 0 = all.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the passage order.")] = None,
-    source: Annotated[Optional[list[str]], typer.Option("--source", help="quran, hadith (repeatable; default both).")] = None,
-    queries_per_passage: Annotated[Optional[int], typer.Option(help="Queries per passage (default 4).")] = None,
-    arabic_share: Annotated[Optional[float], typer.Option(help="Share of Arabic queries per passage (default 0.5).")] = None,
-    type_: Annotated[Optional[list[str]], typer.Option("--type", help="question, keyword (repeatable; default both).")] = None,
-    prompt: PromptOpt = None,
-    base_url: BaseUrlOpt = None,
-    model: ModelOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    timeout: TimeoutOpt = None,
-    max_retries: RetriesOpt = None,
-    max_requests: MaxRequestsOpt = None,
-    max_cost: MaxCostOpt = None,
-    price_in: PriceInOpt = None,
-    price_out: PriceOutOpt = None,
-    flush_every: FlushOpt = None,
-    dry_run: DryRunOpt = False,
-    force: ForceOpt = False,
-    s3_endpoint: EndpointOpt = None,
-    verbose: VerboseOpt = False,
-):
-    """Native Arabic and English cross-lingual queries per passage -> ROOT/generate-queries/queries.jsonl."""
-    from m3tune.generation.queries import GenerateQueriesConfig
-
-    values = {"backend": backend, "pilot": pilot, "seed": seed, "sources": source,
-              "queries_per_passage": queries_per_passage, "arabic_share": arabic_share, "types": type_,
-              "prompt": prompt,
-              "llm": _llm(base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency,
-                          timeout=timeout, max_retries=max_retries, max_requests=max_requests, max_cost=max_cost,
-                          price_in=price_in, price_out=price_out, flush_every=flush_every)}
-    if s3_endpoint:
-        os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
-    if dry_run:
-        return _dry_run("generate-queries", GenerateQueriesConfig, values, root, runs, run_id, verbose)
-    _run_one("generate-queries", GenerateQueriesConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
-
-
-@step_app.command("generate-conceptual")
-@_errors
-def step_generate_conceptual(
-    root: RootOpt = None,
-    runs: RunsOpt = "runs",
-    run_id: RunIdOpt = None,
-    backend: BackendOpt = None,
-    themes: Annotated[Optional[str], typer.Option("--themes", help="YAML theme list (default: the packaged one).")] = None,
-    source: Annotated[Optional[list[str]], typer.Option("--source", help="quran, hadith (repeatable; default both).")] = None,
-    max_positives: Annotated[Optional[int], typer.Option(help="Passages assigned to a theme, per source (default 25).")] = None,
-    queries_per_theme: Annotated[Optional[int], typer.Option(help="Queries asked of the LLM per theme (default 12).")] = None,
-    prompt: PromptOpt = None,
-    base_url: BaseUrlOpt = None,
-    model: ModelOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    timeout: TimeoutOpt = None,
-    max_retries: RetriesOpt = None,
-    max_requests: MaxRequestsOpt = None,
-    max_cost: MaxCostOpt = None,
-    price_in: PriceInOpt = None,
-    price_out: PriceOutOpt = None,
-    flush_every: FlushOpt = None,
-    dry_run: DryRunOpt = False,
-    force: ForceOpt = False,
-    s3_endpoint: EndpointOpt = None,
-    verbose: VerboseOpt = False,
-):
-    """Thematic queries («آيات عن الصبر», "verses about patience") with all their positives -> queries.jsonl."""
-    from m3tune.generation.conceptual import GenerateConceptualConfig
-
-    values = {"backend": backend, "themes_file": themes, "sources": source, "max_positives": max_positives,
-              "queries_per_theme": queries_per_theme, "prompt": prompt,
-              "llm": _llm(base_url=base_url, model=model, api_key_env=api_key_env, concurrency=concurrency,
-                          timeout=timeout, max_retries=max_retries, max_requests=max_requests, max_cost=max_cost,
-                          price_in=price_in, price_out=price_out, flush_every=flush_every)}
-    if s3_endpoint:
-        os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
-    if dry_run:
-        return _dry_run("generate-conceptual", GenerateConceptualConfig, values, root, runs, run_id, verbose)
-    _run_one("generate-conceptual", GenerateConceptualConfig, values, root, runs, run_id, force, s3_endpoint, verbose)
-
-
-def _run_one(name, model, values, root, runs, run_id, force, s3_endpoint, verbose):
-    from m3tune.executor import run_step
-
-    _setup(verbose, s3_endpoint)
-    store = _root(root, runs, run_id)
-    config = _build(model, {k: v for k, v in values.items() if v is not None}, f"step {name}")
-    manifest, ran = run_step(store, name, config, force=force)
-    _print_manifest(manifest, ran)
-    return store
 
 
 @app.command()
@@ -468,6 +273,64 @@ def analyze(
         json_out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if fail_on_miss and not report["ok"]:
         raise TargetsMissed(report)
+
+
+step_app = typer.Typer(help="Run one step of a run (skipped when its manifest proves it done; --force reruns). "
+                            "Each step's options are the fields of its config.", no_args_is_help=True)
+app.add_typer(step_app, name="step")
+
+_COMMON = [
+    inspect.Parameter("root", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RootOpt),
+    inspect.Parameter("runs", inspect.Parameter.KEYWORD_ONLY, default="runs", annotation=RunsOpt),
+    inspect.Parameter("run_id", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RunIdOpt),
+    inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--force", help="Rerun even if the step's manifest proves it done.")]),
+    inspect.Parameter("s3_endpoint", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=EndpointOpt),
+    inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt),
+]
+_DRY_RUN = inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+    bool, typer.Option("--dry-run", help="Print sample prompts and an estimate of requests, tokens and cost; "
+                                         "call nothing, write nothing.")])
+
+
+def _register_step(step) -> None:
+    """`m3tune step NAME`, its options built from the step's config model (m3tune.stepcli)."""
+    from m3tune.stepcli import check_unique, config_parameters, config_values
+
+    parameters = _COMMON + ([_DRY_RUN] if step.plan is not None else []) + config_parameters(step.config)
+    check_unique(parameters, step.name)
+
+    def command(*, root, runs, run_id, force, s3_endpoint, verbose, dry_run=False, **params):
+        from rich.console import Console
+
+        from m3tune.executor import run_step
+
+        _setup(verbose, s3_endpoint)
+        store = _root(root, runs, run_id)
+        config = _build(step.config, config_values(params), f"step {step.name}")
+        if dry_run:
+            Console().print(step.plan(store, config), highlight=False, markup=False)
+            return
+        manifest, ran = run_step(store, step.name, config, force=force)
+        _print_manifest(manifest, ran)
+        if step.show is not None:
+            Console().print(step.show(store))
+
+    wrapped = _errors(command)
+    wrapped.__signature__ = inspect.Signature(parameters)  # what Typer reads to build the options
+    wrapped.__doc__ = (f"{step.summary[0].upper()}{step.summary[1:]}.\n\nEvery option below is also a key of "
+                       f"`{step.name}:` in `m3tune run --config`; options not given keep their defaults.")
+    step_app.command(step.name, short_help=step.summary)(wrapped)
+
+
+def _register_steps() -> None:
+    from m3tune.pipeline import STEPS
+
+    for step in STEPS.values():
+        _register_step(step)
+
+
+_register_steps()
 
 
 def main() -> None:

@@ -28,15 +28,20 @@ class Step:
     external_inputs: Callable[[Any], dict[str, str]] = lambda config: {}
     # When given, the upstream steps this config actually reads (default: all of `needs`).
     needs_for: Callable[[Any], tuple[str, ...]] | None = None
+    # `--dry-run`: (run root, config) -> what a run would do, calling and writing nothing.
+    plan: Callable[[Any, Any], str] | None = None
+    # What `m3tune step NAME` prints after the step, from the run root (a rich renderable).
+    show: Callable[[Any], Any] | None = None
 
     def upstream(self, config: BaseModel) -> tuple[str, ...]:
         return self.needs_for(config) if self.needs_for else self.needs
 
 
 def _steps() -> dict[str, Step]:
-    from m3tune.analysis.analyze import AnalyzeConfig, analyze, analyze_inputs
+    from m3tune.analysis.analyze import AnalyzeConfig, analyze, analyze_inputs, show_report
     from m3tune.corpus.ingest import IngestConfig, ingest, ingest_inputs
     from m3tune.generation.conceptual import GenerateConceptualConfig, generate_conceptual, generate_conceptual_inputs
+    from m3tune.generation.plan import plan_conceptual, plan_queries
     from m3tune.generation.queries import GenerateQueriesConfig, generate_queries, generate_queries_inputs
 
     steps = [
@@ -44,14 +49,15 @@ def _steps() -> dict[str, Step]:
              external_inputs=ingest_inputs),
         Step("generate-queries", generate_queries, GenerateQueriesConfig,
              "native Arabic and English cross-lingual queries per passage (LLM or offline)",
-             needs=("ingest",), external_inputs=generate_queries_inputs),
+             needs=("ingest",), external_inputs=generate_queries_inputs, plan=plan_queries),
         Step("generate-conceptual", generate_conceptual, GenerateConceptualConfig,
              "thematic queries over a curated theme list, with all their positives (LLM or offline)",
-             needs=("ingest",), external_inputs=generate_conceptual_inputs),
+             needs=("ingest",), external_inputs=generate_conceptual_inputs, plan=plan_conceptual),
         # Until `combine` lands, analyze gates the generated queries.
         Step("analyze", analyze, AnalyzeConfig, "report shares by language, type and source against targets",
              needs=("generate-queries", "generate-conceptual"), external_inputs=analyze_inputs,
-             needs_for=lambda config: () if config.inputs else ("generate-queries", "generate-conceptual")),
+             needs_for=lambda config: () if config.inputs else ("generate-queries", "generate-conceptual"),
+             show=show_report),
     ]
     return {s.name: s for s in steps}
 

@@ -37,8 +37,9 @@ class TargetsMissed(UserError):
 class AnalyzeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str] = Field(default_factory=list, description="JSONL files of queries or examples (paths or "
-                              "URIs); in the pipeline, empty means the outputs of the steps it follows")
+    inputs: list[str] = Field(default_factory=list, json_schema_extra={"cli": "input"},
+                              description="JSONL file of queries or examples (path or URI); none: the outputs "
+                              "of the steps analyze follows in the pipeline")
     arabic_target: float = Field(default=0.50, ge=0, le=1, description="share of Arabic queries")
     conceptual_target: float = Field(default=0.20, ge=0, le=1, description="share of conceptual (thematic) queries")
     quran_target: float = Field(default=0.25, ge=0, le=1, description="share of queries whose positives are Quran verses")
@@ -168,6 +169,11 @@ def analyze_files(uris: list[str], *, rejects: Rejects | None = None, **targets:
     if rejects is not None:
         report["rejected"] = len(rejects)
     return report
+
+
+def show_report(root) -> Any:
+    """The tables of the analyze step's report in run ROOT."""
+    return render_report(json.loads(root.child("analyze").read_bytes("report.json")))
 
 
 def render_report(report: dict[str, Any]):

@@ -25,10 +25,12 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[PackagedSource] = Field(
-        default=["quran", "bukhari", "muslim"], description="packaged corpora to include")
+        default=["quran", "bukhari", "muslim"], description="packaged corpus to include",
+        json_schema_extra={"cli": "source", "cli_empty": "no-packaged"})
     limit: int | None = Field(default=None, ge=1, description="at most this many passages from each source and user file")
     user_files: list[str] = Field(
-        default_factory=list, description="JSONL files of passages (path, file:// or s3:// URI); "
+        default_factory=list, json_schema_extra={"cli": "user-file"},
+        description="JSONL file of passages (path, file:// or s3:// URI), added after the packaged ones; "
         "each line needs id, source, text; text_plain and collection are derived when absent")
     skip_invalid: bool = Field(default=False, description="write invalid user lines to rejects.jsonl instead of failing")
     quran_plain: Literal["tanzil", "uthmani"] = Field(

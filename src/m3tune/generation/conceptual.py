@@ -23,8 +23,10 @@ from m3tune.storage import absolute_uri
 
 
 class GenerateConceptualConfig(GenerationConfig):
-    themes_file: str | None = Field(default=None, description="YAML theme list (default: the packaged one)")
-    sources: list[Literal["quran", "hadith"]] = Field(default=["quran", "hadith"], description="passages to use")
+    themes_file: str | None = Field(default=None, description="YAML theme list (default: the packaged one)",
+                                    json_schema_extra={"cli": "themes"})
+    sources: list[Literal["quran", "hadith"]] = Field(default=["quran", "hadith"], description="passages to use",
+                                                       json_schema_extra={"cli": "source"})
     max_positives: int = Field(default=50, ge=1, description="passages assigned to a theme, per source (best "
                                "lexicon matches first), plus their word-for-word twins")
     min_hits_quran: int = Field(default=1, ge=1, description="lexicon hits that make a verse a candidate")

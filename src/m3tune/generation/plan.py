@@ -35,6 +35,14 @@ def _show(items, n: int = 2) -> str:
     return "\n".join(parts)
 
 
+def plan_queries(root: Store, config: BaseModel) -> str:
+    return plan(root, "generate-queries", config)
+
+
+def plan_conceptual(root: Store, config: BaseModel) -> str:
+    return plan(root, "generate-conceptual", config)
+
+
 def plan(root: Store, step: str, config: BaseModel) -> str:
     """A readable plan for STEP with CONFIG over the passages ingested in ROOT."""
     passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))

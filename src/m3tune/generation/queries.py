@@ -26,10 +26,11 @@ class GenerateQueriesConfig(GenerationConfig):
     pilot: int = Field(default=500, ge=0, description="only the first N passages of a seeded shuffle "
                        "(500, as the guide's pilot); 0 for every passage")
     seed: int = Field(default=13, description="seed of the passage order")
-    sources: list[Literal["quran", "hadith"]] = Field(default=["quran", "hadith"], description="passages to use")
+    sources: list[Literal["quran", "hadith"]] = Field(default=["quran", "hadith"], description="passages to use",
+                                                       json_schema_extra={"cli": "source"})
     queries_per_passage: int = Field(default=4, ge=1, le=20, description="queries asked for per passage")
     arabic_share: float = Field(default=0.5, ge=0, le=1, description="target share of Arabic queries")
-    types: list[QueryKind] = Field(default=["question", "keyword"], min_length=1,
+    types: list[QueryKind] = Field(default=["question", "keyword"], min_length=1, json_schema_extra={"cli": "type"},
                                    description="query types, cycled within each language")
     prompt: str = Field(default="queries-v1", description="prompt version (a packaged name or a .txt file)")
 
