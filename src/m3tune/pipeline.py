@@ -51,7 +51,7 @@ def _steps() -> dict[str, Step]:
              "native Arabic and English cross-lingual queries per passage (LLM or offline)",
              needs=("ingest",), external_inputs=generate_queries_inputs, plan=plan_queries),
         Step("generate-conceptual", generate_conceptual, GenerateConceptualConfig,
-             "thematic queries over a curated theme list, with all their positives (LLM or offline)",
+             "thematic queries over a curated theme list, each with every passage assigned to it (LLM or offline)",
              needs=("ingest",), external_inputs=generate_conceptual_inputs, plan=plan_conceptual),
         # Until `combine` lands, analyze gates the generated queries.
         Step("analyze", analyze, AnalyzeConfig, "report shares by language, type and source against targets",
