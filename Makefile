@@ -9,13 +9,13 @@ RUN    ?= demo
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/m3tune run --root runs/$(RUN)
+	$(BIN)/m3tune run --root runs/$(RUN) --config configs/demo.yaml
 	@echo "outputs: $(CURDIR)/runs/$(RUN)  (status: $(BIN)/m3tune status --root runs/$(RUN))"
 
 test: $(STAMP)

@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
 from m3tune.storage import LocalStore, S3Store, open_root
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def m3tune_cache(tmp_path_factory):
+    """A cache folder of the session's own (tiny model, embeddings, local Qdrant), inherited by subprocesses."""
+    path = tmp_path_factory.mktemp("m3tune-cache")
+    os.environ["M3TUNE_CACHE"] = str(path)
+    return path
+
+
+def demo_configs():
+    from m3tune.cli import load_run_config
+
+    return load_run_config(DEMO_CONFIG)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +73,7 @@ def full_run(tmp_path_factory):
     from m3tune.executor import run_pipeline
 
     root = open_root(str(tmp_path_factory.mktemp("full") / "runs" / "full"))
-    ran = run_pipeline(root, {})
+    ran = run_pipeline(root, demo_configs())
     assert all(did for _, did in ran)
     return root, [name for name, _ in ran]
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from conftest import DEMO_CONFIG
 from m3tune.manifest import read_manifest
 
 
@@ -16,7 +17,7 @@ def test_full_run_on_s3_matches_local(full_run, s3_root, s3_endpoint):
     local, steps = full_run
     env = {**os.environ, "M3TUNE_S3_ENDPOINT": s3_endpoint}
 
-    first = m3tune("run", "--root", s3_root.uri, env=env)
+    first = m3tune("run", "--root", s3_root.uri, "--config", str(DEMO_CONFIG), env=env)
     assert first.returncode == 0, first.stderr
     assert s3_root.uri in first.stdout
 
@@ -33,10 +34,10 @@ def test_full_run_on_s3_matches_local(full_run, s3_root, s3_endpoint):
         assert s3_manifest.config_digest == local_manifest.config_digest, step
         assert s3_manifest.counts == local_manifest.counts, step
 
-    second = m3tune("run", "--root", s3_root.uri, env=env)
+    second = m3tune("run", "--root", s3_root.uri, "--config", str(DEMO_CONFIG), env=env)
     assert second.returncode == 0 and second.stdout.count("skipped (done)") == len(steps)
 
-    status = m3tune("status", "--root", s3_root.uri, "--json", env=env)
+    status = m3tune("status", "--root", s3_root.uri, "--config", str(DEMO_CONFIG), "--json", env=env)
     assert status.returncode == 0, status.stderr
     states = {s["step"]: s["state"] for s in json.loads(status.stdout)}
     assert states == {step: "done" for step in steps}

@@ -177,7 +177,8 @@ def pipeline_status(root: Store, configs: dict[str, BaseModel] | None = None) ->
     """Status of the pipeline's steps against CONFIGS (else defaults), as `m3tune run` would see them,
     and of any other step that has run in ROOT (against the config it recorded)."""
     statuses = []
-    for name, step in STEPS.items():
+    for name in PIPELINE + [n for n in STEPS if n not in PIPELINE]:
+        step = STEPS[name]
         config = (configs or {}).get(name)
         if name not in PIPELINE:
             if not root.child(name).list():

@@ -43,6 +43,8 @@ def _steps() -> dict[str, Step]:
     from m3tune.generation.conceptual import GenerateConceptualConfig, generate_conceptual, generate_conceptual_inputs
     from m3tune.generation.plan import plan_conceptual, plan_queries
     from m3tune.generation.queries import GenerateQueriesConfig, generate_queries, generate_queries_inputs
+    from m3tune.index.step import IndexConfig, index
+    from m3tune.mining.mine import MineConfig, mine_negatives, plan_mining
 
     steps = [
         Step("ingest", ingest, IngestConfig, "build passages.jsonl from the packaged Quran and hadith corpora and user files",
@@ -53,6 +55,11 @@ def _steps() -> dict[str, Step]:
         Step("generate-conceptual", generate_conceptual, GenerateConceptualConfig,
              "thematic queries over a curated theme list, each with every passage assigned to it (LLM or offline)",
              needs=("ingest",), external_inputs=generate_conceptual_inputs, plan=plan_conceptual),
+        Step("index", index, IndexConfig, "encode the corpus and build its vector index (Qdrant or exact)",
+             needs=("ingest",)),
+        Step("mine-negatives", mine_negatives, MineConfig,
+             "hard, semi-hard and random negatives per query, false negatives filtered out",
+             needs=("ingest", "generate-queries", "generate-conceptual", "index"), plan=plan_mining),
         # Until `combine` lands, analyze gates the generated queries.
         Step("analyze", analyze, AnalyzeConfig, "report shares by language, type and source against targets",
              needs=("generate-queries", "generate-conceptual"), external_inputs=analyze_inputs,
@@ -65,7 +72,7 @@ def _steps() -> dict[str, Step]:
 STEPS: dict[str, Step] = _steps()
 
 # What `m3tune run` runs, in order.
-PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "analyze"]
+PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "analyze", "index", "mine-negatives"]
 
 
 def get_step(name: str) -> Step:

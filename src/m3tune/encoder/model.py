@@ -1,0 +1,88 @@
+"""Encode texts with a Hugging Face encoder: BGE-M3's dense embedding by default.
+
+BGE-M3's dense vector is the hidden state of the first token (CLS pooling),
+L2-normalised; `pooling="mean"` serves encoders trained that way. Batches are
+formed from texts sorted by length (less padding, the same result), run in
+bf16/fp16 on a GPU and fp32 on CPU, and returned in the input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from m3tune.encoder.tiny import resolve
+from m3tune.errors import UserError
+
+log = logging.getLogger("m3tune.encoder")
+
+Pooling = Literal["cls", "mean"]
+
+
+class Encoder:
+    def __init__(self, model: str, *, pooling: Pooling = "cls", max_length: int = 512, batch_size: int = 32,
+                 device: str | None = None, dtype: str = "auto", query_instruction: str | None = None):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bars and logs say what is happening
+        hf_logging.set_verbosity_error()
+        self.name, self.pooling, self.max_length, self.batch_size = model, pooling, max_length, batch_size
+        self.query_instruction = query_instruction
+        path = resolve(model)
+        if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
+            raise UserError(f"model {model!r}: no such folder, and not a hub id (namespace/name)")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        if torch_dtype is None:
+            torch_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+                if self.device.startswith("cuda") else torch.float32
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        except OSError as e:
+            raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+        self.dim = int(self.model.config.hidden_size)
+        self.fingerprint = _fingerprint(model, path, pooling, max_length, query_instruction)
+
+    def encode(self, texts: Sequence[str], *, queries: bool = False, desc: str = "encode") -> np.ndarray:
+        """L2-normalised float32 vectors of TEXTS, in order (queries get the query instruction)."""
+        import torch
+
+        from m3tune.progress import track
+
+        prefix = self.query_instruction if queries and self.query_instruction else ""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        with torch.inference_mode():
+            for batch in track(batches, description=desc, total=len(batches)):
+                tokens = self.tokenizer([prefix + texts[i] for i in batch], padding=True, truncation=True,
+                                        max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**tokens).last_hidden_state
+                if self.pooling == "cls":
+                    pooled = hidden[:, 0]
+                else:
+                    mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+                out[batch] = pooled.cpu().numpy()
+        return out
+
+
+def _fingerprint(model: str, path: str, pooling: str, max_length: int, instruction: str | None) -> str:
+    """Identifies what the vectors depend on: a local model's config and weight files, or the hub id."""
+    parts = {"model": model, "pooling": pooling, "max_length": max_length, "instruction": instruction}
+    folder = Path(path)
+    if folder.is_dir():
+        parts["config"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+        parts["weights"] = sorted((f.name, f.stat().st_size) for f in folder.iterdir()
+                                  if f.suffix in (".safetensors", ".bin"))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

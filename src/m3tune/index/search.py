@@ -1,0 +1,115 @@
+"""One search interface, two backends.
+
+- `ExactIndex`: chunked matrix product and a partial sort, in numpy: exact,
+  no server, memory-bounded by the chunk size.
+- `QdrantIndex`: a Qdrant collection through `qdrant-client`, in local mode
+  (`QdrantClient(path=…)`, the default, built from the index step's vectors)
+  or on a server (`url`), where it can also be an existing production
+  collection whose points already hold the vectors and a `passage_id` payload.
+
+Both return, per query, the K best (score, passage id) pairs, best first.
+Scores are inner products of L2-normalised vectors, i.e. cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from m3tune.errors import UserError
+
+log = logging.getLogger("m3tune.index")
+
+Hits = list[list[tuple[float, str]]]
+
+# Local mode warns past 20,000 points (our corpus has 21,176); its cost is measured in
+# docs/benchmarks.md instead, and a server is one option away (qdrant_url).
+warnings.filterwarnings("ignore", message="Local mode is not recommended", category=UserWarning)
+
+
+class ExactIndex:
+    def __init__(self, vectors: np.ndarray, ids: Sequence[str], *, chunk: int = 512):
+        if len(vectors) != len(ids):
+            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.ids = list(ids)
+        self.chunk = chunk
+
+    def search(self, queries: np.ndarray, k: int) -> Hits:
+        k = min(k, len(self.ids))
+        out: Hits = []
+        for start in range(0, len(queries), self.chunk):
+            scores = queries[start:start + self.chunk] @ self.vectors.T
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+                np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+            top_scores = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            for row_idx, row_scores in zip(np.take_along_axis(top, order, axis=1),
+                                           np.take_along_axis(top_scores, order, axis=1)):
+                out.append([(float(s), self.ids[i]) for s, i in zip(row_scores, row_idx)])
+        return out
+
+
+class QdrantIndex:
+    def __init__(self, collection: str, *, path: str | None = None, url: str | None = None,
+                 api_key: str | None = None, timeout: int = 60):
+        from qdrant_client import QdrantClient
+
+        self.collection = collection
+        try:
+            self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False) if url else \
+                QdrantClient(path=path) if path else QdrantClient(":memory:")
+        except Exception as e:  # qdrant-client raises many kinds: connection, lock, value
+            raise UserError(f"cannot open Qdrant {'at ' + url if url else 'in ' + str(path)}: {e}") from None
+        self.where = url or path or ":memory:"
+
+    def _call(self, what: str, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"Qdrant {what} on collection {self.collection!r} at {self.where} failed: "
+                            f"{type(e).__name__}: {str(e)[:300]}") from None
+
+    def exists(self) -> bool:
+        return bool(self._call("collection_exists", self.client.collection_exists, self.collection))
+
+    def count(self) -> int:
+        return int(self._call("count", self.client.count, self.collection, exact=True).count)
+
+    def build(self, vectors: np.ndarray, ids: Sequence[str], sources: Sequence[str]) -> None:
+        """(Re)create the collection with VECTORS; payload: passage id and source."""
+        from qdrant_client import models
+
+        if self.exists():
+            self._call("delete_collection", self.client.delete_collection, self.collection)
+        self._call("create_collection", self.client.create_collection, self.collection,
+                   vectors_config=models.VectorParams(size=int(vectors.shape[1]), distance=models.Distance.DOT))
+        self._call("upload_collection", self.client.upload_collection, self.collection, vectors=vectors,
+                   payload=[{"passage_id": i, "source": s} for i, s in zip(ids, sources)],
+                   ids=list(range(len(ids))), batch_size=256, wait=True)
+
+    def search(self, queries: np.ndarray, k: int, *, batch: int = 64) -> Hits:
+        from qdrant_client import models
+
+        if not self.exists():
+            raise UserError(f"Qdrant collection {self.collection!r} does not exist at {self.where}")
+        out: Hits = []
+        for start in range(0, len(queries), batch):
+            requests = [models.QueryRequest(query=q.tolist(), limit=k, with_payload=["passage_id"])
+                        for q in queries[start:start + batch]]
+            for response in self._call("query", self.client.query_batch_points, self.collection, requests=requests):
+                hits = []
+                for p in response.points:
+                    if not p.payload or "passage_id" not in p.payload:
+                        raise UserError(f"Qdrant collection {self.collection!r}: point {p.id} has no passage_id payload")
+                    hits.append((float(p.score), str(p.payload["passage_id"])))
+                out.append(hits)
+        return out
+
+    def close(self) -> None:
+        self.client.close()

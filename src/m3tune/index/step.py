@@ -1,0 +1,113 @@
+"""The `index` step: encode the corpus once; publish its vectors; build the Qdrant collection.
+
+Outputs: `vectors.npy` (float32, one row per passage), `ids.jsonl` (passage
+id and source, in row order) and `index.json` (the encoder settings, its
+fingerprint, the backend and the collection), which `mine-negatives` reads so
+that queries are encoded exactly as the passages were. With the Qdrant
+backend the collection is uploaded to the server (`qdrant_url`) or, in local
+mode, built under the local cache folder; either way it is named after the
+encoder fingerprint and the corpus digest, so a new model or corpus never
+searches an old collection.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from m3tune.context import StepContext
+from m3tune.errors import UserError
+
+
+class EncoderSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default="BAAI/bge-m3", description="Hugging Face model id or folder; local:tiny-xlmr is "
+                       "the tiny offline stand-in built with the real XLM-R tokenizer")
+    pooling: Literal["cls", "mean"] = Field(default="cls", description="cls for BGE-M3; mean for mean-pooled encoders")
+    max_length: int = Field(default=512, ge=8, description="tokens per text (longer ones are truncated)")
+    batch_size: int = Field(default=32, ge=1, description="texts per forward pass (sorted by length)")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
+    query_instruction: str | None = Field(default=None, description="prefix for queries (BGE-M3 needs none)")
+
+
+class IndexConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings, description="the encoder")
+    backend: Literal["qdrant", "exact"] = Field(default="qdrant", description="qdrant (local mode, or a server "
+                                                "with qdrant_url) or exact (numpy matrix product)")
+    qdrant_url: str | None = Field(default=None, description="Qdrant server URL; none: local mode")
+    qdrant_api_key_env: str = Field(default="QDRANT_API_KEY", description="variable holding the Qdrant API key, if any")
+    collection: str | None = Field(default=None, description="collection name (default: from the encoder and "
+                                   "corpus digests); an existing production collection may be named")
+    embeddings_cache: str | None = Field(default=None, description="where encoded texts are cached (path or "
+                                         "URI; default: the local m3tune cache folder)")
+
+
+def cache_store(uri: str | None):
+    from m3tune.encoder.tiny import cache_dir
+    from m3tune.storage import LocalStore, open_store
+
+    return open_store(uri) if uri else LocalStore(cache_dir() / "embeddings")
+
+
+def local_qdrant_path(collection: str) -> str:
+    from m3tune.encoder.tiny import cache_dir
+
+    return str(cache_dir() / "qdrant" / collection)
+
+
+def open_qdrant(collection: str, url: str | None, api_key_env: str):
+    import os
+
+    from m3tune.index.search import QdrantIndex
+
+    if url:
+        return QdrantIndex(collection, url=url, api_key=os.environ.get(api_key_env) or None)
+    return QdrantIndex(collection, path=local_qdrant_path(collection))
+
+
+def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url: str | None,
+          qdrant_api_key_env: str, collection: str | None, embeddings_cache: str | None) -> dict[str, Any]:
+    import numpy as np
+
+    from m3tune.encoder.cache import EmbeddingCache
+    from m3tune.encoder.model import Encoder
+    from m3tune.jsonl import read_records
+    from m3tune.manifest import read_manifest
+    from m3tune.records import Passage
+
+    passages = list(read_records(ctx.root.child("ingest"), "passages.jsonl", Passage))
+    if not passages:
+        raise UserError("the corpus is empty: nothing to index")
+    settings = EncoderSettings.model_validate(encoder)
+    model = Encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
+                    batch_size=settings.batch_size, dtype=settings.dtype, query_instruction=settings.query_instruction)
+    ctx.log.info("encoding %s passages with %s (%d dims, fingerprint %s)", f"{len(passages):,}", settings.model,
+                 model.dim, model.fingerprint)
+    vectors = EmbeddingCache(cache_store(embeddings_cache), model.fingerprint).encode(
+        model, [p.text for p in passages], desc="encode passages")
+    corpus_digest = read_manifest(ctx.root.child("ingest")).outputs["passages.jsonl"].sha256
+    name = collection or f"m3tune-{model.fingerprint}-{corpus_digest[:12]}"
+
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    ctx.write_bytes("vectors.npy", buffer.getvalue())
+    with ctx.write_jsonl("ids.jsonl") as out:
+        out.write_all({"id": p.id, "source": p.source} for p in passages)
+    info = {**settings.model_dump(), "fingerprint": model.fingerprint, "dim": model.dim, "rows": len(passages),
+            "corpus_sha256": corpus_digest, "backend": backend, "collection": name, "qdrant_url": qdrant_url,
+            "qdrant_api_key_env": qdrant_api_key_env, "embeddings_cache": embeddings_cache}
+    ctx.write_bytes("index.json", json.dumps(info, indent=2).encode() + b"\n")
+    if backend == "qdrant":
+        qdrant = open_qdrant(name, qdrant_url, qdrant_api_key_env)
+        try:
+            qdrant.build(vectors, [p.id for p in passages], [p.source for p in passages])
+            ctx.log.info("Qdrant collection %s: %s points at %s", name, f"{qdrant.count():,}", qdrant.where)
+        finally:
+            qdrant.close()
+    return {"counts": {"passages": len(passages), "dim": model.dim}, "metrics": {}}

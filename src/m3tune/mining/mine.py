@@ -1,0 +1,212 @@
+"""The `mine-negatives` step: for each generated query, hard, semi-hard and random negatives.
+
+For each query (both generation steps' `queries.jsonl`), the index is
+searched to rank `end_rank`; the candidates at ranks [start_rank, end_rank)
+that pass the false-negative rules (`mining/filters.py`) form the window.
+Hard negatives come from its top, semi-hard ones from its middle, random
+ones from the corpus (the query's source), all passing the same rules. The
+top `start_rank` ranks are skipped: that is where unlabelled answers sit.
+Output: Example records (FlagEmbedding's query/pos/neg, plus ids, scores,
+query id, language, type, source), one per query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections import Counter
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from m3tune.context import StepContext
+from m3tune.errors import UserError
+from m3tune.records import Example, Passage, Query
+
+QUERY_FILES = (("generate-queries", "queries.jsonl"), ("generate-conceptual", "queries.jsonl"))
+
+
+class MineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start_rank: int = Field(default=10, ge=0, description="first rank of the candidate window")
+    end_rank: int = Field(default=200, ge=1, description="end of the candidate window (exclusive)")
+    threshold: float = Field(default=0.95, gt=0, description="drop a candidate scored above this × the query's "
+                             "lowest positive score")
+    jaccard: float = Field(default=0.6, gt=0, le=1, description="drop a candidate sharing this share of tokens "
+                           "(Jaccard) with a positive")
+    hard: int = Field(default=4, ge=0, description="hard negatives per query (top of the window)")
+    semi_hard: int = Field(default=2, ge=0, description="semi-hard negatives per query (middle of the window)")
+    random: int = Field(default=1, ge=0, description="random negatives per query (corpus, same source)")
+    source: Literal["quran", "hadith", "all"] = Field(default="all", description="mine for these queries only")
+    max_positives: int = Field(default=8, ge=1, description="positive texts written per example (all positive "
+                               "ids still guard the negatives)")
+    seed: int = Field(default=13, description="seed of the random negatives")
+
+    @model_validator(mode="after")
+    def _window(self) -> "MineConfig":
+        if self.end_rank <= self.start_rank:
+            raise ValueError(f"end_rank ({self.end_rank}) must be above start_rank ({self.start_rank})")
+        return self
+
+
+def load_queries(ctx: StepContext) -> list[Query]:
+    from m3tune.jsonl import read_records
+
+    out: list[Query] = []
+    for step, name in QUERY_FILES:
+        if ctx.root.child(step).exists(name):
+            out += read_records(ctx.root.child(step), name, Query)
+    return out
+
+
+def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], query_vectors, k: int):
+    from m3tune.index.search import ExactIndex
+
+    if info["backend"] == "exact":
+        return ExactIndex(vectors, ids).search(query_vectors, k)
+    from m3tune.index.step import open_qdrant
+
+    qdrant = open_qdrant(info["collection"], info.get("qdrant_url"), info.get("qdrant_api_key_env", "QDRANT_API_KEY"))
+    try:
+        if not info.get("qdrant_url") and (not qdrant.exists() or qdrant.count() != len(ids)):
+            # local mode lives on this machine's disk: rebuilt from the published vectors where missing
+            qdrant.build(vectors, ids, sources)
+        return qdrant.search(query_vectors, k)
+    finally:
+        qdrant.close()
+
+
+def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int, end_rank: int, threshold: float,
+         jaccard: float, hard: int, semi_hard: int, random: int, source: str, max_positives: int,
+         seed: int) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
+    """(examples, counts, rejects) for QUERIES against the index published in ROOT/index."""
+    import numpy as np
+
+    from m3tune.arabic import tokens
+    from m3tune.encoder.cache import EmbeddingCache
+    from m3tune.encoder.model import Encoder
+    from m3tune.generation.base import twins
+    from m3tune.index.step import cache_store
+    from m3tune.mining.filters import FalseNegativeFilter, pick_mix
+
+    folder = root.child("index")
+    info = json.loads(folder.read_bytes("index.json"))
+    vectors = np.load(io.BytesIO(folder.read_bytes("vectors.npy")))  # np.load needs a seekable file
+    rows = [json.loads(line) for line in folder.read_bytes("ids.jsonl").splitlines()]
+    ids = [r["id"] for r in rows]
+    row_of = {pid: i for i, pid in enumerate(ids)}
+    by_id = {p.id: p for p in passages}
+    if set(by_id) != set(row_of):
+        raise UserError("the index does not match the corpus (rerun the index step)")
+
+    rejects: list[dict[str, Any]] = []
+    kept_queries = []
+    for q in queries:
+        if source != "all" and q.source != source:
+            continue
+        unknown = [pid for pid in q.positive_ids if pid not in by_id]
+        if unknown:
+            rejects.append({"query_id": q.id, "reason": "unknown_positive", "ids": unknown})
+            continue
+        kept_queries.append(q)
+    counts: Counter[str] = Counter(queries=len(kept_queries))
+    counts["rejected_unknown_positive"] = len(rejects)
+    if not kept_queries:
+        return [], dict(counts), rejects
+
+    encoder = Encoder(info["model"], pooling=info["pooling"], max_length=info["max_length"],
+                      batch_size=info["batch_size"], dtype=info["dtype"], query_instruction=info["query_instruction"])
+    if encoder.fingerprint != info["fingerprint"]:
+        raise UserError(f"the encoder {info['model']!r} is not the one that built the index (fingerprint "
+                        f"{encoder.fingerprint} != {info['fingerprint']}): rerun the index step")
+    query_vectors = EmbeddingCache(cache_store(info.get("embeddings_cache")), encoder.fingerprint).encode(
+        encoder, [q.query for q in kept_queries], queries=True, desc="encode queries")
+    hits = _search(info, vectors, ids, [r["source"] for r in rows], query_vectors, end_rank)
+
+    token_sets: dict[str, frozenset[str]] = {}
+
+    def toks(pid: str) -> frozenset[str]:
+        if pid not in token_sets:
+            token_sets[pid] = frozenset(tokens(by_id[pid].text_plain))
+        return token_sets[pid]
+
+    rules = FalseNegativeFilter(threshold=threshold, jaccard=jaccard, tokens=toks)
+    same_text = twins(passages)
+    pool = {s: [p.id for p in passages if p.source == s] for s in ("quran", "hadith")}
+    pool["mixed"] = ids
+    examples: list[Example] = []
+    for q, qv, ranked in zip(kept_queries, query_vectors, hits):
+        positives = {t for pid in q.positive_ids for t in same_text[pid]}
+        pos_rows = [row_of[pid] for pid in q.positive_ids]
+        pos_scores = vectors[pos_rows] @ qv
+        min_pos = float(pos_scores.min())
+        pos_tokens = [toks(pid) for pid in q.positive_ids]
+        window = ranked[start_rank:end_rank]
+        counts["candidates"] += len(window)
+        survivors = rules.keep(window, positives, pos_tokens, min_pos)
+        hard_picks, semi_picks = pick_mix(survivors, hard=hard, semi_hard=semi_hard)
+        chosen = {pid for _, pid in hard_picks + semi_picks}
+        rng = random_for(seed, q.id)
+        random_picks: list[tuple[float, str]] = []
+        candidates = pool.get(q.source, ids)
+        for _ in range(random * 20):
+            if len(random_picks) >= random:
+                break
+            pid = candidates[rng.randrange(len(candidates))]
+            if pid in chosen:
+                continue
+            score = float(vectors[row_of[pid]] @ qv)
+            if rules.reason(pid, score, positives, pos_tokens, min_pos) is None:
+                random_picks.append((score, pid))
+                chosen.add(pid)
+        negatives = hard_picks + semi_picks + random_picks
+        counts["hard"] += len(hard_picks)
+        counts["semi_hard"] += len(semi_picks)
+        counts["random"] += len(random_picks)
+        if len(negatives) < hard + semi_hard + random:
+            counts["examples_short_of_negatives"] += 1
+        shown = q.positive_ids[:max_positives]
+        examples.append(Example(
+            query=q.query, pos=[by_id[p].text for p in shown], neg=[by_id[p].text for _, p in negatives],
+            pos_ids=shown, neg_ids=[p for _, p in negatives],
+            pos_scores=[round(float(s), 6) for s in pos_scores[:len(shown)]],
+            neg_scores=[round(s, 6) for s, _ in negatives], query_id=q.id, language=q.language, type=q.type,
+            source=q.source))
+    result = dict(counts)
+    result["examples"] = len(examples)
+    result["dropped"] = dict(rules.dropped)
+    return examples, result, rejects
+
+
+def random_for(seed: int, key: str) -> random.Random:
+    """A generator of its own per query: the same negatives whatever the order or sharding of queries."""
+    return random.Random(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16))
+
+
+def mine_negatives(ctx: StepContext, **config: Any) -> dict[str, Any]:
+    from m3tune.jsonl import read_records
+
+    passages = list(read_records(ctx.root.child("ingest"), "passages.jsonl", Passage))
+    queries = load_queries(ctx)
+    examples, counts, rejects = mine(ctx.root, queries, passages, **config)
+    with ctx.write_jsonl("examples.jsonl") as out:
+        out.write_all(examples)
+    with ctx.write_jsonl("rejects.jsonl") as out:
+        out.write_all(rejects)
+    ctx.log.info("%s examples; negatives: %s hard, %s semi-hard, %s random; dropped: %s", f"{len(examples):,}",
+                 counts.get("hard", 0), counts.get("semi_hard", 0), counts.get("random", 0), counts.get("dropped"))
+    return {"counts": counts, "metrics": {}}
+
+
+def plan_mining(root, config: MineConfig) -> str:
+    """`--dry-run`: the counts a run would give, nothing written."""
+    from m3tune.context import StepContext
+    from m3tune.jsonl import read_records
+
+    ctx = StepContext(root=root, name="mine-negatives")
+    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    _, counts, _ = mine(root, load_queries(ctx), passages, **config.model_dump())
+    return "mine-negatives (dry run, nothing written):\n" + json.dumps(counts, indent=2)

@@ -1,0 +1,151 @@
+"""Encoder, index backends, and negative mining on the real corpus with the tiny local model."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from m3tune.arabic import tokens
+from m3tune.encoder.cache import EmbeddingCache
+from m3tune.encoder.model import Encoder
+from m3tune.encoder.tiny import TINY, build_tiny
+from m3tune.errors import UserError
+from m3tune.generation.base import twins
+from m3tune.index.search import ExactIndex, QdrantIndex
+from m3tune.jsonl import read_records
+from m3tune.mining.filters import FalseNegativeFilter, jaccard, pick_mix
+from m3tune.records import Example, Passage, Query
+from m3tune.storage import LocalStore
+
+
+def unit_vectors(n, dim, seed):
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_exact_and_qdrant_return_the_same_top_200(tmp_path):
+    vectors, queries = unit_vectors(3000, 32, 0), unit_vectors(40, 32, 1)
+    ids = [f"hadith:{i}" for i in range(3000)]
+    exact = ExactIndex(vectors, ids, chunk=7).search(queries, 200)
+    qdrant = QdrantIndex("same", path=str(tmp_path / "q"))
+    qdrant.build(vectors, ids, ["hadith"] * 3000)
+    try:
+        assert qdrant.count() == 3000
+        approx = qdrant.search(queries, 200)
+    finally:
+        qdrant.close()
+    for e, q in zip(exact, approx):
+        assert [pid for _, pid in e] == [pid for _, pid in q]  # random vectors: no ties
+        assert max(abs(a - b) for (a, _), (b, _) in zip(e, q)) < 1e-5
+        assert [s for s, _ in e] == sorted((s for s, _ in e), reverse=True)
+
+
+def test_a_qdrant_server_that_refuses_is_a_clear_error():
+    index = QdrantIndex("c", url="http://127.0.0.1:9", timeout=2)
+    with pytest.raises(UserError, match="Qdrant collection_exists on collection 'c' at http://127.0.0.1:9 failed"):
+        index.search(unit_vectors(1, 8, 0), 5)
+
+
+def test_tiny_model_is_built_the_same_everywhere(tmp_path):
+    a, b = build_tiny(tmp_path / "a"), build_tiny(tmp_path / "b")
+    digest = [hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest() for p in (a, b)]
+    assert digest[0] == digest[1]
+    config = json.loads((a / "config.json").read_text())
+    assert config["vocab_size"] == 250002 and config["model_type"] == "xlm-roberta"
+
+
+def test_encoder_keeps_order_normalises_and_caches(tmp_path):
+    encoder = Encoder(TINY, batch_size=2)
+    texts = ["آيات عن الصبر", "a much longer English text about patience and prayer", "الصلاة", "x"]
+    together = encoder.encode(texts)
+    alone = np.stack([encoder.encode([t])[0] for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1, atol=1e-5)
+    calls = []
+    real = encoder.encode
+    encoder.encode = lambda batch, **kw: calls.append(len(batch)) or real(batch, **kw)
+    cache = EmbeddingCache(LocalStore(tmp_path), encoder.fingerprint)
+    first = cache.encode(encoder, texts)
+    again = EmbeddingCache(LocalStore(tmp_path), encoder.fingerprint).encode(encoder, texts + ["new"])
+    assert calls == [4, 1]  # the second run encoded only the new text
+    assert np.allclose(first, again[:4])
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        Encoder(str(tmp_path / "nope"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(-1, 1), st.integers(0, 30)), min_size=1, max_size=40),
+       st.sets(st.integers(0, 30), min_size=1, max_size=5), st.floats(0.05, 1), st.floats(0.1, 1), st.floats(0.5, 1))
+def test_kept_candidates_pass_every_rule(candidates, positives, min_pos, max_jaccard, threshold):
+    """Property: whatever the scores and texts, no kept negative is a positive or breaks a rule."""
+    words = [frozenset({f"w{i % 7}", f"w{i % 5}", f"w{i}"}) for i in range(31)]
+    rules = FalseNegativeFilter(threshold=threshold, jaccard=max_jaccard, tokens=lambda pid: words[int(pid)])
+    pos_ids = {str(p) for p in positives}
+    pos_tokens = [words[p] for p in positives]
+    kept = rules.keep([(s, str(i)) for s, i in candidates], pos_ids, pos_tokens, min_pos)
+    for score, pid in kept:
+        assert pid not in pos_ids
+        assert score <= threshold * min_pos
+        assert all(jaccard(words[int(pid)], p) < max_jaccard for p in pos_tokens)
+    assert len(kept) + sum(rules.dropped.values()) == len(candidates)
+
+
+def test_mix_takes_hard_from_the_top_and_semi_hard_from_the_middle():
+    survivors = [(1 - i / 100, f"p{i}") for i in range(21)]
+    hard, semi = pick_mix(survivors, hard=4, semi_hard=2)
+    assert [p for _, p in hard] == ["p0", "p1", "p2", "p3"]
+    assert [p for _, p in semi] == ["p11", "p12"]
+    assert pick_mix(survivors[:3], hard=4, semi_hard=2) == (survivors[:3], [])
+
+
+def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_filters(full_run):
+    root, _ = full_run
+    passages = {p.id: p for p in read_records(root.child("ingest"), "passages.jsonl", Passage)}
+    queries = {q.id: q for step in ("generate-queries", "generate-conceptual")
+               for q in read_records(root.child(step), "queries.jsonl", Query)}
+    same_text = twins(list(passages.values()))
+    manifest = json.loads(root.child("mine-negatives").read_bytes("_manifest.json"))
+    config, counts = manifest["config"], manifest["counts"]
+    examples = list(read_records(root.child("mine-negatives"), "examples.jsonl", Example))
+    assert len(examples) == counts["examples"] == len(queries)
+    negatives = 0
+    for ex in examples:
+        q = queries[ex.query_id]
+        forbidden = {t for pid in q.positive_ids for t in same_text[pid]}
+        assert not forbidden & set(ex.neg_ids), ex.query_id  # thematic queries included
+        assert len(set(ex.neg_ids)) == len(ex.neg_ids)
+        min_pos = min(ex.pos_scores) if len(q.positive_ids) <= config["max_positives"] else None
+        pos_tokens = [frozenset(tokens(passages[p].text_plain)) for p in q.positive_ids]
+        for nid, score in zip(ex.neg_ids, ex.neg_scores):
+            negatives += 1
+            if min_pos is not None:
+                assert score <= config["threshold"] * min_pos + 1e-6
+            neg_tokens = frozenset(tokens(passages[nid].text_plain))
+            assert all(jaccard(neg_tokens, p) < config["jaccard"] for p in pos_tokens)
+        assert ex.pos == [passages[p].text for p in ex.pos_ids]
+    assert negatives == counts["hard"] + counts["semi_hard"] + counts["random"] > 0
+    assert set(counts["dropped"]) <= {"positive", "positive_aware", "jaccard"} and counts["dropped"]
+    assert counts["candidates"] == len(examples) * (config["end_rank"] - config["start_rank"])
+
+
+def test_unknown_positive_is_a_counted_reject(full_run, tmp_path):
+    from m3tune.mining.mine import mine
+
+    root, _ = full_run
+    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    gen = {"backend": "offline", "model": "m", "prompt_version": "v"}
+    queries = [Query(id="ok", query="آيات عن الصبر", language="ar", type="conceptual", positive_ids=["quran:2:153"],
+                     source="quran", generator=gen),
+               Query(id="bad", query="الصبر", language="ar", type="question", positive_ids=["quran:999:1"],
+                     source="quran", generator=gen)]
+    examples, counts, rejects = mine(root, queries, passages, start_rank=10, end_rank=50, threshold=0.95,
+                                     jaccard=0.6, hard=2, semi_hard=1, random=1, source="all", max_positives=4, seed=1)
+    assert [e.query_id for e in examples] == ["ok"]
+    assert rejects == [{"query_id": "bad", "reason": "unknown_positive", "ids": ["quran:999:1"]}]
+    assert counts["rejected_unknown_positive"] == 1
