@@ -149,3 +149,36 @@ def test_unknown_positive_is_a_counted_reject(full_run, tmp_path):
     assert [e.query_id for e in examples] == ["ok"]
     assert rejects == [{"query_id": "bad", "reason": "unknown_positive", "ids": ["quran:999:1"]}]
     assert counts["rejected_unknown_positive"] == 1
+
+
+def test_filter_negatives_removes_false_negatives_and_never_touches_positives(local_root, tmp_path, full_run):
+    from m3tune.executor import run_step
+    from m3tune.index.step import EncoderSettings
+    from m3tune.mining.filter_existing import FilterConfig
+
+    root, _ = full_run
+    by_id = {p.id: p for p in read_records(root.child("ingest"), "passages.jsonl", Passage)}
+    pos = by_id["quran:2:153"].text
+    near_copy = " ".join(pos.split()[:-1])  # the verse less its last word: not the same text, Jaccard 0.9
+    rows = [
+        {"query": "الصبر والصلاة", "pos": [pos], "neg": [near_copy, by_id["bukhari:1"].text, pos],
+         "prompt": "kept as is"},
+        {"query": "النية", "pos": [by_id["bukhari:1"].text], "neg": [by_id["bukhari:1"].text],
+         "pos_ids": ["bukhari:1"], "neg_ids": ["bukhari:1"]},
+    ]
+    path = tmp_path / "old.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "{broken\n", encoding="utf-8")
+    cfg = FilterConfig(input=str(path), encoder=EncoderSettings(model="local:tiny-xlmr"), threshold=10.0,
+                       skip_invalid=True)
+    manifest, _ = run_step(local_root, "filter-negatives", cfg)
+    out = list(read_records(local_root.child("filter-negatives"), "examples.jsonl", Example))
+    assert len(out) == 1 and out[0].pos == [pos] and out[0].model_extra == {"prompt": "kept as is"}
+    assert out[0].neg == [by_id["bukhari:1"].text]  # the near copy (jaccard) and the positive itself are gone
+    counts = manifest.counts
+    assert counts["removed"] == {"jaccard": 1, "positive": 2} and counts["negatives_in"] == 4
+    assert counts["examples_dropped_too_few_negatives"] == 1 and counts["rejected_lines"] == 1
+    assert manifest.metrics["removed_share"] == 0.75
+    # a strict threshold: every negative scoring above 0.95 x the positive goes too
+    manifest, _ = run_step(local_root, "filter-negatives", cfg.model_copy(update={"threshold": 0.95, "min_negatives": 0}))
+    kept = list(read_records(local_root.child("filter-negatives"), "examples.jsonl", Example))
+    assert all(s <= 0.95 * min(e.pos_scores) + 1e-6 for e in kept for s in e.neg_scores)

@@ -44,6 +44,7 @@ def _steps() -> dict[str, Step]:
     from m3tune.generation.plan import plan_conceptual, plan_queries
     from m3tune.generation.queries import GenerateQueriesConfig, generate_queries, generate_queries_inputs
     from m3tune.index.step import IndexConfig, index
+    from m3tune.mining.filter_existing import FilterConfig, filter_inputs, filter_negatives
     from m3tune.mining.mine import MineConfig, mine_negatives, plan_mining
 
     steps = [
@@ -60,6 +61,9 @@ def _steps() -> dict[str, Step]:
         Step("mine-negatives", mine_negatives, MineConfig,
              "hard, semi-hard and random negatives per query, false negatives filtered out",
              needs=("ingest", "generate-queries", "generate-conceptual", "index"), plan=plan_mining),
+        Step("filter-negatives", filter_negatives, FilterConfig,
+             "remove false negatives from an existing training file (FlagEmbedding format)",
+             external_inputs=filter_inputs),
         # Until `combine` lands, analyze gates the generated queries.
         Step("analyze", analyze, AnalyzeConfig, "report shares by language, type and source against targets",
              needs=("generate-queries", "generate-conceptual"), external_inputs=analyze_inputs,
