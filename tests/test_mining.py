@@ -113,7 +113,10 @@ def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_fi
     manifest = json.loads(root.child("mine-negatives").read_bytes("_manifest.json"))
     config, counts = manifest["config"], manifest["counts"]
     examples = list(read_records(root.child("mine-negatives"), "examples.jsonl", Example))
-    assert len(examples) == counts["examples"] == len(queries)
+    rejects = [json.loads(x) for x in root.child("mine-negatives").read_bytes("rejects.jsonl").splitlines()]
+    assert len(examples) == counts["examples"] == len(queries) - counts["rejected_inconsistent"] > 0
+    assert len(rejects) == counts["rejected_inconsistent"] and {r["reason"] for r in rejects} == {"inconsistent"}
+    assert not {e.query_id for e in examples} & {r["query_id"] for r in rejects}
     negatives = 0
     for ex in examples:
         q = queries[ex.query_id]
@@ -182,3 +185,24 @@ def test_filter_negatives_removes_false_negatives_and_never_touches_positives(lo
     manifest, _ = run_step(local_root, "filter-negatives", cfg.model_copy(update={"threshold": 0.95, "min_negatives": 0}))
     kept = list(read_records(local_root.child("filter-negatives"), "examples.jsonl", Example))
     assert all(s <= 0.95 * min(e.pos_scores) + 1e-6 for e in kept for s in e.neg_scores)
+
+
+def test_bm25_consistency_judge_finds_good_queries_and_not_vague_ones(full_run):
+    from m3tune.mining.consistency import bm25_top_k
+
+    root, _ = full_run
+    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    gen = {"backend": "offline", "model": "m", "prompt_version": "v"}
+
+    def q(text, lang, pid):
+        return Query(id=text, query=text, language=lang, type="question", positive_ids=[pid], source="quran",
+                     generator=gen)
+
+    good_ar = q("استعينوا بالصبر والصلاة", "ar", "quran:2:153")
+    good_en = q("seek help through patience and prayer", "en", "quran:2:153")
+    vague = q("ما هو الدين", "ar", "quran:2:153")
+    unknown = q("zzzz qqqq", "en", "quran:2:153")
+    top = bm25_top_k([good_ar, good_en, vague, unknown], passages, 20)
+    assert "quran:2:153" in top[0] and "quran:2:153" in top[1]
+    assert "quran:2:153" not in top[2]
+    assert top[3] == []

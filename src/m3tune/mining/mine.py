@@ -44,11 +44,17 @@ class MineConfig(BaseModel):
     max_positives: int = Field(default=8, ge=1, description="positive texts written per example (all positive "
                                "ids still guard the negatives)")
     seed: int = Field(default=13, description="seed of the random negatives")
+    consistency_k: int | None = Field(default=20, ge=1, description="drop a generated query none of whose "
+                                      "positives ranks in this top k under the judge (none: no check)")
+    consistency_judge: Literal["encoder", "bm25"] = Field(default="encoder", description="encoder (the index's "
+                                                          "ranking; a real run) or bm25 (offline, tiny encoder)")
 
     @model_validator(mode="after")
     def _window(self) -> "MineConfig":
         if self.end_rank <= self.start_rank:
             raise ValueError(f"end_rank ({self.end_rank}) must be above start_rank ({self.start_rank})")
+        if self.consistency_judge == "encoder" and self.consistency_k and self.consistency_k > self.end_rank:
+            raise ValueError(f"consistency_k ({self.consistency_k}) must not exceed end_rank ({self.end_rank})")
         return self
 
 
@@ -81,7 +87,8 @@ def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], q
 
 def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int, end_rank: int, threshold: float,
          jaccard: float, hard: int, semi_hard: int, random: int, source: str, max_positives: int,
-         seed: int) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
+         seed: int, consistency_k: int | None = None,
+         consistency_judge: str = "encoder") -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
     """(examples, counts, rejects) for QUERIES against the index published in ROOT/index."""
     import numpy as np
 
@@ -125,6 +132,28 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     query_vectors = EmbeddingCache(cache_store(info.get("embeddings_cache")), encoder.fingerprint).encode(
         encoder, [q.query for q in kept_queries], queries=True, desc="encode queries")
     hits = _search(info, vectors, ids, [r["source"] for r in rows], query_vectors, end_rank)
+    if consistency_k:
+        if consistency_judge == "bm25":
+            from m3tune.mining.consistency import bm25_top_k
+
+            judged = bm25_top_k(kept_queries, passages, consistency_k)
+        else:
+            judged = [[pid for _, pid in ranked[:consistency_k]] for ranked in hits]
+        consistent = []
+        for q, top in zip(kept_queries, judged):
+            if top is None:
+                counts["consistency_unjudged"] += 1
+            elif not set(q.positive_ids) & set(top):
+                counts["rejected_inconsistent"] += 1
+                rejects.append({"query_id": q.id, "reason": "inconsistent", "query": q.query,
+                                "judge": consistency_judge, "k": consistency_k})
+                continue
+            consistent.append(q)
+        keep = {q.id for q in consistent}
+        hits = [h for q, h in zip(kept_queries, hits) if q.id in keep]
+        query_vectors = query_vectors[[i for i, q in enumerate(kept_queries) if q.id in keep]]
+        kept_queries = consistent
+        counts["queries"] = len(kept_queries)
 
     token_sets: dict[str, frozenset[str]] = {}
 
