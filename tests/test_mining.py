@@ -206,3 +206,36 @@ def test_bm25_consistency_judge_finds_good_queries_and_not_vague_ones(full_run):
     assert "quran:2:153" in top[0] and "quran:2:153" in top[1]
     assert "quran:2:153" not in top[2]
     assert top[3] == []
+
+
+def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tmp_path):
+    """A production collection (vectors already there, passage_id payloads) is searched as it is, never replaced."""
+    from m3tune.executor import run_step
+    from m3tune.index.step import EncoderSettings, IndexConfig, local_qdrant_path
+    from m3tune.mining.mine import mine
+    from m3tune.storage import open_root
+
+    root, _ = full_run
+    folder = root.child("index")
+    info = json.loads(folder.read_bytes("index.json"))
+    vectors = np.load(folder.path / "vectors.npy")
+    rows = [json.loads(x) for x in folder.read_bytes("ids.jsonl").splitlines()]
+    prod = QdrantIndex("prod-passages", path=local_qdrant_path("prod-passages"))
+    prod.build(vectors, [r["id"] for r in rows], [r["source"] for r in rows])
+    prod.close()
+
+    other = open_root(str(tmp_path / "runs" / "prod"))
+    for name in ("passages.jsonl", "_manifest.json"):
+        other.child("ingest").write_bytes(name, root.child("ingest").read_bytes(name))
+    tiny = EncoderSettings(**{k: info[k] for k in EncoderSettings.model_fields})
+    with pytest.raises(UserError, match="was not made by m3tune: refusing to replace it"):
+        run_step(other, "index", IndexConfig(encoder=tiny, collection="prod-passages"))
+    run_step(other, "index", IndexConfig(encoder=tiny, collection="prod-passages", existing=True))
+    assert json.loads(other.child("index").read_bytes("index.json"))["existing"] is True
+
+    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    queries = list(read_records(root.child("generate-conceptual"), "queries.jsonl", Query))[:40]
+    config = json.loads(root.child("mine-negatives").read_bytes("_manifest.json"))["config"]
+    ours = mine(root, queries, passages, **config)[0]
+    theirs = mine(other, queries, passages, **config)[0]
+    assert [e.neg_ids for e in ours] == [e.neg_ids for e in theirs] and any(e.neg_ids for e in ours)

@@ -42,8 +42,11 @@ class IndexConfig(BaseModel):
                                                 "with qdrant_url) or exact (numpy matrix product)")
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL; none: local mode")
     qdrant_api_key_env: str = Field(default="QDRANT_API_KEY", description="variable holding the Qdrant API key, if any")
-    collection: str | None = Field(default=None, description="collection name (default: from the encoder and "
-                                   "corpus digests); an existing production collection may be named")
+    collection: str | None = Field(default=None, description="collection name (default: m3tune- plus the encoder "
+                                   "and corpus digests)")
+    existing: bool = Field(default=False, description="search an existing collection (named by collection) whose "
+                           "points already hold this encoder's vectors and a passage_id payload: nothing is "
+                           "uploaded, nothing deleted")
     embeddings_cache: str | None = Field(default=None, description="where encoded texts are cached (path or "
                                          "URI; default: the local m3tune cache folder)")
 
@@ -72,7 +75,8 @@ def open_qdrant(collection: str, url: str | None, api_key_env: str):
 
 
 def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url: str | None,
-          qdrant_api_key_env: str, collection: str | None, embeddings_cache: str | None) -> dict[str, Any]:
+          qdrant_api_key_env: str, collection: str | None, existing: bool,
+          embeddings_cache: str | None) -> dict[str, Any]:
     import numpy as np
 
     from m3tune.encoder.cache import EmbeddingCache
@@ -81,6 +85,8 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     from m3tune.manifest import read_manifest
     from m3tune.records import Passage
 
+    if existing and (backend != "qdrant" or not collection):
+        raise UserError("existing: true needs backend qdrant and the collection's name")
     passages = list(read_records(ctx.root.child("ingest"), "passages.jsonl", Passage))
     if not passages:
         raise UserError("the corpus is empty: nothing to index")
@@ -101,12 +107,19 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
         out.write_all({"id": p.id, "source": p.source} for p in passages)
     info = {**settings.model_dump(), "fingerprint": model.fingerprint, "dim": model.dim, "rows": len(passages),
             "corpus_sha256": corpus_digest, "backend": backend, "collection": name, "qdrant_url": qdrant_url,
-            "qdrant_api_key_env": qdrant_api_key_env, "embeddings_cache": embeddings_cache}
+            "qdrant_api_key_env": qdrant_api_key_env, "embeddings_cache": embeddings_cache, "existing": existing}
     ctx.write_bytes("index.json", json.dumps(info, indent=2).encode() + b"\n")
     if backend == "qdrant":
         qdrant = open_qdrant(name, qdrant_url, qdrant_api_key_env)
         try:
-            qdrant.build(vectors, [p.id for p in passages], [p.source for p in passages])
+            if existing:
+                if not qdrant.exists():
+                    raise UserError(f"Qdrant collection {name!r} does not exist at {qdrant.where}")
+            else:
+                if qdrant.exists() and not name.startswith("m3tune-"):
+                    raise UserError(f"Qdrant collection {name!r} exists at {qdrant.where} and was not made by "
+                                    "m3tune: refusing to replace it (use existing: true to search it as it is)")
+                qdrant.build(vectors, [p.id for p in passages], [p.source for p in passages])
             ctx.log.info("Qdrant collection %s: %s points at %s", name, f"{qdrant.count():,}", qdrant.where)
         finally:
             qdrant.close()

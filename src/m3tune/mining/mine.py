@@ -77,7 +77,7 @@ def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], q
 
     qdrant = open_qdrant(info["collection"], info.get("qdrant_url"), info.get("qdrant_api_key_env", "QDRANT_API_KEY"))
     try:
-        if not info.get("qdrant_url") and (not qdrant.exists() or qdrant.count() != len(ids)):
+        if not info.get("qdrant_url") and not info.get("existing") and (not qdrant.exists() or qdrant.count() != len(ids)):
             # local mode lives on this machine's disk: rebuilt from the published vectors where missing
             qdrant.build(vectors, ids, sources)
         return qdrant.search(query_vectors, k)
@@ -175,6 +175,9 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
         pos_tokens = [toks(pid) for pid in q.positive_ids]
         window = ranked[start_rank:end_rank]
         counts["candidates"] += len(window)
+        if len(window) != len(known := [(s, p) for s, p in window if p in by_id]):
+            counts["candidates_not_in_corpus"] += len(window) - len(known)  # an existing collection may hold more
+            window = known
         survivors = rules.keep(window, positives, pos_tokens, min_pos)
         hard_picks, semi_picks = pick_mix(survivors, hard=hard, semi_hard=semi_hard)
         chosen = {pid for _, pid in hard_picks + semi_picks}
