@@ -77,6 +77,20 @@ class Encoder:
         return out
 
 
+_LOADED: dict[tuple, Encoder] = {}
+
+
+def load_encoder(model: str, *, pooling: Pooling = "cls", max_length: int = 512, batch_size: int = 32,
+                 dtype: str = "auto", query_instruction: str | None = None) -> Encoder:
+    """An Encoder, loaded once per process for the same settings: `index` and `mine-negatives` in one
+    `m3tune run` share it (loading XLM-R's tokenizer alone takes ~2 s)."""
+    key = (model, pooling, max_length, batch_size, dtype, query_instruction)
+    if key not in _LOADED:
+        _LOADED[key] = Encoder(model, pooling=pooling, max_length=max_length, batch_size=batch_size, dtype=dtype,
+                               query_instruction=query_instruction)
+    return _LOADED[key]
+
+
 def _fingerprint(model: str, path: str, pooling: str, max_length: int, instruction: str | None) -> str:
     """Identifies what the vectors depend on: a local model's config and weight files, or the hub id."""
     parts = {"model": model, "pooling": pooling, "max_length": max_length, "instruction": instruction}

@@ -80,7 +80,7 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     import numpy as np
 
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.model import load_encoder
     from m3tune.jsonl import read_records
     from m3tune.manifest import read_manifest
     from m3tune.records import Passage
@@ -91,7 +91,7 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     if not passages:
         raise UserError("the corpus is empty: nothing to index")
     settings = EncoderSettings.model_validate(encoder)
-    model = Encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
+    model = load_encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
                     batch_size=settings.batch_size, dtype=settings.dtype, query_instruction=settings.query_instruction)
     ctx.log.info("encoding %s passages with %s (%d dims, fingerprint %s)", f"{len(passages):,}", settings.model,
                  model.dim, model.fingerprint)

@@ -56,7 +56,7 @@ def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, 
                      jaccard: float, min_negatives: int, skip_invalid: bool) -> dict[str, Any]:
     from m3tune.arabic import normalize, tokens
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.model import load_encoder
     from m3tune.index.step import cache_store
     from m3tune.jsonl import Rejects, read_jsonl
     from m3tune.mining.filters import FalseNegativeFilter
@@ -70,7 +70,7 @@ def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, 
     with store.open_read(name) as f:
         examples = list(read_jsonl(f, Example, name=input, rejects=rejects))
     settings = EncoderSettings.model_validate(encoder)
-    model = Encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
+    model = load_encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
                     batch_size=settings.batch_size, dtype=settings.dtype, query_instruction=settings.query_instruction)
     cache = EmbeddingCache(cache_store(None), model.fingerprint)
     queries = cache.encode(model, [e.query for e in examples], queries=True, desc="encode queries")

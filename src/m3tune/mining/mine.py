@@ -94,7 +94,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
 
     from m3tune.arabic import tokens
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.model import load_encoder
     from m3tune.generation.base import twins
     from m3tune.index.step import cache_store
     from m3tune.mining.filters import FalseNegativeFilter, pick_mix
@@ -124,7 +124,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     if not kept_queries:
         return [], dict(counts), rejects
 
-    encoder = Encoder(info["model"], pooling=info["pooling"], max_length=info["max_length"],
+    encoder = load_encoder(info["model"], pooling=info["pooling"], max_length=info["max_length"],
                       batch_size=info["batch_size"], dtype=info["dtype"], query_instruction=info["query_instruction"])
     if encoder.fingerprint != info["fingerprint"]:
         raise UserError(f"the encoder {info['model']!r} is not the one that built the index (fingerprint "
