@@ -239,3 +239,43 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
     ours = mine(root, queries, passages, **config)[0]
     theirs = mine(other, queries, passages, **config)[0]
     assert [e.neg_ids for e in ours] == [e.neg_ids for e in theirs] and any(e.neg_ids for e in ours)
+
+
+def test_sharded_mining_merges_to_the_same_examples(full_run, tmp_path):
+    """Three shards, each on its block of the queries, then merged: the same bytes as one run."""
+    import os
+    import subprocess
+    import sys
+
+    import shutil
+
+    from m3tune.storage import open_root
+
+    shutil.copytree(full_run[0].path, tmp_path / "runs" / "copy")  # the shared run stays as it is
+    root = open_root(str(tmp_path / "runs" / "copy"))
+    folder = root.child("mine-negatives")
+    whole = folder.read_bytes("examples.jsonl")
+    manifest = json.loads(folder.read_bytes("_manifest.json"))
+    base = [sys.executable, "-m", "m3tune.cli", "step", "mine-negatives", "--root", root.uri,
+            "--consistency-judge", "bm25"]
+    env = dict(os.environ)
+
+    def shard(rank):
+        done = subprocess.run(base + ["--rank", str(rank), "--world-size", "3"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    shard(0)
+    shard(2)
+    early = subprocess.run(base + ["--merge-shards", "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert early.returncode == 1 and "shard(s) 1 of 3 not finished" in early.stderr
+    shard(1)
+    merged = subprocess.run(base + ["--merge-shards", "3", "--force"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    assert folder.read_bytes("examples.jsonl") == whole
+    after = json.loads(folder.read_bytes("_manifest.json"))
+    assert after["counts"]["shards"] == 3 and after["inputs"] == manifest["inputs"]
+    assert {k: v for k, v in after["counts"].items() if k != "shards"} == manifest["counts"]
+    assert sorted(n for n in folder.list() if n.startswith("shards/")) == sorted(
+        f"shards/{r:05d}-of-00003/{f}" for r in range(3) for f in ("_manifest.json", "examples.jsonl", "rejects.jsonl"))

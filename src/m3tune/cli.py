@@ -293,17 +293,29 @@ _DRY_RUN = inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, default=
                                          "call nothing, write nothing.")])
 
 
+_SHARDING = [
+    inspect.Parameter("rank", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[int], typer.Option("--rank", help="Run only this shard (0-based), with --world-size.")]),
+    inspect.Parameter("world_size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[int], typer.Option("--world-size", help="Number of shards the work is split into.")]),
+    inspect.Parameter("merge_shards", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[int], typer.Option("--merge-shards", help="Publish the step's outputs from its N finished shards.")]),
+]
+
+
 def _register_step(step) -> None:
     """`m3tune step NAME`, its options built from the step's config model (m3tune.stepcli)."""
     from m3tune.stepcli import check_unique, config_parameters, config_values
 
-    parameters = _COMMON + ([_DRY_RUN] if step.plan is not None else []) + config_parameters(step.config)
+    parameters = (_COMMON + ([_DRY_RUN] if step.plan is not None else []) + (_SHARDING if step.shardable else [])
+                  + config_parameters(step.config))
     check_unique(parameters, step.name)
 
-    def command(*, root, runs, run_id, force, s3_endpoint, verbose, dry_run=False, **params):
+    def command(*, root, runs, run_id, force, s3_endpoint, verbose, dry_run=False, rank=None, world_size=None,
+                merge_shards=None, **params):
         from rich.console import Console
 
-        from m3tune.executor import run_step
+        from m3tune.executor import merge_shards as merge, run_step
 
         _setup(verbose, s3_endpoint)
         store = _root(root, runs, run_id)
@@ -311,7 +323,13 @@ def _register_step(step) -> None:
         if dry_run:
             Console().print(step.plan(store, config), highlight=False, markup=False)
             return
-        manifest, ran = run_step(store, step.name, config, force=force)
+        if (rank is None) != (world_size is None):
+            raise ConfigError("--rank and --world-size go together")
+        if merge_shards is not None:
+            manifest, ran = merge(store, step.name, config, world_size=merge_shards, force=force)
+        else:
+            shard = (rank, world_size) if world_size is not None else None
+            manifest, ran = run_step(store, step.name, config, force=force, shard=shard)
         _print_manifest(manifest, ran)
         if step.show is not None:
             Console().print(step.show(store))

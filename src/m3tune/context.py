@@ -20,12 +20,18 @@ class StepContext:
     needs: tuple[str, ...] = ()
     rank: int = 0
     world_size: int = 1
+    folder: Store | None = None  # a shard's own folder; None: ROOT/NAME
     outputs: dict[str, WrittenFile] = field(default_factory=dict)
 
     @property
     def out(self) -> Store:
-        """The step's own folder, ROOT/NAME: the only place it writes."""
-        return self.root.child(self.name)
+        """The step's own folder, ROOT/NAME (a shard's: ROOT/NAME/shards/R-of-N): the only place it writes."""
+        return self.folder if self.folder is not None else self.root.child(self.name)
+
+    def my_share(self, items: list) -> list:
+        """This shard's contiguous block of ITEMS (all of them unsharded): blocks in rank order rebuild the list."""
+        n = len(items)
+        return items[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
 
     @property
     def log(self) -> logging.Logger:

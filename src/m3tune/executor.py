@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -58,9 +58,13 @@ def _changed(old: dict[str, str], new: dict[str, str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _check(root: Store, step: Step, config: BaseModel) -> tuple[StepStatus, dict[str, str] | None]:
+def shard_folder(root: Store, name: str, rank: int, world_size: int) -> Store:
+    return root.child(name).child(f"shards/{rank:05d}-of-{world_size:05d}")
+
+
+def _check(root: Store, step: Step, config: BaseModel, folder: Store | None = None) -> tuple[StepStatus, dict[str, str] | None]:
     """(status of STEP in ROOT against CONFIG, the current input digests if they could be taken)."""
-    folder = root.child(step.name)
+    folder = folder if folder is not None else root.child(step.name)
     try:
         manifest = read_manifest(folder)
     except StorageError as e:
@@ -98,21 +102,33 @@ def step_status(root: Store, step: Step, config: BaseModel | None = None) -> Ste
     return _check(root, step, config if config is not None else step.config())[0]
 
 
-def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: bool = False) -> tuple[Manifest, bool]:
-    """Run step NAME in ROOT unless it is done; return (manifest, ran)."""
+def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: bool = False,
+             shard: tuple[int, int] | None = None) -> tuple[Manifest, bool]:
+    """Run step NAME in ROOT unless it is done; return (manifest, ran).
+
+    SHARD (rank, world size) runs one block of a shardable step into its own
+    folder ROOT/NAME/shards/R-of-N, with its own manifest; `merge_shards`
+    then publishes the step's outputs from all of them.
+    """
     step = get_step(name)
     config = config if config is not None else step.config()
     if not isinstance(config, step.config):
         raise TypeError(f"step {name!r} takes a {step.config.__name__}, got {type(config).__name__}")
-    status, inputs = _check(root, step, config)
+    rank, world_size = shard or (0, 1)
+    if shard is not None:
+        if not step.shardable:
+            raise ConfigError(f"step {name!r} cannot be sharded")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in 0..{world_size - 1}")
+    folder = shard_folder(root, name, rank, world_size) if shard else root.child(name)
+    status, inputs = _check(root, step, config, folder)
     if status.state == "done" and not force:
-        log.info("%s: done, skipped (%s)", name, root.child(name).uri_of(MANIFEST))
+        log.info("%s: done, skipped (%s)", name, folder.uri_of(MANIFEST))
         assert status.manifest is not None
         return status.manifest, False
     if inputs is None:  # fail early, before any write: an upstream step or an input is missing
         inputs = current_inputs(root, step, config)
 
-    folder = root.child(name)
     # The old manifest goes first: a rerun that dies half-way must not leave
     # a manifest vouching for outputs it did not write. This assumes one
     # writer per step folder at a time (sharded steps write per-rank names).
@@ -123,7 +139,8 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
     why = "forced" if status.state == "done" else status.reason
     log.info("%s: running (%s) -> %s", name, why, folder.uri)
 
-    ctx = StepContext(root=root, name=name, needs=step.upstream(config))
+    ctx = StepContext(root=root, name=name, needs=step.upstream(config), rank=rank, world_size=world_size,
+                      folder=folder if shard else None)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     result = step.func(ctx, **config.model_dump()) or {}
@@ -156,6 +173,63 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
     if not manifest.complete:
         log.warning("%s: incomplete (%s); its outputs are published, and a rerun does the rest", name,
                     manifest.incomplete_reason)
+    return manifest, True
+
+
+def _sum_counts(parts: list[Any]) -> Any:
+    """Shard counts added up: numbers summed, dicts merged key by key, anything else from the first shard."""
+    first = parts[0]
+    if isinstance(first, bool) or not isinstance(first, (int, float, dict)):
+        return first
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for p in parts if isinstance(p, dict) for k in p))
+        return {k: _sum_counts([p[k] for p in parts if isinstance(p, dict) and k in p]) for k in keys}
+    return sum(p for p in parts if isinstance(p, (int, float)) and not isinstance(p, bool))
+
+
+def merge_shards(root: Store, name: str, config: BaseModel | None = None, *, world_size: int,
+                 force: bool = False) -> tuple[Manifest, bool]:
+    """Publish step NAME's outputs from its WORLD_SIZE finished shards: JSONL outputs concatenated in rank order."""
+    step = get_step(name)
+    config = config if config is not None else step.config()
+    inputs = current_inputs(root, step, config)
+    digest = config_digest(config)
+    manifests = [read_manifest(shard_folder(root, name, r, world_size)) for r in range(world_size)]
+    unfinished = [r for r, m in enumerate(manifests)
+                  if m is None or not m.complete or m.config_digest != digest or m.inputs != inputs]
+    if unfinished:
+        raise MissingInput(f"{name}: shard(s) {', '.join(map(str, unfinished))} of {world_size} not finished with "
+                           f"this config and these inputs; run them first (--rank R --world-size {world_size})")
+    status, _ = _check(root, step, config)
+    if status.state == "done" and not force and status.manifest.counts.get("shards") == world_size:
+        log.info("%s: merged already, skipped", name)
+        return status.manifest, False
+    folder = root.child(name)
+    folder.delete(MANIFEST)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    outputs = {}
+    for out in manifests[0].outputs:
+        with folder.open_write(out) as w:
+            for r in range(world_size):
+                with shard_folder(root, name, r, world_size).open_read(out) as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        w.write(chunk)
+        outputs[out] = OutputInfo(sha256=w.result.sha256, bytes=w.result.bytes,
+                                  rows=sum(m.outputs[out].rows or 0 for m in manifests)
+                                  if manifests[0].outputs[out].rows is not None else None)
+    for old in folder.list():
+        if "/" not in old and old != MANIFEST and old not in outputs:
+            folder.delete(old)
+    manifest = Manifest(step=name, m3tune_version=__version__, config=config.model_dump(mode="json"),
+                        config_digest=digest, inputs=inputs, outputs=outputs,
+                        counts={**_sum_counts([m.counts for m in manifests]), "shards": world_size},
+                        metrics=_sum_counts([m.metrics for m in manifests]) if manifests[0].metrics else {},
+                        started_at=started.isoformat(timespec="seconds"),
+                        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        seconds=round(time.perf_counter() - t0, 3))
+    write_manifest(folder, manifest)
+    log.info("%s: merged %d shards -> %s", name, world_size, folder.uri_of(MANIFEST))
     return manifest, True
 
 

@@ -32,6 +32,8 @@ class Step:
     plan: Callable[[Any, Any], str] | None = None
     # What `m3tune step NAME` prints after the step, from the run root (a rich renderable).
     show: Callable[[Any], Any] | None = None
+    # Can run as N shards (--rank R --world-size N), each on its block of the work, then be merged.
+    shardable: bool = False
 
     def upstream(self, config: BaseModel) -> tuple[str, ...]:
         return self.needs_for(config) if self.needs_for else self.needs
@@ -60,7 +62,7 @@ def _steps() -> dict[str, Step]:
              needs=("ingest",)),
         Step("mine-negatives", mine_negatives, MineConfig,
              "hard, semi-hard and random negatives per query, false negatives filtered out",
-             needs=("ingest", "generate-queries", "generate-conceptual", "index"), plan=plan_mining),
+             needs=("ingest", "generate-queries", "generate-conceptual", "index"), plan=plan_mining, shardable=True),
         Step("filter-negatives", filter_negatives, FilterConfig,
              "remove false negatives from an existing training file (FlagEmbedding format)",
              external_inputs=filter_inputs),

@@ -222,7 +222,7 @@ def mine_negatives(ctx: StepContext, **config: Any) -> dict[str, Any]:
     from m3tune.jsonl import read_records
 
     passages = list(read_records(ctx.root.child("ingest"), "passages.jsonl", Passage))
-    queries = load_queries(ctx)
+    queries = ctx.my_share(load_queries(ctx))  # a shard mines its block of the queries
     examples, counts, rejects = mine(ctx.root, queries, passages, **config)
     with ctx.write_jsonl("examples.jsonl") as out:
         out.write_all(examples)
