@@ -28,7 +28,6 @@ import json
 import re
 import threading
 import time
-from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RETRY_AFTER = 1

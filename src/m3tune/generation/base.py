@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from m3tune.context import StepContext
 from m3tune.generation.llm import LLMSettings
 from m3tune.generation.validate import QueryValidator
-from m3tune.jsonl import read_records
 from m3tune.records import Passage, Query
 
 Backend = Literal["offline", "openai"]
@@ -30,7 +29,9 @@ class GenerationConfig(BaseModel):
 
 
 def load_passages(ctx: StepContext) -> list[Passage]:
-    return list(read_records(ctx.root.child("ingest"), "passages.jsonl", Passage))
+    from m3tune.corpus.passages import read_passages
+
+    return read_passages(ctx.root)
 
 
 def seeded_order(ids: list[str], seed: int) -> list[str]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from m3tune.jsonl import read_records
-from m3tune.records import Passage
+from m3tune.corpus.passages import read_passages
 from m3tune.storage import Store
 
 # Rough sizes for the estimate: ~3 characters a token across Arabic and
@@ -45,7 +44,7 @@ def plan_conceptual(root: Store, config: BaseModel) -> str:
 
 def plan(root: Store, step: str, config: BaseModel) -> str:
     """A readable plan for STEP with CONFIG over the passages ingested in ROOT."""
-    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    passages = read_passages(root)
     if step == "generate-queries":
         from m3tune.generation.offline import Corpus, passage_queries
         from m3tune.generation.prompts import load_prompt

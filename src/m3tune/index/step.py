@@ -81,13 +81,12 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
 
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.encoder.model import load_encoder
-    from m3tune.jsonl import read_records
+    from m3tune.corpus.passages import read_passages
     from m3tune.manifest import read_manifest
-    from m3tune.records import Passage
 
     if existing and (backend != "qdrant" or not collection):
         raise UserError("existing: true needs backend qdrant and the collection's name")
-    passages = list(read_records(ctx.root.child("ingest"), "passages.jsonl", Passage))
+    passages = read_passages(ctx.root)
     if not passages:
         raise UserError("the corpus is empty: nothing to index")
     settings = EncoderSettings.model_validate(encoder)

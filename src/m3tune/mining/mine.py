@@ -219,9 +219,9 @@ def random_for(seed: int, key: str) -> random.Random:
 
 
 def mine_negatives(ctx: StepContext, **config: Any) -> dict[str, Any]:
-    from m3tune.jsonl import read_records
+    from m3tune.corpus.passages import read_passages
 
-    passages = list(read_records(ctx.root.child("ingest"), "passages.jsonl", Passage))
+    passages = read_passages(ctx.root)
     queries = ctx.my_share(load_queries(ctx))  # a shard mines its block of the queries
     examples, counts, rejects = mine(ctx.root, queries, passages, **config)
     with ctx.write_jsonl("examples.jsonl") as out:
@@ -236,9 +236,9 @@ def mine_negatives(ctx: StepContext, **config: Any) -> dict[str, Any]:
 def plan_mining(root, config: MineConfig) -> str:
     """`--dry-run`: the counts a run would give, nothing written."""
     from m3tune.context import StepContext
-    from m3tune.jsonl import read_records
+    from m3tune.corpus.passages import read_passages
 
     ctx = StepContext(root=root, name="mine-negatives")
-    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    passages = read_passages(root)
     _, counts, _ = mine(root, load_queries(ctx), passages, **config.model_dump())
     return "mine-negatives (dry run, nothing written):\n" + json.dumps(counts, indent=2)
