@@ -114,7 +114,9 @@ def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_fi
     config, counts = manifest["config"], manifest["counts"]
     examples = list(read_records(root.child("mine-negatives"), "examples.jsonl", Example))
     rejects = [json.loads(x) for x in root.child("mine-negatives").read_bytes("rejects.jsonl").splitlines()]
-    assert len(examples) == counts["examples"] == len(queries) - counts["rejected_inconsistent"] > 0
+    assert len(examples) == counts["examples"] == (len(queries) - counts["rejected_inconsistent"]
+                                                   - counts.get("examples_dropped_too_few_negatives", 0)) > 0
+    assert counts["consistency_exempt_conceptual"] == sum(q.type == "conceptual" for q in queries.values())
     assert len(rejects) == counts["rejected_inconsistent"] and {r["reason"] for r in rejects} == {"inconsistent"}
     assert not {e.query_id for e in examples} & {r["query_id"] for r in rejects}
     negatives = 0
@@ -123,18 +125,20 @@ def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_fi
         forbidden = {t for pid in q.positive_ids for t in same_text[pid]}
         assert not forbidden & set(ex.neg_ids), ex.query_id  # thematic queries included
         assert len(set(ex.neg_ids)) == len(ex.neg_ids)
-        min_pos = min(ex.pos_scores) if len(q.positive_ids) <= config["max_positives"] else None
+        min_pos = ex.model_extra["min_pos_score"]  # over all positives, thematic queries included
+        assert min_pos <= min(ex.pos_scores) + 1e-6
+        assert len(ex.neg_ids) >= config["min_negatives"]
         pos_tokens = [frozenset(tokens(passages[p].text_plain)) for p in q.positive_ids]
         for nid, score in zip(ex.neg_ids, ex.neg_scores):
             negatives += 1
-            if min_pos is not None:
-                assert score <= config["threshold"] * min_pos + 1e-6
+            assert score <= config["threshold"] * min_pos + 1e-6
             neg_tokens = frozenset(tokens(passages[nid].text_plain))
             assert all(jaccard(neg_tokens, p) < config["jaccard"] for p in pos_tokens)
         assert ex.pos == [passages[p].text for p in ex.pos_ids]
     assert negatives == counts["hard"] + counts["semi_hard"] + counts["random"] > 0
     assert set(counts["dropped"]) <= {"positive", "positive_aware", "jaccard"} and counts["dropped"]
-    assert counts["candidates"] == len(examples) * (config["end_rank"] - config["start_rank"])
+    assert counts["candidates"] == (len(examples) + counts.get("examples_dropped_too_few_negatives", 0)) * (
+        config["end_rank"] - config["start_rank"])
 
 
 def test_unknown_positive_is_a_counted_reject(full_run, tmp_path):
@@ -199,17 +203,22 @@ def test_bm25_consistency_judge_finds_good_queries_and_not_vague_ones(full_run):
                      generator=gen)
 
     good_ar = q("استعينوا بالصبر والصلاة", "ar", "quran:2:153")
+    hadith_en = q("actions are judged by intentions", "en", "bukhari:1")  # no translation to judge against
     good_en = q("seek help through patience and prayer", "en", "quran:2:153")
     vague = q("ما هو الدين", "ar", "quran:2:153")
     unknown = q("zzzz qqqq", "en", "quran:2:153")
-    top = bm25_top_k([good_ar, good_en, vague, unknown], passages, 20)
+    top = bm25_top_k([good_ar, good_en, vague, unknown, hadith_en], passages, 20)
     assert "quran:2:153" in top[0] and "quran:2:153" in top[1]
     assert "quran:2:153" not in top[2]
     assert top[3] == []
+    assert top[4] is None
 
 
 def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tmp_path):
-    """A production collection (vectors already there, passage_id payloads) is searched as it is, never replaced."""
+    """A production collection (vectors already there, passage_id payloads, here two points per passage as
+    chunked stores keep them) is searched as it is, never replaced."""
+    from qdrant_client import QdrantClient, models
+
     from m3tune.executor import run_step
     from m3tune.index.step import EncoderSettings, IndexConfig, local_qdrant_path
     from m3tune.mining.mine import mine
@@ -220,9 +229,12 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
     info = json.loads(folder.read_bytes("index.json"))
     vectors = np.load(folder.path / "vectors.npy")
     rows = [json.loads(x) for x in folder.read_bytes("ids.jsonl").splitlines()]
-    prod = QdrantIndex("prod-passages", path=local_qdrant_path("prod-passages"))
-    prod.build(vectors, [r["id"] for r in rows], [r["source"] for r in rows])
-    prod.close()
+    client = QdrantClient(path=local_qdrant_path("prod-passages"))  # made by someone else: no m3tune marker
+    client.create_collection("prod-passages", vectors_config=models.VectorParams(size=vectors.shape[1],
+                                                                                 distance=models.Distance.COSINE))
+    client.upload_collection("prod-passages", vectors=np.concatenate([vectors, vectors]), ids=list(range(2 * len(rows))),
+                             payload=[{"passage_id": r["id"]} for r in rows] * 2, wait=True)
+    client.close()
 
     other = open_root(str(tmp_path / "runs" / "prod"))
     for name in ("passages.jsonl", "_manifest.json"):
@@ -230,6 +242,9 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
     tiny = EncoderSettings(**{k: info[k] for k in EncoderSettings.model_fields})
     with pytest.raises(UserError, match="was not made by m3tune: refusing to replace it"):
         run_step(other, "index", IndexConfig(encoder=tiny, collection="prod-passages"))
+    wrong = EncoderSettings(**{**tiny.model_dump(), "pooling": "mean"})  # other vectors than the collection's
+    with pytest.raises(UserError, match="is not this encoder's"):
+        run_step(other, "index", IndexConfig(encoder=wrong, collection="prod-passages", existing=True))
     run_step(other, "index", IndexConfig(encoder=tiny, collection="prod-passages", existing=True))
     assert json.loads(other.child("index").read_bytes("index.json"))["existing"] is True
 
@@ -239,6 +254,7 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
     ours = mine(root, queries, passages, **config)[0]
     theirs = mine(other, queries, passages, **config)[0]
     assert [e.neg_ids for e in ours] == [e.neg_ids for e in theirs] and any(e.neg_ids for e in ours)
+    assert all(len(set(e.neg_ids)) == len(e.neg_ids) for e in theirs)  # two points per passage, counted once
 
 
 def test_sharded_mining_merges_to_the_same_examples(full_run, tmp_path):

@@ -57,7 +57,7 @@ def _setup(verbose: bool, s3_endpoint: str | None) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False,
                                               rich_tracebacks=verbose)], force=True)
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "httpcore", "httpcore2", "openai", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _state["verbose"] = verbose
 

@@ -50,7 +50,8 @@ class Encoder:
         except OSError as e:
             raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
         self.dim = int(self.model.config.hidden_size)
-        self.fingerprint = _fingerprint(model, path, pooling, max_length, query_instruction)
+        self.fingerprint = _fingerprint(model, path, pooling, max_length, query_instruction,
+                                        getattr(self.model.config, "_commit_hash", None))
 
     def encode(self, texts: Sequence[str], *, queries: bool = False, desc: str = "encode") -> np.ndarray:
         """L2-normalised float32 vectors of TEXTS, in order (queries get the query instruction)."""
@@ -91,12 +92,25 @@ def load_encoder(model: str, *, pooling: Pooling = "cls", max_length: int = 512,
     return _LOADED[key]
 
 
-def _fingerprint(model: str, path: str, pooling: str, max_length: int, instruction: str | None) -> str:
-    """Identifies what the vectors depend on: a local model's config and weight files, or the hub id."""
-    parts = {"model": model, "pooling": pooling, "max_length": max_length, "instruction": instruction}
+def _fingerprint(model: str, path: str, pooling: str, max_length: int, instruction: str | None,
+                 revision: str | None) -> str:
+    """Identifies what the vectors depend on: a hub model's revision, or a local folder's files.
+
+    For a local folder: the config and tokenizer files whole, and for each
+    weight file its size, modification time and first MiB (the safetensors
+    header and the first tensors): retrained weights saved over the folder
+    change it, without hashing gigabytes on every load.
+    """
+    parts: dict = {"model": model, "pooling": pooling, "max_length": max_length, "instruction": instruction,
+                   "revision": revision}
     folder = Path(path)
     if folder.is_dir():
-        parts["config"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
-        parts["weights"] = sorted((f.name, f.stat().st_size) for f in folder.iterdir()
-                                  if f.suffix in (".safetensors", ".bin"))
+        for f in sorted(folder.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt"):
+                with open(f, "rb") as weights:
+                    head = hashlib.sha256(weights.read(1 << 20)).hexdigest()
+                stat = f.stat()
+                parts[f.name] = [stat.st_size, stat.st_mtime_ns, head]
+            elif f.suffix == ".json":
+                parts[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

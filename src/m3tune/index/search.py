@@ -65,6 +65,7 @@ class QdrantIndex:
         except Exception as e:  # qdrant-client raises many kinds: connection, lock, value
             raise UserError(f"cannot open Qdrant {'at ' + url if url else 'in ' + str(path)}: {e}") from None
         self.where = url or path or ":memory:"
+        self.remote = bool(url)
 
     def _call(self, what: str, fn, *args, **kw):
         try:
@@ -81,33 +82,74 @@ class QdrantIndex:
     def count(self) -> int:
         return int(self._call("count", self.client.count, self.collection, exact=True).count)
 
+    def made_by_m3tune(self) -> bool:
+        info = self._call("get_collection", self.client.get_collection, self.collection)
+        return (info.config.metadata or {}).get("created_by") == "m3tune"
+
+    def check_matches(self, vectors: np.ndarray, ids: Sequence[str], sample: int = 16) -> None:
+        """An existing collection must hold these vectors: same size, dot/cosine distance, same sample vectors."""
+        from qdrant_client import models
+
+        info = self._call("get_collection", self.client.get_collection, self.collection)
+        params = info.config.params.vectors
+        if getattr(params, "size", None) != vectors.shape[1]:
+            raise UserError(f"Qdrant collection {self.collection!r} holds {getattr(params, 'size', '?')}-d vectors; "
+                            f"this encoder makes {vectors.shape[1]}-d ones")
+        if params.distance not in (models.Distance.DOT, models.Distance.COSINE):
+            raise UserError(f"Qdrant collection {self.collection!r} uses {params.distance} distance; "
+                            "mining needs dot or cosine")
+        row = {pid: i for i, pid in enumerate(ids)}
+        wanted = [ids[i] for i in np.linspace(0, len(ids) - 1, num=min(sample, len(ids)), dtype=int)]
+        found = self._call("scroll", self.client.scroll, self.collection, with_vectors=True, limit=len(wanted),
+                           scroll_filter=models.Filter(must=[models.FieldCondition(
+                               key="passage_id", match=models.MatchAny(any=wanted))]))[0]
+        if not found:
+            raise UserError(f"Qdrant collection {self.collection!r} has none of the corpus's passages "
+                            "(no point with those passage_id payloads)")
+        for point in found:
+            theirs = np.asarray(point.vector, dtype=np.float32)
+            ours = vectors[row[point.payload["passage_id"]]]
+            if float(theirs @ ours / (np.linalg.norm(theirs) * np.linalg.norm(ours) + 1e-12)) < 0.99:
+                raise UserError(f"Qdrant collection {self.collection!r}: the vector of {point.payload['passage_id']} "
+                                "is not this encoder's: index it with the same model, or name another collection")
+
     def build(self, vectors: np.ndarray, ids: Sequence[str], sources: Sequence[str]) -> None:
-        """(Re)create the collection with VECTORS; payload: passage id and source."""
+        """(Re)create the collection with VECTORS; payload: passage id and source. Marked as made by m3tune."""
         from qdrant_client import models
 
         if self.exists():
+            if not self.made_by_m3tune():
+                raise UserError(f"Qdrant collection {self.collection!r} exists at {self.where} and was not made "
+                                "by m3tune: refusing to replace it (use existing: true to search it as it is)")
             self._call("delete_collection", self.client.delete_collection, self.collection)
         self._call("create_collection", self.client.create_collection, self.collection,
-                   vectors_config=models.VectorParams(size=int(vectors.shape[1]), distance=models.Distance.DOT))
+                   vectors_config=models.VectorParams(size=int(vectors.shape[1]), distance=models.Distance.DOT),
+                   metadata={"created_by": "m3tune"})
         self._call("upload_collection", self.client.upload_collection, self.collection, vectors=vectors,
                    payload=[{"passage_id": i, "source": s} for i, s in zip(ids, sources)],
                    ids=list(range(len(ids))), batch_size=256, wait=True)
 
-    def search(self, queries: np.ndarray, k: int, *, batch: int = 64) -> Hits:
+    def search(self, queries: np.ndarray, k: int, *, batch: int = 64, exact: bool = True) -> Hits:
+        """Top K passages per query. EXACT asks a server for exact search rather than HNSW's approximation;
+        a passage stored as several points (chunks) counts once, at its best score."""
         from qdrant_client import models
 
         if not self.exists():
             raise UserError(f"Qdrant collection {self.collection!r} does not exist at {self.where}")
         out: Hits = []
+        params = models.SearchParams(exact=exact) if self.remote else None  # local mode is always exact
         for start in range(0, len(queries), batch):
-            requests = [models.QueryRequest(query=q.tolist(), limit=k, with_payload=["passage_id"])
+            requests = [models.QueryRequest(query=q.tolist(), limit=k, with_payload=["passage_id"], params=params)
                         for q in queries[start:start + batch]]
             for response in self._call("query", self.client.query_batch_points, self.collection, requests=requests):
-                hits = []
+                hits, seen = [], set()
                 for p in response.points:
                     if not p.payload or "passage_id" not in p.payload:
                         raise UserError(f"Qdrant collection {self.collection!r}: point {p.id} has no passage_id payload")
-                    hits.append((float(p.score), str(p.payload["passage_id"])))
+                    pid = str(p.payload["passage_id"])
+                    if pid not in seen:
+                        seen.add(pid)
+                        hits.append((float(p.score), pid))
                 out.append(hits)
         return out
 

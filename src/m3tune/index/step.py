@@ -42,11 +42,14 @@ class IndexConfig(BaseModel):
                                                 "with qdrant_url) or exact (numpy matrix product)")
     qdrant_url: str | None = Field(default=None, description="Qdrant server URL; none: local mode")
     qdrant_api_key_env: str = Field(default="QDRANT_API_KEY", description="variable holding the Qdrant API key, if any")
+    qdrant_exact: bool = Field(default=True, description="ask a Qdrant server for exact search (the same top k as "
+                               "the exact backend) rather than HNSW's approximation")
     collection: str | None = Field(default=None, description="collection name (default: m3tune- plus the encoder "
                                    "and corpus digests)")
     existing: bool = Field(default=False, description="search an existing collection (named by collection) whose "
                            "points already hold this encoder's vectors and a passage_id payload: nothing is "
-                           "uploaded, nothing deleted")
+                           "uploaded, nothing deleted (its size, distance and a sample of vectors are checked; "
+                           "the corpus is still encoded here, for positive scores and random negatives)")
     embeddings_cache: str | None = Field(default=None, description="where encoded texts are cached (path or "
                                          "URI; default: the local m3tune cache folder)")
 
@@ -75,7 +78,7 @@ def open_qdrant(collection: str, url: str | None, api_key_env: str):
 
 
 def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url: str | None,
-          qdrant_api_key_env: str, collection: str | None, existing: bool,
+          qdrant_api_key_env: str, qdrant_exact: bool, collection: str | None, existing: bool,
           embeddings_cache: str | None) -> dict[str, Any]:
     import numpy as np
 
@@ -106,7 +109,8 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
         out.write_all({"id": p.id, "source": p.source} for p in passages)
     info = {**settings.model_dump(), "fingerprint": model.fingerprint, "dim": model.dim, "rows": len(passages),
             "corpus_sha256": corpus_digest, "backend": backend, "collection": name, "qdrant_url": qdrant_url,
-            "qdrant_api_key_env": qdrant_api_key_env, "embeddings_cache": embeddings_cache, "existing": existing}
+            "qdrant_api_key_env": qdrant_api_key_env, "qdrant_exact": qdrant_exact,
+            "embeddings_cache": embeddings_cache, "existing": existing}
     ctx.write_bytes("index.json", json.dumps(info, indent=2).encode() + b"\n")
     if backend == "qdrant":
         qdrant = open_qdrant(name, qdrant_url, qdrant_api_key_env)
@@ -114,10 +118,8 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
             if existing:
                 if not qdrant.exists():
                     raise UserError(f"Qdrant collection {name!r} does not exist at {qdrant.where}")
+                qdrant.check_matches(vectors, [p.id for p in passages])
             else:
-                if qdrant.exists() and not name.startswith("m3tune-"):
-                    raise UserError(f"Qdrant collection {name!r} exists at {qdrant.where} and was not made by "
-                                    "m3tune: refusing to replace it (use existing: true to search it as it is)")
                 qdrant.build(vectors, [p.id for p in passages], [p.source for p in passages])
             ctx.log.info("Qdrant collection %s: %s points at %s", name, f"{qdrant.count():,}", qdrant.where)
         finally:

@@ -24,14 +24,21 @@ def _english(text: str) -> list[str]:
 
 
 def bm25_top_k(queries: Sequence[Query], passages: Sequence[Passage], k: int) -> list[list[str] | None]:
-    """Per query, the ids of the K best passages by BM25 in its language (None: no passage to judge against)."""
+    """Per query, the ids of the K best passages by BM25 in its language.
+
+    None when none of the query's positives has text in that language (an
+    English query about a hadith, which has no translation): it cannot be
+    judged, so it is not rejected.
+    """
     import bm25s
 
+    by_id = {p.id: p for p in passages}
     out: list[list[str] | None] = [None] * len(queries)
     for language, text_of, tokenize in (("ar", lambda p: p.text_plain, tokens),
                                         ("en", lambda p: p.translation_en, _english)):
         docs = [p for p in passages if text_of(p)]
-        todo = [i for i, q in enumerate(queries) if q.language == language]
+        todo = [i for i, q in enumerate(queries) if q.language == language
+                and any(text_of(by_id[pid]) for pid in q.positive_ids)]
         if not docs or not todo:
             continue
         retriever = bm25s.BM25()

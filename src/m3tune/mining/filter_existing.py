@@ -35,6 +35,8 @@ class FilterConfig(BaseModel):
     jaccard: float = Field(default=0.6, gt=0, le=1, description="drop a negative sharing this share of tokens "
                            "(Jaccard) with a positive")
     min_negatives: int = Field(default=1, ge=0, description="drop examples left with fewer negatives (0: keep all)")
+    embeddings_cache: str | None = Field(default=None, description="where encoded texts are cached (path or URI; "
+                                         "default: the local m3tune cache folder)")
     skip_invalid: bool = Field(default=False, description="skip invalid lines (to rejects.jsonl) instead of failing")
 
     @field_validator("input")
@@ -53,7 +55,8 @@ def filter_inputs(config: FilterConfig) -> dict[str, str]:
 
 
 def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, Any], threshold: float,
-                     jaccard: float, min_negatives: int, skip_invalid: bool) -> dict[str, Any]:
+                     jaccard: float, min_negatives: int, skip_invalid: bool,
+                     embeddings_cache: str | None) -> dict[str, Any]:
     from m3tune.arabic import normalize, tokens
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.encoder.model import load_encoder
@@ -72,7 +75,7 @@ def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, 
     settings = EncoderSettings.model_validate(encoder)
     model = load_encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
                     batch_size=settings.batch_size, dtype=settings.dtype, query_instruction=settings.query_instruction)
-    cache = EmbeddingCache(cache_store(None), model.fingerprint)
+    cache = EmbeddingCache(cache_store(embeddings_cache), model.fingerprint)
     queries = cache.encode(model, [e.query for e in examples], queries=True, desc="encode queries")
     texts = sorted({t for e in examples for t in (*e.pos, *e.neg)})
     row = {t: i for i, t in enumerate(texts)}

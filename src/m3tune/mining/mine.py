@@ -48,6 +48,7 @@ class MineConfig(BaseModel):
                                       "positives ranks in this top k under the judge (none: no check)")
     consistency_judge: Literal["encoder", "bm25"] = Field(default="encoder", description="encoder (the index's "
                                                           "ranking; a real run) or bm25 (offline, tiny encoder)")
+    min_negatives: int = Field(default=1, ge=0, description="drop examples with fewer negatives (0: keep all)")
 
     @model_validator(mode="after")
     def _window(self) -> "MineConfig":
@@ -68,10 +69,12 @@ def load_queries(ctx: StepContext) -> list[Query]:
     return out
 
 
-def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], query_vectors, k: int):
+def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], query_vectors, k: int,
+            dry_run: bool = False):
     from m3tune.index.search import ExactIndex
 
-    if info["backend"] == "exact":
+    if info["backend"] == "exact" or (dry_run and not info.get("existing") and not info.get("qdrant_url")):
+        # a dry run does not build a local collection: exact search returns the same top k
         return ExactIndex(vectors, ids).search(query_vectors, k)
     from m3tune.index.step import open_qdrant
 
@@ -80,15 +83,15 @@ def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], q
         if not info.get("qdrant_url") and not info.get("existing") and (not qdrant.exists() or qdrant.count() != len(ids)):
             # local mode lives on this machine's disk: rebuilt from the published vectors where missing
             qdrant.build(vectors, ids, sources)
-        return qdrant.search(query_vectors, k)
+        return qdrant.search(query_vectors, k, exact=info.get("qdrant_exact", True))
     finally:
         qdrant.close()
 
 
 def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int, end_rank: int, threshold: float,
          jaccard: float, hard: int, semi_hard: int, random: int, source: str, max_positives: int,
-         seed: int, consistency_k: int | None = None,
-         consistency_judge: str = "encoder") -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
+         seed: int, consistency_k: int | None = None, consistency_judge: str = "encoder", min_negatives: int = 0,
+         dry_run: bool = False) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
     """(examples, counts, rejects) for QUERIES against the index published in ROOT/index."""
     import numpy as np
 
@@ -131,7 +134,8 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
                         f"{encoder.fingerprint} != {info['fingerprint']}): rerun the index step")
     query_vectors = EmbeddingCache(cache_store(info.get("embeddings_cache")), encoder.fingerprint).encode(
         encoder, [q.query for q in kept_queries], queries=True, desc="encode queries")
-    hits = _search(info, vectors, ids, [r["source"] for r in rows], query_vectors, end_rank)
+    hits = _search(info, vectors, ids, [r["source"] for r in rows], query_vectors, end_rank, dry_run)
+    same_text = twins(passages)
     if consistency_k:
         if consistency_judge == "bm25":
             from m3tune.mining.consistency import bm25_top_k
@@ -141,9 +145,13 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
             judged = [[pid for _, pid in ranked[:consistency_k]] for ranked in hits]
         consistent = []
         for q, top in zip(kept_queries, judged):
-            if top is None:
+            answers = {t for pid in q.positive_ids for t in same_text[pid]}  # a twin found is the answer found
+            if q.type == "conceptual":
+                # a theme's tens of positives need not reach a top k: thematic queries are not judged this way
+                counts["consistency_exempt_conceptual"] += 1
+            elif top is None:
                 counts["consistency_unjudged"] += 1
-            elif not set(q.positive_ids) & set(top):
+            elif not answers & set(top):
                 counts["rejected_inconsistent"] += 1
                 rejects.append({"query_id": q.id, "reason": "inconsistent", "query": q.query,
                                 "judge": consistency_judge, "k": consistency_k})
@@ -163,7 +171,6 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
         return token_sets[pid]
 
     rules = FalseNegativeFilter(threshold=threshold, jaccard=jaccard, tokens=toks)
-    same_text = twins(passages)
     pool = {s: [p.id for p in passages if p.source == s] for s in ("quran", "hadith")}
     pool["mixed"] = ids
     examples: list[Example] = []
@@ -181,6 +188,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
         survivors = rules.keep(window, positives, pos_tokens, min_pos)
         hard_picks, semi_picks = pick_mix(survivors, hard=hard, semi_hard=semi_hard)
         chosen = {pid for _, pid in hard_picks + semi_picks}
+        top_ranks = {pid for _, pid in ranked[:start_rank]}  # where unlabelled answers sit: not even at random
         rng = random_for(seed, q.id)
         random_picks: list[tuple[float, str]] = []
         candidates = pool.get(q.source, ids)
@@ -190,11 +198,20 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
             pid = candidates[rng.randrange(len(candidates))]
             if pid in chosen:
                 continue
+            if pid in top_ranks:
+                counts["random_dropped_top_ranks"] += 1
+                continue
             score = float(vectors[row_of[pid]] @ qv)
-            if rules.reason(pid, score, positives, pos_tokens, min_pos) is None:
+            why = rules.reason(pid, score, positives, pos_tokens, min_pos)
+            if why is None:
                 random_picks.append((score, pid))
                 chosen.add(pid)
+            else:
+                counts[f"random_dropped_{why}"] += 1
         negatives = hard_picks + semi_picks + random_picks
+        if len(negatives) < min_negatives:
+            counts["examples_dropped_too_few_negatives"] += 1
+            continue
         counts["hard"] += len(hard_picks)
         counts["semi_hard"] += len(semi_picks)
         counts["random"] += len(random_picks)
@@ -206,7 +223,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
             pos_ids=shown, neg_ids=[p for _, p in negatives],
             pos_scores=[round(float(s), 6) for s in pos_scores[:len(shown)]],
             neg_scores=[round(s, 6) for s, _ in negatives], query_id=q.id, language=q.language, type=q.type,
-            source=q.source))
+            source=q.source, min_pos_score=round(min_pos, 6)))
     result = dict(counts)
     result["examples"] = len(examples)
     result["dropped"] = dict(rules.dropped)
@@ -240,5 +257,5 @@ def plan_mining(root, config: MineConfig) -> str:
 
     ctx = StepContext(root=root, name="mine-negatives")
     passages = read_passages(root)
-    _, counts, _ = mine(root, load_queries(ctx), passages, **config.model_dump())
-    return "mine-negatives (dry run, nothing written):\n" + json.dumps(counts, indent=2)
+    _, counts, _ = mine(root, load_queries(ctx), passages, **config.model_dump(), dry_run=True)
+    return "mine-negatives (dry run, nothing published):\n" + json.dumps(counts, indent=2)
