@@ -295,3 +295,15 @@ def test_sharded_mining_merges_to_the_same_examples(full_run, tmp_path):
     assert {k: v for k, v in after["counts"].items() if k != "shards"} == manifest["counts"]
     assert sorted(n for n in folder.list() if n.startswith("shards/")) == sorted(
         f"shards/{r:05d}-of-00003/{f}" for r in range(3) for f in ("_manifest.json", "examples.jsonl", "rejects.jsonl"))
+
+
+def test_empty_corpus_is_a_clear_error(local_root):
+    from m3tune.corpus.ingest import IngestConfig
+    from m3tune.executor import run_step
+    from m3tune.index.step import EncoderSettings, IndexConfig
+    from m3tune.jsonl import RecordError
+
+    run_step(local_root, "ingest", IngestConfig(sources=[]))  # no packaged corpus, no user file: 0 passages
+    with pytest.raises(RecordError, match="passages.jsonl: file is empty"):
+        run_step(local_root, "index", IndexConfig(encoder=EncoderSettings(model="local:tiny-xlmr"), backend="exact"))
+    assert local_root.child("index").list() == []
