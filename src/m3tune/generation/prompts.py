@@ -3,7 +3,7 @@
 The file name is the prompt version recorded with every generated query and
 keyed in the journal, so changing a prompt means a new file (queries-v2),
 never an edit: answers to the old prompt are then neither reused nor lost.
-Placeholders are `$name` (string.Template), so JSON braces need no escaping.
+Fields are `$name` (string.Template), so JSON braces need no escaping.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Prompt:
             return [{"role": "system", "content": Template(self.system).substitute(values)},
                     {"role": "user", "content": Template(self.user).substitute(values).strip()}]
         except KeyError as e:
-            raise ConfigError(f"prompt {self.version}: no value for placeholder ${e.args[0]}") from None
+            raise ConfigError(f"prompt {self.version}: no value given for ${e.args[0]}") from None
 
 
 def load_prompt(version: str) -> Prompt:
