@@ -102,6 +102,16 @@ def step_status(root: Store, step: Step, config: BaseModel | None = None) -> Ste
     return _check(root, step, config if config is not None else step.config())[0]
 
 
+def _remove_unpublished(folder: Store, published, name: str) -> None:
+    """Files an earlier run published that this one did not (a rejects file from a run with
+    --skip-invalid, say) would sit beside the new outputs as if current: remove them.
+    Sub-folders (a step's journal, its shards) are its own."""
+    for old in folder.list():
+        if "/" not in old and old != MANIFEST and old not in published:
+            folder.delete(old)
+            log.info("%s: removed %s, left by an earlier run and not produced by this one", name, old)
+
+
 def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: bool = False,
              shard: tuple[int, int] | None = None) -> tuple[Manifest, bool]:
     """Run step NAME in ROOT unless it is done; return (manifest, ran).
@@ -145,13 +155,7 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
     t0 = time.perf_counter()
     result = step.func(ctx, **config.model_dump()) or {}
     seconds = time.perf_counter() - t0
-    # Files an earlier run published that this one did not (a rejects file
-    # from a run with --skip-invalid, say) would sit beside the new outputs
-    # as if current: remove them. Sub-folders (a step's journal) are its own.
-    for old in folder.list():
-        if "/" not in old and old != MANIFEST and old not in ctx.outputs:
-            folder.delete(old)
-            log.info("%s: removed %s, left by an earlier run and not produced by this one", name, old)
+    _remove_unpublished(folder, ctx.outputs, name)
     manifest = Manifest(
         step=name,
         m3tune_version=__version__,
@@ -218,9 +222,7 @@ def merge_shards(root: Store, name: str, config: BaseModel | None = None, *, wor
         outputs[out] = OutputInfo(sha256=w.result.sha256, bytes=w.result.bytes,
                                   rows=sum(m.outputs[out].rows or 0 for m in manifests)
                                   if manifests[0].outputs[out].rows is not None else None)
-    for old in folder.list():
-        if "/" not in old and old != MANIFEST and old not in outputs:
-            folder.delete(old)
+    _remove_unpublished(folder, outputs, name)
     manifest = Manifest(step=name, m3tune_version=__version__, config=config.model_dump(mode="json"),
                         config_digest=digest, inputs=inputs, outputs=outputs,
                         counts={**_sum_counts([m.counts for m in manifests]), "shards": world_size},

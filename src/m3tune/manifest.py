@@ -4,8 +4,9 @@ A step whose manifest records the same config digest and input digests as
 the ones it would run with now, and whose outputs all exist, is done and is
 skipped. Input digests are taken from the upstream steps' manifests (the
 sha256 of each file they published) and, for inputs outside the run, from
-the files themselves or the versions of the packages they come from, so the
-check reads a few small JSON files, never the data.
+the files themselves (streamed through sha256 on every check: a user file is
+read once more than the step needs) or the versions of the packages they come
+from. Upstream data itself is never re-read to decide a skip.
 """
 
 from __future__ import annotations

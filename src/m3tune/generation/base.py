@@ -28,12 +28,6 @@ class GenerationConfig(BaseModel):
                                 "of its passage than this (type 'exact' is exempt)")
 
 
-def load_passages(ctx: StepContext) -> list[Passage]:
-    from m3tune.corpus.passages import read_passages
-
-    return read_passages(ctx.root)
-
-
 def seeded_order(ids: list[str], seed: int) -> list[str]:
     """IDS in a fixed pseudo-random order: the same for the same seed on every machine."""
     return sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.context import StepContext
-from m3tune.generation.base import GenerationConfig, check_and_publish, load_passages, twins
+from m3tune.corpus.passages import read_passages
+from m3tune.generation.base import GenerationConfig, check_and_publish, twins
 from m3tune.records import Generator, Query
 from m3tune.storage import absolute_uri
 
@@ -103,7 +104,7 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
                         max_words: int, max_copy_words: int) -> dict[str, Any]:
     from m3tune.generation.offline import theme_queries
 
-    passages = load_passages(ctx)
+    passages = read_passages(ctx.root)
     corpus, version, themes, candidates = prepare(passages, themes_file=themes_file, sources=sources,
                                                   max_positives=max_positives, min_hits_quran=min_hits_quran,
                                                   min_hits_hadith=min_hits_hadith)

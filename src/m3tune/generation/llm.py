@@ -168,11 +168,14 @@ class Journal:
     def _names(self) -> list[str]:
         return [n for n in self.store.list() if n.endswith(".jsonl") and "/" not in n and not n.startswith(".")]
 
-    def load(self) -> dict[str, JournalEntry]:
-        for name in self._names():
+    def _read(self, names: list[str]):
+        for name in names:
             with self.store.open_read(name) as f:
-                for e in read_jsonl(f, JournalEntry, name=self.store.uri_of(name)):
-                    self.entries.setdefault(e.request, e)
+                yield from read_jsonl(f, JournalEntry, name=self.store.uri_of(name))
+
+    def load(self) -> dict[str, JournalEntry]:
+        for e in self._read(self._names()):
+            self.entries.setdefault(e.request, e)
         return self.entries
 
     def add(self, entry: JournalEntry, flush_every: int) -> list[JournalEntry] | None:
@@ -204,10 +207,8 @@ class Journal:
         if len(names) <= 1:
             return
         keep: dict[str, JournalEntry] = {}
-        for name in names:
-            with self.store.open_read(name) as f:
-                for e in read_jsonl(f, JournalEntry, name=self.store.uri_of(name)):
-                    keep.setdefault(e.request, e)
+        for e in self._read(names):
+            keep.setdefault(e.request, e)
         with write_jsonl(self.store, f"part-{time.time_ns():020d}-compacted.jsonl") as w:
             w.write_all(keep.values())
         for name in names:

@@ -35,48 +35,42 @@ def _show(items, n: int = 2) -> str:
 
 
 def plan_queries(root: Store, config: BaseModel) -> str:
-    return plan(root, "generate-queries", config)
+    """What generate-queries would do with CONFIG over the passages ingested in ROOT."""
+    from m3tune.generation.offline import Corpus, passage_queries
+    from m3tune.generation.prompts import load_prompt
+    from m3tune.generation.queries import allocation, select, work_items
+
+    passages = read_passages(root)
+    selected = select(passages, sources=config.sources, pilot=config.pilot, seed=config.seed)
+    n_ar, n_en = allocation(config.queries_per_passage, config.arabic_share)
+    head = f"generate-queries, backend {config.backend}: {len(selected):,} passages, {n_ar} Arabic + {n_en} English queries each"
+    if config.backend == "offline":
+        corpus = Corpus(passages)
+        sample = [q for p in selected[:3] for q in passage_queries(
+            corpus, corpus.by_id[p.id], ar=n_ar, en=n_en if p.translation_en else 0, types=config.types)]
+        return head + "\nrequests: 0 (offline)\nsample queries:\n" + "\n".join(
+            f"  {q.id}  [{q.language} {q.type}]  {q.query}" for q in sample)
+    items = list(work_items(selected, load_prompt(config.prompt), n_ar=n_ar, n_en=n_en, types=config.types))
+    return f"{head}\nmodel {config.llm.model} at {config.llm.base_url}\n{_estimate(items, n_ar + n_en, config.llm)}\n{_show(items)}"
 
 
 def plan_conceptual(root: Store, config: BaseModel) -> str:
-    return plan(root, "generate-conceptual", config)
+    """What generate-conceptual would do with CONFIG over the passages ingested in ROOT."""
+    from m3tune.generation.conceptual import prepare, theme_items
+    from m3tune.generation.offline import theme_queries
+    from m3tune.generation.prompts import load_prompt
 
-
-def plan(root: Store, step: str, config: BaseModel) -> str:
-    """A readable plan for STEP with CONFIG over the passages ingested in ROOT."""
     passages = read_passages(root)
-    if step == "generate-queries":
-        from m3tune.generation.offline import Corpus, passage_queries
-        from m3tune.generation.prompts import load_prompt
-        from m3tune.generation.queries import allocation, select, work_items
-
-        selected = select(passages, sources=config.sources, pilot=config.pilot, seed=config.seed)
-        n_ar, n_en = allocation(config.queries_per_passage, config.arabic_share)
-        head = f"generate-queries, backend {config.backend}: {len(selected):,} passages, {n_ar} Arabic + {n_en} English queries each"
-        if config.backend == "offline":
-            corpus = Corpus(passages)
-            sample = [q for p in selected[:3] for q in passage_queries(
-                corpus, corpus.by_id[p.id], ar=n_ar, en=n_en if p.translation_en else 0, types=config.types)]
-            return head + "\nrequests: 0 (offline)\nsample queries:\n" + "\n".join(
-                f"  {q.id}  [{q.language} {q.type}]  {q.query}" for q in sample)
-        items = list(work_items(selected, load_prompt(config.prompt), n_ar=n_ar, n_en=n_en, types=config.types))
-        return f"{head}\nmodel {config.llm.model} at {config.llm.base_url}\n{_estimate(items, n_ar + n_en, config.llm)}\n{_show(items)}"
-    if step == "generate-conceptual":
-        from m3tune.generation.conceptual import prepare, theme_items
-        from m3tune.generation.offline import theme_queries
-        from m3tune.generation.prompts import load_prompt
-
-        corpus, version, themes, candidates = prepare(
-            passages, themes_file=config.themes_file, sources=config.sources, max_positives=config.max_positives,
-            min_hits_quran=config.min_hits_quran, min_hits_hadith=config.min_hits_hadith)
-        head = f"generate-conceptual, backend {config.backend}: {len(themes)} themes ({version})"
-        if config.backend == "offline":
-            sample = [q for t in themes[:2] for q in theme_queries(t, candidates[t.id])][:8]
-            return head + "\nrequests: 0 (offline)\nsample queries:\n" + "\n".join(
-                f"  {q.id}  [{q.language}]  {q.query}  ({len(q.positive_ids)} positives)" for q in sample)
-        passage_of = {d.passage.id: d.passage for d in corpus.docs}
-        items = theme_items(themes, candidates, passage_of, load_prompt(config.prompt), sources=config.sources,
-                            queries_per_theme=config.queries_per_theme, arabic_share=config.arabic_share)
-        return (f"{head}\nmodel {config.llm.model} at {config.llm.base_url}\n"
-                f"{_estimate(items, config.queries_per_theme, config.llm)}\n{_show(items, 1)}")
-    raise ValueError(f"no dry run for step {step!r}")
+    corpus, version, themes, candidates = prepare(
+        passages, themes_file=config.themes_file, sources=config.sources, max_positives=config.max_positives,
+        min_hits_quran=config.min_hits_quran, min_hits_hadith=config.min_hits_hadith)
+    head = f"generate-conceptual, backend {config.backend}: {len(themes)} themes ({version})"
+    if config.backend == "offline":
+        sample = [q for t in themes[:2] for q in theme_queries(t, candidates[t.id])][:8]
+        return head + "\nrequests: 0 (offline)\nsample queries:\n" + "\n".join(
+            f"  {q.id}  [{q.language}]  {q.query}  ({len(q.positive_ids)} positives)" for q in sample)
+    passage_of = {d.passage.id: d.passage for d in corpus.docs}
+    items = theme_items(themes, candidates, passage_of, load_prompt(config.prompt), sources=config.sources,
+                        queries_per_theme=config.queries_per_theme, arabic_share=config.arabic_share)
+    return (f"{head}\nmodel {config.llm.model} at {config.llm.base_url}\n"
+            f"{_estimate(items, config.queries_per_theme, config.llm)}\n{_show(items, 1)}")

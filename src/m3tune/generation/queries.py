@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.context import StepContext
-from m3tune.generation.base import GenerationConfig, check_and_publish, load_passages, seeded_order, twins
+from m3tune.corpus.passages import read_passages
+from m3tune.generation.base import GenerationConfig, check_and_publish, seeded_order, twins
 from m3tune.records import Generator, Passage, Query
 from m3tune.storage import absolute_uri
 
@@ -107,7 +108,7 @@ def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Pass
 def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pilot: int, seed: int,
                      sources: list[str], queries_per_passage: int, arabic_share: float, types: list[str],
                      prompt: str, min_chars: int, max_words: int, max_copy_words: int) -> dict[str, Any]:
-    passages = load_passages(ctx)
+    passages = read_passages(ctx.root)
     selected = select(passages, sources=sources, pilot=pilot, seed=seed)
     by_id = {p.id: p for p in passages}
     positives = twins(passages)

@@ -59,13 +59,14 @@ class MineConfig(BaseModel):
         return self
 
 
-def load_queries(ctx: StepContext) -> list[Query]:
+def load_queries(root) -> list[Query]:
+    """The generated queries of the run at ROOT, in the order of QUERY_FILES."""
     from m3tune.jsonl import read_records
 
     out: list[Query] = []
     for step, name in QUERY_FILES:
-        if ctx.root.child(step).exists(name):
-            out += read_records(ctx.root.child(step), name, Query)
+        if root.child(step).exists(name):
+            out += read_records(root.child(step), name, Query)
     return out
 
 
@@ -239,7 +240,7 @@ def mine_negatives(ctx: StepContext, **config: Any) -> dict[str, Any]:
     from m3tune.corpus.passages import read_passages
 
     passages = read_passages(ctx.root)
-    queries = ctx.my_share(load_queries(ctx))  # a shard mines its block of the queries
+    queries = ctx.my_share(load_queries(ctx.root))  # a shard mines its block of the queries
     examples, counts, rejects = mine(ctx.root, queries, passages, **config)
     with ctx.write_jsonl("examples.jsonl") as out:
         out.write_all(examples)
@@ -252,10 +253,8 @@ def mine_negatives(ctx: StepContext, **config: Any) -> dict[str, Any]:
 
 def plan_mining(root, config: MineConfig) -> str:
     """`--dry-run`: the counts a run would give, nothing written."""
-    from m3tune.context import StepContext
     from m3tune.corpus.passages import read_passages
 
-    ctx = StepContext(root=root, name="mine-negatives")
     passages = read_passages(root)
-    _, counts, _ = mine(root, load_queries(ctx), passages, **config.model_dump(), dry_run=True)
+    _, counts, _ = mine(root, load_queries(root), passages, **config.model_dump(), dry_run=True)
     return "mine-negatives (dry run, nothing published):\n" + json.dumps(counts, indent=2)
