@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean render images
 
 $(STAMP): pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_io.py
 	$(BIN)/python benchmarks/bench_generation.py
+
+# Re-render the generated Kubernetes files from the pipeline definition (a golden test checks they are current).
+render: $(STAMP)
+	$(BIN)/m3tune render argo --output argo --chart charts/m3tune
+	$(BIN)/m3tune render job mine-negatives --root s3://m3tune-runs/runs/exp-01 -o jobs/rerun-mine-negatives.yaml
+	$(BIN)/m3tune render job mine-negatives --root s3://m3tune-runs/runs/exp-01 --rank 1 --world-size 4 \
+		-o jobs/rerun-mine-negatives-shard.yaml
+
+# Build and tag both images (needs Docker with buildx): make images REGISTRY=ghcr.io/you [PUSH=--push]
+images:
+	REGISTRY=$(or $(REGISTRY),m3tune) docker buildx bake -f images/docker-bake.hcl $(PUSH)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

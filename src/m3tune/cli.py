@@ -4,6 +4,9 @@
     m3tune step    one step (what each Argo task runs)
     m3tune status  per step: done / stale / missing, with counts
     m3tune analyze shares and targets of any queries/examples JSONL
+    m3tune evaluate compare models on the gold standard (the evaluate step's code)
+    m3tune render  the Argo WorkflowTemplate / a single-step Job, from the pipeline definition
+    m3tune submit  the pipeline on Kubernetes; m3tune rerun: one step as a Job; m3tune runs: recent workflows
 """
 
 from __future__ import annotations
@@ -275,6 +278,251 @@ def analyze(
         raise TargetsMissed(report)
 
 
+render_app = typer.Typer(help="Render the Kubernetes objects generated from the pipeline definition.",
+                         no_args_is_help=True)
+app.add_typer(render_app, name="render")
+
+KubeconfigOpt = Annotated[Optional[str], typer.Option(
+    "--kubeconfig", envvar="KUBECONFIG", help="Kubeconfig file (default: ~/.kube/config).")]
+ContextOpt = Annotated[Optional[str], typer.Option("--context", help="Kubeconfig context (default: the current one).")]
+NamespaceOpt = Annotated[Optional[str], typer.Option(
+    "--namespace", "-n", help="Namespace (default: the context's, else m3tune).")]
+
+
+@render_app.command("argo")
+@_errors
+def render_argo(
+    output: Annotated[Path, typer.Option("--output", "-o", file_okay=False,
+                                         help="Folder for workflowtemplate.yaml and workflow.yaml.")] = Path("argo"),
+    chart: Annotated[Optional[Path], typer.Option(
+        "--chart", file_okay=False, help="Also copy the WorkflowTemplate into this chart's files/ (charts/m3tune).")] = None,
+):
+    """Generate the Argo WorkflowTemplate (Hera) and an example Workflow from the pipeline definition."""
+    from m3tune.deploy.argo import TEMPLATE_FILE, render_files
+
+    files = render_files()
+    output.mkdir(parents=True, exist_ok=True)
+    targets = [(output / name, text) for name, text in files.items()]
+    if chart is not None:
+        targets.append((chart / "files" / TEMPLATE_FILE, files[TEMPLATE_FILE]))
+    for path, text in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {path}")
+
+
+def _job(step: str, root: str, config: str, namespace: Optional[str], image: Optional[str], s3_endpoint: str,
+         rank: Optional[int], world_size: Optional[int], merge_shards: Optional[int], gpus: int, force: bool):
+    from m3tune.deploy.job import render_job
+
+    return render_job(step, root=root, config=config, namespace=namespace, image=image, s3_endpoint=s3_endpoint,
+                      rank=rank, world_size=world_size, merge_shards=merge_shards, gpus=gpus, force=force)
+
+
+JobRootOpt = Annotated[str, typer.Option("--root", help="The run's root: s3://BUCKET/PREFIX/RUN_ID.")]
+JobConfigOpt = Annotated[str, typer.Option("--config", help="Run config: a key of the ConfigMap m3tune-config.")]
+ImageOpt = Annotated[Optional[str], typer.Option("--image", help="Image (default: the step's, at this version).")]
+JobEndpointOpt = Annotated[str, typer.Option("--s3-endpoint", help="S3 endpoint the pod uses (MinIO…); empty for AWS.")]
+RankOpt = Annotated[Optional[int], typer.Option("--rank", help="Rerun only this shard, with --world-size.")]
+WorldOpt = Annotated[Optional[int], typer.Option("--world-size", help="Number of shards of the run.")]
+MergeOpt = Annotated[Optional[int], typer.Option("--merge-shards", help="Rerun the merge of N shards.")]
+GpusOpt = Annotated[int, typer.Option("--gpus", help="GPUs of a GPU step's pod.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the step's manifest proves it done.")]
+
+
+@render_app.command("job")
+@_errors
+def render_job_cmd(
+    step: Annotated[str, typer.Argument(help="The step to rerun.")],
+    root: JobRootOpt,
+    config: JobConfigOpt = "run.yaml",
+    namespace: NamespaceOpt = None,
+    image: ImageOpt = None,
+    s3_endpoint: JobEndpointOpt = "",
+    rank: RankOpt = None,
+    world_size: WorldOpt = None,
+    merge_shards: MergeOpt = None,
+    gpus: GpusOpt = 1,
+    force: ForceOpt = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", dir_okay=False,
+                                                  help="Write the YAML here (default: stdout).")] = None,
+):
+    """Print the Kubernetes Job that reruns one step of an existing run (kubectl create -f -)."""
+    import yaml
+
+    job = _job(step, root, config, namespace, image, s3_endpoint, rank, world_size, merge_shards, gpus, force)
+    text = yaml.safe_dump(job, sort_keys=False, allow_unicode=True, width=120)
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        typer.echo(text, nl=False)
+
+
+def _kube(kubeconfig: Optional[str], context: Optional[str], namespace: Optional[str]):
+    from m3tune.deploy.kube import api_client
+
+    client, default_namespace = api_client(kubeconfig, context)
+    return client, namespace or default_namespace or "m3tune"
+
+
+@app.command()
+@_errors
+def submit(
+    parameter: Annotated[list[str], typer.Option("--parameter", "-p", help="NAME=VALUE of the WorkflowTemplate "
+                                                 "(repeatable), e.g. -p root=s3://bucket/runs/exp-01.")] = [],
+    template: Annotated[str, typer.Option("--template", help="The installed WorkflowTemplate.")] = "m3tune",
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Run the pipeline on the cluster: a Workflow from the installed WorkflowTemplate (no argo CLI needed)."""
+    from m3tune.deploy.kube import parse_parameters, submit as submit_workflow
+
+    _setup(verbose, None)
+    client, ns = _kube(kubeconfig, context, namespace)
+    name = submit_workflow(client, ns, parse_parameters(parameter), template=template)
+    typer.echo(name)
+
+
+@app.command()
+@_errors
+def rerun(
+    step: Annotated[str, typer.Argument(help="The step to rerun.")],
+    root: JobRootOpt,
+    config: JobConfigOpt = "run.yaml",
+    image: ImageOpt = None,
+    s3_endpoint: JobEndpointOpt = "",
+    rank: RankOpt = None,
+    world_size: WorldOpt = None,
+    merge_shards: MergeOpt = None,
+    gpus: GpusOpt = 1,
+    force: ForceOpt = False,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Rerun one step of an existing run on the cluster, as a Kubernetes Job (what `m3tune render job` prints)."""
+    from m3tune.deploy.kube import rerun as create_job
+
+    _setup(verbose, None)
+    client, ns = _kube(kubeconfig, context, namespace)
+    job = _job(step, root, config, ns, image, s3_endpoint, rank, world_size, merge_shards, gpus, force)
+    typer.echo(create_job(client, ns, job))
+
+
+@app.command()
+@_errors
+def runs(
+    limit: Annotated[int, typer.Option("--limit", help="How many of the most recent runs.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """List recent m3tune Workflows on the cluster and the state of each step."""
+    import dataclasses
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from m3tune.deploy.kube import runs as list_runs
+
+    _setup(verbose, None)
+    client, ns = _kube(kubeconfig, context, namespace)
+    found = list_runs(client, ns, limit=limit)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in found], indent=2))
+        return
+    table = Table(title=f"m3tune workflows in {ns}", title_justify="left")
+    for col in ("workflow", "phase", "started", "root", "steps"):
+        table.add_column(col)
+    for r in found:
+        table.add_row(r.name, r.phase, r.started, r.root, ", ".join(f"{k}: {v}" for k, v in r.steps.items()))
+    Console().print(table)
+
+
+@app.command()
+@_errors
+def evaluate(
+    test_set: Annotated[Optional[str], typer.Option("--test-set", help="Gold standard JSONL (default: the packaged "
+                        "gold_standard_v2.jsonl).")] = None,
+    corpus: Annotated[Optional[str], typer.Option("--corpus", help="passages.jsonl to search (path or URI); "
+                      "default: the corpus of the run given by --root / --run-id.")] = None,
+    model: Annotated[list[str], typer.Option("--model", help="A model to evaluate (repeatable; the first is the "
+                     "baseline): base, bm25, hybrid:SPEC, api:MODEL, run:train, a hub id or folder; NAME=SPEC "
+                     "names it.")] = [],
+    compare_all: Annotated[bool, typer.Option("--compare-all", help="Every model of the config (the --config "
+                           "file's evaluate.models, else base, run:train, bm25), then any --model.")] = False,
+    dims: Annotated[Optional[str], typer.Option("--dims", help="Matryoshka dimensions, e.g. 1024,512,256,128.")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="What 'base' names "
+                          "(default BAAI/bge-m3).")] = None,
+    output_dir: Annotated[str, typer.Option("--output-dir", help="Where results.json, report.md, "
+                          "per_query.jsonl and the charts go.")] = "evaluation",
+    output_json: Annotated[Optional[Path], typer.Option("--output-json", help="Also write results.json "
+                           "here.")] = None,
+    target_recall10: Annotated[Optional[float], typer.Option("--target-recall10", help="Recall@10 target "
+                               "(default 0.65).")] = None,
+    target_mrr: Annotated[Optional[float], typer.Option("--target-mrr", help="MRR@10 target (default 0.35).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False,
+                      help="A run config: its evaluate: section gives the models and encoder settings.")] = None,
+    root: Annotated[Optional[str], typer.Option("--root", help="A run: its corpus, and its model for "
+                    "run:train.")] = None,
+    runs: RunsOpt = "runs",
+    run_id: RunIdOpt = None,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Compare models on the gold standard: Recall@k, MRR, nDCG, MAP, breakdowns, significance, report.
+
+    The same code as the pipeline's `evaluate` step, on any corpus file.
+    """
+    from rich.console import Console
+
+    from m3tune.evaluation.step import EvaluateConfig, render_results, run_evaluation
+    from m3tune.storage import open_store
+
+    _setup(verbose, s3_endpoint)
+    if not model and not compare_all:
+        raise ConfigError("name the models: --model SPEC (repeatable) or --compare-all")
+    base = load_run_config(config).get("evaluate") or EvaluateConfig()
+    values = base.model_dump()
+    values["models"] = (list(base.models) if compare_all else []) + list(model)
+    given = {"test_set": test_set, "base_model": base_model, "target_recall10": target_recall10,
+             "target_mrr": target_mrr}
+    values.update({k: v for k, v in given.items() if v is not None})
+    if dims is not None:
+        try:
+            values["dims"] = [int(d) for d in dims.replace(" ", "").split(",") if d]
+        except ValueError:
+            raise ConfigError(f"--dims {dims!r}: expected comma-separated integers, e.g. 1024,512,256") from None
+    cfg = _build(EvaluateConfig, values, "evaluate")
+    store = _root(root, runs, run_id) if (root or run_id) else None
+    if corpus:
+        from m3tune.jsonl import read_records
+        from m3tune.records import Passage
+        from m3tune.storage import split_uri
+
+        folder, name = split_uri(corpus)
+        passages = list(read_records(folder, name, Passage))
+    elif store is not None:
+        from m3tune.corpus.passages import read_passages
+
+        passages = read_passages(store)
+    else:
+        raise ConfigError("no corpus: give --corpus PASSAGES_JSONL, or a run with --root / --run-id")
+    files = run_evaluation(passages, cfg, root=store, log=logging.getLogger("m3tune.evaluate"))
+    out = open_store(output_dir)
+    for name, data in files.items():
+        out.write_bytes(name, data)
+    if output_json:
+        output_json.parent.mkdir(parents=True, exist_ok=True)
+        output_json.write_bytes(files["results.json"])
+    Console().print(render_results(json.loads(files["results.json"])))
+    Console().print(f"\nreport: [bold]{out.uri_of('report.md')}[/bold]")
+
 step_app = typer.Typer(help="Run one step of a run (skipped when its manifest proves it done; --force reruns). "
                             "Each step's options are the fields of its config.", no_args_is_help=True)
 app.add_typer(step_app, name="step")
@@ -285,6 +533,10 @@ _COMMON = [
     inspect.Parameter("run_id", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RunIdOpt),
     inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--force", help="Rerun even if the step's manifest proves it done.")]),
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False,
+                                     help="The run's YAML config (as `m3tune run --config`): this step's section "
+                                          "is its base; options given here override it.")]),
     inspect.Parameter("s3_endpoint", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=EndpointOpt),
     inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt),
 ]
@@ -303,6 +555,14 @@ _SHARDING = [
 ]
 
 
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """BASE with OVERRIDE's keys laid over it, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _register_step(step) -> None:
     """`m3tune step NAME`, its options built from the step's config model (m3tune.stepcli)."""
     from m3tune.stepcli import check_unique, config_parameters, config_values
@@ -311,15 +571,18 @@ def _register_step(step) -> None:
                   + config_parameters(step.config))
     check_unique(parameters, step.name)
 
-    def command(*, root, runs, run_id, force, s3_endpoint, verbose, dry_run=False, rank=None, world_size=None,
-                merge_shards=None, **params):
+    def command(*, root, runs, run_id, force, config=None, s3_endpoint=None, verbose=False, dry_run=False, rank=None,
+                world_size=None, merge_shards=None, **params):
         from rich.console import Console
 
         from m3tune.executor import merge_shards as merge, run_step
 
         _setup(verbose, s3_endpoint)
         store = _root(root, runs, run_id)
-        config = _build(step.config, config_values(params), f"step {step.name}")
+        # The same config file drives `m3tune run` and each Argo task's `m3tune step`, so both run alike.
+        base = load_run_config(config).get(step.name)
+        values = _merged(base.model_dump() if base is not None else {}, config_values(params))
+        config = _build(step.config, values, f"step {step.name}")
         if dry_run:
             Console().print(step.plan(store, config), highlight=False, markup=False)
             return

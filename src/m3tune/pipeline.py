@@ -34,6 +34,10 @@ class Step:
     show: Callable[[Any], Any] | None = None
     # Can run as N shards (--rank R --world-size N), each on its block of the work, then be merged.
     shardable: bool = False
+    # Runs on GPU nodes (the CUDA image, `nvidia.com/gpu`, under `accelerate launch`, one node or many).
+    gpu: bool = False
+    # One process per GPU under `accelerate launch`, on one node or many (JobSet): the training step.
+    distributed: bool = False
 
     def upstream(self, config: BaseModel) -> tuple[str, ...]:
         return self.needs_for(config) if self.needs_for else self.needs
@@ -41,13 +45,17 @@ class Step:
 
 def _steps() -> dict[str, Step]:
     from m3tune.analysis.analyze import AnalyzeConfig, analyze, analyze_inputs, show_report
+    from m3tune.combine.step import CombineConfig, combine, combine_inputs, combine_needs, show_stats
     from m3tune.corpus.ingest import IngestConfig, ingest, ingest_inputs
+    from m3tune.evaluation.step import EvaluateConfig, evaluate, evaluate_inputs, evaluate_needs, show_results
     from m3tune.generation.conceptual import GenerateConceptualConfig, generate_conceptual, generate_conceptual_inputs
     from m3tune.generation.plan import plan_conceptual, plan_queries
     from m3tune.generation.queries import GenerateQueriesConfig, generate_queries, generate_queries_inputs
     from m3tune.index.step import IndexConfig, index
     from m3tune.mining.filter_existing import FilterConfig, filter_inputs, filter_negatives
     from m3tune.mining.mine import MineConfig, mine_negatives, plan_mining
+    from m3tune.training.config import TrainConfig
+    from m3tune.training.step import train
 
     steps = [
         Step("ingest", ingest, IngestConfig, "build passages.jsonl from the packaged Quran and hadith corpora and user files",
@@ -66,11 +74,20 @@ def _steps() -> dict[str, Step]:
         Step("filter-negatives", filter_negatives, FilterConfig,
              "remove false negatives from an existing training file (FlagEmbedding format)",
              external_inputs=filter_inputs),
-        # Until `combine` lands, analyze gates the generated queries.
+        Step("combine", combine, CombineConfig,
+             "balance every example source to the share targets; grouped train / validation split; gold kept out",
+             needs=("mine-negatives",), external_inputs=combine_inputs, needs_for=combine_needs, show=show_stats),
+        # The gate before the GPU step: the combined training set against its targets.
         Step("analyze", analyze, AnalyzeConfig, "report shares by language, type and source against targets",
-             needs=("generate-queries", "generate-conceptual"), external_inputs=analyze_inputs,
-             needs_for=lambda config: () if config.inputs else ("generate-queries", "generate-conceptual"),
+             needs=("combine",), external_inputs=analyze_inputs,
+             needs_for=lambda config: () if config.inputs else ("combine",),
              show=show_report),
+        Step("evaluate", evaluate, EvaluateConfig,
+             "compare models on the gold standard: Recall@k, MRR, nDCG, MAP, breakdowns, significance, report",
+             needs=("ingest", "train"), external_inputs=evaluate_inputs, needs_for=evaluate_needs, show=show_results),
+        Step("train", train, TrainConfig, "Matryoshka contrastive fine-tuning on Accelerate (DeepSpeed optional): "
+             "model folder, checkpoints, validation metrics", needs=("combine",), gpu=True, distributed=True,
+             needs_for=lambda config: ("combine", "ingest") if config.validation_corpus == "all" else ("combine",)),
     ]
     return {s.name: s for s in steps}
 
@@ -78,7 +95,8 @@ def _steps() -> dict[str, Step]:
 STEPS: dict[str, Step] = _steps()
 
 # What `m3tune run` runs, in order.
-PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "analyze", "index", "mine-negatives"]
+PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "index", "mine-negatives", "combine",
+                       "analyze"]
 
 
 def get_step(name: str) -> Step:

@@ -98,6 +98,12 @@ class Example(BaseModel):
         return values
 
 
+def source_of(passage_ids: list[str]) -> str:
+    """quran, hadith or mixed: what the passages with these ids are (ids say their source)."""
+    kinds = {"quran" if i.startswith("quran:") else "hadith" for i in passage_ids}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 class GoldQuery(_Strict):
     """An evaluation query with its relevant passages."""
 

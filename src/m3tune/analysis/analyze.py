@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from m3tune.arabic import detect_language, normalize
 from m3tune.errors import UserError
 from m3tune.jsonl import Rejects, read_jsonl
-from m3tune.records import Example, Query
+from m3tune.records import Example, Query, source_of
 from m3tune.storage import absolute_uri, file_digest, split_uri
 
 
@@ -79,11 +79,6 @@ def _row_kind(store, name: str) -> type[BaseModel]:
     return Query
 
 
-def _source_of(ids: list[str]) -> str:
-    kinds = {"quran" if i.startswith("quran:") else "hadith" for i in ids}
-    return kinds.pop() if len(kinds) == 1 else "mixed"
-
-
 def _facts(rows: Iterable[BaseModel]) -> Iterator[tuple[str, str, str, str, list[str], int | None]]:
     """(query, language, type, source, positive keys, negatives) per row."""
     for r in rows:
@@ -92,7 +87,7 @@ def _facts(rows: Iterable[BaseModel]) -> Iterator[tuple[str, str, str, str, list
         else:
             assert isinstance(r, Example)
             keys = list(r.pos_ids) if r.pos_ids else [f"text:{normalize(t)[:80]}" for t in r.pos]
-            source = r.source or (_source_of(r.pos_ids) if r.pos_ids else "unknown")
+            source = r.source or (source_of(r.pos_ids) if r.pos_ids else "unknown")
             yield r.query, r.language or detect_language(r.query), r.type or "unknown", source, keys, len(r.neg)
 
 

@@ -1,0 +1,1 @@
+"""The `combine` step: all example sources into balanced, leakage-free train and validation sets."""

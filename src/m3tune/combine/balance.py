@@ -1,0 +1,134 @@
+"""How many examples to take from each cell so that every share target holds: an integer program.
+
+A cell is one combination of the three balanced attributes (Arabic or not,
+conceptual or not, Quran or not), so a choice of counts per cell fixes every
+share. "The largest output whose shares all lie within target ± tolerance"
+is then a small integer linear program (8 variables, 6 constraints). It is
+solved exactly with scipy's `milp` (HiGHS) rather than by a greedy
+down-sampler, which can stop short of the optimum when targets interact.
+A second solve, at that size, puts the shares as close to their targets as
+the input allows, so a later split of the output stays inside the band.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import product
+
+ATTRIBUTES = ("arabic", "conceptual", "quran")
+# cell index = arabic * 4 + conceptual * 2 + quran
+CELLS = list(product((0, 1), repeat=3))
+
+
+def cell_of(arabic: bool, conceptual: bool, quran: bool) -> int:
+    return int(arabic) * 4 + int(conceptual) * 2 + int(quran)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # one of ATTRIBUTES
+    share: float
+    tolerance: float
+
+    @property
+    def low(self) -> float:
+        return max(0.0, self.share - self.tolerance)
+
+    @property
+    def high(self) -> float:
+        return min(1.0, self.share + self.tolerance)
+
+
+def _member(cell: int, attribute: str) -> int:
+    return CELLS[cell][ATTRIBUTES.index(attribute)]
+
+
+def _solve(available: list[int], targets: list[Target], cap: int | None, size: int | None = None) -> list[int]:
+    """Counts per cell: the largest total (or, with SIZE, that total closest to the targets)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n = len(available)
+    m = len(targets)
+    # variables: k_0..k_7 (counts), then d_1..d_m (|share deviation| * size) for the second solve
+    rows, low, high = [], [], []
+    for t in targets:
+        a = np.array([_member(c, t.name) for c in range(n)], dtype=float)
+        # low * K <= sum_A k <= high * K, with K = sum k
+        rows.append(np.concatenate([a - t.low, np.zeros(m)]))
+        low.append(0.0)
+        high.append(np.inf)
+        rows.append(np.concatenate([a - t.high, np.zeros(m)]))
+        low.append(-np.inf)
+        high.append(0.0)
+    total = np.concatenate([np.ones(n), np.zeros(m)])
+    if size is None:
+        if cap is not None:
+            rows.append(total)
+            low.append(0.0)
+            high.append(float(cap))
+        objective = -total
+    else:
+        rows.append(total)
+        low.append(float(size))
+        high.append(float(size))
+        for j, t in enumerate(targets):  # d_j >= |sum_A k - share * size|
+            a = np.array([_member(c, t.name) for c in range(n)], dtype=float)
+            e = np.zeros(m)
+            e[j] = 1.0
+            rows.append(np.concatenate([a, -e]))
+            low.append(-np.inf)
+            high.append(t.share * size)
+            rows.append(np.concatenate([a, e]))
+            low.append(t.share * size)
+            high.append(np.inf)
+        objective = np.concatenate([np.zeros(n), np.ones(m)])
+    result = milp(objective, constraints=LinearConstraint(np.array(rows), low, high),
+                  integrality=np.concatenate([np.ones(n), np.zeros(m)]),
+                  bounds=Bounds(np.zeros(n + m), np.concatenate([np.array(available, dtype=float),
+                                                                 np.full(m, np.inf)])))
+    if result.x is None:  # cannot happen (all zeros is feasible), but never trust a solver's silence
+        raise RuntimeError(f"balancing failed: {result.message}")
+    return [int(round(v)) for v in result.x[:n]]
+
+
+def choose_counts(available: list[int], targets: list[Target], cap: int | None = None) -> list[int]:
+    """Per cell, how many examples to keep: the largest output meeting every target (all zeros: none)."""
+    counts = _solve(available, targets, cap)
+    size = sum(counts)
+    return _solve(available, targets, cap, size) if size else counts
+
+
+def shares(counts: list[int]) -> dict[str, float]:
+    total = sum(counts)
+    return {a: (sum(k for c, k in enumerate(counts) if _member(c, a)) / total if total else 0.0) for a in ATTRIBUTES}
+
+
+def shortfall(available: list[int], targets: list[Target], cap: int | None = None) -> list[str]:
+    """Why no output meets the targets: per target that blocks, what the input lacks."""
+    reasons = []
+    for t in targets:
+        others = [o for o in targets if o.name != t.name]
+        counts = _solve(available, others, cap)
+        size = sum(counts)
+        if not size:
+            continue
+        have = sum(k for c, k in enumerate(counts) if _member(c, t.name))
+        share = have / size
+        in_input = sum(k for c, k in enumerate(available) if _member(c, t.name))
+        if share < t.low:  # need x more with the attribute: (have + x) / (size + x) >= low
+            what = (f"add at least {math.ceil((t.low * size - have) / (1 - t.low)):,} more" if t.low < 1
+                    else f"drop every example that is not {t.name}")
+            reasons.append(f"{t.name} share can reach {share:.1%} at most, below {t.low:.0%} "
+                           f"(target {t.share:.0%} ± {t.tolerance:.0%}): the input has {in_input:,} {t.name} "
+                           f"examples; {what}")
+        elif share > t.high:  # need y more without it: have / (size + y) <= high
+            more = math.ceil(have / t.high - size) if t.high > 0 else None
+            what = f"add at least {more:,} examples that are not {t.name}" if more is not None else \
+                f"the target allows no {t.name} example at all"
+            reasons.append(f"{t.name} share is {share:.1%} at least, above {t.high:.0%} (target {t.share:.0%} ± "
+                           f"{t.tolerance:.0%}): the input has only {sum(available) - in_input:,} examples that are "
+                           f"not {t.name}; {what}")
+    return reasons or ["the targets cannot be met together: input shares are "
+                       + ", ".join(f"{a} {s:.1%}" for a, s in shares(available).items())]

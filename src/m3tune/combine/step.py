@@ -1,0 +1,270 @@
+"""The `combine` step: every example source into balanced train and validation sets, gold queries kept out.
+
+Two streaming passes over the inputs. The first validates every row, drops
+gold leaks, and keeps 14 bytes a row (a seeded 64-bit hash of the row's
+query + positives, its balance cell, its file and line); duplicates are rows
+with the same hash. The balancer (`balance.py`) then fixes how many rows each
+cell keeps, and the sample is, per cell, the rows with the smallest hashes:
+a seeded, deterministic down-sampling that needs no shuffle buffer. The
+second pass parses only the chosen lines. Memory is the sample plus those
+14 bytes a row, whatever the size of the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from array import array
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from m3tune.arabic import detect_language, normalize
+from m3tune.combine.balance import ATTRIBUTES, Target, cell_of, choose_counts, shares, shortfall
+from m3tune.combine.leakage import GoldGuard, load_gold
+from m3tune.combine.split import split
+from m3tune.errors import UserError
+from m3tune.jsonl import Rejects, read_jsonl_numbered
+from m3tune.records import Example, source_of
+from m3tune.storage import absolute_uri, file_digest, split_uri
+
+MINED = "mine-negatives"
+
+
+class CombineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(default_factory=list, json_schema_extra={"cli": "input"},
+                              description="an Example JSONL file to add (FlagEmbedding format, filtered existing "
+                              "data, user examples; path or URI)")
+    mined: bool = Field(default=True, description="include the run's mined examples (mine-negatives/examples.jsonl)")
+    arabic_target: float = Field(default=0.50, ge=0, le=1, description="share of Arabic queries in the output")
+    conceptual_target: float = Field(default=0.20, ge=0, le=1,
+                                     description="share of conceptual (thematic) queries in the output")
+    quran_target: float = Field(default=0.25, ge=0, le=1,
+                                description="share of examples whose positives are Quran verses")
+    tolerance: float = Field(default=0.05, ge=0, le=1,
+                             description="each output share lies within target ± tolerance (train's too)")
+    max_examples: int | None = Field(default=None, ge=1, description="at most this many examples (train + validation)")
+    min_examples: int = Field(default=1, ge=1,
+                              description="fail, saying what is missing, when fewer would meet the targets")
+    validation_split: float = Field(default=0.05, ge=0, lt=0.5,
+                                    description="share of the output held out for validation, grouped by positive")
+    seed: int = Field(default=42, description="seed of the down-sampling and of the split")
+    exclude_gold: list[str] = Field(default_factory=list,
+                                    description="gold set JSONL (path or URI): drop examples whose query repeats a "
+                                    "gold query (normalized text, or token overlap >= gold-overlap)")
+    exclude_gold_passages: bool = Field(default=False,
+                                        description="also drop examples whose positive is a gold query's relevant "
+                                        "passage")
+    gold_overlap: float = Field(default=0.8, gt=0, le=1,
+                                description="token Jaccard at which a query counts as a near-duplicate of a gold query")
+    skip_invalid: bool = Field(default=False,
+                               description="skip invalid lines (written to rejects.jsonl) instead of failing")
+
+    @field_validator("inputs", "exclude_gold")
+    @classmethod
+    def _absolute(cls, uris: list[str]) -> list[str]:
+        return [absolute_uri(u) for u in uris]
+
+    @model_validator(mode="after")
+    def _something_to_read(self) -> "CombineConfig":
+        if not self.mined and not self.inputs:
+            raise ValueError("nothing to combine: mined is false and no input file is given")
+        return self
+
+
+def combine_inputs(config: CombineConfig) -> dict[str, str]:
+    digests = {}
+    for kind, uris in (("input", config.inputs), ("gold", config.exclude_gold)):
+        for uri in uris:
+            store, name = split_uri(uri)
+            digests[f"{kind}:{uri}"] = "sha256:" + file_digest(store, name)
+    return digests
+
+
+def combine_needs(config: CombineConfig) -> tuple[str, ...]:
+    return (MINED,) if config.mined else ()
+
+
+def _facts(r: Example) -> tuple[str, str, str]:
+    """language, type and source of an example, inferred where a FlagEmbedding row lacks them."""
+    language = r.language or detect_language(r.query)
+    source = r.source or (source_of(r.pos_ids) if r.pos_ids else "unknown")
+    return language, r.type or "unknown", source
+
+
+def _positive_keys(r: Example) -> list[str]:
+    return [f"p:{i}" for i in r.pos_ids] if r.pos_ids else [f"t:{normalize(t)}" for t in r.pos]
+
+
+def _key_hash(seed: int, r: Example) -> int:
+    key = normalize(r.query) + "\x1e" + "\x1f".join(sorted(_positive_keys(r)))
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x1d{key}".encode(), digest_size=8).digest(), "little")
+
+
+class _Profile:
+    """Shares by language, type and source, and negatives per example, of a set of examples."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.counts: dict[str, Counter[str]] = {"language": Counter(), "type": Counter(), "source": Counter()}
+        self.negatives: Counter[int] = Counter()
+
+    def add(self, r: Example) -> None:
+        self.n += 1
+        for dim, value in zip(("language", "type", "source"), _facts(r)):
+            self.counts[dim][value] += 1
+        self.negatives[len(r.neg)] += 1
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"examples": self.n}
+        for dim, counter in self.counts.items():
+            out[dim] = {k: {"rows": v, "share": round(v / self.n, 4)} for k, v in sorted(counter.items())}
+        if self.n:
+            values = list(self.negatives.elements())
+            out["negatives"] = {"mean": round(statistics.fmean(values), 3), "min": min(values), "max": max(values),
+                                "without": self.negatives[0]}
+        return out
+
+
+def _sources(ctx, inputs: list[str], mined: bool) -> list[tuple[Any, str, str]]:
+    """(store, file name, label for messages) per input; the mined file first."""
+    found = []
+    if mined:
+        folder = ctx.root.child(MINED)
+        found.append((folder, "examples.jsonl", f"{MINED}/examples.jsonl"))
+    for uri in inputs:
+        store, name = split_uri(uri)
+        found.append((store, name, uri))
+    return found
+
+
+def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, conceptual_target: float,
+            quran_target: float, tolerance: float, max_examples: int | None, min_examples: int,
+            validation_split: float, seed: int, exclude_gold: list[str], exclude_gold_passages: bool,
+            gold_overlap: float, skip_invalid: bool) -> dict[str, Any]:
+    import numpy as np
+
+    targets = [Target("arabic", arabic_target, tolerance), Target("conceptual", conceptual_target, tolerance),
+               Target("quran", quran_target, tolerance)]
+    # The output is balanced within 80% of the tolerance when a split follows: the largest output sits on
+    # the band's edges, where moving almost any group to validation would push train out of its band.
+    inner = [Target(t.name, t.share, t.tolerance * (0.8 if validation_split else 1.0)) for t in targets]
+    guard = GoldGuard(load_gold(exclude_gold), overlap=gold_overlap, exclude_passages=exclude_gold_passages)
+    files = _sources(ctx, inputs, mined)
+    rejects = Rejects() if skip_invalid else None
+
+    # Pass 1: validate, drop leaks, remember (hash, cell, file, line) per row.
+    hashes, cells, file_of, line_of = array("Q"), array("B"), array("H"), array("I")
+    before = _Profile()
+    leaks = Counter()
+    try:
+        for f_index, (store, name, label) in enumerate(files):
+            ctx.log.info("reading %s", label)
+            with store.open_read(name) as f:
+                for line, _, r in read_jsonl_numbered(f, Example, name=label, rejects=rejects):
+                    before.add(r)
+                    if guard.query_leak(r.query):
+                        leaks["gold_query"] += 1
+                        continue
+                    if guard.passage_leak(r.pos_ids):
+                        leaks["gold_passage"] += 1
+                        continue
+                    language, qtype, source = _facts(r)
+                    hashes.append(_key_hash(seed, r))
+                    cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
+                    file_of.append(f_index)
+                    line_of.append(line)
+    finally:
+        if rejects is not None:
+            ctx.write_rejects(rejects)
+    if not before.n:
+        raise UserError("no valid examples to combine")
+
+    # Balance: distinct rows (the first of equal hashes) per cell, then the counts the targets allow.
+    h = np.frombuffer(hashes, dtype=np.uint64)
+    c = np.frombuffer(cells, dtype=np.uint8)
+    _, first = np.unique(h, return_index=True)  # ascending hash: the seeded sampling order
+    first_cells = c[first]
+    available = np.bincount(first_cells, minlength=8).astype(int).tolist()
+    counts = choose_counts(available, inner, max_examples)
+    if sum(counts) < min_examples:
+        got = f"only {sum(counts):,} examples meet every target" if sum(counts) else "no output meets the targets"
+        raise UserError(f"{got} (need {min_examples:,}; the input has {len(first):,} distinct examples): "
+                        + "; ".join(shortfall(available, inner, max_examples)))
+    chosen = np.sort(np.concatenate([first[first_cells == cell][:k] for cell, k in enumerate(counts)]))
+    wanted = {(int(file_of[i]) << 32) | int(line_of[i]) for i in chosen}
+    duplicates = len(h) - len(first)
+    del hashes, cells, file_of, line_of, h, c, first, first_cells
+
+    # Pass 2: parse the chosen lines only (numbered as pass 1's reader numbers them).
+    rows: list[Example] = []
+    row_cells: list[int] = []
+    for f_index, (store, name, _) in enumerate(files):
+        with store.open_read(name) as f:
+            for line, raw in enumerate(f, start=1):
+                if ((f_index << 32) | line) not in wanted:
+                    continue
+                r = Example.model_validate_json(raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw)
+                language, qtype, source = _facts(r)
+                filled = {"language": language, **({"source": source} if source != "unknown" else {})}
+                rows.append(r.model_copy(update=filled))
+                row_cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
+    keys = [[f"q:{normalize(r.query)}", *_positive_keys(r)] for r in rows]
+    held_out = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets)
+
+    profiles = {"train": _Profile(), "validation": _Profile()}
+    for part, flag in (("train", False), ("validation", True)):
+        with ctx.write_jsonl(f"{part}.jsonl") as out:
+            for r, v in zip(rows, held_out):
+                if v == flag:
+                    out.write(r)
+                    profiles[part].add(r)
+    train_cells = [cell for cell, v in zip(row_cells, held_out) if not v]
+    train_counts = [train_cells.count(cell) for cell in range(8)]
+    output_shares, train_shares, input_shares = shares(counts), shares(train_counts), shares(available)
+    stats = {
+        "input": {"files": [label for _, _, label in files], "rows": before.n,
+                  "invalid": len(rejects) if rejects is not None else 0,
+                  "gold_query_leaks": leaks["gold_query"], "gold_passage_leaks": leaks["gold_passage"],
+                  "duplicates": duplicates,
+                  "distinct": sum(available), "before": before.summary()},
+        "targets": [{"name": t.name, "target": t.share, "tolerance": t.tolerance,
+                     "input_share": round(input_shares[t.name], 4), "output_share": round(output_shares[t.name], 4),
+                     "train_share": round(train_shares[t.name], 4),
+                     "met": t.low - 1e-9 <= output_shares[t.name] <= t.high + 1e-9
+                     and t.low - 1e-9 <= train_shares[t.name] <= t.high + 1e-9} for t in targets],
+        "output": {"examples": len(rows), "train": profiles["train"].summary(),
+                   "validation": profiles["validation"].summary()},
+        "seed": seed,
+    }
+    ctx.write_bytes("stats.json", json.dumps(stats, ensure_ascii=False, indent=2).encode() + b"\n")
+    if validation_split and not profiles["validation"].n:
+        ctx.log.warning("validation is empty: every group of examples sharing positives is larger than %s",
+                        f"{round(validation_split * len(rows)):,}")
+    return {"counts": {"input": before.n, "distinct": sum(available), "examples": len(rows),
+                       "train": profiles["train"].n, "validation": profiles["validation"].n,
+                       "gold_query_leaks": leaks["gold_query"], "gold_passage_leaks": leaks["gold_passage"]},
+            "metrics": {f"{t.name}_share": round(output_shares[t.name], 4) for t in targets}}
+
+
+def show_stats(root) -> Any:
+    """What `m3tune step combine` prints: the shares against the targets, and the sizes."""
+    from rich.table import Table
+
+    stats = json.loads(root.child("combine").read_bytes("stats.json"))
+    out = stats["output"]
+    table = Table(title=f"combine: {stats['input']['rows']:,} input rows → {out['train']['examples']:,} train + "
+                        f"{out['validation']['examples']:,} validation", title_justify="left")
+    for col in ("target", "input", "output", "train", "goal", ""):
+        table.add_column(col, justify="left" if col in ("target", "") else "right")
+    for t in stats["targets"]:
+        table.add_row(f"{t['name']} share", f"{t['input_share']:.1%}", f"{t['output_share']:.1%}",
+                      f"{t['train_share']:.1%}", f"{t['target']:.0%} ± {t['tolerance']:.0%}", "✅" if t["met"] else "❌")
+    i = stats["input"]
+    table.caption = (f"{i['duplicates']:,} duplicates, {i['gold_query_leaks']:,} gold query leaks, "
+                     f"{i['gold_passage_leaks']:,} gold passage leaks, {i['invalid']:,} invalid lines dropped")
+    return table

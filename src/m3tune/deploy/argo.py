@@ -1,0 +1,305 @@
+"""The Argo WorkflowTemplate, generated with Hera from the pipeline definition.
+
+One DAG task per step of `PIPELINE`, its dependencies the step's `needs`,
+each running `m3tune step NAME --root ROOT --config FILE` in the image its
+step calls for. Nothing here names a step: a step added to the pipeline
+appears after a re-render (`m3tune render argo --output argo/`).
+
+- A shardable step fans out: `NAME-shard` runs `--rank R --world-size N`
+  in N pods (`withSequence`), then `NAME` merges them (`--merge-shards N`);
+  N is the parameter `NAME-shards`.
+- A GPU step runs in the CUDA image with `nvidia.com/gpu`, a memory-backed
+  /dev/shm, and the node selector and tolerations of the parameters
+  `gpu-node-selector` / `gpu-tolerations` (JSON, applied by podSpecPatch).
+- A distributed step (training) runs under `accelerate launch`: in one pod
+  when `NAME-nodes` is 1, else as a JobSet of that many pods created by a
+  resource template that waits for its terminal state (`NAME-multinode`).
+  Only one of the two tasks runs; the other is skipped, and Argo counts a
+  skipped dependency as done.
+- Every container task retries with exponential backoff, except on exit 2
+  (a usage error) and 3 (a quality target missed): a rerun cannot fix those.
+  A retry is cheap because a step skips what its manifest proves done.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from m3tune.deploy import pod
+from m3tune.deploy.images import CPU, CUDA, DEFAULT_REGISTRY, USER_ID
+from m3tune.errors import ConfigError
+from m3tune.pipeline import PIPELINE, STEPS, Step
+
+NAME = "m3tune"
+TEMPLATE_FILE = "workflowtemplate.yaml"
+EXAMPLE_FILE = "workflow.yaml"
+EXAMPLE_ROOT = "s3://m3tune-runs/runs/exp-01"
+NO_RETRY_EXIT_CODES = (2, 3)
+DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def param(name: str) -> str:
+    return "{{workflow.parameters.%s}}" % name
+
+
+def parameters(steps: list[Step], *, registry: str) -> list[dict[str, str]]:
+    """The template's parameters, each with its meaning; `root` has no default (argo submit must give it)."""
+    out = [
+        {"name": "root", "description": "Run root: s3://BUCKET/PREFIX/RUN_ID (the run id is its last segment)."},
+        {"name": "config", "value": "run.yaml", "description": f"Run config: a key of the ConfigMap {pod.CONFIG_MAP}."},
+        {"name": "s3-endpoint", "value": "", "description": "S3-compatible endpoint URL (MinIO…); empty for AWS."},
+        {"name": "aws-region", "value": "us-east-1", "description": "AWS_DEFAULT_REGION of the pods."},
+        {"name": "s3-secret", "value": pod.S3_SECRET,
+         "description": "Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."},
+        {"name": "llm-secret", "value": pod.LLM_SECRET,
+         "description": "Secret with OPENROUTER_API_KEY and/or OPENAI_API_KEY (optional)."},
+        {"name": "image-cpu", "value": CPU.ref(registry), "description": "Image of the CPU steps."},
+        {"name": "cpu", "value": "2", "description": "CPU request of a CPU step."},
+        {"name": "memory", "value": "8Gi", "description": "Memory request (and limit) of a CPU step."},
+    ]
+    for step in steps:
+        if step.shardable:
+            out.append({"name": f"{step.name}-shards", "value": "1",
+                        "description": f"Pods {step.name} fans out over (rank / world size)."})
+    if any(s.gpu for s in steps):
+        out += [
+            {"name": "image-gpu", "value": CUDA.ref(registry), "description": "Image of the GPU steps."},
+            {"name": "gpus-per-node", "value": "1", "description": "nvidia.com/gpu of a GPU pod."},
+            {"name": "gpu-cpu", "value": "8", "description": "CPU request of a GPU pod."},
+            {"name": "gpu-memory", "value": "64Gi", "description": "Memory request (and limit) of a GPU pod."},
+            {"name": "shm-size", "value": "16Gi", "description": "Size of the memory-backed /dev/shm of a GPU pod."},
+            {"name": "gpu-node-selector", "value": "{}", "description": "Node selector of GPU pods (JSON object)."},
+            {"name": "gpu-tolerations", "value": json.dumps(DEFAULT_TOLERATIONS),
+             "description": "Tolerations of GPU pods (JSON list)."},
+        ]
+    for step in steps:
+        if step.distributed:
+            out.append({"name": f"{step.name}-nodes", "value": "1",
+                        "description": f"Nodes {step.name} runs on: 1 = one pod, more = a JobSet."})
+    return out
+
+
+def _env() -> list[dict[str, Any]]:
+    return pod.env(s3_endpoint=param("s3-endpoint"), aws_region=param("aws-region"),
+                   s3_secret=param("s3-secret"), llm_secret=param("llm-secret"))
+
+
+def _retry() -> dict[str, Any]:
+    keep = " && ".join(f"asInt(lastRetry.exitCode) != {code}" for code in NO_RETRY_EXIT_CODES)
+    return {"limit": "3", "retryPolicy": "Always", "expression": keep,
+            "backoff": {"duration": "30s", "factor": "2", "maxDuration": "30m"}}
+
+
+def _gpu_patch() -> str:
+    # Argo substitutes the parameters (JSON) into this patch text before applying it to the pod.
+    return '{"nodeSelector": %s, "tolerations": %s}' % (param("gpu-node-selector"), param("gpu-tolerations"))
+
+
+def _resources(gpu: bool) -> dict[str, Any]:
+    if not gpu:
+        return {"requests": {"cpu": param("cpu"), "memory": param("memory")}, "limits": {"memory": param("memory")}}
+    return {"requests": {"cpu": param("gpu-cpu"), "memory": param("gpu-memory")},
+            "limits": {"memory": param("gpu-memory"), "nvidia.com/gpu": param("gpus-per-node")}}
+
+
+def _container_template(name: str, step: Step, *, args: list[str], command: list[str] | None = None,
+                        inputs: list[str] = ()) -> dict[str, Any]:
+    # Without a command the image's entrypoint (`m3tune`) runs the args.
+    container: dict[str, Any] = {"image": param("image-gpu" if step.gpu else "image-cpu"),
+                                 **({"command": command} if command else {"args": args}),
+                                 "env": _env(),
+                                 "resources": _resources(step.gpu),
+                                 "volumeMounts": pod.volume_mounts(gpu=step.gpu)}
+    template: dict[str, Any] = {
+        "name": name,
+        "metadata": {"labels": {**pod.LABELS, pod.STEP_LABEL: step.name}},
+        "container": container,
+        "retryStrategy": _retry(),
+    }
+    if inputs:
+        template["inputs"] = {"parameters": [{"name": i} for i in inputs]}
+    if step.gpu:
+        template["volumes"] = [v for v in pod.volumes(shm_size=param("shm-size")) if v["name"] == "dshm"]
+        template["podSpecPatch"] = _gpu_patch()
+    return template
+
+
+def jobset_manifest(step: Step) -> str:
+    """The JobSet of a multi-node run of STEP: one indexed Job of N pods, one `accelerate launch` each,
+    meeting on pod 0 through the JobSet's headless service. Argo fills in its {{…}} before creating it."""
+    nodes = param(f"{step.name}-nodes")
+    # Double quotes inside: in the YAML text, single ones would be doubled and reach Argo's evaluator so.
+    processes = '{{=asInt(workflow.parameters["%s-nodes"]) * asInt(workflow.parameters["gpus-per-node"])}}' % step.name
+    args = pod.step_args(step.name, root=param("root"), config=param("config"))
+    command = pod.accelerate_command(args, processes=processes, machines=nodes, machine_rank="$(MACHINE_RANK)",
+                                     main_address="$(JOBSET_NAME)-workers-0-0.$(JOBSET_NAME)")
+    env = _env() + [
+        {"name": "MACHINE_RANK",
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "JOBSET_NAME",
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['jobset.sigs.k8s.io/jobset-name']"}}},
+    ]
+    pod_spec = {
+        "restartPolicy": "Never",
+        "serviceAccountName": pod.SERVICE_ACCOUNT,
+        "automountServiceAccountToken": False,
+        "securityContext": pod.security_context(USER_ID),
+        "nodeSelector": "__NODE_SELECTOR__",
+        "tolerations": "__TOLERATIONS__",
+        "containers": [{
+            "name": "main",
+            "image": param("image-gpu"),
+            "command": command,
+            "env": env,
+            "ports": [{"containerPort": pod.MAIN_PORT, "name": "rendezvous"}],
+            "resources": _resources(True),
+            "volumeMounts": pod.volume_mounts(gpu=True),
+        }],
+        "volumes": pod.volumes(shm_size=param("shm-size")),
+    }
+    manifest = {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        # a new name for every attempt: `argo retry` must not collide with the JobSet of the failed one
+        "metadata": {"generateName": "{{workflow.name}}-%s-" % step.name,
+                     "labels": {**pod.LABELS, pod.STEP_LABEL: step.name}},
+        "spec": {
+            "network": {"enableDNSHostnames": True},
+            "failurePolicy": {"maxRestarts": 2},
+            "replicatedJobs": [{
+                "name": "workers",
+                "replicas": 1,
+                "template": {"spec": {
+                    "parallelism": "__NODES__", "completions": "__NODES__", "completionMode": "Indexed",
+                    "backoffLimit": 0,
+                    "template": {"metadata": {"labels": {**pod.LABELS, pod.STEP_LABEL: step.name}},
+                                 "spec": pod_spec},
+                }},
+            }],
+        },
+    }
+    text = yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True, width=1000)
+    # The node selector and tolerations are JSON parameters: they go in as flow YAML, after Argo substitutes them.
+    # Parallelism and completions must be integers once substituted: unquoted too.
+    for mark, value in (("__NODE_SELECTOR__", param("gpu-node-selector")), ("__TOLERATIONS__", param("gpu-tolerations")),
+                        ("__NODES__", nodes)):
+        text = text.replace(f"'{mark}'", value).replace(mark, value)
+    return text
+
+
+def _tasks_and_templates(steps: list[Step]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    names = {s.name for s in steps}
+    tasks: list[dict[str, Any]] = []
+    templates: list[dict[str, Any]] = []
+    # What a downstream task waits for: a step's final task(s).
+    finals: dict[str, list[str]] = {}
+    for step in steps:
+        missing = [n for n in step.needs if n not in names]
+        if missing:
+            raise ConfigError(f"step {step.name!r} needs {', '.join(missing)}, which the pipeline does not run")
+        deps = sorted({t for n in step.needs for t in finals[n]}, key=[t["name"] for t in tasks].index)
+        root, config = param("root"), param("config")
+        if step.shardable and step.gpu:
+            raise ConfigError(f"step {step.name!r}: a sharded GPU step is not supported by the Argo renderer")
+        if step.shardable:
+            shards = param(f"{step.name}-shards")
+            templates.append(_container_template(f"{step.name}-shard", step, inputs=["rank"], args=pod.step_args(
+                step.name, root=root, config=config, rank="{{inputs.parameters.rank}}", world_size=shards)))
+            tasks.append({"name": f"{step.name}-shard", "template": f"{step.name}-shard", "dependencies": deps,
+                          "withSequence": {"count": shards},
+                          "arguments": {"parameters": [{"name": "rank", "value": "{{item}}"}]}})
+            templates.append(_container_template(step.name, step, args=pod.step_args(
+                step.name, root=root, config=config, merge_shards=shards)))
+            tasks.append({"name": step.name, "template": step.name, "dependencies": [f"{step.name}-shard"]})
+            finals[step.name] = [step.name]
+        elif step.distributed:
+            nodes = param(f"{step.name}-nodes")
+            command = pod.accelerate_command(pod.step_args(step.name, root=root, config=config),
+                                             processes=param("gpus-per-node"))
+            templates.append(_container_template(step.name, step, args=[], command=command))
+            tasks.append({"name": step.name, "template": step.name, "dependencies": deps, "when": f"{nodes} == 1"})
+            multi = f"{step.name}-multinode"
+            templates.append({
+                "name": multi,
+                "metadata": {"labels": {**pod.LABELS, pod.STEP_LABEL: step.name}},
+                "resource": {"action": "create", "setOwnerReference": True, "manifest": jobset_manifest(step),
+                             "successCondition": "status.terminalState == Completed",
+                             "failureCondition": "status.terminalState == Failed"},
+            })
+            tasks.append({"name": multi, "template": multi, "dependencies": deps, "when": f"{nodes} > 1"})
+            finals[step.name] = [step.name, multi]
+        else:
+            templates.append(_container_template(step.name, step, args=pod.step_args(step.name, root=root,
+                                                                                      config=config)))
+            tasks.append({"name": step.name, "template": step.name, "dependencies": deps})
+            finals[step.name] = [step.name]
+    for task in tasks:
+        if not task["dependencies"]:
+            del task["dependencies"]
+    return tasks, templates
+
+
+def render_workflow_template(steps: dict[str, Step] | None = None, pipeline: list[str] | None = None, *,
+                             registry: str = DEFAULT_REGISTRY) -> dict[str, Any]:
+    """The WorkflowTemplate of PIPELINE (default: m3tune's), as a dict, built and serialised by Hera."""
+    from hera.workflows import WorkflowTemplate
+    from hera.workflows import models as m
+
+    steps = steps if steps is not None else STEPS
+    order = [steps[name] for name in (pipeline if pipeline is not None else PIPELINE)]
+    tasks, templates = _tasks_and_templates(order)
+    dag = {"name": "pipeline", "dag": {"tasks": tasks}}
+    wt = WorkflowTemplate(
+        api_version="argoproj.io/v1alpha1",
+        kind="WorkflowTemplate",
+        name=NAME,
+        labels=dict(pod.LABELS),
+        annotations={"m3tune.dev/generated-by": "m3tune render argo (from m3tune.pipeline); do not edit"},
+        entrypoint="pipeline",
+        service_account_name=pod.SERVICE_ACCOUNT,
+        arguments=m.Arguments(parameters=[m.Parameter.model_validate(p) for p in parameters(order, registry=registry)]),
+        workflow_metadata=m.WorkflowMetadata(labels=dict(pod.LABELS)),
+        pod_gc=m.PodGC(strategy="OnPodSuccess"),  # failed pods stay, with their logs
+        security_context=m.PodSecurityContext.model_validate(pod.security_context(USER_ID)),
+        volumes=[m.Volume.model_validate(v) for v in pod.volumes()],
+        templates=[m.Template.model_validate(t) for t in [dag, *templates]],
+    )
+    return wt.to_dict()
+
+
+def render_example_workflow(template: dict[str, Any]) -> dict[str, Any]:
+    """A Workflow for `argo submit` / `kubectl create` that runs the installed template on one run root."""
+    from hera.workflows import Workflow
+    from hera.workflows import models as m
+
+    wf = Workflow(
+        api_version="argoproj.io/v1alpha1",
+        kind="Workflow",
+        generate_name=f"{NAME}-",
+        labels=dict(pod.LABELS),
+        workflow_template_ref=m.WorkflowTemplateRef(name=template["metadata"]["name"]),
+        arguments=m.Arguments(parameters=[m.Parameter(name="root", value=EXAMPLE_ROOT),
+                                          m.Parameter(name="config", value="run.yaml")]),
+    )
+    return wf.to_dict()
+
+
+def to_yaml(obj: dict[str, Any], header: str) -> str:
+    body = yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=120)
+    return "".join(f"# {line}\n" for line in header.splitlines()) + body
+
+
+def render_files() -> dict[str, str]:
+    """The committed files, by name: the WorkflowTemplate and the example Workflow."""
+    template = render_workflow_template()
+    how = "Generated by `m3tune render argo --output argo/` (make render) from m3tune.pipeline: do not edit."
+    return {
+        TEMPLATE_FILE: to_yaml(template, how + "\nInstall: kubectl apply -n m3tune -f argo/workflowtemplate.yaml "
+                                              "(or helm install, which ships it)."),
+        EXAMPLE_FILE: to_yaml(render_example_workflow(template),
+                              how + "\nSubmit: kubectl create -n m3tune -f argo/workflow.yaml, or\n"
+                                    f"  argo submit -n m3tune --from workflowtemplate/{NAME} -p root={EXAMPLE_ROOT}"),
+    }

@@ -1,0 +1,79 @@
+"""What every m3tune pod has, whoever launches it (an Argo task, a rerun Job, a JobSet worker).
+
+Plain Kubernetes JSON (dicts), so the Argo renderer, the Job renderer and
+the JobSet manifest share one definition. Values are strings: literal ones
+for a Job, Argo expressions (`{{workflow.parameters.root}}`) for the template.
+Secrets are only ever referenced by name and key, never read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from m3tune.deploy.images import CACHE_DIR
+
+CONFIG_MAP = "m3tune-config"  # the run configs, one YAML file a key (the chart's `configs`)
+CONFIG_DIR = "/etc/m3tune/config"
+SERVICE_ACCOUNT = "m3tune-workflow"
+S3_SECRET = "m3tune-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+LLM_SECRET = "m3tune-llm"  # keys OPENROUTER_API_KEY and/or OPENAI_API_KEY (optional)
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+LLM_KEYS = ("OPENROUTER_API_KEY", "OPENAI_API_KEY")
+LABELS = {"app.kubernetes.io/name": "m3tune", "app.kubernetes.io/part-of": "m3tune"}
+STEP_LABEL = "m3tune.dev/step"
+MAIN_PORT = 29500  # torch.distributed rendezvous on the first node of a multi-node run
+
+
+def step_args(name: str, *, root: str, config: str, rank: str | None = None, world_size: str | None = None,
+              merge_shards: str | None = None, force: bool = False) -> list[str]:
+    """The arguments of `m3tune step NAME` as a pod runs it (CONFIG: a key of the config map)."""
+    args = ["step", name, "--root", root, "--config", f"{CONFIG_DIR}/{config}"]
+    if rank is not None:
+        args += ["--rank", rank, "--world-size", world_size or ""]
+    if merge_shards is not None:
+        args += ["--merge-shards", merge_shards]
+    return args + (["--force"] if force else [])
+
+
+def accelerate_command(args: list[str], *, processes: str, machines: str = "1", machine_rank: str | None = None,
+                       main_address: str | None = None) -> list[str]:
+    """`accelerate launch` running `m3tune ARGS` (the image's entrypoint, as a module) once per GPU."""
+    command = ["accelerate", "launch", "--num_machines", machines, "--num_processes", processes]
+    if machine_rank is not None:
+        # Several machines: torch's launcher (--multi_gpu) meets on the first node's address.
+        command += ["--multi_gpu", "--machine_rank", machine_rank, "--main_process_ip", main_address or "",
+                    "--main_process_port", str(MAIN_PORT)]
+    return command + ["-m", "m3tune.cli", *args]
+
+
+def env(*, s3_endpoint: str, aws_region: str, s3_secret: str, llm_secret: str) -> list[dict[str, Any]]:
+    """Storage settings as values, credentials as references to Secrets (the LLM keys are optional)."""
+    out: list[dict[str, Any]] = [
+        {"name": "M3TUNE_S3_ENDPOINT", "value": s3_endpoint},
+        {"name": "AWS_DEFAULT_REGION", "value": aws_region},
+        {"name": "M3TUNE_CACHE", "value": f"{CACHE_DIR}/m3tune"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+    ]
+    out += [{"name": key, "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}}} for key in S3_KEYS]
+    out += [{"name": key, "valueFrom": {"secretKeyRef": {"name": llm_secret, "key": key, "optional": True}}}
+            for key in LLM_KEYS]
+    return out
+
+
+def volumes(*, shm_size: str | None = None) -> list[dict[str, Any]]:
+    """The run configs, a scratch cache, and for GPU pods a memory-backed /dev/shm (NCCL and data loaders
+    need more than the container runtime's 64 MiB default)."""
+    out: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": CONFIG_MAP}},
+                                 {"name": "cache", "emptyDir": {}}]
+    if shm_size is not None:
+        out.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}})
+    return out
+
+
+def volume_mounts(*, gpu: bool = False) -> list[dict[str, Any]]:
+    out = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "cache", "mountPath": CACHE_DIR}]
+    return out + ([{"name": "dshm", "mountPath": "/dev/shm"}] if gpu else [])
+
+
+def security_context(user_id: int) -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": user_id, "runAsGroup": user_id, "fsGroup": user_id}

@@ -1,0 +1,109 @@
+"""Embeddings from any OpenAI-compatible `/embeddings` endpoint (OpenAI, Gemini's OpenAI endpoint, OpenRouter).
+
+An `ApiEncoder` looks like m3tune's Encoder to the embeddings cache (`encode`,
+`dim`, `fingerprint`), so API vectors are cached by endpoint + model + text
+and a rerun asks for nothing. Texts go in batches; each batch is retried on
+429 / 408 / 409 / 425 / 5xx / timeouts / connection errors with full-jitter
+exponential backoff, honouring Retry-After (the policy and helpers of the
+chat backend, `m3tune.generation.llm`); a bad key (401/403), no credits
+(402) or an unknown model (404) stops at once. The key comes from the
+environment and is never logged or recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from m3tune.generation.llm import RETRYABLE_STATUS, LLMError, _retry_after
+
+log = logging.getLogger("m3tune.evaluate")
+
+
+class ApiEncoder:
+    def __init__(self, model: str, *, base_url: str, api_key_env: str, batch_size: int = 64, max_retries: int = 6,
+                 timeout: float = 60.0, dimensions: int | None = None, backoff: float = 1.0,
+                 max_backoff: float = 60.0):
+        try:
+            import openai
+        except ImportError:
+            raise LLMError("api: models need the openai package: pip install 'm3tune[evaluate]'") from None
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise LLMError(f"api:{model}: no API key: set {api_key_env} (or api_key_env to the variable holding it)")
+        self.model, self.base_url, self.dimensions = model, base_url.rstrip("/"), dimensions
+        self.batch_size, self.max_retries, self.backoff, self.max_backoff = batch_size, max_retries, backoff, max_backoff
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
+        self.name = f"api:{model}"
+        self.fingerprint = "api-" + hashlib.sha256(json.dumps(
+            [self.base_url, model, dimensions]).encode()).hexdigest()[:16]
+        self.dim = dimensions or 0  # known after the first answer
+        self.requests = 0
+        self.retries: Counter[str] = Counter()
+
+    def _batch(self, texts: list[str]):
+        import numpy as np
+        import openai
+
+        attempt = 0
+        while True:
+            kind, response = None, None
+            try:
+                self.requests += 1
+                extra = {"dimensions": self.dimensions} if self.dimensions else {}
+                answer = self.client.embeddings.create(model=self.model, input=texts, encoding_format="float", **extra)
+                data = sorted(answer.data, key=lambda d: d.index)
+                if len(data) != len(texts) or any(not d.embedding for d in data):
+                    kind = "bad_response"
+                else:
+                    return np.asarray([d.embedding for d in data], dtype=np.float32)
+            except openai.APITimeoutError:
+                kind = "timeout"
+            except openai.APIConnectionError:
+                kind = "connection"
+            except openai.APIStatusError as e:
+                status, response = e.status_code, e.response
+                if status in (401, 403):
+                    raise LLMError(f"{self.base_url} refused the API key (HTTP {status}); check the key") from None
+                if status == 402:
+                    raise LLMError(f"{self.base_url}: payment required (HTTP 402): out of credits?") from None
+                if status == 404:
+                    raise LLMError(f"{self.base_url}: model {self.model!r} or endpoint not found (HTTP 404)") from None
+                if status < 500 and status not in RETRYABLE_STATUS:
+                    raise LLMError(f"{self.base_url}: embeddings request refused (HTTP {status}): "
+                                   f"{str(e)[:200]}") from None
+                kind = f"http_{status}"
+            except openai.APIResponseValidationError:
+                kind = "bad_response"
+            attempt += 1
+            if attempt > self.max_retries:
+                raise LLMError(f"{self.base_url}: embeddings failed after {self.max_retries} retries ({kind}); "
+                               "what was encoded before is cached, a rerun goes on from there")
+            self.retries[kind] += 1
+            wait = _retry_after(response)
+            if wait is None:
+                wait = random.uniform(0, self.backoff * 2 ** (attempt - 1))  # full jitter
+            log.info("embeddings: %s, retry %d in %.1fs", kind, attempt, wait)
+            time.sleep(min(wait, self.max_backoff))
+
+    def encode(self, texts: Sequence[str], *, queries: bool = False, desc: str = "encode"):
+        """L2-normalised float32 vectors of TEXTS, in order (API embeddings are not all normalised)."""
+        import numpy as np
+
+        from m3tune.progress import track
+
+        parts = []
+        batches = [list(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        for batch in track(batches, description=desc, total=len(batches)):
+            vectors = self._batch(batch)
+            parts.append(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12))
+        out = np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+        if len(out):
+            self.dim = int(out.shape[1])
+        return out

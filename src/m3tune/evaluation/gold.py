@@ -1,0 +1,57 @@
+"""The gold standard: evaluation queries with their relevant passages, validated against the corpus.
+
+The packaged set (`data/gold_standard_v2.jsonl`, built by `build_gold.py`
+from the real corpus; rules in `data/README.md`) is the default; any file of
+GoldQuery records can replace it. A malformed line, a duplicate query id or
+a relevant id missing from the corpus stops the evaluation with the file,
+line and field: a gold passage the models cannot return would silently
+lower every score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from m3tune.errors import UserError
+from m3tune.jsonl import RecordError, read_jsonl_numbered
+from m3tune.records import GoldQuery
+
+PACKAGED = Path(__file__).resolve().parent / "data" / "gold_standard_v2.jsonl"
+
+
+def gold_location(test_set: str | None) -> tuple:
+    """(store, file name, URI shown) of TEST_SET (a path or URI; None: the packaged set)."""
+    from m3tune.storage import LocalStore, split_uri
+
+    if test_set is None:
+        return LocalStore(PACKAGED.parent), PACKAGED.name, str(PACKAGED)
+    store, name = split_uri(test_set)
+    return store, name, test_set
+
+
+def gold_digest(test_set: str | None) -> str:
+    from m3tune.storage import file_digest
+
+    store, name, _ = gold_location(test_set)
+    return file_digest(store, name)
+
+
+def load_gold(test_set: str | None, passage_ids: set[str] | None = None) -> list[GoldQuery]:
+    """The gold queries of TEST_SET, each relevant id checked against PASSAGE_IDS when given."""
+    store, name, shown = gold_location(test_set)
+    if not store.exists(name):
+        raise UserError(f"test set not found: {shown}")
+    out: list[GoldQuery] = []
+    seen: dict[str, int] = {}
+    with store.open_read(name) as f:
+        for line, _, g in read_jsonl_numbered(f, GoldQuery, name=shown):
+            if g.id in seen:
+                raise RecordError(shown, line, "id", f"duplicate query id {g.id!r} (first on line {seen[g.id]})")
+            seen[g.id] = line
+            if passage_ids is not None:
+                missing = [pid for pid in g.relevant_ids if pid not in passage_ids]
+                if missing:
+                    raise RecordError(shown, line, "relevant_ids", f"{', '.join(missing[:5])} not in the corpus "
+                                      f"({len(passage_ids):,} passages): wrong corpus, or a wrong id")
+            out.append(g)
+    return out

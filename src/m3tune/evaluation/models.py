@@ -1,0 +1,292 @@
+"""The models an evaluation compares, each named by a spec, and how each ranks the corpus.
+
+    bm25               BM25 (bm25s) over the normalized Arabic text (`text_plain`)
+    base               the config's base model (BAAI/bge-m3 by default)
+    run:train          the fine-tuned model of this run: the folder ROOT/train/model/
+    PATH or HUB_ID     any Hugging Face encoder (a fine-tuned folder, a sentence-transformers model)
+    local:tiny-xlmr    the tiny offline stand-in for BGE-M3
+    hybrid:SPEC        SPEC (dense) and BM25 fused by reciprocal rank
+    api:MODEL          an OpenAI-compatible embeddings endpoint (OpenAI, Gemini, OpenRouter)
+    NAME=SPEC          any of these, shown as NAME
+
+Dense models embed passages (`text`, as the index step does) and queries
+with m3tune's Encoder (CLS pooling or mean, L2-normalised), through the
+embeddings cache, so a rerun encodes nothing; Matryoshka dimensions are the
+first d components of each vector, renormalised. Search is exact (every
+passage scored), so the metrics measure the model, not an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m3tune.errors import ConfigError, UserError
+from m3tune.records import GoldQuery, Passage
+
+log = logging.getLogger("m3tune.evaluate")
+
+Run = dict[str, dict[str, float]]  # query id -> passage id -> score (what ir-measures reads)
+_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)=(.+)$")
+RUN_MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # dense | bm25 | hybrid | api
+    target: str  # dense: model id, path or run:STEP; hybrid: its dense target; api: the API's model name
+    spec: str  # as written
+
+
+def parse_model(text: str, base_model: str) -> ModelSpec:
+    text = text.strip()
+    named = _NAME.match(text)
+    name, spec = (named.group(1), named.group(2).strip()) if named else (None, text)
+    if not spec:
+        raise ConfigError(f"model {text!r}: empty spec")
+    if spec == "bm25":
+        return ModelSpec(name or "bm25", "bm25", "", text)
+    if spec.startswith("hybrid:"):
+        inner = spec[len("hybrid:"):] or "base"
+        target = base_model if inner == "base" else inner
+        return ModelSpec(name or spec, "hybrid", target, text)
+    if spec.startswith("api:"):
+        if not spec[4:]:
+            raise ConfigError(f"model {text!r}: api: needs the endpoint's model name, e.g. api:text-embedding-3-large")
+        return ModelSpec(name or spec, "api", spec[4:], text)
+    if spec == "base":
+        return ModelSpec(name or "base", "dense", base_model, text)
+    return ModelSpec(name or spec, "dense", spec, text)
+
+
+def parse_models(texts: Sequence[str], base_model: str) -> list[ModelSpec]:
+    specs = [parse_model(t, base_model) for t in texts]
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"models: the name {dupes[0]!r} is given twice (name them: NAME=SPEC)")
+    if not specs:
+        raise ConfigError("no model to evaluate")
+    return specs
+
+
+def run_steps(specs: Sequence[ModelSpec]) -> tuple[str, ...]:
+    """The run's steps whose model folder a spec names (run:train -> train)."""
+    return tuple(dict.fromkeys(s.target[4:] for s in specs if s.kind in ("dense", "hybrid")
+                               and s.target.startswith("run:")))
+
+
+def model_path(target: str, root) -> str:
+    """What transformers loads for TARGET: run:STEP is ROOT/STEP/model/, copied to the local cache from S3."""
+    if not target.startswith("run:"):
+        return target
+    from m3tune.storage import LocalStore
+
+    step = target[4:]
+    if root is None:
+        raise ConfigError(f"model {target!r} names a run's model: give the run (--root)")
+    folder = root.child(step).child(RUN_MODEL_DIR)
+    files = folder.list()
+    if not any(f in ("config.json",) for f in files):
+        raise UserError(f"model {target!r}: no model in {folder.uri} (has the {step} step finished?)")
+    if isinstance(folder, LocalStore):
+        return str(folder.path)
+    from m3tune.encoder.tiny import cache_dir
+    from m3tune.manifest import read_manifest
+
+    # A copy keyed by the step's manifest digest: the same training run is downloaded once, and keeps
+    # the same files (and so the same encoder fingerprint and embeddings cache) across evaluations.
+    manifest = read_manifest(root.child(step))
+    key = hashlib.sha256(((manifest.model_dump_json() if manifest else "") + folder.uri).encode()).hexdigest()[:16]
+    local = cache_dir() / "run-models" / key
+    if not (local / ".complete").is_file():
+        for rel in files:
+            target_file = local / rel
+            target_file.parent.mkdir(parents=True, exist_ok=True)
+            target_file.write_bytes(folder.read_bytes(rel))
+        (local / ".complete").write_text(folder.uri)
+    return str(local)
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How dense models encode, and how API models are reached (the step's config)."""
+
+    pooling: str = "cls"
+    max_length: int = 512
+    batch_size: int = 32
+    dtype: str = "auto"
+    query_instruction: str | None = None
+    embeddings_cache: str | None = None
+    api_base_url: str = "https://api.openai.com/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    api_batch_size: int = 64
+    api_max_retries: int = 6
+    api_timeout: float = 60.0
+    api_dimensions: int | None = None
+    api_backoff: float = 1.0
+
+
+@dataclass
+class Ranked:
+    """One model's rankings: per dimension (None: the model's full one), the top k per query."""
+
+    runs: dict[int | None, Run]
+    dim: int | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped_dims: list[int] = field(default_factory=list)
+
+
+def _encode_chunked(cache, encoder, texts: list[str], *, queries: bool, chunk: int | None, desc: str):
+    """cache.encode in chunks: each chunk is its own cache shard, so a killed run keeps what it paid for."""
+    import numpy as np
+
+    if not chunk or len(texts) <= chunk:
+        return cache.encode(encoder, texts, queries=queries, desc=desc)
+    return np.concatenate([cache.encode(encoder, texts[i:i + chunk], queries=queries, desc=desc)
+                           for i in range(0, len(texts), chunk)])
+
+
+def _top_k_run(query_ids: list[str], query_vectors, doc_vectors, doc_ids: list[str], k: int) -> Run:
+    from m3tune.index.search import ExactIndex
+
+    hits = ExactIndex(doc_vectors, doc_ids).search(query_vectors, k)
+    return {qid: {pid: float(score) for score, pid in ranked} for qid, ranked in zip(query_ids, hits)}
+
+
+def _truncate(vectors, dim: int):
+    import numpy as np
+
+    cut = vectors[:, :dim]
+    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
+
+
+def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
+               dims: Sequence[int], cache_uri: str | None, chunk: int | None = None) -> Ranked:
+    from m3tune.encoder.cache import EmbeddingCache
+    from m3tune.index.step import cache_store
+
+    cache = EmbeddingCache(cache_store(cache_uri), encoder.fingerprint)
+    t0 = time.perf_counter()
+    docs = _encode_chunked(cache, encoder, [p.text for p in passages], queries=False, chunk=chunk,
+                           desc="encode passages")
+    t1 = time.perf_counter()
+    qvecs = _encode_chunked(cache, encoder, [q.query for q in queries], queries=True, chunk=chunk,
+                            desc="encode queries")
+    t2 = time.perf_counter()
+    ids, qids = [p.id for p in passages], [q.id for q in queries]
+    full = int(docs.shape[1])
+    runs: dict[int | None, Run] = {None: _top_k_run(qids, qvecs, docs, ids, k)}
+    skipped = []
+    for d in dims:
+        if d >= full:
+            if d > full:
+                skipped.append(d)
+            continue
+        runs[d] = _top_k_run(qids, _truncate(qvecs, d), _truncate(docs, d), ids, k)
+    t3 = time.perf_counter()
+    return Ranked(runs, full, {"encode_passages": t1 - t0, "encode_queries": t2 - t1, "search": t3 - t2},
+                  skipped)
+
+
+class BM25:
+    """BM25 (bm25s) over `text_plain`, tokenized by m3tune.arabic.tokens, built once per corpus.
+
+    Lexical: an English query shares no token with Arabic text and gets an
+    empty ranking (scored 0), which is the honest baseline for cross-lingual
+    search.
+    """
+
+    def __init__(self, passages: Sequence[Passage]):
+        import bm25s
+
+        from m3tune.arabic import tokens
+
+        self.ids = [p.id for p in passages]
+        self.retriever = bm25s.BM25()
+        self.retriever.index([tokens(p.text_plain) for p in passages], show_progress=False)
+
+    def rank(self, queries: Sequence[GoldQuery], k: int) -> Run:
+        from m3tune.arabic import tokens
+
+        vocab = self.retriever.vocab_dict
+        run: Run = {}
+        for q in queries:
+            words = [w for w in tokens(q.query) if w in vocab]
+            if not words:
+                run[q.id] = {}
+                continue
+            found, scores = self.retriever.retrieve([words], k=min(k, len(self.ids)), show_progress=False)
+            run[q.id] = {self.ids[j]: float(s) for j, s in zip(found[0], scores[0]) if s > 0}
+        return run
+
+
+def rrf(runs: Sequence[Run], *, k: int, constant: int = 60) -> Run:
+    """Reciprocal rank fusion (Cormack et al. 2009): score = Σ 1 / (constant + rank).
+
+    Written here because it is four lines over our run dicts and the fusion
+    libraries (ranx) would be one more dependency for it.
+    """
+    fused: Run = {}
+    for qid in {q for run in runs for q in run}:
+        scores: dict[str, float] = {}
+        for run in runs:
+            ranked = sorted(run.get(qid, {}).items(), key=lambda kv: -kv[1])
+            for rank, (pid, _) in enumerate(ranked, start=1):
+                scores[pid] = scores.get(pid, 0.0) + 1.0 / (constant + rank)
+        fused[qid] = dict(sorted(scores.items(), key=lambda kv: -kv[1])[:k])
+    return fused
+
+
+def load_dense(target: str, root, options: EncodeOptions):
+    from m3tune.encoder.model import load_encoder
+
+    return load_encoder(model_path(target, root), pooling=options.pooling, max_length=options.max_length,  # type: ignore[arg-type]
+                        batch_size=options.batch_size, dtype=options.dtype, query_instruction=options.query_instruction)
+
+
+def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
+               dims: Sequence[int], options: EncodeOptions, root=None, bm25: BM25 | None = None) -> Ranked:
+    """SPEC's top K passages for each query (dense models: at each Matryoshka dimension too)."""
+    if spec.kind == "bm25":
+        t0 = time.perf_counter()
+        run = (bm25 or BM25(passages)).rank(queries, k)
+        return Ranked({None: run}, None, {"search": time.perf_counter() - t0})
+    if spec.kind == "api":
+        from m3tune.evaluation.api import ApiEncoder
+
+        encoder = ApiEncoder(spec.target, base_url=options.api_base_url, api_key_env=options.api_key_env,
+                             batch_size=options.api_batch_size, max_retries=options.api_max_retries,
+                             timeout=options.api_timeout, dimensions=options.api_dimensions,
+                             backoff=options.api_backoff)
+        return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache,
+                          chunk=options.api_batch_size * 16)
+    encoder = load_dense(spec.target, root, options)
+    if spec.kind == "dense":
+        return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache)
+    dense = dense_rank(encoder, queries, passages, k=k, dims=(), cache_uri=options.embeddings_cache)
+    t0 = time.perf_counter()
+    lexical = (bm25 or BM25(passages)).rank(queries, k)
+    fused = rrf([dense.runs[None], lexical], k=k)
+    dense.seconds["search"] += time.perf_counter() - t0
+    return Ranked({None: fused}, None, dense.seconds)
+
+
+def local_fingerprint(target: str) -> str | None:
+    """A local model folder's fingerprint (its files), for the step's input digests; None otherwise."""
+    from m3tune.encoder.model import _fingerprint
+
+    if target.startswith(("run:", "local:")) or not Path(target).is_dir():
+        return None
+    return _fingerprint(target, target, "", 0, None, None)
+
+
+def describe(spec: ModelSpec) -> dict[str, Any]:
+    return {"name": spec.name, "spec": spec.spec, "kind": spec.kind, "target": spec.target}

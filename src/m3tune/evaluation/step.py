@@ -1,0 +1,205 @@
+"""The `evaluate` step (and `m3tune evaluate`): every model on the gold standard, side by side.
+
+Both run `compare`: it loads and checks the gold set against the corpus,
+ranks the corpus for each model (dense at each Matryoshka dimension, BM25,
+hybrid, API), computes the metrics per query with ir-measures, their
+breakdowns and a paired test of each model against the first, and returns
+the files to publish: results.json, per_query.jsonl, report.md and PNGs.
+The step publishes them under ROOT/evaluate/ through the store (each file
+atomically, the manifest last); the command writes them to a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from m3tune.context import StepContext
+from m3tune.evaluation.models import EncodeOptions, ModelSpec, parse_models, run_steps
+from m3tune.records import GoldQuery, Passage
+
+
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    test_set: str | None = Field(default=None, description="gold standard JSONL (path or URI; default: the "
+                                 "packaged gold_standard_v2.jsonl)")
+    base_model: str = Field(default="BAAI/bge-m3", description="the model the spec 'base' names (hub id or folder)")
+    models: list[str] = Field(default_factory=lambda: ["base", "run:train", "bm25"], json_schema_extra={"cli": "model"},
+                              description="models to compare, the first is the baseline: base, run:STEP (the "
+                              "run's ROOT/STEP/model), bm25, hybrid:SPEC, api:MODEL, a hub id or folder; "
+                              "NAME=SPEC names one")
+    dims: list[int] = Field(default_factory=lambda: [1024, 512, 256, 128], json_schema_extra={"cli": "dim"},
+                            description="Matryoshka dimensions to evaluate dense models at (larger than the "
+                            "model's: skipped)")
+    k: int = Field(default=100, ge=10, description="passages ranked per query (Recall@100 needs 100)")
+    target_recall10: float = Field(default=0.65, ge=0, le=1, description="Recall@10 target (✅/❌ in the report)")
+    target_mrr: float = Field(default=0.35, ge=0, le=1, description="MRR@10 target (✅/❌ in the report)")
+    pooling: Literal["cls", "mean"] = Field(default="cls", description="dense pooling: cls for BGE-M3")
+    max_length: int = Field(default=512, ge=8, description="tokens per text for dense models")
+    batch_size: int = Field(default=32, ge=1, description="texts per forward pass")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
+    query_instruction: str | None = Field(default=None, description="prefix for queries (BGE-M3 needs none)")
+    embeddings_cache: str | None = Field(default=None, description="where vectors are cached (path or URI; "
+                                         "default: the local m3tune cache)")
+    api_base_url: str = Field(default="https://api.openai.com/v1", description="OpenAI-compatible base URL of "
+                              "api: models (Gemini: https://generativelanguage.googleapis.com/v1beta/openai, "
+                              "OpenRouter: https://openrouter.ai/api/v1)")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
+    api_batch_size: int = Field(default=64, ge=1, description="texts per embeddings request")
+    api_max_retries: int = Field(default=6, ge=0, description="retries of a failed embeddings request")
+    api_timeout: float = Field(default=60.0, gt=0, description="seconds per embeddings request")
+    api_dimensions: int | None = Field(default=None, ge=1, description="ask the API for this many dimensions")
+    significance_resamples: int = Field(default=10_000, ge=100, description="resamples of the paired test")
+
+
+def options_of(config: dict[str, Any]) -> EncodeOptions:
+    keys = EncodeOptions.__dataclass_fields__
+    return EncodeOptions(**{k: v for k, v in config.items() if k in keys})
+
+
+def specs_of(config: EvaluateConfig) -> list[ModelSpec]:
+    return parse_models(config.models, config.base_model)
+
+
+def evaluate_needs(config: EvaluateConfig) -> tuple[str, ...]:
+    """ingest, and the steps whose model a spec names (run:train -> train): none other is read."""
+    return ("ingest",) + run_steps(specs_of(config))
+
+
+def evaluate_inputs(config: EvaluateConfig) -> dict[str, str]:
+    from m3tune.evaluation.gold import gold_digest
+    from m3tune.evaluation.models import local_fingerprint
+
+    inputs = {f"test_set:{config.test_set or 'packaged'}": "sha256:" + gold_digest(config.test_set)}
+    for spec in specs_of(config):
+        fp = local_fingerprint(spec.target) if spec.kind in ("dense", "hybrid") else None
+        if fp:
+            inputs[f"model:{spec.target}"] = "fingerprint:" + fp
+    return inputs
+
+
+def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Sequence[ModelSpec], *,
+            test_set: str, test_sha256: str, dims: Sequence[int], k: int, target_recall10: float,
+            target_mrr: float, options: EncodeOptions, resamples: int = 10_000, root=None,
+            log=None) -> dict[str, bytes]:
+    """{file name: bytes} of every output: results.json, per_query.jsonl, report.md, PNG charts."""
+    from collections import Counter
+
+    from m3tune.evaluation import metrics, report
+    from m3tune.evaluation.models import BM25, describe, rank_model
+
+    bm25 = BM25(passages) if any(s.kind in ("bm25", "hybrid") for s in specs) else None
+    models: list[dict[str, Any]] = []
+    per_query_rows: list[dict[str, Any]] = []
+    values_of: dict[str, metrics.PerQuery] = {}
+    for spec in specs:
+        t0 = time.perf_counter()
+        ranked = rank_model(spec, gold, passages, k=k, dims=dims, options=options, root=root, bm25=bm25)
+        values = metrics.per_query(gold, ranked.runs[None])
+        values_of[spec.name] = values
+        overall = metrics.mean(values)
+        query_seconds = ranked.seconds.get("encode_queries", 0.0) + ranked.seconds.get("search", 0.0)
+        entry = {**describe(spec), "dim": ranked.dim,
+                 "seconds": {**{k_: round(v, 3) for k_, v in ranked.seconds.items()},
+                             "total": round(time.perf_counter() - t0, 3)},
+                 "queries_per_second": round(len(gold) / query_seconds, 1) if query_seconds else 0.0,
+                 "overall": overall,
+                 "targets": {"recall@10": {"value": overall["recall@10"], "target": target_recall10,
+                                           "met": overall["recall@10"] >= target_recall10},
+                             "mrr@10": {"value": overall["mrr@10"], "target": target_mrr,
+                                        "met": overall["mrr@10"] >= target_mrr}},
+                 "breakdowns": metrics.breakdowns(gold, values)}
+        if ranked.dim is not None:
+            entry["dims"] = {str(ranked.dim): overall, **{str(d): metrics.mean(metrics.per_query(gold, run))
+                                                          for d, run in ranked.runs.items() if d is not None}}
+            entry["skipped_dims"] = ranked.skipped_dims
+        if models:
+            entry["significance"] = {"vs": models[0]["name"], **metrics.paired_test(
+                values, values_of[models[0]["name"]], resamples=resamples)}
+        models.append(entry)
+        for g in gold:
+            top = sorted(ranked.runs[None].get(g.id, {}).items(), key=lambda kv: -kv[1])
+            relevant = set(g.relevant_ids)
+            first = next((i for i, (pid, _) in enumerate(top, start=1) if pid in relevant), None)
+            per_query_rows.append({"model": spec.name, "query_id": g.id, "query": g.query, "category": g.category,
+                                   "language": g.language, "source": g.source, "difficulty": g.difficulty,
+                                   "relevant": len(g.relevant_ids), "first_relevant_rank": first,
+                                   **values[g.id], "top10": [pid for pid, _ in top[:10]]})
+        if log:
+            log.info("%s: Recall@10 %.3f, MRR@10 %.3f (%.1fs)", spec.name, overall["recall@10"], overall["mrr@10"],
+                     entry["seconds"]["total"])
+
+    results: dict[str, Any] = {
+        "schema": report.SCHEMA,
+        "test_set": {"path": test_set, "sha256": test_sha256, "queries": len(gold),
+                     "by_category": dict(sorted(Counter(g.category for g in gold).items()))},
+        "corpus": {"passages": len(passages)},
+        "k": k, "metrics": list(metrics.MEASURES), "baseline": models[0]["name"],
+        "targets": {"recall@10": target_recall10, "mrr@10": target_mrr},
+        "models": models,
+    }
+    pngs = report.charts(results)
+    results["charts"] = sorted(pngs)
+    files: dict[str, bytes] = {"results.json": json.dumps(results, ensure_ascii=False, indent=2).encode() + b"\n",
+                               "per_query.jsonl": b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n"
+                                                           for r in per_query_rows),
+                               "report.md": report.markdown(results).encode()}
+    files.update(pngs)
+    return files
+
+
+def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=None, log=None) -> dict[str, bytes]:
+    """Load the gold set, check it against PASSAGES, and compare CONFIG's models: the files to publish."""
+    from m3tune.errors import UserError
+    from m3tune.evaluation.gold import gold_digest, gold_location, load_gold
+
+    if not passages:
+        raise UserError("the corpus is empty: nothing to evaluate against")
+    specs = specs_of(config)
+    gold = load_gold(config.test_set, {p.id for p in passages})
+    return compare(passages, gold, specs, test_set=gold_location(config.test_set)[2],
+                   test_sha256=gold_digest(config.test_set), dims=config.dims, k=config.k,
+                   target_recall10=config.target_recall10, target_mrr=config.target_mrr,
+                   options=options_of(config.model_dump()), resamples=config.significance_resamples,
+                   root=root, log=log)
+
+
+def evaluate(ctx: StepContext, **config: Any) -> dict[str, Any]:
+    from m3tune.corpus.passages import read_passages
+
+    cfg = EvaluateConfig.model_validate(config)
+    files = run_evaluation(read_passages(ctx.root), cfg, root=ctx.root, log=ctx.log)
+    for name, data in files.items():
+        ctx.write_bytes(name, data)
+    results = json.loads(files["results.json"])
+    ctx.log.info("report: %s", ctx.out.uri_of("report.md"))
+    return {"counts": {"queries": results["test_set"]["queries"], "models": len(results["models"])},
+            "metrics": {f"{m['name']}/{k}": round(m["overall"][k], 4) for m in results["models"]
+                        for k in ("recall@10", "mrr@10", "ndcg@10")}}
+
+
+def show_results(root) -> Any:
+    """The models × metrics table of ROOT's evaluate step (for `m3tune step evaluate`)."""
+    return render_results(json.loads(root.child("evaluate").read_bytes("results.json")))
+
+
+def render_results(results: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"{results['test_set']['queries']} gold queries · targets Recall@10 ≥ "
+                        f"{results['targets']['recall@10']:.0%}, MRR@10 ≥ {results['targets']['mrr@10']:.2f}",
+                  title_justify="left")
+    cols = ("recall@1", "recall@10", "recall@100", "hit@10", "mrr@10", "ndcg@10", "map@10")
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    table.add_column("targets")
+    for m in results["models"]:
+        marks = " ".join(f"{k} {'✅' if v['met'] else '❌'}" for k, v in m["targets"].items())
+        table.add_row(m["name"], *(f"{m['overall'][c]:.3f}" for c in cols), marks)
+    return table

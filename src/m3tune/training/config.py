@@ -1,0 +1,103 @@
+"""TrainConfig: the `train` step's parameters (also `m3tune step train --option`s and `train:` YAML keys)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from m3tune.errors import ConfigError
+
+SHIPPED_DEEPSPEED = ("zero2", "zero3")
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default="BAAI/bge-m3", description="base model: Hugging Face id or folder; local:tiny-xlmr "
+                       "is the tiny offline stand-in")
+    dims: list[int] = Field(default=[1024, 512, 256, 128], description="Matryoshka dims (each <= the model's "
+                            "hidden size); the loss is taken at each, from one encoder pass", json_schema_extra={"cli": "dim"})
+    dim_weights: list[float] | None = Field(default=None, description="loss weight of each dim, in the order of "
+                                            "dims (default: 1 each)", json_schema_extra={"cli": "dim-weight"})
+    temperature: float = Field(default=0.02, gt=0, description="InfoNCE temperature (BGE-M3's 0.02)")
+    negatives: int = Field(default=7, ge=0, description="hard negatives per query in a batch (fewer when an "
+                           "example has fewer; never repeated)")
+    cross_device_negatives: bool = Field(default=True, description="score each query against the passages of "
+                                         "every process's batch (all-gather), not only its own")
+    query_max_length: int = Field(default=128, ge=8, description="tokens per query")
+    passage_max_length: int = Field(default=512, ge=8, description="tokens per passage")
+    batch_size: int = Field(default=32, ge=1, description="examples per process per micro-batch")
+    gradient_accumulation: int = Field(default=2, ge=1, description="micro-batches per optimizer step (adds no "
+                                       "in-batch negatives: use --gradcache-chunk for a larger contrastive batch)")
+    gradcache_chunk: int | None = Field(default=None, ge=1, description="GradCache: encode the batch in chunks of "
+                                        "this many texts, so a large contrastive batch fits in small memory")
+    epochs: float = Field(default=3, gt=0, description="passes over the training examples")
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(default=1e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorm)")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="share of the steps with linear warmup, "
+                                "then cosine decay to 0")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="no", description="autocast precision "
+                                                           "(bf16 on recent GPUs)")
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less "
+                                         "memory, ~30% more compute")
+    deepspeed: str | None = Field(default=None, description="zero2, zero3 (shipped configs) or a DeepSpeed JSON "
+                                  "file; none: plain DDP")
+    processes: int = Field(default=1, ge=1, description="processes on this machine (one per GPU); more than 1 "
+                           "launches torchrun")
+    eval_every: int = Field(default=100, ge=1, description="validate every this many optimizer steps (and at the end)")
+    patience: int | None = Field(default=5, ge=1, description="stop after this many validations without "
+                                 "improvement (none: never stop early)")
+    select_metric: Literal["ndcg@10", "mrr@10", "recall@10"] = Field(default="ndcg@10", description="validation "
+                                                                        "metric that picks the best checkpoint")
+    validation_corpus: Literal["validation", "all"] = Field(default="validation", description="validation: the "
+                                                             "passages of validation.jsonl; all: every passage of ingest")
+    checkpoint_every: int = Field(default=500, ge=1, description="save a resumable checkpoint to the run root "
+                                  "every this many optimizer steps")
+    keep_checkpoints: int = Field(default=2, ge=1, description="checkpoints kept in the run root")
+    seed: int = Field(default=42, description="seed of the weights' dropout, the sampler and negative choice")
+    workdir: str | None = Field(default=None, description="local working folder (default: under the m3tune cache)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if not self.dims:
+            raise ValueError("dims: give at least one Matryoshka dim")
+        if len(set(self.dims)) != len(self.dims) or any(d < 1 for d in self.dims):
+            raise ValueError(f"dims must be distinct positive integers, got {self.dims}")
+        if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
+            raise ValueError(f"dim_weights has {len(self.dim_weights)} values but dims has {len(self.dims)}")
+        if self.deepspeed is not None and self.gradcache_chunk is not None:
+            # GradCache calls backward once per chunk; DeepSpeed's engine owns backward and its
+            # accumulation boundaries, so the two would silently disagree on when a step ends.
+            raise ValueError("gradcache_chunk does not work with deepspeed: use one or the other")
+        return self
+
+
+def deepspeed_config(name: str) -> dict:
+    """The DeepSpeed config NAME (zero2, zero3 or a JSON file), checked: no optimizer, no scheduler."""
+    if name in SHIPPED_DEEPSPEED:
+        text = resources.files("m3tune.training").joinpath(f"deepspeed/{name}.json").read_text(encoding="utf-8")
+        where = f"shipped {name}.json"
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed: {name!r} is neither zero2, zero3 nor a JSON file")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}:{e.lineno}: invalid JSON: {e.msg}") from None
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            # A DeepSpeed section would replace m3tune's AdamW param groups / cosine schedule without a word.
+            raise ConfigError(f"{where}: remove the '{key}' section: m3tune sets the optimizer (AdamW, no decay on "
+                              "biases/LayerNorm) and the cosine schedule itself")
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
+    return {k: v for k, v in config.items() if not k.startswith("_")}

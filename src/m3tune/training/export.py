@@ -1,0 +1,139 @@
+"""The model folder: transformers weights and tokenizer, sentence-transformers modules (CLS pooling, then
+normalisation), BGE-M3's sparse/ColBERT heads copied when the base has them, a model card and curves.
+
+The sentence-transformers files are written here as JSON, not by
+sentence-transformers itself: it is not a training dependency, and the
+layout is four small documented files (the tests load the folder with it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+BGE_M3_HEADS = ("sparse_linear.pt", "colbert_linear.pt")
+CURVES = "validation_curves.png"
+
+
+def write_sentence_transformers_files(folder: Path, *, hidden: int, max_seq_length: int) -> None:
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2) + "\n")
+    (folder / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2) + "\n")
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True,
+    }, indent=2) + "\n")
+    (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2) + "\n")
+
+
+def copy_bge_m3_heads(base: str, folder: Path) -> list[str]:
+    """Copy BGE-M3's sparse and ColBERT heads from the base model (a folder, or the hub cache) when present."""
+    copied = []
+    for name in BGE_M3_HEADS:
+        source = Path(base) / name
+        if not source.is_file() and not Path(base).exists():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                source = Path(hf_hub_download(base, name))
+            except Exception:  # absent from the repository, or no network: nothing to copy
+                continue
+        if source.is_file():
+            shutil.copyfile(source, folder / name)
+            copied.append(name)
+    return copied
+
+
+def plot_curves(history: list[dict[str, Any]], dims: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a training node
+    import matplotlib.pyplot as plt
+
+    losses = [(h["step"], h["loss"]) for h in history if h.get("kind") == "train"]
+    evals = [h for h in history if h.get("kind") == "validation"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if losses:
+        axes[0].plot(*zip(*losses), lw=1)
+    axes[0].set(title="training loss (Matryoshka InfoNCE)", xlabel="optimizer step", ylabel="loss")
+    for dim in dims:
+        pts = [(h["step"], h["metrics"][str(dim)]["ndcg@10"]) for h in evals]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=f"{dim} dims")
+    axes[1].set(title="validation nDCG@10", xlabel="optimizer step", ylabel="nDCG@10")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best: dict[str, Any] | None,
+               before: dict[str, Any] | None, heads: list[str], hidden: int, dims: list[int]) -> str:
+    rows = []
+    for dim in dims:
+        b = (before or {}).get(str(dim), {})
+        a = (best or {}).get("metrics", {}).get(str(dim), {})
+        rows.append(f"| {dim} | " + " | ".join(f"{b.get(m, float('nan')):.4f} → {a.get(m, float('nan')):.4f}"
+                                               for m in ("recall@10", "mrr@10", "ndcg@10")) + " |")
+    heads_note = (f"\nThe base model's {', '.join(heads)} (BGE-M3's sparse and ColBERT heads) were copied "
+                  "unchanged: **they were not retrained** and do not match the fine-tuned encoder's hidden "
+                  "states as well as they matched the base model's.\n" if heads else "")
+    config_lines = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in config.items())
+    return f"""---
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+base_model: {base}
+tags: [sentence-transformers, feature-extraction, matryoshka, arabic, quran, hadith]
+---
+
+# {base} fine-tuned for Arabic Islamic search (m3tune)
+
+Dense retrieval embeddings for Quran verses and hadith, from Arabic and English queries: {base}
+fine-tuned by m3tune's `train` step with a Matryoshka InfoNCE loss (temperature {config['temperature']}) over
+in-batch, cross-device and hard negatives. CLS pooling, L2-normalised, {hidden} dims.
+
+## Use
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("PATH")                       # {hidden} dims
+small = SentenceTransformer("PATH", truncate_dim={dims[-1]})    # Matryoshka: any of {dims}, re-normalised
+```
+
+or with transformers: `AutoModel.from_pretrained(PATH)`, take `last_hidden_state[:, 0]`, L2-normalise (truncate
+to one of the trained dims first for a smaller vector). `truncate_dim` trades quality for size along the
+validation table below; dims that were not trained are not guaranteed to work.
+{heads_note}
+## Validation (before → best checkpoint, step {(best or {}).get('step', '-')})
+
+Retrieval over the validation passages.
+
+| dims | Recall@10 | MRR@10 | nDCG@10 |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+![validation curves]({CURVES})
+
+## Data
+
+```
+{json.dumps(data, indent=2, ensure_ascii=False)}
+```
+
+## Training config
+
+```yaml
+train:
+{config_lines}
+```
+"""

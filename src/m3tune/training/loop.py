@@ -1,0 +1,449 @@
+"""The training recipe, readable top to bottom: setup / train / save / cleanup.
+
+The same file runs in one process (the `train` step calls `run`), and in
+many under a launcher, each process the same code:
+
+    python -m m3tune.training.loop --root ROOT --config config.json --workdir DIR
+    torchrun --nproc_per_node 8 -m m3tune.training.loop --root ROOT --config config.json --workdir DIR
+    accelerate launch -m m3tune.training.loop --root ROOT --config config.json --workdir DIR
+
+Accelerate reads the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+...), wraps the model for DDP or DeepSpeed, and handles mixed precision and
+gradient accumulation; everything else is here in plain sight. Every
+process reads the data from the run root and walks the same seeded batch
+plan, taking its slice of each global batch. Checkpoints go to
+ROOT/train/checkpoints/ (latest.json last), so a pod restarted on another
+machine resumes at the same step with the same data order. The main process
+writes the model folder and metrics.jsonl to WORKDIR/out for the step to
+publish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from m3tune.errors import ConfigError, UserError
+
+log = logging.getLogger("m3tune.train")
+
+CHECKPOINTS = "checkpoints"
+LATEST = "checkpoints/latest.json"
+BEST = "best"
+STATE = "trainer_state.json"
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite: the run stops, the last good checkpoint stays."""
+
+
+def run(*, root_uri: str, config: dict[str, Any], workdir: str) -> dict[str, Any] | None:
+    """Train; on the main process return the result (what `out/result.json` holds), elsewhere None."""
+    from m3tune.training.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(config)
+    work = Path(workdir)
+    s = setup(cfg, root_uri=root_uri, work=work)
+    try:
+        train(s)
+        return save(s)
+    finally:
+        cleanup(s)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+class Session:
+    """Everything the loop holds: built once in setup, read by train and save."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def setup(cfg, *, root_uri: str, work: Path) -> Session:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, set_seed
+    from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers.utils import logging as hf_logging
+
+    from m3tune.encoder.tiny import resolve
+    from m3tune.manifest import config_digest
+    from m3tune.storage import open_root
+    from m3tune.training.config import deepspeed_config
+    from m3tune.training.data import global_batches, read_examples, validation_set
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    plugin = None
+    if cfg.deepspeed:
+        ds = deepspeed_config(cfg.deepspeed)
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size  # we feed tensors, not a prepared DataLoader
+        ds.pop("train_batch_size", None)
+        plugin = DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=cfg.gradient_accumulation,
+                                 gradient_clipping=cfg.max_grad_norm)
+    # The scheduler is stepped once per optimizer step by us; Accelerate's default would step it once per process.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                              deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
+    set_seed(cfg.seed)
+    root = open_root(root_uri)
+    out = root.child("train")
+    combine = root.child("combine")
+    train_examples = read_examples(combine, "train.jsonl")
+    val_examples = read_examples(combine, "validation.jsonl")
+    extra = None
+    if cfg.validation_corpus == "all":
+        from m3tune.corpus.passages import read_passages
+
+        extra = {p.id: p.text for p in read_passages(root)}
+    valset = validation_set(val_examples, extra)
+
+    path = resolve(cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:  # BGE-M3 takes the CLS hidden state; an unused pooler would break DDP's gradient reduction
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:
+            model = AutoModel.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"cannot load model {cfg.model!r}: {str(e).splitlines()[0]}") from None
+    hidden = int(model.config.hidden_size)
+    too_wide = [d for d in cfg.dims if d > hidden]
+    if too_wide:
+        raise ConfigError(f"train: dims {too_wide} exceed the hidden size {hidden} of {cfg.model}; "
+                          f"give dims <= {hidden} (e.g. --dim {hidden} --dim {hidden // 2})")
+    dims = sorted(cfg.dims, reverse=True)
+    weights = cfg.dim_weights or [1.0] * len(cfg.dims)
+    weights = [weights[cfg.dims.index(d)] for d in dims]
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # The epoch plans (a few ms per thousand examples) fix the number of steps for the schedule up front.
+    world = accelerator.num_processes
+    global_batch = cfg.batch_size * world
+    n_epochs = math.ceil(cfg.epochs)
+    plans = [global_batches(train_examples, global_batch, seed=cfg.seed, epoch=e) for e in range(n_epochs)]
+    steps_in = [len(p) // cfg.gradient_accumulation for p in plans]
+    if cfg.epochs != n_epochs:
+        steps_in[-1] = int(steps_in[-1] * (cfg.epochs - (n_epochs - 1)))
+    total_steps = sum(steps_in) if cfg.max_steps is None else min(cfg.max_steps, sum(steps_in))
+    if total_steps < 1:
+        raise UserError(f"train.jsonl has {len(train_examples)} examples: not one optimizer step of "
+                        f"{global_batch} x {cfg.gradient_accumulation} examples; lower --batch-size or "
+                        "--gradient-accumulation")
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    digest = config_digest(cfg.model_copy(update={"workdir": None}))
+    s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                scheduler=scheduler, root=root, out=out, work=work, train_examples=train_examples, valset=valset,
+                plans=plans, steps_in=steps_in, total_steps=total_steps, dims=dims, weights=weights, hidden=hidden,
+                base_path=path, digest=digest, step=0, history=[], best=None, bad_evals=0, before=None,
+                stopped_early=False, started=time.time(), examples_seen=0)
+    _resume(s)
+    if accelerator.is_main_process:
+        log.info("train: %d examples, %d validation queries over %d passages; %d steps of %d x %d x %d examples "
+                 "(%d processes)%s", len(train_examples), len(valset.queries), len(valset.corpus_keys), total_steps,
+                 cfg.batch_size, world, cfg.gradient_accumulation, world,
+                 f"; resumed at step {s.step}" if s.step else "")
+    return s
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and LayerNorm weights (as BERT-style recipes do)."""
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if not n.endswith("bias")}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in params if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+def train(s: Session) -> None:
+    import torch
+
+    from m3tune.training.data import collate
+    from m3tune.training.loss import gradcache_backward, matryoshka_info_nce
+
+    cfg, acc = s.cfg, s.accelerator
+    if s.before is None:
+        s.before = _validate(s, record=False)
+    s.model.train()
+    rank, world = acc.process_index, acc.num_processes
+    window_loss, window_dims, window_t = [], [], time.time()
+    step = s.step
+    for epoch, plan in enumerate(s.plans):
+        first_step = sum(s.steps_in[:epoch])
+        if step >= first_step + s.steps_in[epoch]:
+            continue  # an epoch finished before a restart
+        micro = (step - first_step) * cfg.gradient_accumulation  # same data order after a restart
+        while step < min(first_step + s.steps_in[epoch], s.total_steps):
+            for _ in range(cfg.gradient_accumulation):
+                indices = plan[micro][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+                micro += 1
+                batch = collate([s.train_examples[i] for i in indices], indices, s.tokenizer, negatives=cfg.negatives,
+                                seed=cfg.seed, epoch=epoch, query_max_length=cfg.query_max_length,
+                                passage_max_length=cfg.passage_max_length)
+                q_tok = {k: v.to(acc.device) for k, v in batch.queries.items()}
+                p_tok = {k: v.to(acc.device) for k, v in batch.passages.items()}
+                keys = dict(pos_keys=batch.pos_keys.to(acc.device), col_keys=batch.col_keys.to(acc.device),
+                            col_valid=batch.col_valid.to(acc.device))
+
+                def loss_fn(q, p):
+                    return matryoshka_info_nce(q, p, **keys, dims=s.dims, weights=s.weights,
+                                               temperature=cfg.temperature, cross_device=cfg.cross_device_negatives)
+
+                def checked_backward(loss):
+                    _check_finite(s, loss, step + 1)
+                    acc.backward(loss)
+
+                with acc.accumulate(s.model), acc.autocast():
+                    if cfg.gradcache_chunk:
+                        loss, per_dim = gradcache_backward(
+                            s.model, q_tok, p_tok, chunk=cfg.gradcache_chunk, loss_fn=loss_fn,
+                            backward=checked_backward, no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients)
+                    else:
+                        from m3tune.training.loss import encode
+
+                        loss, per_dim = loss_fn(encode(s.model, q_tok), encode(s.model, p_tok))
+                        checked_backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
+                    s.optimizer.step()
+                    s.optimizer.zero_grad()
+                window_loss.append(loss.detach())
+                window_dims.append(torch.stack([per_dim[d] for d in s.dims]))
+            s.scheduler.step()
+            step += 1
+            s.step = step
+            s.examples_seen += cfg.batch_size * world * cfg.gradient_accumulation
+            # One all-reduce per optimizer step: the global batch's mean loss, as one process would see it.
+            mean = acc.reduce(torch.stack(window_loss).mean(), reduction="mean").item()
+            dims_mean = acc.reduce(torch.stack(window_dims).mean(0), reduction="mean").tolist()
+            elapsed = time.time() - window_t
+            s.history.append({"kind": "train", "step": step, "epoch": round(step / max(1, s.steps_in[0]), 4),
+                              "loss": mean, "loss_by_dim": {str(d): v for d, v in zip(s.dims, dims_mean)},
+                              "lr": s.scheduler.get_last_lr()[0],
+                              "examples_per_s": cfg.batch_size * world * cfg.gradient_accumulation / max(elapsed, 1e-9)})
+            window_loss, window_dims, window_t = [], [], time.time()
+            if step % cfg.eval_every == 0 or step == s.total_steps:
+                _validate(s, record=True)
+                s.model.train()
+            if step % cfg.checkpoint_every == 0 or step == s.total_steps or s.stopped_early:
+                _checkpoint(s)
+            if s.stopped_early:
+                return
+        if step >= s.total_steps:
+            return
+
+
+def _check_finite(s: Session, loss, step: int) -> None:
+    """Stop before a NaN/inf gradient reaches the weights; every process agrees (one all-reduce)."""
+    import torch
+
+    bad = s.accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum").item()
+    if bad:
+        latest = _read_latest(s)
+        kept = f"the last good checkpoint (step {latest['step']}) is kept in {s.out.uri_of(CHECKPOINTS)}" \
+            if latest else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"train: the loss became {loss.item()} at step {step}; stopped before updating the "
+                            f"weights, {kept}. Lower --learning-rate, use bf16 rather than fp16, or check the data")
+
+
+def _validate(s: Session, *, record: bool) -> dict[str, Any]:
+    """Retrieval metrics at every dim; RECORD: log them, track the best and the patience."""
+    from m3tune.training.validate import evaluate
+
+    cfg = s.cfg
+    model = s.accelerator.unwrap_model(s.model)
+    with s.accelerator.autocast():
+        metrics = evaluate(model, s.tokenizer, s.valset, dims=s.dims, query_max_length=cfg.query_max_length,
+                           passage_max_length=cfg.passage_max_length, batch_size=max(cfg.batch_size, 32),
+                           device=s.accelerator.device)
+    metrics = {str(d): m for d, m in metrics.items()}
+    if not record:
+        if s.accelerator.is_main_process:
+            log.info("validation before training: %s", _fmt(metrics, s.dims))
+        return metrics
+    score = metrics[str(s.dims[0])][cfg.select_metric]
+    improved = s.best is None or score > s.best["score"]
+    s.history.append({"kind": "validation", "step": s.step, "metrics": metrics, "best": improved})
+    if improved:
+        s.best, s.bad_evals = {"step": s.step, "score": score, "metrics": metrics}, 0
+        _save_model(s, s.work / BEST)
+        if s.accelerator.is_main_process:  # a restarted pod must find it on another machine
+            _upload(s.work / BEST, s.out.child(f"{CHECKPOINTS}/{BEST}"))
+    else:
+        s.bad_evals += 1
+        if cfg.patience and s.bad_evals >= cfg.patience:
+            s.stopped_early = True
+    if s.accelerator.is_main_process:
+        log.info("step %d validation: %s%s", s.step, _fmt(metrics, s.dims),
+                 " (best)" if improved else f" ({s.bad_evals} without improvement)")
+    return metrics
+
+
+def _fmt(metrics: dict, dims: list[int]) -> str:
+    return "; ".join(f"{d}d R@10 {metrics[str(d)]['recall@10']:.3f} MRR@10 {metrics[str(d)]['mrr@10']:.3f} "
+                     f"nDCG@10 {metrics[str(d)]['ndcg@10']:.3f}" for d in dims)
+
+
+def _save_model(s: Session, folder: Path) -> None:
+    """The current weights as a transformers folder (gathered from ZeRO-3 shards: every process calls this)."""
+    state = s.accelerator.get_state_dict(s.model)
+    if s.accelerator.is_main_process:
+        if folder.exists():
+            shutil.rmtree(folder)
+        s.accelerator.unwrap_model(s.model).save_pretrained(folder, state_dict=state, safe_serialization=True)
+        s.tokenizer.save_pretrained(folder)
+    s.accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def _upload(local: Path, target) -> None:
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            with target.open_write(f.relative_to(local).as_posix()) as w, open(f, "rb") as src:
+                shutil.copyfileobj(src, w, 1 << 20)
+
+
+def _download(source, local: Path) -> None:
+    for rel in source.list():
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with source.open_read(rel) as src, open(dest, "wb") as w:
+            shutil.copyfileobj(src, w, 1 << 20)
+
+
+def _read_latest(s: Session) -> dict | None:
+    if not s.out.exists(LATEST):
+        return None
+    return json.loads(s.out.read_bytes(LATEST))
+
+
+def _checkpoint(s: Session) -> None:
+    """Save the full training state and publish it to the run root; latest.json is written last."""
+    acc = s.accelerator
+    name = f"step-{s.step:08d}"
+    local = s.work / CHECKPOINTS / name
+    acc.save_state(str(local))
+    if acc.is_main_process:
+        (local / STATE).write_text(json.dumps(_trainer_state(s)))
+    acc.wait_for_everyone()
+    if acc.is_local_main_process:  # each node sends what its processes wrote (their RNG states, ZeRO shards)
+        _upload(local, s.out.child(f"{CHECKPOINTS}/{name}"))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        s.out.write_bytes(LATEST, json.dumps({"step": s.step, "name": name, "config_digest": s.digest}).encode())
+        _prune(s)
+        log.info("checkpoint %s -> %s", name, s.out.uri_of(f"{CHECKPOINTS}/{name}"))
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _prune(s: Session) -> None:
+    folder = s.out.child(CHECKPOINTS)
+    names = sorted({p.split("/")[0] for p in folder.list() if p.startswith("step-")})
+    for old in names[:-s.cfg.keep_checkpoints]:
+        for rel in folder.child(old).list():
+            folder.child(old).delete(rel)
+
+
+def _trainer_state(s: Session) -> dict:
+    return {"step": s.step, "history": s.history, "best": s.best, "bad_evals": s.bad_evals, "before": s.before,
+            "stopped_early": s.stopped_early, "examples_seen": s.examples_seen, "config_digest": s.digest}
+
+
+def _resume(s: Session) -> None:
+    """Continue from the last checkpoint in the run root, if it was made with this config."""
+    latest = _read_latest(s)
+    if latest is None:
+        return
+    if latest.get("config_digest") != s.digest:
+        if s.accelerator.is_main_process:
+            log.warning("train: the checkpoints in %s were made with another config; starting afresh",
+                        s.out.uri_of(CHECKPOINTS))
+        return
+    local = s.work / CHECKPOINTS / latest["name"]
+    if s.accelerator.is_local_main_process:
+        shutil.rmtree(local, ignore_errors=True)
+        _download(s.out.child(f"{CHECKPOINTS}/{latest['name']}"), local)
+        if s.out.child(f"{CHECKPOINTS}/{BEST}").list():
+            shutil.rmtree(s.work / BEST, ignore_errors=True)
+            _download(s.out.child(f"{CHECKPOINTS}/{BEST}"), s.work / BEST)
+    s.accelerator.wait_for_everyone()
+    s.accelerator.load_state(str(local))
+    state = json.loads((local / STATE).read_text())
+    for key in ("step", "history", "best", "bad_evals", "before", "stopped_early", "examples_seen"):
+        setattr(s, key, state[key])
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+def save(s: Session) -> dict[str, Any] | None:
+    """The model folder (the best checkpoint's weights), metrics.jsonl and result.json in WORKDIR/out."""
+    from m3tune.training import export
+
+    acc = s.accelerator
+    if s.best is None:  # no validation ran (cannot happen with total_steps >= 1), keep the last weights
+        _save_model(s, s.work / BEST)
+    if not acc.is_main_process:
+        return None
+    cfg = s.cfg
+    out = s.work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    model_dir = out / "model"
+    shutil.copytree(s.work / BEST, model_dir)
+    export.write_sentence_transformers_files(model_dir, hidden=s.hidden, max_seq_length=cfg.passage_max_length)
+    heads = export.copy_bge_m3_heads(s.base_path, model_dir)
+    export.plot_curves(s.history, s.dims, model_dir / export.CURVES)
+    data = {"train_examples": len(s.train_examples),
+            "train_examples_without_negatives": sum(1 for e in s.train_examples if not e.negs),
+            "validation_queries": len(s.valset.queries), "validation_passages": len(s.valset.corpus_keys),
+            "steps": s.step, "examples_seen": s.examples_seen, "processes": acc.num_processes,
+            "global_batch": cfg.batch_size * acc.num_processes,
+            "effective_batch": cfg.batch_size * acc.num_processes * cfg.gradient_accumulation,
+            "examples_left_out_of_epoch_1": len(s.train_examples) - sum(len(b) for b in s.plans[0])}
+    card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
+                             before=s.before, heads=heads, hidden=s.hidden, dims=s.dims)
+    (model_dir / "README.md").write_text(card, encoding="utf-8")
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for row in s.history:
+            f.write(json.dumps(row) + "\n")
+    result = {"counts": {**data, "stopped_early": s.stopped_early, "heads_copied": heads},
+              "metrics": {"before": s.before, "best": s.best,
+                          "final_loss": next((h["loss"] for h in reversed(s.history) if h["kind"] == "train"), None)}}
+    (out / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def cleanup(s: Session) -> None:
+    s.accelerator.wait_for_everyone()
+    s.accelerator.free_memory()
+    shutil.rmtree(s.work / CHECKPOINTS, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m m3tune.training.loop", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, help="run root URI")
+    parser.add_argument("--config", required=True, help="JSON file of TrainConfig fields")
+    parser.add_argument("--workdir", required=True, help="local working folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(root_uri=args.root, config=json.loads(Path(args.config).read_text()), workdir=args.workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The `train` step: run the training loop here (one process) or under torchrun (several, or several nodes),
+then publish the model folder and metrics.jsonl to ROOT/train/.
+
+Multi-node: a JobSet or a Kubeflow PyTorchJob starts one pod per node, each
+running `m3tune step train`; the pod reads the standard variables
+(MASTER_ADDR, MASTER_PORT, PET_NNODES or WORLD_SIZE for the node count,
+PET_NODE_RANK, JOB_COMPLETION_INDEX or RANK for its node rank) and starts
+torchrun's c10d rendezvous with them. No SSH is involved: torchrun (and
+DeepSpeed under Accelerate, launched this way) only needs the master's
+address and port. Node 0 publishes; the other nodes' pods exit 0 after
+training without writing a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from m3tune.context import StepContext
+from m3tune.errors import ConfigError, UserError
+from m3tune.training.config import TrainConfig
+
+
+def launch_command(processes: int, env: Mapping[str, str], loop_args: list[str]) -> tuple[list[str] | None, int]:
+    """(torchrun command, node rank), or (None, global rank) to train in this process.
+
+    Already launched (LOCAL_RANK set: `accelerate launch` or torchrun around `m3tune step train`, as the Argo
+    template does): every process trains here. Otherwise PET_NNODES / WORLD_SIZE name the pods of a
+    PyTorchJob or JobSet, PET_NODE_RANK / JOB_COMPLETION_INDEX / RANK this pod's rank among them."""
+    if "LOCAL_RANK" in env:
+        return None, int(env.get("RANK", "0"))
+    nnodes = env.get("PET_NNODES") or env.get("WORLD_SIZE") or "1"
+    node_rank = env.get("PET_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or env.get("RANK") or "0"
+    if nnodes == "1" and processes == 1:
+        return None, 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", nnodes]
+    if nnodes != "1":
+        if not env.get("MASTER_ADDR"):
+            raise ConfigError(f"train on {nnodes} nodes needs MASTER_ADDR (and MASTER_PORT) of node 0")
+        endpoint = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
+        cmd += ["--node_rank", node_rank, "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                "--rdzv_id", env.get("PET_RDZV_ID", "m3tune-train")]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "m3tune.training.loop", *loop_args], int(node_rank)
+
+
+def workdir_for(ctx: StepContext, config: TrainConfig) -> Path:
+    import hashlib
+
+    from m3tune.encoder.tiny import cache_dir
+
+    if config.workdir:
+        return Path(config.workdir)
+    key = hashlib.sha256(f"{ctx.root.uri}|{config.model_dump_json()}".encode()).hexdigest()[:16]
+    return cache_dir() / "train" / key
+
+
+def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
+    from m3tune.training.loop import run
+
+    cfg = TrainConfig.model_validate(config)
+    work = workdir_for(ctx, cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(cfg.model_dump_json())
+    cmd, node_rank = launch_command(cfg.processes, os.environ,
+                                    ["--root", ctx.root.uri, "--config", str(work / "config.json"),
+                                     "--workdir", str(work)])
+    if cmd is None:
+        result = run(root_uri=ctx.root.uri, config=cfg.model_dump(), workdir=str(work))
+        if node_rank != 0:  # one of several launched processes: the main one publishes
+            raise SystemExit(0)
+    else:
+        import torch
+
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "1"  # gloo on CPU
+        ctx.log.info("launching: %s", " ".join(cmd))
+        rc = subprocess.run(cmd, env=env).returncode
+        if rc != 0:
+            raise UserError(f"train: the training processes failed (exit {rc}); their log is above. A rerun "
+                            f"resumes from the last checkpoint in {ctx.out.uri_of('checkpoints')}")
+        if node_rank != 0:
+            ctx.log.info("train: node %d done; node 0 publishes the model", node_rank)
+            raise SystemExit(0)  # no manifest from a worker node: node 0's is the step's
+        result = json.loads((work / "out" / "result.json").read_text())
+    _publish(ctx, work / "out")
+    return result
+
+
+def _publish(ctx: StepContext, out: Path) -> None:
+    """The model folder and metrics.jsonl, each file atomically, recorded in the manifest."""
+    import shutil
+
+    files = sorted(p for p in (out / "model").rglob("*") if p.is_file())
+    for f in files + [out / "metrics.jsonl"]:
+        rel = f.relative_to(out).as_posix()
+        with ctx.out.open_write(rel) as w, open(f, "rb") as src:
+            shutil.copyfileobj(src, w, 1 << 20)
+        ctx.outputs[rel] = w.result  # type: ignore[attr-defined]
+    ctx.log.info("published %d files of the model to %s", len(files), ctx.out.uri_of("model"))

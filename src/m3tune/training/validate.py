@@ -1,0 +1,73 @@
+"""Validation by retrieval: Recall@10, MRR@10 and nDCG@10 of the validation queries over the validation
+corpus, at each Matryoshka dim (embeddings truncated and re-normalised, as a user with `truncate_dim` gets).
+
+The metrics are a few lines of numpy over one score matrix; ir-measures (the
+evaluate step's engine) would need a run file per dim and is not a training
+dependency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+K = 10
+
+
+def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device) -> np.ndarray:
+    """Full-width CLS embeddings (not normalised) of TEXTS in order, batches sorted by length."""
+    import torch
+
+    from m3tune.training.loss import encode
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            tokens = tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt").to(device)
+            rep = encode(model, tokens).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(texts), rep.shape[1]), dtype=np.float32)
+            out[batch] = rep
+    model.train(was_training)
+    return out
+
+
+def retrieval_metrics(q: np.ndarray, p: np.ndarray, relevant: Sequence[set[int]], *, k: int = K) -> dict[str, float]:
+    """Mean recall@k, MRR@k, nDCG@k (binary relevance) of queries Q over passages P (rows L2-normalised)."""
+    scores = q @ p.T
+    k = min(k, p.shape[0])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    recall = mrr = ndcg = 0.0
+    for row, rel in zip(top, relevant):
+        hits = np.array([int(j) in rel for j in row])
+        recall += hits.sum() / len(rel)
+        first = np.flatnonzero(hits)
+        mrr += 1.0 / (first[0] + 1) if first.size else 0.0
+        ideal = discount[:min(len(rel), k)].sum()
+        ndcg += float((hits * discount).sum() / ideal)
+    n = len(relevant)
+    return {f"recall@{K}": recall / n, f"mrr@{K}": mrr / n, f"ndcg@{K}": ndcg / n}
+
+
+def evaluate(model, tokenizer, valset, *, dims: Sequence[int], query_max_length: int, passage_max_length: int,
+             batch_size: int, device) -> dict[int, dict[str, float]]:
+    """{dim: {metric: value}} on the validation set."""
+    index = {key: i for i, key in enumerate(valset.corpus_keys)}
+    relevant = [{index[k] for k in rel} for rel in valset.relevant]
+    q = embed(model, tokenizer, valset.queries, max_length=query_max_length, batch_size=batch_size, device=device)
+    p = embed(model, tokenizer, valset.corpus_texts, max_length=passage_max_length, batch_size=batch_size,
+              device=device)
+    out = {}
+    for dim in dims:
+        qd = q[:, :dim] / np.linalg.norm(q[:, :dim], axis=1, keepdims=True).clip(1e-12)
+        pd = p[:, :dim] / np.linalg.norm(p[:, :dim], axis=1, keepdims=True).clip(1e-12)
+        out[dim] = retrieval_metrics(qd, pd, relevant)
+    return out

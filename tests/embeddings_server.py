@@ -1,0 +1,98 @@
+"""A real HTTP server on 127.0.0.1 speaking the OpenAI embeddings protocol (`POST /v1/embeddings`).
+
+Each text's vector is a hashed bag of its normalized words (64 dims), so
+retrieval through it is real (lexical) retrieval. `script` lists what the
+next requests get, in order, before every later one is answered:
+
+    429     HTTP 429 with Retry-After: 0
+    500     HTTP 500
+    401     HTTP 401 (bad key)
+    ok      a valid answer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler
+
+from llm_server import _Server
+
+DIM = 64
+
+
+def vector(text: str) -> list[float]:
+    from m3tune.arabic import tokens
+
+    v = [0.0] * DIM
+    for word in tokens(text):
+        h = hashlib.sha256(word.encode()).digest()
+        v[h[0] % DIM] += 1.0 if h[1] % 2 else -1.0
+    if not any(v):
+        v[0] = 1.0
+    return v
+
+
+class EmbeddingsServer:
+    def __init__(self, script: list[str] | None = None, *, key: str = "test-key"):
+        self.script = list(script or [])
+        self.requests: list[dict] = []  # {"action", "inputs", "model"}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                if not self.path.endswith("/embeddings"):
+                    return self._json(404, {"error": {"message": "not found"}})
+                with server._lock:
+                    action = server.script.pop(0) if server.script else "ok"
+                    if self.headers.get("authorization") != f"Bearer {key}":
+                        action = "401"
+                    inputs = body.get("input", [])
+                    server.requests.append({"action": action, "inputs": inputs, "model": body.get("model")})
+                if action == "429":
+                    return self._json(429, {"error": {"message": "rate limited"}}, [("retry-after", "0")])
+                if action in ("500", "401"):
+                    return self._json(int(action), {"error": {"message": f"error {action}"}})
+                data = [{"object": "embedding", "index": i, "embedding": vector(t)} for i, t in enumerate(inputs)]
+                data.reverse()  # the protocol orders by `index`, not by position: clients must sort
+                self._json(200, {"object": "list", "data": data, "model": body.get("model"),
+                                 "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+            def _json(self, status, payload, headers=()):
+                raw = json.dumps(payload, ensure_ascii=False).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def texts_served(self) -> int:
+        return sum(len(r["inputs"]) for r in self.requests if r["action"] == "ok")
+
+    def __enter__(self) -> "EmbeddingsServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

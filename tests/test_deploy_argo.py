@@ -1,0 +1,210 @@
+"""The generated Argo WorkflowTemplate: current with the pipeline, faithful to it, lossless through Hera's models."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from m3tune.cli import app
+from m3tune.deploy.argo import jobset_manifest, parameters, render_files, render_workflow_template
+from m3tune.deploy.images import CPU, CUDA, ENTRYPOINT, IMAGES
+from m3tune.pipeline import PIPELINE, STEPS
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = {  # committed file -> the `m3tune render job` arguments that produce it (as in `make render`)
+    "rerun-mine-negatives.yaml": ["mine-negatives", "--root", "s3://m3tune-runs/runs/exp-01"],
+    "rerun-mine-negatives-shard.yaml": ["mine-negatives", "--root", "s3://m3tune-runs/runs/exp-01", "--rank", "1",
+                                        "--world-size", "4"],
+}
+STALE = "stale: re-render with `make render` (m3tune render argo --output argo --chart charts/m3tune)"
+
+
+def test_committed_files_equal_a_fresh_render(tmp_path):
+    result = CliRunner().invoke(app, ["render", "argo", "--output", str(tmp_path / "argo"), "--chart",
+                                      str(tmp_path / "chart")])
+    assert result.exit_code == 0, result.output
+    for name, text in render_files().items():
+        assert (tmp_path / "argo" / name).read_text() == text
+        assert (REPO / "argo" / name).read_text() == text, f"argo/{name} is {STALE}"
+    assert (REPO / "charts/m3tune/files/workflowtemplate.yaml").read_text() == render_files()["workflowtemplate.yaml"]
+    assert sorted(p.name for p in (REPO / "jobs").glob("*.yaml")) == sorted(JOBS)
+    for name, args in JOBS.items():
+        fresh = CliRunner().invoke(app, ["render", "job", *args])
+        assert fresh.exit_code == 0, fresh.output
+        assert (REPO / "jobs" / name).read_text() == fresh.stdout, f"jobs/{name} is {STALE}"
+
+
+def dag(template: dict) -> dict[str, dict]:
+    (entry,) = [t for t in template["spec"]["templates"] if t["name"] == template["spec"]["entrypoint"]]
+    return {t["name"]: t for t in entry["dag"]["tasks"]}
+
+
+def test_the_dag_is_the_pipeline_definition():
+    template = render_workflow_template()
+    tasks = dag(template)
+    by_name = {t["name"]: t for t in template["spec"]["templates"]}
+    finals = [n for n in tasks if not n.endswith("-shard")]
+    assert finals == PIPELINE  # one final task per step, in the pipeline's order
+    for name in PIPELINE:
+        step, task = STEPS[name], tasks[name]
+        if step.shardable:
+            shard = tasks[f"{name}-shard"]
+            assert task["dependencies"] == [f"{name}-shard"]
+            assert set(shard.get("dependencies", [])) == set(step.needs)
+            assert shard["withSequence"] == {"count": f"{{{{workflow.parameters.{name}-shards}}}}"}
+            args = by_name[f"{name}-shard"]["container"]["args"]
+            assert args[args.index("--rank") + 1] == "{{inputs.parameters.rank}}"
+            assert "--merge-shards" in by_name[name]["container"]["args"]
+        else:
+            assert set(task.get("dependencies", [])) == set(step.needs)
+        container = by_name[name]["container"]
+        assert container["image"] == "{{workflow.parameters.image-cpu}}"
+        assert container["args"][:6] == ["step", name, "--root", "{{workflow.parameters.root}}", "--config",
+                                         "/etc/m3tune/config/{{workflow.parameters.config}}"]
+        assert by_name[name]["retryStrategy"]["backoff"]["factor"] == "2"
+        assert "!= 2" in by_name[name]["retryStrategy"]["expression"]
+    params = {p["name"]: p for p in template["spec"]["arguments"]["parameters"]}
+    assert "value" not in params["root"] and params["image-cpu"]["value"] == CPU.ref()
+    assert template["spec"]["serviceAccountName"] == "m3tune-workflow"
+
+
+def test_a_step_added_to_the_pipeline_appears_after_a_re_render():
+    steps = dict(STEPS)
+    steps["combine-like"] = dataclasses.replace(STEPS["analyze"], name="combine-like", needs=("mine-negatives",))
+    tasks = dag(render_workflow_template(steps, PIPELINE + ["combine-like"]))
+    assert tasks["combine-like"]["dependencies"] == ["mine-negatives"]
+    with pytest.raises(Exception, match="needs mine-negatives"):
+        render_workflow_template(steps, ["ingest", "combine-like"])
+
+
+@pytest.fixture(scope="module")
+def gpu_template():
+    """The template with a GPU, distributed step (train when it is in the pipeline, else index made one)."""
+    steps = dict(STEPS)
+    name = next((n for n in PIPELINE if STEPS[n].distributed), None)
+    if name is None:
+        name = "index"
+        steps[name] = dataclasses.replace(STEPS[name], gpu=True, distributed=True)
+    return name, steps[name], render_workflow_template(steps)
+
+
+def test_gpu_steps_get_the_cuda_image_gpus_shm_and_node_placement(gpu_template):
+    name, _, template = gpu_template
+    by_name = {t["name"]: t for t in template["spec"]["templates"]}
+    single = by_name[name]
+    container = single["container"]
+    assert container["image"] == "{{workflow.parameters.image-gpu}}"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{workflow.parameters.gpus-per-node}}"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert single["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory",
+                                                               "sizeLimit": "{{workflow.parameters.shm-size}}"}}]
+    params = {p["name"]: p.get("value") for p in template["spec"]["arguments"]["parameters"]}
+    patch = single["podSpecPatch"]
+    for key in ("gpu-node-selector", "gpu-tolerations"):
+        patch = patch.replace(f"{{{{workflow.parameters.{key}}}}}", params[key])
+    assert json.loads(patch) == {"nodeSelector": {}, "tolerations": [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    assert container["command"][:2] == ["accelerate", "launch"]
+    assert container["command"][-5:-3] == ["-m", "m3tune.cli"] or "m3tune.cli" in container["command"]
+    assert params["image-gpu"] == CUDA.ref()
+    tasks = dag(template)
+    assert tasks[name]["when"] == f"{{{{workflow.parameters.{name}-nodes}}}} == 1"
+    assert tasks[f"{name}-multinode"]["when"] == f"{{{{workflow.parameters.{name}-nodes}}}} > 1"
+    downstream = [t for t in tasks.values() if name in t.get("dependencies", [])]
+    assert all(f"{name}-multinode" in t["dependencies"] for t in downstream)
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    """Argo's parameter substitution, for the defaults (and the arithmetic expression the JobSet uses)."""
+    text = re.sub(r'\{\{=asInt\(workflow\.parameters\["([\w-]+)"\]\) \* asInt\(workflow\.parameters\["([\w-]+)"\]\)\}\}',
+                  lambda m: str(int(values[m[1]]) * int(values[m[2]])), text)
+    text = text.replace("{{workflow.name}}", "m3tune-x1")
+    return re.sub(r"\{\{workflow\.parameters\.([\w-]+)\}\}", lambda m: values[m[1]], text)
+
+
+def test_multi_node_training_is_a_jobset_whose_jobs_are_valid(gpu_template):
+    import kubernetes_validate
+
+    name, step, template = gpu_template
+    by_name = {t["name"]: t for t in template["spec"]["templates"]}
+    resource = by_name[f"{name}-multinode"]["resource"]
+    assert resource["action"] == "create" and resource["setOwnerReference"] is True
+    assert resource["successCondition"] == "status.terminalState == Completed"
+    assert resource["failureCondition"] == "status.terminalState == Failed"
+    assert resource["manifest"] == jobset_manifest(step)
+    values = {p["name"]: p.get("value", "") for p in template["spec"]["arguments"]["parameters"]}
+    values.update({f"{name}-nodes": "3", "gpus-per-node": "8", "root": "s3://b/runs/r1"})
+    jobset = yaml.safe_load(substitute(resource["manifest"], values))
+    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and jobset["spec"]["network"]["enableDNSHostnames"]
+    (workers,) = jobset["spec"]["replicatedJobs"]
+    job_spec = workers["template"]["spec"]
+    assert job_spec["parallelism"] == job_spec["completions"] == 3 and job_spec["completionMode"] == "Indexed"
+    command = job_spec["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--num_machines") + 1] == "3" and command[command.index("--num_processes") + 1] == "24"
+    assert command[command.index("--main_process_ip") + 1] == "$(JOBSET_NAME)-workers-0-0.$(JOBSET_NAME)"
+    assert job_spec["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train-workers"}, "spec": job_spec}
+    kubernetes_validate.validate(job, "1.30", strict=True)  # the JobSet's Job template, strictly
+
+
+def round_trip(obj: dict, model) -> dict:
+    return model.model_validate(obj).model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+@pytest.mark.parametrize("name", ["workflowtemplate.yaml", "workflow.yaml"])
+def test_argo_objects_survive_hera_models_without_losing_a_field(name, gpu_template):
+    from hera.workflows import models as m
+
+    model = m.WorkflowTemplate if name == "workflowtemplate.yaml" else m.Workflow
+    committed = yaml.safe_load((REPO / "argo" / name).read_text())
+    assert round_trip(committed, model) == committed
+    if model is m.WorkflowTemplate:
+        assert round_trip(gpu_template[2], model) == gpu_template[2]
+        # the check can fail: a misspelt field is silently dropped by the models, and caught here
+        typo = copy.deepcopy(committed)
+        typo["spec"]["templates"][1]["retryStrategey"] = typo["spec"]["templates"][1].pop("retryStrategy")
+        assert round_trip(typo, model) != typo
+
+
+def test_images_install_declared_extras_run_as_non_root_with_the_m3tune_entrypoint():
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    bake = (REPO / "images/docker-bake.hcl").read_text()
+    for image in IMAGES.values():
+        text = (REPO / image.dockerfile).read_text()
+        (base,) = re.findall(r"^FROM (\S+)", text, re.M)
+        (wanted,) = re.findall(r"^ARG EXTRAS=(\S+)", text, re.M)
+        assert set(wanted.split(",")) <= extras - {"dev"}, image.name
+        assert '".[${EXTRAS}]"' in text
+        assert re.search(r"^USER 10001$", text, re.M) and "useradd" in text and "--uid 10001" in text
+        assert re.findall(r"^ENTRYPOINT (.+)$", text, re.M) == [json.dumps([ENTRYPOINT])]
+        assert f'dockerfile = "{image.dockerfile}"' in bake and f'm3tune-{image.name}:${{TAG}}' in bake
+        if image is CUDA:
+            assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base)
+            assert {"train", "deepspeed"} <= set(wanted.split(","))
+        else:
+            assert base.startswith("python:3.11") and "train" not in wanted and "download.pytorch.org/whl/cpu" in text
+    from m3tune import __version__
+
+    assert re.search(r'variable "TAG" \{\s*default = "%s"' % re.escape(__version__), bake)
+
+
+def test_readme_commands_use_what_the_template_and_cli_take():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Running on Kubernetes"):readme.index("## Data and licences")]
+    names = {p["name"] for p in render_workflow_template()["spec"]["arguments"]["parameters"]}
+    given = re.findall(r"-p ([\w-]+)=", section) + re.findall(r"workflowParameters\.([\w-]+)=", section)
+    assert given and set(given) <= names
+    for line in re.findall(r"^m3tune render job ([^|\n]+)", section, re.M):
+        result = CliRunner().invoke(app, ["render", "job", *line.split()])
+        assert result.exit_code == 0, (line, result.output)
+    for cmd in ("submit", "rerun", "runs"):
+        assert f"m3tune {cmd}" in section
+        assert CliRunner().invoke(app, [cmd, "--help"]).exit_code == 0

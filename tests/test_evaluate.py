@@ -1,0 +1,167 @@
+"""The evaluate step and `m3tune evaluate`: real corpus, real BM25, the tiny encoder, a loopback embeddings API."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from m3tune.corpus.passages import read_passages
+from m3tune.evaluation.gold import load_gold
+from m3tune.evaluation.metrics import MEASURES, per_query
+from m3tune.records import GoldQuery
+from m3tune.storage import open_root
+
+TINY = {"base_model": "local:tiny-xlmr", "max_length": 256, "batch_size": 64}  # as configs/demo.yaml's index
+
+
+@pytest.fixture(scope="module")
+def corpus(full_ingest):
+    root, _ = full_ingest
+    return read_passages(root)
+
+
+@pytest.fixture(scope="module")
+def gold(corpus):
+    return load_gold(None, {p.id for p in corpus})
+
+
+@pytest.fixture(scope="module")
+def small_corpus_file(corpus, gold, tmp_path_factory):
+    """Every gold passage and 400 others: a corpus small enough to encode in a test."""
+    wanted = {pid for g in gold for pid in g.relevant_ids}
+    keep = [p for i, p in enumerate(corpus) if p.id in wanted or i % 50 == 0]
+    path = tmp_path_factory.mktemp("eval-corpus") / "passages.jsonl"
+    path.write_text("".join(p.model_dump_json() + "\n" for p in keep), encoding="utf-8")
+    return path, keep
+
+
+def test_bm25_finds_every_exact_query_in_the_top_10_of_the_full_corpus(corpus, gold):
+    from m3tune.evaluation.models import BM25
+
+    exact = [g for g in gold if g.category == "exact"]
+    run = BM25(corpus).rank(exact, 10)
+    values = per_query(exact, run)
+    missed = [g.id for g in exact if values[g.id]["hit@10"] != 1.0]
+    assert not missed
+    assert len(corpus) == 21_176
+
+
+def test_metrics_match_a_hand_computed_case():
+    g = [GoldQuery(id="q1", query="x", relevant_ids=["a:1", "a:2"], category="exact", language="ar",
+                   source="quran", difficulty="easy"),
+         GoldQuery(id="q2", query="y", relevant_ids=["a:3"], category="exact", language="ar",
+                   source="quran", difficulty="easy"),
+         GoldQuery(id="q3", query="z", relevant_ids=["a:4"], category="exact", language="en",
+                   source="quran", difficulty="easy")]
+    run = {"q1": {"b:1": 0.9, "a:1": 0.8, "b:2": 0.7, "a:2": 0.6},  # relevant at ranks 2 and 4
+           "q2": {"a:3": 0.5, "b:1": 0.4},  # relevant at rank 1
+           "q3": {}}  # nothing returned: zeros, not left out
+    v = per_query(g, run)
+    ndcg_q1 = (1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3))
+    expected_q1 = {"recall@1": 0.0, "recall@5": 1.0, "recall@10": 1.0, "recall@20": 1.0, "recall@100": 1.0,
+                   "hit@10": 1.0, "mrr@10": 0.5, "ndcg@10": ndcg_q1, "map@10": (1 / 2 + 2 / 4) / 2}
+    assert v["q1"] == pytest.approx(expected_q1)
+    assert v["q2"] == pytest.approx({name: 1.0 for name in MEASURES})
+    assert v["q3"] == {name: 0.0 for name in MEASURES}
+
+
+def test_step_compares_tiny_bm25_hybrid_with_breakdowns_that_add_up(full_ingest, tmp_path):
+    from m3tune.executor import run_step, step_status
+    from m3tune.pipeline import STEPS
+
+    src, _ = full_ingest
+    root = open_root(str(tmp_path / "runs" / "eval"))
+    for name in src.child("ingest").list():  # this run's corpus: the full ingest, as published
+        root.child("ingest").write_bytes(name, src.child("ingest").read_bytes(name))
+    config = STEPS["evaluate"].config(models=["base", "bm25", "hybrid:base"], dims=[16, 8], **TINY)
+    assert STEPS["evaluate"].upstream(config) == ("ingest",)  # no run:train named: train is not needed
+    manifest, ran = run_step(root, "evaluate", config)
+    assert ran and step_status(root, STEPS["evaluate"], config).state == "done"
+    out = root.child("evaluate")
+    assert {"results.json", "per_query.jsonl", "report.md", "recall10_by_category.png",
+            "matryoshka_recall10.png"} <= set(out.list())
+    results = json.loads(out.read_bytes("results.json"))
+    assert results["schema"] == "m3tune.evaluate/v1" and results["corpus"]["passages"] == 21_176
+    assert [m["name"] for m in results["models"]] == ["base", "bm25", "hybrid:base"]
+    n = results["test_set"]["queries"]
+    for m in results["models"]:
+        for dim, groups in m["breakdowns"].items():
+            assert sum(grp["n"] for grp in groups.values()) == n
+            for metric in MEASURES:
+                assert sum(grp["n"] * grp[metric] for grp in groups.values()) / n == pytest.approx(m["overall"][metric])
+    base, bm25 = results["models"][0], results["models"][1]
+    assert sorted(base["dims"]) == ["16", "32", "8"] and base["dim"] == 32
+    assert bm25["breakdowns"]["category"]["exact"]["hit@10"] == 1.0
+    assert bm25["breakdowns"]["language"]["en"]["recall@10"] == 0.0  # lexical: no word in common
+    assert 0 <= bm25["significance"]["recall@10"]["p_value"] <= 1 and bm25["significance"]["vs"] == "base"
+    rows = [json.loads(line) for line in out.read_bytes("per_query.jsonl").splitlines()]
+    assert len(rows) == 3 * n
+    assert manifest.metrics["bm25/recall@10"] == pytest.approx(round(bm25["overall"]["recall@10"], 4))
+    report = out.read_bytes("report.md").decode()
+    assert "| bm25 |" in report and "❌" in report and "## By difficulty" in report
+    assert out.read_bytes("recall10_by_category.png").startswith(b"\x89PNG")
+
+
+def test_run_model_needs_the_train_step(local_root):
+    from m3tune.executor import MissingInput, run_step
+    from m3tune.pipeline import STEPS
+
+    config = STEPS["evaluate"].config(models=["base", "run:train", "bm25"])
+    assert STEPS["evaluate"].upstream(config) == ("ingest", "train")
+    with pytest.raises(MissingInput, match="'ingest'"):
+        run_step(local_root, "evaluate", config)
+
+
+def test_api_model_through_a_loopback_server_with_retries_and_cache(small_corpus_file, monkeypatch, tmp_path):
+    from embeddings_server import EmbeddingsServer
+
+    from m3tune.errors import UserError
+    from m3tune.evaluation.models import EncodeOptions, parse_model, rank_model
+
+    _, passages = small_corpus_file
+    gold = load_gold(None, {p.id for p in passages})
+    monkeypatch.setenv("EVAL_TEST_KEY", "test-key")
+    spec = parse_model("lexical=api:hash-64", "unused")
+    with EmbeddingsServer(["429", "500", "429"]) as server:
+        options = EncodeOptions(api_base_url=server.url, api_key_env="EVAL_TEST_KEY", api_batch_size=100,
+                                api_backoff=0.01, embeddings_cache=str(tmp_path / "cache"))
+        ranked = rank_model(spec, gold, passages, k=100, dims=[32], options=options)
+        first = server.texts_served()
+        assert [r["action"] for r in server.requests[:4]] == ["429", "500", "429", "ok"]
+        # each distinct text asked once, retries aside (hadith twins share a text, and so a vector)
+        assert first == len({p.text for p in passages}) + len({g.query for g in gold})
+        values = per_query(gold, ranked.runs[None])
+        exact = [g.id for g in gold if g.category == "exact"]
+        assert sum(values[q]["hit@10"] for q in exact) / len(exact) > 0.5  # the hashed words do retrieve
+        again = rank_model(spec, gold, passages, k=100, dims=[32], options=options)
+        assert server.texts_served() == first  # the rerun cost nothing: every vector came from the cache
+        assert again.runs == ranked.runs and set(again.runs) == {None, 32}
+    with EmbeddingsServer(key="another-key") as server:
+        options = EncodeOptions(api_base_url=server.url, api_key_env="EVAL_TEST_KEY",
+                                embeddings_cache=str(tmp_path / "cache2"))
+        with pytest.raises(UserError, match="refused the API key"):
+            rank_model(spec, gold[:2], passages, k=10, dims=[], options=options)
+
+
+def test_cli_evaluate_writes_report_and_output_json(small_corpus_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from m3tune.cli import app
+
+    path, passages = small_corpus_file
+    out_json = tmp_path / "results.json"
+    args = ["evaluate", "--corpus", str(path), "--model", "bm25", "--model", "tiny=local:tiny-xlmr",
+            "--dims", "16,8", "--output-dir", str(tmp_path / "out"), "--output-json", str(out_json),
+            "--target-recall10", "0.5", "--target-mrr", "0.3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads(out_json.read_text(encoding="utf-8"))
+    assert results == json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results["targets"] == {"recall@10": 0.5, "mrr@10": 0.3}
+    assert results["corpus"]["passages"] == len(passages)
+    assert [m["name"] for m in results["models"]] == ["bm25", "tiny"]
+    assert "report:" in result.output and (tmp_path / "out" / "report.md").is_file()
+    bad = CliRunner().invoke(app, ["evaluate", "--corpus", str(path)])
+    assert bad.exit_code != 0 and "--compare-all" in bad.output
