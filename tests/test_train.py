@@ -1,0 +1,455 @@
+"""The train step on CPU with the tiny local XLM-RoBERTa, on real Quran pairs.
+
+The data: verses of the packaged Quran (ingest), each a training example
+whose query is either its English translation (cross-lingual) or its first
+eight Arabic words (an exact-quote query), its hard negatives other verses
+of the same surah plus one random verse. Validation verses are disjoint from
+training ones. The model is the tiny XLM-R with dropout set to 0: at 32
+dims, dropout's noise drowns the signal of a few dozen steps (it cannot
+even overfit one batch with it), and without it one process and two give the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3tune.storage import LocalStore, open_root
+
+DIMS = [32, 16, 8]
+BASE = dict(dims=DIMS, batch_size=16, gradient_accumulation=1, temperature=0.05, learning_rate=1e-2,
+            warmup_ratio=0.05, query_max_length=32, passage_max_length=64, negatives=3, patience=None)
+
+
+def _examples(passages, rng) -> list[dict]:
+    from m3tune.records import Example
+
+    by_surah: dict[str, list] = {}
+    for p in passages:
+        by_surah.setdefault(p.id.split(":")[1], []).append(p)
+    chosen = rng.sample([p for p in passages if p.translation_en and len(p.text.split()) >= 10], 416)
+    rows = []
+    for i, p in enumerate(chosen):
+        negs = rng.sample([q for q in by_surah[p.id.split(":")[1]] if q.id != p.id], 3) if len(
+            by_surah[p.id.split(":")[1]]) > 3 else []
+        negs += [q for q in rng.sample(passages, 1) if q.id != p.id]
+        if i % 4 == 1:
+            query, language, kind = " ".join(p.translation_en.split()[:16]), "en", "question"
+        else:
+            query, language, kind = " ".join(p.text.split()[:8]), "ar", "exact"
+        rows.append(Example(query=query, pos=[p.text], pos_ids=[p.id], neg=[n.text for n in negs],
+                            neg_ids=[n.id for n in negs], query_id=f"{p.id}/{language}", language=language,
+                            type=kind, source="quran").model_dump(mode="json", exclude_none=True))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def quran_pairs(tmp_path_factory) -> dict[str, bytes]:
+    """train.jsonl (320 examples) and validation.jsonl (96) from the real Quran, as combine would publish them."""
+    from m3tune.corpus.ingest import IngestConfig
+    from m3tune.corpus.passages import read_passages
+    from m3tune.executor import run_step
+
+    root = open_root(str(tmp_path_factory.mktemp("quran") / "runs" / "q"))
+    run_step(root, "ingest", IngestConfig(sources=["quran"]))
+    rows = _examples(read_passages(root), random.Random(7))
+    dump = lambda part: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part).encode()  # noqa: E731
+    return {"train.jsonl": dump(rows[:320]), "validation.jsonl": dump(rows[320:])}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """The tiny XLM-R without dropout, carrying BGE-M3-style sparse and ColBERT heads to be copied."""
+    import shutil
+
+    import torch
+
+    from m3tune.encoder.tiny import resolve
+
+    path = tmp_path_factory.mktemp("models") / "tiny-nodrop"
+    shutil.copytree(resolve("local:tiny-xlmr"), path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    torch.save(torch.nn.Linear(32, 1).state_dict(), path / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(32, 32).state_dict(), path / "colbert_linear.pt")
+    return str(path)
+
+
+def _root_with_data(where: str, data: dict[str, bytes], *, manifest: bool = False, s3_endpoint: str | None = None):
+    """A run root whose combine step has published DATA (with a manifest when the executor must see it done)."""
+    root = open_root(where, s3_endpoint=s3_endpoint)
+    outputs = {name: root.child("combine").write_bytes(name, blob) for name, blob in data.items()}
+    if manifest:
+        from m3tune.manifest import Manifest, OutputInfo, write_manifest
+
+        write_manifest(root.child("combine"), Manifest(
+            step="combine", m3tune_version="test", config={}, config_digest="sha256:0", inputs={},
+            outputs={k: OutputInfo(sha256=v.sha256, bytes=v.bytes, rows=blob.count(b"\n"))
+                     for (k, v), blob in zip(outputs.items(), data.values())},
+            started_at="2026-01-01T00:00:00", finished_at="2026-01-01T00:00:01", seconds=1.0))
+    return root
+
+
+def _history(root) -> list[dict]:
+    return [json.loads(line) for line in root.child("train").read_bytes("metrics.jsonl").splitlines()]
+
+
+def _losses(history) -> list[float]:
+    return [h["loss"] for h in history if h["kind"] == "train"]
+
+
+# ------------------------------------------------------------------------------------------- the main run
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, quran_pairs, tiny_model):
+    """40 steps through the executor, as `m3tune step train` runs it."""
+    from m3tune.executor import run_step
+    from m3tune.training.config import TrainConfig
+
+    base = tmp_path_factory.mktemp("trained")
+    root = _root_with_data(str(base / "runs" / "main"), quran_pairs, manifest=True)
+    config = TrainConfig(model=tiny_model, epochs=2, eval_every=10, checkpoint_every=20, workdir=str(base / "work"),
+                         **BASE)
+    manifest, ran = run_step(root, "train", config)
+    assert ran
+    return root, manifest
+
+
+def test_loss_falls_and_validation_recall_rises(trained):
+    root, manifest = trained
+    history = _history(root)
+    losses = _losses(history)
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    before, best = manifest.metrics["before"], manifest.metrics["best"]["metrics"]
+    # 96 held-out queries over 466 passages; the untrained tiny model finds ~0.37 of them in its top 10
+    assert best["32"]["recall@10"] >= before["32"]["recall@10"] + 0.1
+    assert best["32"]["ndcg@10"] > before["32"]["ndcg@10"]
+
+
+def test_every_matryoshka_dim_is_trained_and_validated(trained):
+    root, manifest = trained
+    history = _history(root)
+    assert all(set(h["loss_by_dim"]) == {"32", "16", "8"} for h in history if h["kind"] == "train")
+    evals = [h for h in history if h["kind"] == "validation"]
+    assert [h["step"] for h in evals] == [10, 20, 30, 40]
+    for h in evals:
+        assert set(h["metrics"]) == {"32", "16", "8"}
+        assert set(h["metrics"]["8"]) == {"recall@10", "mrr@10", "ndcg@10"}
+    # the best checkpoint is the one with the highest nDCG@10 at the largest dim, and is what was published
+    best = max(evals, key=lambda h: h["metrics"]["32"]["ndcg@10"])
+    assert manifest.metrics["best"]["step"] == best["step"]
+
+
+def test_outputs_are_published_with_the_manifest(trained):
+    root, manifest = trained
+    train = root.child("train")
+    for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/modules.json",
+                 "model/sentence_bert_config.json", "model/1_Pooling/config.json",
+                 "model/config_sentence_transformers.json", "model/README.md", "model/validation_curves.png",
+                 "metrics.jsonl"):
+        assert name in manifest.outputs and train.exists(name), name
+    latest = json.loads(train.read_bytes("checkpoints/latest.json"))
+    assert latest["step"] == 40
+    steps = {p.split("/")[1] for p in train.list() if p.startswith("checkpoints/step-")}
+    assert steps == {"step-00000020", "step-00000040"}
+
+
+def test_saved_model_loads_in_transformers_and_sentence_transformers_alike(trained):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    root, _ = trained
+    folder = str(root.child("train").child("model").path)  # type: ignore[attr-defined]
+    texts = ["إِنَّ ٱللَّهَ مَعَ ٱلصَّـٰبِرِينَ", "Indeed, Allah is with the patient."]
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        cls = model(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state[:, 0]
+    expected = torch.nn.functional.normalize(cls, dim=-1).numpy()
+    st = SentenceTransformer(folder, device="cpu")
+    np.testing.assert_allclose(st.encode(texts), expected, atol=1e-5)
+    small = SentenceTransformer(folder, device="cpu", truncate_dim=8).encode(texts)
+    assert small.shape == (2, 8)
+    trunc = expected[:, :8] / np.linalg.norm(expected[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(small / np.linalg.norm(small, axis=1, keepdims=True), trunc, atol=1e-5)
+
+
+def test_model_card_curves_and_bge_m3_heads(trained, tiny_model):
+    import matplotlib.image
+
+    root, manifest = trained
+    model = root.child("train").child("model")
+    card = model.read_bytes("README.md").decode()
+    assert "truncate_dim" in card and "| 8 |" in card and "train_examples" in card
+    assert "sparse_linear.pt" in card and "not retrained" in card
+    assert model.read_bytes("sparse_linear.pt") == (Path(tiny_model) / "sparse_linear.pt").read_bytes()
+    assert model.read_bytes("colbert_linear.pt") == (Path(tiny_model) / "colbert_linear.pt").read_bytes()
+    image = matplotlib.image.imread(str(model.path / "validation_curves.png"))  # type: ignore[attr-defined]
+    assert image.shape[0] > 100 and image.shape[1] > 300
+    assert manifest.counts["heads_copied"] == ["sparse_linear.pt", "colbert_linear.pt"]
+
+
+def test_rerun_with_same_inputs_is_skipped(trained):
+    from m3tune.executor import run_step
+    from m3tune.pipeline import get_step
+
+    root, manifest = trained
+    again, ran = run_step(root, "train", get_step("train").config.model_validate(manifest.config))
+    assert not ran and again.outputs == manifest.outputs
+
+
+# ----------------------------------------------------------------------- processes, resume, failures
+
+SHORT = dict(BASE, batch_size=4, max_steps=6, eval_every=100, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, quran_pairs, tiny_model):
+    """6 steps of 8 examples in one process (batch 8): the curve the other runs must reproduce."""
+    from m3tune.context import StepContext
+    from m3tune.training.step import train
+
+    base = tmp_path_factory.mktemp("reference")
+    root = _root_with_data(str(base / "runs" / "ref"), quran_pairs)
+    train(StepContext(root=root, name="train"), **{**SHORT, "batch_size": 8, "model": tiny_model,
+                                                   "workdir": str(base / "work")})
+    return _history(root)
+
+
+def test_two_gloo_processes_give_the_one_process_curve(tmp_path, quran_pairs, tiny_model, reference):
+    """2 processes x 4 examples with cross-device negatives = 1 process x 8 examples: same losses, same metrics."""
+    from m3tune.context import StepContext
+    from m3tune.training.step import train
+
+    root = _root_with_data(str(tmp_path / "runs" / "two"), quran_pairs)
+    train(StepContext(root=root, name="train"), **{**SHORT, "processes": 2, "model": tiny_model,
+                                                   "workdir": str(tmp_path / "work")})
+    history = _history(root)
+    np.testing.assert_allclose(_losses(history), _losses(reference), rtol=2e-3)
+    two, one = history[-1]["metrics"], reference[-1]["metrics"]
+    assert history[-1]["kind"] == "validation" and two.keys() == one.keys()
+    for dim in one:
+        for metric in one[dim]:
+            assert two[dim][metric] == pytest.approx(one[dim][metric], abs=0.02)
+
+
+def test_killed_run_resumes_from_s3_checkpoint_with_the_same_curve(tmp_path, quran_pairs, tiny_model, reference,
+                                                                    s3_bucket, s3_endpoint):
+    """A pod killed mid-run (SIGKILL) and restarted elsewhere (an empty local folder) continues the curve."""
+    from m3tune.context import StepContext
+    from m3tune.training.config import TrainConfig
+    from m3tune.training.step import train
+
+    uri = f"s3://{s3_bucket}/runs/resume"
+    root = _root_with_data(uri, quran_pairs, s3_endpoint=s3_endpoint)
+    config = {**SHORT, "batch_size": 8, "max_steps": 6, "model": tiny_model}
+    (tmp_path / "config.json").write_text(TrainConfig(**config).model_dump_json())
+    env = {**os.environ, "M3TUNE_S3_ENDPOINT": s3_endpoint}
+    proc = subprocess.Popen([sys.executable, "-m", "m3tune.training.loop", "--root", uri, "--config",
+                             str(tmp_path / "config.json"), "--workdir", str(tmp_path / "pod-1")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train_store = root.child("train")
+    deadline = time.time() + 90
+    while not train_store.exists("checkpoints/latest.json") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(train_store.read_bytes("checkpoints/latest.json"))["step"]
+    assert killed_at < 6, "the run finished before it could be killed"
+
+    os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
+    try:
+        train(StepContext(root=root, name="train"), **{**config, "workdir": str(tmp_path / "pod-2")})
+    finally:
+        del os.environ["M3TUNE_S3_ENDPOINT"]
+    history = _history(root)
+    assert [h["step"] for h in history if h["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(_losses(history), _losses(reference), rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, quran_pairs, tiny_model):
+    from m3tune.context import StepContext
+    from m3tune.training.loop import NonFiniteLoss
+    from m3tune.training.step import train
+
+    root = _root_with_data(str(tmp_path / "runs" / "nan"), quran_pairs)
+    with pytest.raises(NonFiniteLoss, match=r"at step (\d+).*last good checkpoint \(step (\d+)\)") as err:
+        train(StepContext(root=root, name="train"), **{**SHORT, "learning_rate": 1e30, "checkpoint_every": 1,
+                                                       "warmup_ratio": 0.0, "model": tiny_model,
+                                                       "workdir": str(tmp_path / "work")})
+    import re
+
+    failed, kept = map(int, re.search(r"at step (\d+).*step (\d+)\)", str(err.value)).groups())
+    assert kept == failed - 1
+    latest = json.loads(root.child("train").read_bytes("checkpoints/latest.json"))
+    assert latest["step"] == kept and not root.child("train").exists("metrics.jsonl")
+
+
+def test_dims_wider_than_the_model_are_refused(tmp_path, quran_pairs, tiny_model):
+    from m3tune.context import StepContext
+    from m3tune.errors import ConfigError
+    from m3tune.training.step import train
+
+    root = _root_with_data(str(tmp_path / "runs" / "wide"), quran_pairs)
+    with pytest.raises(ConfigError, match=r"dims \[64\] exceed the hidden size 32"):
+        train(StepContext(root=root, name="train"), **{**SHORT, "dims": [64, 32], "model": tiny_model,
+                                                       "workdir": str(tmp_path / "work")})
+
+
+# ----------------------------------------------------------------------------------------- components
+
+def _example(query, pos_id, neg_ids=()):
+    from m3tune.training.data import TrainExample
+
+    return TrainExample(query, (f"text of {pos_id}",), (pos_id,), tuple(f"text of {n}" for n in neg_ids),
+                        tuple(neg_ids))
+
+
+def test_sampler_never_puts_a_shared_query_or_positive_in_one_batch():
+    from m3tune.training.data import global_batches
+
+    rng = random.Random(3)
+    examples = [_example(f"query {rng.randrange(60)}", f"quran:1:{rng.randrange(80)}") for _ in range(400)]
+    for epoch in range(3):
+        batches = global_batches(examples, 16, seed=5, epoch=epoch)
+        assert len(batches) >= 15
+        for batch in batches:
+            assert len(batch) == 16
+            keys = [k for i in batch for k in examples[i].conflict_keys]
+            assert len(keys) == len(set(keys))
+    assert global_batches(examples, 16, seed=5, epoch=1) == global_batches(examples, 16, seed=5, epoch=1)
+    assert global_batches(examples, 16, seed=5, epoch=1) != global_batches(examples, 16, seed=5, epoch=2)
+
+
+def test_loss_masks_a_negative_that_is_the_querys_own_positive():
+    """Query 0's positive p0 is also in the batch as query 1's hard negative: that column is not a negative."""
+    import torch
+
+    from m3tune.training.data import key_hash
+    from m3tune.training.loss import matryoshka_info_nce
+
+    torch.manual_seed(0)
+    q, p = torch.randn(2, 8), torch.randn(4, 8)  # columns: pos0, pos1, neg of q0, neg of q1 (= p0 again)
+    keys = torch.tensor([key_hash(k) for k in ("a", "b", "c", "a")])
+    loss, per_dim = matryoshka_info_nce(q, p, pos_keys=torch.tensor([[key_hash("a")], [key_hash("b")]]),
+                                        col_keys=keys, col_valid=torch.tensor([True, True, True, False]),
+                                        dims=[8, 4], weights=[1.0, 0.5], temperature=0.05, cross_device=False)
+    expected = 0
+    for dim, w in ((8, 1.0), (4, 0.5)):
+        logits = torch.nn.functional.normalize(q[:, :dim], dim=-1) @ torch.nn.functional.normalize(p[:, :dim], dim=-1).T
+        logits = logits / 0.05
+        l0 = -torch.log_softmax(logits[0, [0, 1, 2]], 0)[0]  # col 3 is p0 again (masked) -- and an empty slot
+        l1 = -torch.log_softmax(logits[1, [0, 1, 2]], 0)[1]
+        assert per_dim[dim].item() == pytest.approx(((l0 + l1) / 2).item(), rel=1e-5)
+        expected += w * (l0 + l1) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gradcache_gives_the_full_batch_gradient(quran_pairs, tiny_model, tmp_path):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from m3tune.training.data import collate, read_examples
+    from m3tune.training.loss import encode, gradcache_backward, matryoshka_info_nce
+
+    root = _root_with_data(str(tmp_path / "runs" / "gc"), quran_pairs)
+    examples = read_examples(root.child("combine"), "train.jsonl")[:8]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    batch = collate(examples, list(range(8)), tokenizer, negatives=3, seed=1, epoch=0, query_max_length=32,
+                    passage_max_length=64)
+
+    def loss_fn(q, p):
+        return matryoshka_info_nce(q, p, pos_keys=batch.pos_keys, col_keys=batch.col_keys, col_valid=batch.col_valid,
+                                   dims=DIMS, weights=[1, 1, 1], temperature=0.05, cross_device=False)
+
+    grads = []
+    for chunk in (None, 5):
+        model = AutoModel.from_pretrained(tiny_model, add_pooling_layer=False).train()
+        if chunk is None:
+            loss, _ = loss_fn(encode(model, batch.queries), encode(model, batch.passages))
+            loss.backward()
+        else:
+            from contextlib import nullcontext
+
+            loss, _ = gradcache_backward(model, batch.queries, batch.passages, chunk=chunk, loss_fn=loss_fn,
+                                         backward=lambda l: l.backward(), no_sync=nullcontext, sync=True)
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full_loss, full), (gc_loss, gc) = grads
+    assert gc_loss == pytest.approx(full_loss, rel=1e-5)
+    assert full.keys() == gc.keys()
+    for name in full:
+        torch.testing.assert_close(gc[name], full[name], rtol=1e-4, atol=1e-6)
+
+
+def test_shipped_deepspeed_configs_are_valid_and_cannot_replace_the_schedule(tmp_path):
+    from importlib import resources
+
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    from m3tune.errors import ConfigError
+    from m3tune.training.config import SHIPPED_DEEPSPEED, deepspeed_config
+
+    shipped = sorted(p.name for p in resources.files("m3tune.training").joinpath("deepspeed").iterdir()
+                     if p.name.endswith(".json"))
+    assert shipped == [f"{n}.json" for n in SHIPPED_DEEPSPEED]
+    for name, stage in (("zero2", 2), ("zero3", 3)):
+        raw = json.loads(resources.files("m3tune.training").joinpath(f"deepspeed/{name}.json").read_text())
+        assert raw["_command"].startswith("m3tune step train") and f"--deepspeed {name}" in raw["_command"]
+        config = deepspeed_config(name)
+        parsed = HfDeepSpeedConfig(config)
+        assert parsed.get_value("zero_optimization.stage") == stage and parsed.is_zero3() == (stage == 3)
+        assert "optimizer" not in config and "scheduler" not in config and "_comment" not in config
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(ConfigError, match="remove the 'scheduler' section"):
+        deepspeed_config(str(own))
+    own.write_text('{"zero_optimization": {"stage": 2},}')
+    with pytest.raises(ConfigError, match=r"mine.json:1: invalid JSON"):
+        deepspeed_config(str(own))
+
+
+def test_multi_node_environment_makes_a_torchrun_rendezvous():
+    from m3tune.errors import ConfigError
+    from m3tune.training.step import launch_command
+
+    args = ["--root", "s3://b/r"]
+    assert launch_command(1, {}, args) == (None, 0)
+    cmd, rank = launch_command(4, {}, args)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--nnodes", "1", "--standalone",
+                       "-m", "m3tune.training.loop", *args] and rank == 0
+    # Kubeflow PyTorchJob (elastic variables)
+    cmd, rank = launch_command(8, {"PET_NNODES": "2", "PET_NODE_RANK": "1", "MASTER_ADDR": "job-master-0",
+                                   "MASTER_PORT": "23456"}, args)
+    assert rank == 1 and cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--node_rank") + 1] == "1"
+    assert cmd[cmd.index("--rdzv_endpoint") + 1] == "job-master-0:23456" and "ssh" not in " ".join(cmd)
+    # JobSet: the node rank is the job completion index
+    cmd, rank = launch_command(8, {"WORLD_SIZE": "3", "JOB_COMPLETION_INDEX": "2", "MASTER_ADDR": "m"}, args)
+    assert rank == 2 and cmd[cmd.index("--nnodes") + 1] == "3"
+    # already launched by `accelerate launch m3tune step train`: train in this process
+    assert launch_command(1, {"LOCAL_RANK": "1", "RANK": "3", "WORLD_SIZE": "4"}, args) == (None, 3)
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        launch_command(1, {"PET_NNODES": "2"}, args)
+
+
+def test_config_errors_are_clear():
+    from pydantic import ValidationError
+
+    from m3tune.training.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="dim_weights has 1 values but dims has 4"):
+        TrainConfig(dim_weights=[1.0])
+    with pytest.raises(ValidationError, match="gradcache_chunk does not work with deepspeed"):
+        TrainConfig(gradcache_chunk=8, deepspeed="zero2")
+    assert TrainConfig().dims == [1024, 512, 256, 128] and TrainConfig().temperature == 0.02
