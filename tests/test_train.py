@@ -1,9 +1,10 @@
 """The train step on CPU with the tiny local XLM-RoBERTa, on real Quran pairs.
 
-The data: verses of the packaged Quran (ingest), each a training example
-whose query is either its English translation (cross-lingual) or its first
-eight Arabic words (an exact-quote query), its hard negatives other verses
-of the same surah plus one random verse. Validation verses are disjoint from
+The data (`m3tune.training.bench.quran_examples`): verses of the packaged
+Quran (ingest), each a training example whose query is either its English
+translation (cross-lingual) or its first eight Arabic words (an exact-quote
+query), its hard negatives three other verses of the same surah and one
+random verse. Validation verses are disjoint from
 training ones. The model is the tiny XLM-R with dropout set to 0: at 32
 dims, dropout's noise drowns the signal of a few dozen steps (it cannot
 even overfit one batch with it), and without it one process and two give the
@@ -31,38 +32,17 @@ BASE = dict(dims=DIMS, batch_size=16, gradient_accumulation=1, temperature=0.05,
             warmup_ratio=0.05, query_max_length=32, passage_max_length=64, negatives=3, patience=None)
 
 
-def _examples(passages, rng) -> list[dict]:
-    from m3tune.records import Example
-
-    by_surah: dict[str, list] = {}
-    for p in passages:
-        by_surah.setdefault(p.id.split(":")[1], []).append(p)
-    chosen = rng.sample([p for p in passages if p.translation_en and len(p.text.split()) >= 10], 416)
-    rows = []
-    for i, p in enumerate(chosen):
-        negs = rng.sample([q for q in by_surah[p.id.split(":")[1]] if q.id != p.id], 3) if len(
-            by_surah[p.id.split(":")[1]]) > 3 else []
-        negs += [q for q in rng.sample(passages, 1) if q.id != p.id]
-        if i % 4 == 1:
-            query, language, kind = " ".join(p.translation_en.split()[:16]), "en", "question"
-        else:
-            query, language, kind = " ".join(p.text.split()[:8]), "ar", "exact"
-        rows.append(Example(query=query, pos=[p.text], pos_ids=[p.id], neg=[n.text for n in negs],
-                            neg_ids=[n.id for n in negs], query_id=f"{p.id}/{language}", language=language,
-                            type=kind, source="quran").model_dump(mode="json", exclude_none=True))
-    return rows
-
-
 @pytest.fixture(scope="session")
 def quran_pairs(tmp_path_factory) -> dict[str, bytes]:
     """train.jsonl (320 examples) and validation.jsonl (96) from the real Quran, as combine would publish them."""
     from m3tune.corpus.ingest import IngestConfig
     from m3tune.corpus.passages import read_passages
     from m3tune.executor import run_step
+    from m3tune.training.bench import quran_examples
 
     root = open_root(str(tmp_path_factory.mktemp("quran") / "runs" / "q"))
     run_step(root, "ingest", IngestConfig(sources=["quran"]))
-    rows = _examples(read_passages(root), random.Random(7))
+    rows = quran_examples(read_passages(root), random.Random(7), 416)
     dump = lambda part: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part).encode()  # noqa: E731
     return {"train.jsonl": dump(rows[:320]), "validation.jsonl": dump(rows[320:])}
 
@@ -119,7 +99,7 @@ def trained(tmp_path_factory, quran_pairs, tiny_model):
 
     base = tmp_path_factory.mktemp("trained")
     root = _root_with_data(str(base / "runs" / "main"), quran_pairs, manifest=True)
-    config = TrainConfig(model=tiny_model, epochs=2, eval_every=10, checkpoint_every=20, workdir=str(base / "work"),
+    config = TrainConfig(model=tiny_model, epochs=2, eval_every=20, checkpoint_every=20, workdir=str(base / "work"),
                          **BASE)
     manifest, ran = run_step(root, "train", config)
     assert ran
@@ -143,7 +123,7 @@ def test_every_matryoshka_dim_is_trained_and_validated(trained):
     history = _history(root)
     assert all(set(h["loss_by_dim"]) == {"32", "16", "8"} for h in history if h["kind"] == "train")
     evals = [h for h in history if h["kind"] == "validation"]
-    assert [h["step"] for h in evals] == [10, 20, 30, 40]
+    assert [h["step"] for h in evals] == [20, 40]
     for h in evals:
         assert set(h["metrics"]) == {"32", "16", "8"}
         assert set(h["metrics"]["8"]) == {"recall@10", "mrr@10", "ndcg@10"}
@@ -212,12 +192,12 @@ def test_rerun_with_same_inputs_is_skipped(trained):
 
 # ----------------------------------------------------------------------- processes, resume, failures
 
-SHORT = dict(BASE, batch_size=4, max_steps=6, eval_every=100, checkpoint_every=2)
+SHORT = dict(BASE, batch_size=4, max_steps=4, eval_every=100, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, quran_pairs, tiny_model):
-    """6 steps of 8 examples in one process (batch 8): the curve the other runs must reproduce."""
+    """4 steps of 8 examples in one process (batch 8): the curve the other runs must reproduce."""
     from m3tune.context import StepContext
     from m3tune.training.step import train
 
@@ -254,7 +234,7 @@ def test_killed_run_resumes_from_s3_checkpoint_with_the_same_curve(tmp_path, qur
 
     uri = f"s3://{s3_bucket}/runs/resume"
     root = _root_with_data(uri, quran_pairs, s3_endpoint=s3_endpoint)
-    config = {**SHORT, "batch_size": 8, "max_steps": 6, "model": tiny_model}
+    config = {**SHORT, "batch_size": 8, "model": tiny_model}
     (tmp_path / "config.json").write_text(TrainConfig(**config).model_dump_json())
     env = {**os.environ, "M3TUNE_S3_ENDPOINT": s3_endpoint}
     proc = subprocess.Popen([sys.executable, "-m", "m3tune.training.loop", "--root", uri, "--config",
@@ -267,7 +247,7 @@ def test_killed_run_resumes_from_s3_checkpoint_with_the_same_curve(tmp_path, qur
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = json.loads(train_store.read_bytes("checkpoints/latest.json"))["step"]
-    assert killed_at < 6, "the run finished before it could be killed"
+    assert killed_at < 4, "the run finished before it could be killed"
 
     os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
     try:
@@ -275,7 +255,7 @@ def test_killed_run_resumes_from_s3_checkpoint_with_the_same_curve(tmp_path, qur
     finally:
         del os.environ["M3TUNE_S3_ENDPOINT"]
     history = _history(root)
-    assert [h["step"] for h in history if h["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in history if h["kind"] == "train"] == [1, 2, 3, 4]
     np.testing.assert_allclose(_losses(history), _losses(reference), rtol=1e-5)
 
 

@@ -523,6 +523,41 @@ def evaluate(
     Console().print(render_results(json.loads(files["results.json"])))
     Console().print(f"\nreport: [bold]{out.uri_of('report.md')}[/bold]")
 
+bench_app = typer.Typer(help="Benchmarks that need no run root.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("train")
+@_errors
+def bench_train(
+    gpu: Annotated[bool, typer.Option("--gpu", help="BGE-M3's full architecture (random weights) on the GPU: "
+                                      "tokens/s and MFU at sequence length 512. Without it: m3tune's loop against "
+                                      "sentence-transformers' trainer on CPU with the tiny model.")] = False,
+    batch: Annotated[Optional[int], typer.Option(help="Examples per step (GPU default 8 queries + 8 passages; "
+                                                 "CPU default 32).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Timed steps (GPU default 10, CPU default 30).")] = None,
+    seq: Annotated[int, typer.Option(help="GPU: tokens per sequence.")] = 512,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="GPU: recompute activations.")] = False,
+    peak_tflops: Annotated[Optional[float], typer.Option(help="GPU: the card's dense bf16 peak for MFU "
+                                                         "(default: from its name).")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="CPU: scratch folder (default: a temporary one).")] = None,
+):
+    """Training throughput: examples/s and peak memory against sentence-transformers (CPU), or tokens/s and
+    MFU of BGE-M3 (--gpu)."""
+    import tempfile
+
+    from m3tune.training import bench
+
+    _setup(False, None)
+    if gpu:
+        result = bench.gpu_throughput(batch=batch or 8, steps=steps or 10, seq=seq,
+                                      gradient_checkpointing=gradient_checkpointing, peak_tflops=peak_tflops)
+    else:
+        with tempfile.TemporaryDirectory(prefix="m3tune-bench-") as tmp:
+            result = bench.compare_cpu(workdir=workdir or Path(tmp), batch=batch or 32, steps=steps or 30)
+    typer.echo(json.dumps(result, indent=2))
+
+
 step_app = typer.Typer(help="Run one step of a run (skipped when its manifest proves it done; --force reruns). "
                             "Each step's options are the fields of its config.", no_args_is_help=True)
 app.add_typer(step_app, name="step")

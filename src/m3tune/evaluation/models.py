@@ -94,7 +94,7 @@ def model_path(target: str, root) -> str:
         raise ConfigError(f"model {target!r} names a run's model: give the run (--root)")
     folder = root.child(step).child(RUN_MODEL_DIR)
     files = folder.list()
-    if not any(f in ("config.json",) for f in files):
+    if "config.json" not in files:
         raise UserError(f"model {target!r}: no model in {folder.uri} (has the {step} step finished?)")
     if isinstance(folder, LocalStore):
         return str(folder.path)
