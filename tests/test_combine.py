@@ -107,7 +107,8 @@ def test_duplicates_are_dropped_and_gold_queries_never_leak(tmp_path):
     path = write(tmp_path / "in.jsonl", rows + dupes + [near, leak_passage])
     gold_path = write(tmp_path / "gold.jsonl", gold)
     manifest, train, validation, stats = combine(open_root(str(tmp_path / "r")), inputs=[path],
-                                                 exclude_gold=[gold_path], exclude_gold_passages=True)
+                                                 exclude_gold=[gold_path], exclude_gold_passages=True,
+                                                 exclude_packaged_gold=False)
     out = train + validation
     gold_texts = {normalize(g["query"]) for g in gold}
     assert not gold_texts & {normalize(r["query"]) for r in out}
@@ -173,3 +174,10 @@ def test_in_the_pipeline_combine_feeds_analyze(full_run):
     assert read_manifest(root.child("analyze")).inputs  # analyze read combine's output
     report = json.loads(root.child("analyze").read_bytes("report.json"))
     assert report["input"] == "combine/train.jsonl" and report["ok"]
+    # the packaged gold set (the evaluate step's test set) is kept out by default
+    from m3tune.evaluation.gold import load_gold
+
+    gold = {normalize(g.query) for g in load_gold(None)}
+    out = [json.loads(line) for name in ("train.jsonl", "validation.jsonl")
+           for line in root.child("combine").read_bytes(name).splitlines()]
+    assert out and not gold & {normalize(r["query"]) for r in out}

@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from m3tune.arabic import normalize, tokens
-from m3tune.jsonl import read_jsonl
 from m3tune.records import GoldQuery
-from m3tune.storage import split_uri
 
 
 class GoldGuard:
@@ -49,11 +47,8 @@ class GoldGuard:
         return bool(self.passages and pos_ids and not self.passages.isdisjoint(pos_ids))
 
 
-def load_gold(uris: list[str]) -> list[GoldQuery]:
-    """Every gold query of the files at URIS (validated: a bad line names its file and line)."""
-    gold: list[GoldQuery] = []
-    for uri in uris:
-        store, name = split_uri(uri)
-        with store.open_read(name) as f:
-            gold.extend(read_jsonl(f, GoldQuery, name=uri))
-    return gold
+def load_gold(uris: list[str], *, packaged: bool) -> list[GoldQuery]:
+    """Every gold query of the files at URIS, and of the packaged gold set when PACKAGED."""
+    from m3tune.evaluation.gold import load_gold as load_one
+
+    return [g for uri in ([None] if packaged else []) + list(uris) for g in load_one(uri)]

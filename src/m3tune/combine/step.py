@@ -56,6 +56,8 @@ class CombineConfig(BaseModel):
     exclude_gold: list[str] = Field(default_factory=list,
                                     description="gold set JSONL (path or URI): drop examples whose query repeats a "
                                     "gold query (normalized text, or token overlap >= gold-overlap)")
+    exclude_packaged_gold: bool = Field(default=True, description="also keep out the queries of the packaged gold "
+                                        "set (the evaluate step's default test set)")
     exclude_gold_passages: bool = Field(default=False,
                                         description="also drop examples whose positive is a gold query's relevant "
                                         "passage")
@@ -77,7 +79,9 @@ class CombineConfig(BaseModel):
 
 
 def combine_inputs(config: CombineConfig) -> dict[str, str]:
-    digests = {}
+    from m3tune.evaluation.gold import gold_digest
+
+    digests = {"gold:packaged": "sha256:" + gold_digest(None)} if config.exclude_packaged_gold else {}
     for kind, uris in (("input", config.inputs), ("gold", config.exclude_gold)):
         for uri in uris:
             store, name = split_uri(uri)
@@ -144,7 +148,8 @@ def _sources(ctx, inputs: list[str], mined: bool) -> list[tuple[Any, str, str]]:
 
 def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, conceptual_target: float,
             quran_target: float, tolerance: float, max_examples: int | None, min_examples: int,
-            validation_split: float, seed: int, exclude_gold: list[str], exclude_gold_passages: bool,
+            validation_split: float, seed: int, exclude_gold: list[str], exclude_packaged_gold: bool,
+            exclude_gold_passages: bool,
             gold_overlap: float, skip_invalid: bool) -> dict[str, Any]:
     import numpy as np
 
@@ -153,7 +158,8 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     # The output is balanced within 80% of the tolerance when a split follows: the largest output sits on
     # the band's edges, where moving almost any group to validation would push train out of its band.
     inner = [Target(t.name, t.share, t.tolerance * (0.8 if validation_split else 1.0)) for t in targets]
-    guard = GoldGuard(load_gold(exclude_gold), overlap=gold_overlap, exclude_passages=exclude_gold_passages)
+    guard = GoldGuard(load_gold(exclude_gold, packaged=exclude_packaged_gold), overlap=gold_overlap,
+                      exclude_passages=exclude_gold_passages)
     files = _sources(ctx, inputs, mined)
     rejects = Rejects() if skip_invalid else None
 
