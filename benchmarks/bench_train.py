@@ -32,7 +32,8 @@ def main() -> None:
                           "sentence-transformers": sentence_transformers.__version__}
     print(json.dumps(result, indent=2))
     for name, r in result["results"].items():
-        print(f"| {name} | {r['seconds']:.1f} | {r['examples_per_s']:.1f} | {r['peak_rss_mb']:,.0f} |")
+        print(f"| {name} | {r['seconds']:.1f} | {r['examples_per_s']:.1f} | {r['steps_only_examples_per_s']:.1f} | "
+              f"{r['rss_before_clock_mb']:,.0f} | {r['peak_rss_mb']:,.0f} |")
     print(f"speed ratio (m3tune / peer) {result['speed_ratio']:.2f}x, memory ratio {result['memory_ratio']:.2f}x")
 
 

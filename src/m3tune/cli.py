@@ -185,10 +185,14 @@ def run(
     ran = run_pipeline(store, configs, force=set(force), until=until)
     for name, did_run in ran:
         _print_manifest(read_manifest(store.child(name)), did_run)
-    if "analyze" in dict(ran):
-        from m3tune.analysis.analyze import render_report
+    from m3tune.pipeline import STEPS
 
-        Console().print(render_report(json.loads(store.child("analyze").read_bytes("report.json"))))
+    done = dict(ran)
+    for name in ("combine", "analyze", "evaluate"):  # the data's balance, its gate, and the models' scores
+        if name in done and STEPS[name].show is not None:
+            Console().print(STEPS[name].show(store))
+    if "evaluate" in done:
+        Console().print(f"\nevaluation report: [bold]{store.child('evaluate').uri_of('report.md')}[/bold]")
     Console().print(f"\nrun root: [bold]{store.uri}[/bold]")
 
 

@@ -96,7 +96,7 @@ STEPS: dict[str, Step] = _steps()
 
 # What `m3tune run` runs, in order.
 PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "index", "mine-negatives", "combine",
-                       "analyze"]
+                       "analyze", "train", "evaluate"]
 
 
 def get_step(name: str) -> Step:

@@ -91,10 +91,6 @@ def global_batches(examples: list[TrainExample], size: int, *, seed: int, epoch:
     return done
 
 
-def steps_per_epoch(n_examples: int, global_batch: int, accumulation: int) -> int:
-    return max(1, (n_examples // global_batch) // accumulation)
-
-
 @dataclass
 class Batch:
     """One process's share of a global batch: token tensors and the keys the loss masks with."""

@@ -54,14 +54,15 @@ def copy_bge_m3_heads(base: str, folder: Path) -> list[str]:
     return copied
 
 
-def plot_curves(history: list[dict[str, Any]], dims: list[int], out: Path) -> None:
+def plot_curves(history: list[dict[str, Any]], dims: list[int], out: Path,
+                before: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training node
     import matplotlib.pyplot as plt
 
     losses = [(h["step"], h["loss"]) for h in history if h.get("kind") == "train"]
-    evals = [h for h in history if h.get("kind") == "validation"]
+    evals = ([{"step": 0, "metrics": before}] if before else []) + [h for h in history if h.get("kind") == "validation"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if losses:
         axes[0].plot(*zip(*losses), lw=1)
@@ -70,7 +71,7 @@ def plot_curves(history: list[dict[str, Any]], dims: list[int], out: Path) -> No
         pts = [(h["step"], h["metrics"][str(dim)]["ndcg@10"]) for h in evals]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=f"{dim} dims")
-    axes[1].set(title="validation nDCG@10", xlabel="optimizer step", ylabel="nDCG@10")
+    axes[1].set(title="validation nDCG@10 (step 0: before training)", xlabel="optimizer step", ylabel="nDCG@10")
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -1,14 +1,18 @@
 """The `train` step: run the training loop here (one process) or under torchrun (several, or several nodes),
 then publish the model folder and metrics.jsonl to ROOT/train/.
 
-Multi-node: a JobSet or a Kubeflow PyTorchJob starts one pod per node, each
-running `m3tune step train`; the pod reads the standard variables
-(MASTER_ADDR, MASTER_PORT, PET_NNODES or WORLD_SIZE for the node count,
-PET_NODE_RANK, JOB_COMPLETION_INDEX or RANK for its node rank) and starts
-torchrun's c10d rendezvous with them. No SSH is involved: torchrun (and
-DeepSpeed under Accelerate, launched this way) only needs the master's
-address and port. Node 0 publishes; the other nodes' pods exit 0 after
-training without writing a manifest.
+Two ways to run on several GPUs or nodes, both without SSH:
+- the step launches: `--processes N` starts torchrun on this machine; in a
+  JobSet or a Kubeflow PyTorchJob (one pod per node, each running
+  `m3tune step train`) the pod reads MASTER_ADDR, MASTER_PORT, PET_NNODES or
+  WORLD_SIZE (pods) and PET_NODE_RANK, JOB_COMPLETION_INDEX or RANK (its node
+  rank) and joins torchrun's c10d rendezvous;
+- already launched (`accelerate launch ... m3tune step train`, as the Argo
+  template runs it; LOCAL_RANK is set): every process trains in place.
+DeepSpeed runs inside these processes through Accelerate; its own (SSH)
+launcher is never used. Rank 0 (node 0) publishes; the other processes and
+pods exit 0 after training without writing a manifest, so rank 0's is the
+step's.
 """
 
 from __future__ import annotations
@@ -91,6 +95,10 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
             raise SystemExit(0)  # no manifest from a worker node: node 0's is the step's
         result = json.loads((work / "out" / "result.json").read_text())
     _publish(ctx, work / "out")
+    if not cfg.workdir:  # published: the local copies (gigabytes for BGE-M3) are no longer needed
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
