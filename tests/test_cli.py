@@ -92,7 +92,7 @@ def test_analyze_command_shows_targets_and_exits_3_on_miss(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) + "{bad\n", encoding="utf-8")
     bad = runner.invoke(app, ["analyze", str(path)])
-    assert bad.exit_code == 1 and "q.jsonl:4: invalid JSON" in bad.output
+    assert bad.exit_code == 4 and "q.jsonl:4: invalid JSON" in bad.output  # bad input: not worth a retry
     ok = invoke("analyze", str(path), "--skip-invalid", "--json", str(tmp_path / "r.json"))
     assert ok.exit_code == 0 and "❌" in ok.output and "100.0%" in ok.output and "skipped" in ok.output
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == 3

@@ -127,12 +127,13 @@ def test_an_input_too_small_for_the_targets_says_what_is_missing(tmp_path):
     path = write(tmp_path / "in.jsonl", rows)
     with pytest.raises(UserError) as e:
         combine(open_root(str(tmp_path / "r")), inputs=[path], min_examples=100)
-    message = str(e.value)
-    assert "arabic share" in message and "not arabic" in message and "add at least" in message
+    message = str(e.value)  # English is what runs out: every English example is used
+    assert message.startswith("only ") and "need 100" in message and "English" in message
+    assert "Arabic" not in message.split("let the output grow:")[1]
     assert not open_root(str(tmp_path / "r")).child("combine").exists("train.jsonl")  # nothing skewed published
     only_arabic = write(tmp_path / "ar.jsonl", [example(i, arabic=True, conceptual=i % 5 == 0, quran=i % 4 == 0)
                                                 for i in range(100)])
-    with pytest.raises(UserError, match="no output meets the targets.*arabic share"):
+    with pytest.raises(UserError, match="no output meets the targets.*100.0% arabic.*not arabic"):
         combine(open_root(str(tmp_path / "r2")), inputs=[only_arabic])
 
 
@@ -181,3 +182,20 @@ def test_in_the_pipeline_combine_feeds_analyze(full_run):
     out = [json.loads(line) for name in ("train.jsonl", "validation.jsonl")
            for line in root.child("combine").read_bytes(name).splitlines()]
     assert out and not gold & {normalize(r["query"]) for r in out}
+
+
+def test_an_empty_source_is_skipped_and_an_impossible_split_is_a_clear_error(tmp_path):
+    from m3tune.errors import BadInput
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rows = write(tmp_path / "in.jsonl", mixed(400))
+    _, train, validation, _ = combine(open_root(str(tmp_path / "r")), inputs=[str(empty), rows])
+    assert train and validation
+    # every example shares one positive: one group, which validation cannot take without taking everything
+    one_group = [example(i, arabic=i % 2 == 0, conceptual=i % 5 == 0, quran=i % 4 == 0, pos=["quran:2:255"])
+                 for i in range(200)]
+    with pytest.raises(BadInput, match="no validation split possible"):
+        combine(open_root(str(tmp_path / "r2")), inputs=[write(tmp_path / "one.jsonl", one_group)],
+                exclude_packaged_gold=False)
+    assert not open_root(str(tmp_path / "r2")).child("combine").exists("train.jsonl")

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from m3tune.cli import app
-from m3tune.deploy.argo import jobset_manifest, parameters, render_files, render_workflow_template
+from m3tune.deploy.argo import jobset_manifest, render_files, render_workflow_template
 from m3tune.deploy.images import CPU, CUDA, ENTRYPOINT, IMAGES
 from m3tune.pipeline import PIPELINE, STEPS
 

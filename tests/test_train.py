@@ -477,9 +477,9 @@ def test_retrieval_metrics_match_a_hand_computation():
     q = np.array([[1.0, 0.0]])
     p = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])  # ranked 0, 1, 2, 3
     got = retrieval_metrics(q, p, [{1, 3}], k=3)
-    assert got["recall@10"] == pytest.approx(0.5)  # one of two relevant in the top 3
-    assert got["mrr@10"] == pytest.approx(0.5)
-    assert got["ndcg@10"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert got["recall@3"] == pytest.approx(0.5)  # one of two relevant in the top 3
+    assert got["mrr@3"] == pytest.approx(0.5)
+    assert got["ndcg@3"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
 
 
 def test_validation_corpus_is_the_validation_passages_or_all_of_them():

@@ -24,7 +24,7 @@ import inspect
 import typer
 from pydantic import BaseModel, ValidationError
 
-from m3tune.errors import ConfigError, UserError
+from m3tune.errors import BadInput, ConfigError, UserError
 
 app = typer.Typer(
     name="m3tune",
@@ -36,6 +36,7 @@ app = typer.Typer(
 
 EXIT_ERROR = 1
 EXIT_TARGETS_MISSED = 3
+EXIT_BAD_INPUT = 4
 
 RootOpt = Annotated[Optional[str], typer.Option(
     "--root", envvar="M3TUNE_ROOT", show_envvar=True,
@@ -84,6 +85,10 @@ def _errors(fn):
             return fn(*args, **kwargs)
         except TargetsMissed as e:
             raise _fail(str(e), EXIT_TARGETS_MISSED) from None
+        except BadInput as e:
+            if _state["verbose"]:
+                raise
+            raise _fail(str(e), EXIT_BAD_INPUT) from None
         except UserError as e:
             if _state["verbose"]:
                 raise

@@ -17,13 +17,13 @@ from typing import Any, BinaryIO, TypeVar
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
-from m3tune.errors import UserError
+from m3tune.errors import BadInput
 from m3tune.storage import Store, WrittenFile
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class RecordError(UserError, ValueError):
+class RecordError(BadInput, ValueError):
     """A JSONL line that is not a valid record."""
 
     def __init__(self, path: str, line: int, field: str | None, message: str):

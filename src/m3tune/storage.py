@@ -379,3 +379,36 @@ def file_digest(store: Store, rel: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def upload_folder(local: Path, store: Store, *, remove_others: bool = False) -> dict[str, "WrittenFile"]:
+    """Publish every file under the local folder LOCAL into STORE (each atomically, streamed), by relative name.
+
+    REMOVE_OTHERS: then delete what STORE holds that LOCAL does not (a model folder republished must not
+    keep a file of an earlier model, such as a head the new base lacks)."""
+    import shutil
+
+    written: dict[str, WrittenFile] = {}
+    for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        rel = f.relative_to(local).as_posix()
+        with store.open_write(rel) as w, open(f, "rb") as src:
+            shutil.copyfileobj(src, w, 1 << 20)
+        written[rel] = w.result  # type: ignore[attr-defined]
+    if remove_others:
+        for rel in store.list():
+            if rel not in written:
+                store.delete(rel)
+    return written
+
+
+def download_folder(store: Store, local: Path) -> list[str]:
+    """Copy every file under STORE into the local folder LOCAL (streamed: model weights can be gigabytes)."""
+    import shutil
+
+    names = store.list()
+    for rel in names:
+        dest = Path(local) / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with store.open_read(rel) as src, open(dest, "wb") as w:
+            shutil.copyfileobj(src, w, 1 << 20)
+    return names

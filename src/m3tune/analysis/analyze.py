@@ -91,6 +91,11 @@ def _facts(rows: Iterable[BaseModel]) -> Iterator[tuple[str, str, str, str, list
             yield r.query, r.language or detect_language(r.query), r.type or "unknown", source, keys, len(r.neg)
 
 
+def _top(counter: Counter[str], n: int = 5) -> list[tuple[str, int]]:
+    """The N most common, ties by key: the same report from any process (set order is not)."""
+    return sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
 def _shares(counter: Counter[str], total: int) -> dict[str, float]:
     return {k: round(v / total, 4) for k, v in counter.most_common()}
 
@@ -109,7 +114,7 @@ def build_report(rows: Iterable[BaseModel], *, arabic_target: float, conceptual_
         language[lang] += 1
         qtype[typ] += 1
         source[src] += 1
-        per_passage.update(set(keys))
+        per_passage.update(list(dict.fromkeys(keys)))  # each passage once per row, in a stable order
         queries[normalize(query)] += 1
         if negs is not None:
             negatives.append(negs)
@@ -122,11 +127,11 @@ def build_report(rows: Iterable[BaseModel], *, arabic_target: float, conceptual_
         "counts": {"language": dict(language), "type": dict(qtype), "source": dict(source)},
         "shares": {"language": _shares(language, n), "type": _shares(qtype, n), "source": _shares(source, n)},
         "duplicates": {"rows": dup_rows, "distinct_queries": len(queries),
-                       "most_repeated": [[q, c] for q, c in queries.most_common(5) if c > 1]},
+                       "most_repeated": [[q, c] for q, c in _top(queries) if c > 1]},
         "per_passage": {"passages": len(per_passage), "mean": round(statistics.fmean(counts), 3),
                         "median": statistics.median(counts), "max": counts[-1],
                         "p95": counts[min(len(counts) - 1, int(0.95 * len(counts)))],
-                        "most_used": [[k, c] for k, c in per_passage.most_common(5)]},
+                        "most_used": [[k, c] for k, c in _top(per_passage)]},
     }
     if negatives:
         report["negatives"] = {"mean": round(statistics.fmean(negatives), 3), "min": min(negatives),

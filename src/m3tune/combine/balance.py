@@ -106,29 +106,37 @@ def shares(counts: list[int]) -> dict[str, float]:
 
 
 def shortfall(available: list[int], targets: list[Target], cap: int | None = None) -> list[str]:
-    """Why no output meets the targets: per target that blocks, what the input lacks."""
+    """Why no output meets the targets: for each target that blocks, what the largest output without it
+    looks like, and how many examples of which kind would bring it into its band."""
     reasons = []
     for t in targets:
-        others = [o for o in targets if o.name != t.name]
-        counts = _solve(available, others, cap)
+        counts = _solve(available, [o for o in targets if o.name != t.name], cap)
         size = sum(counts)
         if not size:
             continue
         have = sum(k for c, k in enumerate(counts) if _member(c, t.name))
         share = have / size
-        in_input = sum(k for c, k in enumerate(available) if _member(c, t.name))
-        if share < t.low:  # need x more with the attribute: (have + x) / (size + x) >= low
-            what = (f"add at least {math.ceil((t.low * size - have) / (1 - t.low)):,} more" if t.low < 1
-                    else f"drop every example that is not {t.name}")
-            reasons.append(f"{t.name} share can reach {share:.1%} at most, below {t.low:.0%} "
-                           f"(target {t.share:.0%} ± {t.tolerance:.0%}): the input has {in_input:,} {t.name} "
-                           f"examples; {what}")
-        elif share > t.high:  # need y more without it: have / (size + y) <= high
-            more = math.ceil(have / t.high - size) if t.high > 0 else None
-            what = f"add at least {more:,} examples that are not {t.name}" if more is not None else \
-                f"the target allows no {t.name} example at all"
-            reasons.append(f"{t.name} share is {share:.1%} at least, above {t.high:.0%} (target {t.share:.0%} ± "
-                           f"{t.tolerance:.0%}): the input has only {sum(available) - in_input:,} examples that are "
-                           f"not {t.name}; {what}")
+        band = f"{t.low:.0%}-{t.high:.0%}"
+        if share < t.low:  # x more with the attribute: (have + x) / (size + x) >= low
+            fix = (f"about {math.ceil((t.low * size - have) / (1 - t.low)):,} more {t.name} examples would bring "
+                   f"it into the band" if t.low < 1 else f"only {t.name} examples may be kept")
+        elif share > t.high:  # y more without it: have / (size + y) <= high
+            fix = (f"about {math.ceil(have / t.high - size):,} more examples that are not {t.name} would bring it "
+                   f"into the band" if t.high > 0 else f"no {t.name} example may be kept")
+        else:
+            continue
+        reasons.append(f"without the {t.name} target, the largest balanced output ({size:,} examples) is "
+                       f"{share:.1%} {t.name}, outside {band}: {fix}")
     return reasons or ["the targets cannot be met together: input shares are "
                        + ", ".join(f"{a} {s:.1%}" for a, s in shares(available).items())]
+
+
+def bottlenecks(available: list[int], counts: list[int]) -> list[str]:
+    """The kinds of example the chosen output uses up entirely: more of them is what would let it grow."""
+    names = []
+    for cell, (k, n) in enumerate(zip(counts, available)):
+        if n and k == n:
+            a, c, q = CELLS[cell]
+            names.append(f"{'Arabic' if a else 'English'} {'conceptual' if c else 'non-conceptual'} "
+                         f"{'Quran' if q else 'non-Quran'} ({n:,})")
+    return names

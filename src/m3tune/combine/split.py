@@ -47,7 +47,7 @@ def split(keys: list[list[str]], cells: list[int], *, fraction: float, seed: int
     groups: dict[str, list[int]] = {}
     for i, ks in enumerate(keys):
         groups.setdefault(uf.find(ks[0]), []).append(i)
-    want = round(fraction * len(keys))
+    want = max(1, round(fraction * len(keys))) if fraction else 0
     in_train = [sum(1 for c in cells if CELLS[c][a]) for a in range(len(ATTRIBUTES))]
     train_size = len(keys)
     validation = [False] * len(keys)

@@ -22,11 +22,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from m3tune.arabic import detect_language, normalize
-from m3tune.combine.balance import ATTRIBUTES, Target, cell_of, choose_counts, shares, shortfall
+from m3tune.combine.balance import Target, bottlenecks, cell_of, choose_counts, shares, shortfall
 from m3tune.combine.leakage import GoldGuard, load_gold
 from m3tune.combine.split import split
-from m3tune.errors import UserError
-from m3tune.jsonl import Rejects, read_jsonl_numbered
+from m3tune.errors import BadInput, UserError
+from m3tune.jsonl import RecordError, Rejects, read_jsonl_numbered
 from m3tune.records import Example, source_of
 from m3tune.storage import absolute_uri, file_digest, split_uri
 
@@ -169,6 +169,9 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     leaks = Counter()
     try:
         for f_index, (store, name, label) in enumerate(files):
+            if store.exists(name) and store.size(name) == 0:  # one empty source (no mined example) is no error
+                ctx.log.warning("%s is empty", label)
+                continue
             ctx.log.info("reading %s", label)
             with store.open_read(name) as f:
                 for line, _, r in read_jsonl_numbered(f, Example, name=label, rejects=rejects):
@@ -197,10 +200,14 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     first_cells = c[first]
     available = np.bincount(first_cells, minlength=8).astype(int).tolist()
     counts = choose_counts(available, inner, max_examples)
-    if sum(counts) < min_examples:
-        got = f"only {sum(counts):,} examples meet every target" if sum(counts) else "no output meets the targets"
-        raise UserError(f"{got} (need {min_examples:,}; the input has {len(first):,} distinct examples): "
+    if not sum(counts):
+        raise BadInput(f"no output meets the targets (the input has {len(first):,} distinct examples; bands "
+                        f"{'narrowed to 80% of the tolerance for the split' if validation_split else 'as given'}): "
                         + "; ".join(shortfall(available, inner, max_examples)))
+    if sum(counts) < min_examples:
+        raise BadInput(f"only {sum(counts):,} examples meet every target (need {min_examples:,}; the input has "
+                        f"{len(first):,} distinct examples); all of these kinds are used up, and more of them would "
+                        "let the output grow: " + ", ".join(bottlenecks(available, counts)))
     chosen = np.sort(np.concatenate([first[first_cells == cell][:k] for cell, k in enumerate(counts)]))
     wanted = {(int(file_of[i]) << 32) | int(line_of[i]) for i in chosen}
     duplicates = len(h) - len(first)
@@ -209,18 +216,25 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     # Pass 2: parse the chosen lines only (numbered as pass 1's reader numbers them).
     rows: list[Example] = []
     row_cells: list[int] = []
-    for f_index, (store, name, _) in enumerate(files):
+    for f_index, (store, name, label) in enumerate(files):
         with store.open_read(name) as f:
             for line, raw in enumerate(f, start=1):
                 if ((f_index << 32) | line) not in wanted:
                     continue
-                r = Example.model_validate_json(raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw)
+                try:
+                    r = Example.model_validate_json(raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw)
+                except ValueError as e:  # valid in pass 1: the file changed under us
+                    raise RecordError(label, line, None, f"changed while combine read it: {e}") from None
                 language, qtype, source = _facts(r)
                 filled = {"language": language, **({"source": source} if source != "unknown" else {})}
                 rows.append(r.model_copy(update=filled))
                 row_cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
     keys = [[f"q:{normalize(r.query)}", *_positive_keys(r)] for r in rows]
     held_out = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets)
+    if validation_split and not any(held_out):
+        raise BadInput(f"no validation split possible: of the {len(rows):,} examples, every group sharing a "
+                        f"positive or a query is too large for {validation_split:.0%} of them, or would take "
+                        "train out of its target band; raise --validation-split, or add examples")
 
     profiles = {"train": _Profile(), "validation": _Profile()}
     for part, flag in (("train", False), ("validation", True)):
@@ -248,9 +262,6 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
         "seed": seed,
     }
     ctx.write_bytes("stats.json", json.dumps(stats, ensure_ascii=False, indent=2).encode() + b"\n")
-    if validation_split and not profiles["validation"].n:
-        ctx.log.warning("validation is empty: every group of examples sharing positives is larger than %s",
-                        f"{round(validation_split * len(rows)):,}")
     return {"counts": {"input": before.n, "distinct": sum(available), "examples": len(rows),
                        "train": profiles["train"].n, "validation": profiles["validation"].n,
                        "gold_query_leaks": leaks["gold_query"], "gold_passage_leaks": leaks["gold_passage"]},

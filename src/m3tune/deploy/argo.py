@@ -37,7 +37,7 @@ NAME = "m3tune"
 TEMPLATE_FILE = "workflowtemplate.yaml"
 EXAMPLE_FILE = "workflow.yaml"
 EXAMPLE_ROOT = "s3://m3tune-runs/runs/exp-01"
-NO_RETRY_EXIT_CODES = (2, 3)
+NO_RETRY_EXIT_CODES = (2, 3, 4)
 DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 

@@ -131,7 +131,10 @@ def _rust_tokenizer(path: str, max_length: int):
         file = folder / "tokenizer.json"
         if not file.is_file():
             return None
-        tok = Tokenizer.from_file(str(file))
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
+            raise UserError(f"{file}: not a tokenizer file ({str(e).splitlines()[0][:200]})") from None
     else:
         try:
             from huggingface_hub import hf_hub_download
@@ -163,9 +166,11 @@ def _fingerprint(model: str, path: str, pooling: str, max_length: int, instructi
     """Identifies what the vectors depend on: a hub model's revision, or a local folder's files.
 
     For a local folder: the config and tokenizer files whole, and for each
-    weight file its size, modification time and first MiB (the safetensors
-    header and the first tensors): retrained weights saved over the folder
-    change it, without hashing gigabytes on every load.
+    weight file its size and its first and last MiB (the safetensors header,
+    the first and the last tensors): retrained weights saved over the folder
+    change it, without hashing gigabytes on every load. No modification time:
+    the same model built or downloaded in two pods (index and mine-negatives
+    on Argo) must have the same fingerprint.
     """
     parts: dict = {"model": model, "pooling": pooling, "max_length": max_length, "instruction": instruction,
                    "revision": revision}
@@ -173,10 +178,12 @@ def _fingerprint(model: str, path: str, pooling: str, max_length: int, instructi
     if folder.is_dir():
         for f in sorted(folder.iterdir()):
             if f.suffix in (".safetensors", ".bin", ".pt"):
+                size = f.stat().st_size
                 with open(f, "rb") as weights:
-                    head = hashlib.sha256(weights.read(1 << 20)).hexdigest()
-                stat = f.stat()
-                parts[f.name] = [stat.st_size, stat.st_mtime_ns, head]
+                    digest = hashlib.sha256(weights.read(1 << 20))
+                    weights.seek(max(0, size - (1 << 20)))
+                    digest.update(weights.read(1 << 20))
+                parts[f.name] = [size, digest.hexdigest()]
             elif f.suffix == ".json":
                 parts[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

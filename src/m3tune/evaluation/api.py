@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from m3tune.generation.llm import RETRYABLE_STATUS, LLMError, _retry_after
+from m3tune.generation.llm import RETRYABLE_STATUS, LLMError, _retry_after, fatal_status
 
 log = logging.getLogger("m3tune.evaluate")
 
@@ -69,12 +69,9 @@ class ApiEncoder:
                 kind = "connection"
             except openai.APIStatusError as e:
                 status, response = e.status_code, e.response
-                if status in (401, 403):
-                    raise LLMError(f"{self.base_url} refused the API key (HTTP {status}); check the key") from None
-                if status == 402:
-                    raise LLMError(f"{self.base_url}: payment required (HTTP 402): out of credits?") from None
-                if status == 404:
-                    raise LLMError(f"{self.base_url}: model {self.model!r} or endpoint not found (HTTP 404)") from None
+                fatal = fatal_status(status, self.base_url, self.model)
+                if fatal:
+                    raise fatal from None
                 if status < 500 and status not in RETRYABLE_STATUS:
                     raise LLMError(f"{self.base_url}: embeddings request refused (HTTP {status}): "
                                    f"{str(e)[:200]}") from None

@@ -107,10 +107,9 @@ def model_path(target: str, root) -> str:
     key = hashlib.sha256(((manifest.model_dump_json() if manifest else "") + folder.uri).encode()).hexdigest()[:16]
     local = cache_dir() / "run-models" / key
     if not (local / ".complete").is_file():
-        for rel in files:
-            target_file = local / rel
-            target_file.parent.mkdir(parents=True, exist_ok=True)
-            target_file.write_bytes(folder.read_bytes(rel))
+        from m3tune.storage import download_folder
+
+        download_folder(folder, local)
         (local / ".complete").write_text(folder.uri)
     return str(local)
 

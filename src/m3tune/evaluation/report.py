@@ -50,7 +50,7 @@ def markdown(results: dict[str, Any]) -> str:
         o = m["overall"]
         marks = " ".join(f"{k} {_mark(v['met'])}" for k, v in m["targets"].items())
         lines.append(f"| {m['name']} | " + " | ".join(f"{o[n]:.3f}" for n in names) + f" | {marks} |")
-    lines += ["", f"Recall@10 and MRR@10 against the targets: ✅ met, ❌ missed."]
+    lines += ["", "Recall@10 and MRR@10 against the targets: ✅ met, ❌ missed."]
     sig = [m for m in models if m.get("significance")]
     if sig:
         lines += ["", f"## Against the baseline ({results['baseline']})", "",

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.context import StepContext
 from m3tune.evaluation.models import EncodeOptions, ModelSpec, parse_models, run_steps
 from m3tune.records import GoldQuery, Passage
+from m3tune.storage import absolute_uri
 
 
 class EvaluateConfig(BaseModel):
@@ -55,6 +56,12 @@ class EvaluateConfig(BaseModel):
     api_timeout: float = Field(default=60.0, gt=0, description="seconds per embeddings request")
     api_dimensions: int | None = Field(default=None, ge=1, description="ask the API for this many dimensions")
     significance_resamples: int = Field(default=10_000, ge=100, description="resamples of the paired test")
+
+    @field_validator("test_set", "embeddings_cache")
+    @classmethod
+    def _absolute(cls, uri: str | None) -> str | None:
+        # recorded in the manifest and compared later, from any folder
+        return absolute_uri(uri) if uri else uri
 
 
 def options_of(config: dict[str, Any]) -> EncodeOptions:

@@ -52,7 +52,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from m3tune.errors import ConfigError, UserError
+from m3tune.errors import BadInput, ConfigError
 from m3tune.jsonl import read_jsonl, write_jsonl
 from m3tune.storage import Store
 
@@ -66,8 +66,19 @@ _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:'|no)t|i won'?t|i am 
                       r"as an ai|لا أستطيع|عذرا|عذراً|آسف)", re.I)
 
 
-class LLMError(UserError):
+class LLMError(BadInput):
     """The endpoint cannot be used at all (no key, bad key, no credits, bad settings): the run stops."""
+
+
+def fatal_status(status: int, base_url: str, model: str) -> "LLMError | None":
+    """The error that stops a run for an HTTP status no retry can mend (a bad key, no credits, no such model)."""
+    if status in (401, 403):
+        return LLMError(f"{base_url} refused the API key (HTTP {status}); check the key")
+    if status == 402:
+        return LLMError(f"{base_url}: payment required (HTTP 402): out of credits?")
+    if status == 404:
+        return LLMError(f"{base_url}: model {model!r} or endpoint not found (HTTP 404)")
+    return None
 
 
 class LLMSettings(BaseModel):
@@ -358,12 +369,9 @@ class _Runner:
             raise _Retry("connection") from None
         except openai.APIStatusError as e:
             status = e.status_code
-            if status in (401, 403):
-                raise LLMError(f"{self.s.base_url} refused the API key (HTTP {status}); check the key") from None
-            if status == 402:
-                raise LLMError(f"{self.s.base_url}: payment required (HTTP 402): out of credits?") from None
-            if status == 404:
-                raise LLMError(f"{self.s.base_url}: model {self.s.model!r} or endpoint not found (HTTP 404)") from None
+            fatal = fatal_status(status, self.s.base_url, self.s.model)
+            if fatal:
+                raise fatal from None
             if status >= 500 or status in RETRYABLE_STATUS:
                 raise _Retry(f"http_{status}", e.response) from None
             raise _Rejected(f"http_{status}", _short(e), journal=False) from None

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from m3tune.errors import ConfigError
 
@@ -62,6 +62,17 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(default=2, ge=1, description="checkpoints kept in the run root")
     seed: int = Field(default=42, description="seed of the weights' dropout, the sampler and negative choice")
     workdir: str | None = Field(default=None, description="local working folder (default: under the m3tune cache)")
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_dir(cls, path: str | None) -> str | None:
+        return str(Path(path).absolute()) if path else path
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _absolute_file(cls, name: str | None) -> str | None:
+        # a JSON file's path is recorded in the manifest and read by other processes: make it absolute
+        return name if name in (None, "zero2", "zero3") else str(Path(name).absolute())
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -16,6 +16,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from m3tune.arabic import normalize
 from m3tune.errors import UserError
 from m3tune.records import Example
 
@@ -39,7 +40,8 @@ class TrainExample:
 
     @property
     def conflict_keys(self) -> frozenset[str]:
-        return frozenset(("q:" + " ".join(self.query.split()).casefold(),) + tuple("p:" + k for k in self.pos_keys))
+        # the query normalized as combine normalizes it: two spellings of one query are one query in both
+        return frozenset(("q:" + normalize(self.query),) + tuple("p:" + k for k in self.pos_keys))
 
 
 def to_train_example(ex: Example) -> TrainExample:
@@ -56,6 +58,9 @@ def read_examples(store, rel: str) -> list[TrainExample]:
 
     if not store.exists(rel):
         raise UserError(f"{store.uri_of(rel)} does not exist: run the combine step first")
+    if store.size(rel) == 0:
+        raise UserError(f"{store.uri_of(rel)} is empty: train needs training examples and a validation split "
+                        "(combine --validation-split > 0) to validate by retrieval and keep the best weights")
     with store.open_read(rel) as f:
         return [to_train_example(ex) for ex in read_jsonl(f, Example, name=store.uri_of(rel))]
 

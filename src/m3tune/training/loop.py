@@ -20,6 +20,7 @@ publish.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from m3tune.errors import ConfigError, UserError
+from m3tune.errors import BadInput, ConfigError, UserError
+from m3tune.storage import download_folder, upload_folder
 
 log = logging.getLogger("m3tune.train")
 
@@ -38,7 +40,7 @@ BEST = "best"
 STATE = "trainer_state.json"
 
 
-class NonFiniteLoss(UserError):
+class NonFiniteLoss(BadInput):
     """The loss became NaN or infinite: the run stops, the last good checkpoint stays."""
 
 
@@ -74,7 +76,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
 
     from m3tune.encoder.tiny import resolve
     from m3tune.manifest import config_digest
-    from m3tune.storage import open_root
+    from m3tune.storage import file_digest, open_root
     from m3tune.training.config import deepspeed_config
     from m3tune.training.data import global_batches, read_examples, validation_set
 
@@ -144,7 +146,10 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    digest = config_digest(cfg.model_copy(update={"workdir": None}))
+    # Checkpoints resume only the same config on the same data: after combine reruns with new inputs, the old
+    # checkpoints must not pass for this run's (they would be resumed, or republished as its model).
+    data = ",".join(f"{name}={file_digest(combine, name)}" for name in ("train.jsonl", "validation.jsonl"))
+    digest = hashlib.sha256(f"{config_digest(cfg.model_copy(update={'workdir': None}))}|{data}".encode()).hexdigest()
     s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                 scheduler=scheduler, root=root, out=out, work=work, train_examples=train_examples, valset=valset,
                 plans=plans, steps_in=steps_in, total_steps=total_steps, dims=dims, weights=weights, hidden=hidden,
@@ -240,7 +245,7 @@ def train(s: Session) -> None:
             if step % cfg.eval_every == 0 or step == s.total_steps:
                 _validate(s, record=True)
                 s.model.train()
-            if step % cfg.checkpoint_every == 0:  # not at the end: the step publishes the model next
+            if step % cfg.checkpoint_every == 0:  # the last step too: a kill while publishing needs no retraining
                 _checkpoint(s)
             if s.stopped_early:
                 batches.close()
@@ -302,13 +307,20 @@ def _validate(s: Session, *, record: bool) -> dict[str, Any]:
             log.info("validation before training: %s", _fmt(metrics, s.dims))
         return metrics
     score = metrics[str(s.dims[0])][cfg.select_metric]
+    if s.accelerator.num_processes > 1:
+        # Rank 0's score decides for everyone: saving the best and stopping early are collective, and a last-bit
+        # difference between processes (non-deterministic kernels) must not split their paths.
+        import torch
+        from accelerate.utils import broadcast
+
+        score = float(broadcast(torch.tensor([score], device=s.accelerator.device), from_process=0).item())
     improved = s.best is None or score > s.best["score"]
     s.history.append({"kind": "validation", "step": s.step, "metrics": metrics, "best": improved})
     if improved:
         s.best, s.bad_evals = {"step": s.step, "score": score, "metrics": metrics}, 0
         _save_model(s, s.work / BEST)
         if s.accelerator.is_main_process:  # a restarted pod must find it on another machine
-            _upload(s.work / BEST, s.out.child(f"{CHECKPOINTS}/{BEST}"))
+            upload_folder(s.work / BEST, s.out.child(f"{CHECKPOINTS}/{BEST}"), remove_others=True)
     else:
         s.bad_evals += 1
         if cfg.patience and s.bad_evals >= cfg.patience:
@@ -337,21 +349,6 @@ def _save_model(s: Session, folder: Path) -> None:
 
 # ---------------------------------------------------------------------------------------- checkpoints
 
-def _upload(local: Path, target) -> None:
-    for f in sorted(local.rglob("*")):
-        if f.is_file():
-            with target.open_write(f.relative_to(local).as_posix()) as w, open(f, "rb") as src:
-                shutil.copyfileobj(src, w, 1 << 20)
-
-
-def _download(source, local: Path) -> None:
-    for rel in source.list():
-        dest = local / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with source.open_read(rel) as src, open(dest, "wb") as w:
-            shutil.copyfileobj(src, w, 1 << 20)
-
-
 def _read_latest(s: Session) -> dict | None:
     if not s.out.exists(LATEST):
         return None
@@ -368,7 +365,7 @@ def _checkpoint(s: Session) -> None:
         (local / STATE).write_text(json.dumps(_trainer_state(s)))
     acc.wait_for_everyone()
     if acc.is_local_main_process:  # each node sends what its processes wrote (their RNG states, ZeRO shards)
-        _upload(local, s.out.child(f"{CHECKPOINTS}/{name}"))
+        upload_folder(local, s.out.child(f"{CHECKPOINTS}/{name}"))
     acc.wait_for_everyone()
     if acc.is_main_process:
         s.out.write_bytes(LATEST, json.dumps({"step": s.step, "name": name, "config_digest": s.digest}).encode())
@@ -409,10 +406,10 @@ def _resume(s: Session) -> None:
     local = s.work / CHECKPOINTS / latest["name"]
     if s.accelerator.is_local_main_process:
         shutil.rmtree(local, ignore_errors=True)
-        _download(s.out.child(f"{CHECKPOINTS}/{latest['name']}"), local)
+        download_folder(s.out.child(f"{CHECKPOINTS}/{latest['name']}"), local)
         if s.out.child(f"{CHECKPOINTS}/{BEST}").list():
             shutil.rmtree(s.work / BEST, ignore_errors=True)
-            _download(s.out.child(f"{CHECKPOINTS}/{BEST}"), s.work / BEST)
+            download_folder(s.out.child(f"{CHECKPOINTS}/{BEST}"), s.work / BEST)
     s.accelerator.wait_for_everyone()
     s.accelerator.load_state(str(local))
     state = json.loads((local / STATE).read_text())

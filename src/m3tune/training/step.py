@@ -103,13 +103,14 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
 
 
 def _publish(ctx: StepContext, out: Path) -> None:
-    """The model folder and metrics.jsonl, each file atomically, recorded in the manifest."""
-    import shutil
+    """The model folder and metrics.jsonl, each file atomically, recorded in the manifest; a file an earlier
+    run left in model/ (a head the new base lacks) is removed."""
+    from dataclasses import replace
 
-    files = sorted(p for p in (out / "model").rglob("*") if p.is_file())
-    for f in files + [out / "metrics.jsonl"]:
-        rel = f.relative_to(out).as_posix()
-        with ctx.out.open_write(rel) as w, open(f, "rb") as src:
-            shutil.copyfileobj(src, w, 1 << 20)
-        ctx.outputs[rel] = w.result  # type: ignore[attr-defined]
-    ctx.log.info("published %d files of the model to %s", len(files), ctx.out.uri_of("model"))
+    from m3tune.storage import upload_folder
+
+    written = upload_folder(out / "model", ctx.out.child("model"), remove_others=True)
+    for rel, info in written.items():
+        ctx.outputs[f"model/{rel}"] = replace(info, name=f"model/{rel}")
+    ctx.write_bytes("metrics.jsonl", (out / "metrics.jsonl").read_bytes())  # one line per step: small
+    ctx.log.info("published %d files of the model to %s", len(written), ctx.out.uri_of("model"))

@@ -39,22 +39,17 @@ def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size
 
 
 def retrieval_metrics(q: np.ndarray, p: np.ndarray, relevant: Sequence[set[int]], *, k: int = K) -> dict[str, float]:
-    """Mean recall@k, MRR@k, nDCG@k (binary relevance) of queries Q over passages P (rows L2-normalised)."""
+    """Mean recall@k, MRR@k, nDCG@k (binary relevance) of queries Q over passages P (rows L2-normalised),
+    computed by ir-measures (pytrec_eval) from each query's exact top k, as the evaluate step does."""
+    import ir_measures
+
     scores = q @ p.T
-    k = min(k, p.shape[0])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    recall = mrr = ndcg = 0.0
-    for row, rel in zip(top, relevant):
-        hits = np.array([int(j) in rel for j in row])
-        recall += hits.sum() / len(rel)
-        first = np.flatnonzero(hits)
-        mrr += 1.0 / (first[0] + 1) if first.size else 0.0
-        ideal = discount[:min(len(rel), k)].sum()
-        ndcg += float((hits * discount).sum() / ideal)
-    n = len(relevant)
-    return {f"recall@{K}": recall / n, f"mrr@{K}": mrr / n, f"ndcg@{K}": ndcg / n}
+    top = np.argpartition(-scores, min(k, p.shape[0]) - 1, axis=1)[:, :k]
+    run = {str(i): {str(int(j)): float(scores[i, j]) for j in row} for i, row in enumerate(top)}
+    qrels = {str(i): {str(j): 1 for j in rel} for i, rel in enumerate(relevant)}
+    measures = {f"recall@{k}": ir_measures.R @ k, f"mrr@{k}": ir_measures.RR @ k, f"ndcg@{k}": ir_measures.nDCG @ k}
+    agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
+    return {name: float(agg.get(m, 0.0)) for name, m in measures.items()}
 
 
 def evaluate(model, tokenizer, valset, *, dims: Sequence[int], query_max_length: int, passage_max_length: int,

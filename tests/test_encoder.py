@@ -1,0 +1,79 @@
+"""The encoder's vectors are the model's: the fast path (Rust tokenizer, token-length batches) against a plain
+transformers reference, on short and truncated texts, with and without a query instruction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+TEXTS = [
+    "بسم الله الرحمن الرحيم",
+    "إِنَّمَا الأَعْمَالُ بِالنِّيَّاتِ، وَإِنَّمَا لِكُلِّ امْرِئٍ مَا نَوَى، فَمَنْ كَانَتْ هِجْرَتُهُ إِلَى دُنْيَا يُصِيبُهَا "
+    "أَوْ إِلَى امْرَأَةٍ يَنْكِحُهَا فَهِجْرَتُهُ إِلَى مَا هَاجَرَ إِلَيْهِ",  # longer than max_length: truncated
+    "Patience",
+    "What does the Quran say about patience in hardship and gratitude in ease?",
+    "ا",
+]
+
+
+def reference(path: str, texts: list[str], max_length: int) -> np.ndarray:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.inference_mode():
+        for t in texts:  # one at a time: no padding at all
+            tokens = tokenizer(t, truncation=True, max_length=max_length, return_tensors="pt")
+            cls = model(**tokens).last_hidden_state[:, 0]
+            out.append(torch.nn.functional.normalize(cls, dim=-1)[0].numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("instruction", [None, "Represent this query: "])
+def test_vectors_match_a_plain_transformers_reference(instruction):
+    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.tiny import TINY, resolve
+
+    encoder = Encoder(TINY, max_length=16, batch_size=2, query_instruction=instruction)
+    assert encoder._rust is not None  # the fast path is the one under test
+    got = encoder.encode(TEXTS, queries=True)
+    expected = reference(resolve(TINY), [(instruction or "") + t for t in TEXTS], 16)
+    assert np.allclose(got, expected, atol=1e-5)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
+    import shutil
+
+    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.tiny import TINY, resolve
+    from m3tune.errors import UserError
+
+    folder = tmp_path / "model"
+    shutil.copytree(resolve(TINY), folder)
+    (folder / "tokenizer.json").write_text("{not a tokenizer")
+    with pytest.raises(UserError, match="tokenizer.json: not a tokenizer file"):
+        Encoder(str(folder))
+
+
+def test_fingerprint_is_the_same_model_anywhere_and_changes_with_its_weights(tmp_path):
+    import time
+
+    import torch
+    from transformers import AutoModel
+
+    from m3tune.encoder.model import _fingerprint
+    from m3tune.encoder.tiny import TINY, build_tiny
+
+    a = build_tiny(tmp_path / "a")
+    time.sleep(0.01)
+    b = build_tiny(tmp_path / "b")  # another pod's build: other folder, other mtimes
+    fp = lambda path: _fingerprint(TINY, str(path), "cls", 512, None, None)  # noqa: E731
+    assert fp(a) == fp(b)
+    model = AutoModel.from_pretrained(b)
+    with torch.no_grad():  # "retrained": only the last layer moves
+        model.encoder.layer[-1].output.dense.weight.add_(0.01)
+    model.save_pretrained(b)
+    assert fp(a) != fp(b)
