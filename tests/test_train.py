@@ -369,6 +369,14 @@ def test_gradcache_gives_the_full_batch_gradient(quran_pairs, tiny_model, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     batch = collate(examples, list(range(8)), tokenizer, negatives=3, seed=1, epoch=0, query_max_length=32,
                     passage_max_length=64)
+    # the loop's fast path (the Rust tokenizer, numpy padding) builds the very same batch
+    from m3tune.encoder.model import FastTokenize
+
+    fast = collate(examples, list(range(8)), FastTokenize(tiny_model, tokenizer), negatives=3, seed=1, epoch=0,
+                   query_max_length=32, passage_max_length=64)
+    for part in ("queries", "passages"):
+        for key, value in getattr(batch, part).items():
+            assert torch.equal(getattr(fast, part)[key], value), (part, key)
 
     def loss_fn(q, p):
         return matryoshka_info_nce(q, p, pos_keys=batch.pos_keys, col_keys=batch.col_keys, col_valid=batch.col_valid,

@@ -74,6 +74,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
+    from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.tiny import resolve
     from m3tune.manifest import config_digest
     from m3tune.storage import file_digest, open_root
@@ -150,7 +151,8 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     # checkpoints must not pass for this run's (they would be resumed, or republished as its model).
     data = ",".join(f"{name}={file_digest(combine, name)}" for name in ("train.jsonl", "validation.jsonl"))
     digest = hashlib.sha256(f"{config_digest(cfg.model_copy(update={'workdir': None}))}|{data}".encode()).hexdigest()
-    s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+    s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer,
+                fast_tokenize=FastTokenize(path, tokenizer), optimizer=optimizer,
                 scheduler=scheduler, root=root, out=out, work=work, train_examples=train_examples, valset=valset,
                 plans=plans, steps_in=steps_in, total_steps=total_steps, dims=dims, weights=weights, hidden=hidden,
                 base_path=path, digest=digest, step=0, history=[], best=None, bad_evals=0, before=None,
@@ -266,7 +268,7 @@ def _micro_batches(s: Session, epoch: int, plan: list[list[int]], start: int, ra
 
     def make(m: int):
         indices = plan[m][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        return collate([s.train_examples[i] for i in indices], indices, s.tokenizer, negatives=cfg.negatives,
+        return collate([s.train_examples[i] for i in indices], indices, s.fast_tokenize, negatives=cfg.negatives,
                        seed=cfg.seed, epoch=epoch, query_max_length=cfg.query_max_length,
                        passage_max_length=cfg.passage_max_length)
 
