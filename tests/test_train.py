@@ -372,7 +372,7 @@ def test_gradcache_gives_the_full_batch_gradient(quran_pairs, tiny_model, tmp_pa
     # the loop's fast path (the Rust tokenizer, numpy padding) builds the very same batch
     from m3tune.encoder.model import FastTokenize
 
-    fast = collate(examples, list(range(8)), FastTokenize(tiny_model, tokenizer), negatives=3, seed=1, epoch=0,
+    fast = collate(examples, list(range(8)), FastTokenize(tokenizer), negatives=3, seed=1, epoch=0,
                    query_max_length=32, passage_max_length=64)
     for part in ("queries", "passages"):
         for key, value in getattr(batch, part).items():

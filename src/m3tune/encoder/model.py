@@ -128,26 +128,31 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 class FastTokenize:
     """`tokenize(texts, max_length)` -> {input_ids, attention_mask} tensors, as a transformers tokenizer's
-    `(texts, padding=True, truncation=True, return_tensors="pt")` gives them, through the Rust tokenizer of
-    tokenizer.json when the model has one (the training loop's collate: per-batch tensor conversion from
-    Python lists was a measurable share of a small model's step)."""
+    `(texts, padding=True, truncation=True, return_tensors="pt")` gives them, but through the Rust tokenizer
+    behind it and numpy padding: for a small model, transformers' per-batch tensor conversion from Python
+    lists was a measurable share of a training step. The Rust tokenizer is the one the transformers
+    tokenizer already holds (a second copy of XLM-R's vocabulary costs ~300 MB to load); its truncation is
+    set per call under a lock, so every tokenization of the training loop must come through here."""
 
-    def __init__(self, path: str, tokenizer):
+    def __init__(self, tokenizer):
+        import threading
+
         self.tokenizer = tokenizer
-        self.rust = {}
-        self.path = path
+        self.rust = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
         self.pad_id = int(tokenizer.pad_token_id or 0)
+        self.lock = threading.Lock()
 
     def __call__(self, texts: list[str], max_length: int) -> dict:
         import torch
 
-        if max_length not in self.rust:
-            self.rust[max_length] = _rust_tokenizer(self.path, max_length) or False
-        rust = self.rust[max_length]
-        if not rust:
-            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                                       return_tensors="pt"))
-        ids, mask = pad([e.ids for e in rust.encode_batch(texts)], self.pad_id)
+        with self.lock:
+            if self.rust is None:
+                return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                                           return_tensors="pt"))
+            self.rust.no_padding()
+            self.rust.enable_truncation(max_length)
+            seqs = [e.ids for e in self.rust.encode_batch(texts)]
+        ids, mask = pad(seqs, self.pad_id)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 

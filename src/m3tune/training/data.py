@@ -135,15 +135,10 @@ def collate(examples: Iterable[TrainExample], indices: list[int], tokenizer, *, 
                 valid.append(False)
     width = max(len(k) for k in pos_keys)
     pos_keys = [k + [-1] * (width - len(k)) for k in pos_keys]
-    from m3tune.encoder.model import FastTokenize
+    from m3tune.training.validate import tokenize
 
-    if isinstance(tokenizer, FastTokenize):
-        q, p = tokenizer(queries, query_max_length), tokenizer(positives + negs, passage_max_length)
-    else:
-        q = tokenizer(queries, padding=True, truncation=True, max_length=query_max_length, return_tensors="pt")
-        p = tokenizer(positives + negs, padding=True, truncation=True, max_length=passage_max_length,
-                      return_tensors="pt")
-    return Batch(dict(q), dict(p), torch.tensor(pos_keys, dtype=torch.long),
+    q, p = tokenize(tokenizer, queries, query_max_length), tokenize(tokenizer, positives + negs, passage_max_length)
+    return Batch(q, p, torch.tensor(pos_keys, dtype=torch.long),
                  torch.tensor(pos_cols + neg_cols, dtype=torch.long),
                  torch.tensor([True] * len(positives) + valid, dtype=torch.bool))
 

@@ -152,7 +152,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     data = ",".join(f"{name}={file_digest(combine, name)}" for name in ("train.jsonl", "validation.jsonl"))
     digest = hashlib.sha256(f"{config_digest(cfg.model_copy(update={'workdir': None}))}|{data}".encode()).hexdigest()
     s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer,
-                fast_tokenize=FastTokenize(path, tokenizer), optimizer=optimizer,
+                fast_tokenize=FastTokenize(tokenizer), optimizer=optimizer,
                 scheduler=scheduler, root=root, out=out, work=work, train_examples=train_examples, valset=valset,
                 plans=plans, steps_in=steps_in, total_steps=total_steps, dims=dims, weights=weights, hidden=hidden,
                 base_path=path, digest=digest, step=0, history=[], best=None, bad_evals=0, before=None,
@@ -300,7 +300,7 @@ def _validate(s: Session, *, record: bool) -> dict[str, Any]:
     cfg = s.cfg
     model = s.accelerator.unwrap_model(s.model)
     with s.accelerator.autocast():
-        metrics = evaluate(model, s.tokenizer, s.valset, dims=s.dims, query_max_length=cfg.query_max_length,
+        metrics = evaluate(model, s.fast_tokenize, s.valset, dims=s.dims, query_max_length=cfg.query_max_length,
                            passage_max_length=cfg.passage_max_length, batch_size=max(cfg.batch_size, 32),
                            device=s.accelerator.device)
     metrics = {str(d): m for d, m in metrics.items()}

@@ -1,9 +1,8 @@
 """Validation by retrieval: Recall@10, MRR@10 and nDCG@10 of the validation queries over the validation
 corpus, at each Matryoshka dim (embeddings truncated and re-normalised, as a user with `truncate_dim` gets).
 
-The metrics are a few lines of numpy over one score matrix; ir-measures (the
-evaluate step's engine) would need a run file per dim and is not a training
-dependency.
+Each query's exact top 10 comes from one score matrix (numpy); the metrics are
+computed from them by ir-measures (pytrec_eval), the evaluate step's engine.
 """
 
 from __future__ import annotations
@@ -13,6 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 
 K = 10
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict:
+    """Token tensors through the loop's FastTokenize, or a plain transformers tokenizer."""
+    from m3tune.encoder.model import FastTokenize
+
+    if isinstance(tokenizer, FastTokenize):
+        return tokenizer(texts, max_length)
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
 def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device) -> np.ndarray:
@@ -28,8 +36,8 @@ def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            tokens = tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=max_length,
-                               return_tensors="pt").to(device)
+            tokens = tokenize(tokenizer, [texts[i] for i in batch], max_length)
+            tokens = {k: v.to(device) for k, v in tokens.items()}
             rep = encode(model, tokens).float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(texts), rep.shape[1]), dtype=np.float32)
