@@ -168,7 +168,9 @@ def gpu_throughput(*, batch: int = 8, seq: int = 512, steps: int = 10, warmup: i
     from m3tune.training.loss import encode, matryoshka_info_nce
 
     if not torch.cuda.is_available():
-        raise RuntimeError("--gpu needs a CUDA device")
+        from m3tune.errors import UserError
+
+        raise UserError("bench train --gpu needs a CUDA device; without one, `m3tune bench train` compares on CPU")
     device = torch.device("cuda")
     config = XLMRobertaConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                               intermediate_size=4096, max_position_embeddings=8194, type_vocab_size=1,
