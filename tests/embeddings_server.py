@@ -17,7 +17,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from llm_server import _Server
+from llm_server import LoopbackServer
 
 DIM = 64
 
@@ -34,7 +34,7 @@ def vector(text: str) -> list[float]:
     return v
 
 
-class EmbeddingsServer:
+class EmbeddingsServer(LoopbackServer):
     def __init__(self, script: list[str] | None = None, *, key: str = "test-key"):
         self.script = list(script or [])
         self.requests: list[dict] = []  # {"action", "inputs", "model"}
@@ -77,22 +77,7 @@ class EmbeddingsServer:
                 self.end_headers()
                 self.wfile.write(raw)
 
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        self._listen(Handler)
 
     def texts_served(self) -> int:
         return sum(len(r["inputs"]) for r in self.requests if r["action"] == "ok")
-
-    def __enter__(self) -> "EmbeddingsServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()

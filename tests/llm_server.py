@@ -81,7 +81,29 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the default backlog of 5 refuses connections at concurrency 32
 
 
-class ChatServer:
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) serving HANDLER; `with` starts and stops it."""
+
+    def _listen(self, handler) -> None:
+        self._httpd = _Server(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class ChatServer(LoopbackServer):
     def __init__(self, script: dict[str, list[str]] | None = None, *, delay: float = 0.0, report_cost: bool = False):
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.delay = delay
@@ -125,22 +147,7 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (its timeout): nothing to answer
 
-        self._httpd = _Server(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def __enter__(self) -> "ChatServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._listen(Handler)
 
     def keys(self) -> list[str]:
         return [r["key"] for r in self.requests]
