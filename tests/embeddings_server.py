@@ -17,7 +17,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from llm_server import LoopbackServer
+from llm_server import LoopbackServer, send_json
 
 DIM = 64
 
@@ -68,14 +68,7 @@ class EmbeddingsServer(LoopbackServer):
                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
             def _json(self, status, payload, headers=()):
-                raw = json.dumps(payload, ensure_ascii=False).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(raw)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(raw)
+                send_json(self, status, payload, headers)
 
         self._listen(Handler)
 

@@ -81,6 +81,21 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the default backlog of 5 refuses connections at concurrency 32
 
 
+def send_json(handler, status: int, payload, headers=()) -> None:
+    """Answer HANDLER's request with PAYLOAD as JSON."""
+    data = json.dumps(payload, ensure_ascii=False).encode()
+    try:
+        handler.send_response(status)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(data)))
+        for k, v in headers:
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client gave up (its timeout): nothing to answer
+
+
 class LoopbackServer:
     """A threaded HTTP server on 127.0.0.1 (a free port) serving HANDLER; `with` starts and stops it."""
 
@@ -135,17 +150,7 @@ class ChatServer(LoopbackServer):
                 server._act(self, action, body, prompt)
 
             def _json(self, status, payload, headers=()):
-                data = json.dumps(payload, ensure_ascii=False).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(data)))
-                    for k, v in headers:
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (its timeout): nothing to answer
+                send_json(self, status, payload, headers)
 
         self._listen(Handler)
 

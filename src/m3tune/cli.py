@@ -367,9 +367,11 @@ def render_job_cmd(
         typer.echo(text, nl=False)
 
 
-def _kube(kubeconfig: Optional[str], context: Optional[str], namespace: Optional[str]):
+def _kube(kubeconfig: Optional[str], context: Optional[str], namespace: Optional[str], verbose: bool):
+    """Logging set up, then (API client, namespace) from the user's kubeconfig."""
     from m3tune.deploy.kube import api_client
 
+    _setup(verbose, None)
     client, default_namespace = api_client(kubeconfig, context)
     return client, namespace or default_namespace or "m3tune"
 
@@ -388,8 +390,7 @@ def submit(
     """Run the pipeline on the cluster: a Workflow from the installed WorkflowTemplate (no argo CLI needed)."""
     from m3tune.deploy.kube import parse_parameters, submit as submit_workflow
 
-    _setup(verbose, None)
-    client, ns = _kube(kubeconfig, context, namespace)
+    client, ns = _kube(kubeconfig, context, namespace, verbose)
     name = submit_workflow(client, ns, parse_parameters(parameter), template=template)
     typer.echo(name)
 
@@ -415,8 +416,7 @@ def rerun(
     """Rerun one step of an existing run on the cluster, as a Kubernetes Job (what `m3tune render job` prints)."""
     from m3tune.deploy.kube import rerun as create_job
 
-    _setup(verbose, None)
-    client, ns = _kube(kubeconfig, context, namespace)
+    client, ns = _kube(kubeconfig, context, namespace, verbose)
     job = _job(step, root, config, ns, image, s3_endpoint, rank, world_size, merge_shards, gpus, force)
     typer.echo(create_job(client, ns, job))
 
@@ -439,8 +439,7 @@ def runs(
 
     from m3tune.deploy.kube import runs as list_runs
 
-    _setup(verbose, None)
-    client, ns = _kube(kubeconfig, context, namespace)
+    client, ns = _kube(kubeconfig, context, namespace, verbose)
     found = list_runs(client, ns, limit=limit)
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(r) for r in found], indent=2))

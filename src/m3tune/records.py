@@ -98,6 +98,15 @@ class Example(BaseModel):
         return values
 
 
+def example_facts(example: Example) -> tuple[str, str, str]:
+    """(language, type, source) of an example: its own fields, else the query's script, "unknown", and the
+    positive ids' source ("unknown" without ids). FlagEmbedding rows carry none of them."""
+    from m3tune.arabic import detect_language
+
+    source = example.source or (source_of(example.pos_ids) if example.pos_ids else "unknown")
+    return example.language or detect_language(example.query), example.type or "unknown", source
+
+
 def source_of(passage_ids: list[str]) -> str:
     """quran, hadith or mixed: what the passages with these ids are (ids say their source)."""
     kinds = {"quran" if i.startswith("quran:") else "hadith" for i in passage_ids}

@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from m3tune.arabic import detect_language, normalize
+from m3tune.arabic import normalize
 from m3tune.errors import UserError
 from m3tune.jsonl import Rejects, read_jsonl
-from m3tune.records import Example, Query, source_of
+from m3tune.records import Example, Query, example_facts
 from m3tune.storage import absolute_uri, file_digest, split_uri
 
 
@@ -87,8 +87,7 @@ def _facts(rows: Iterable[BaseModel]) -> Iterator[tuple[str, str, str, str, list
         else:
             assert isinstance(r, Example)
             keys = list(r.pos_ids) if r.pos_ids else [f"text:{normalize(t)[:80]}" for t in r.pos]
-            source = r.source or (source_of(r.pos_ids) if r.pos_ids else "unknown")
-            yield r.query, r.language or detect_language(r.query), r.type or "unknown", source, keys, len(r.neg)
+            yield r.query, *example_facts(r), keys, len(r.neg)
 
 
 def _top(counter: Counter[str], n: int = 5) -> list[tuple[str, int]]:

@@ -21,13 +21,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from m3tune.arabic import detect_language, normalize
+from m3tune.arabic import normalize
 from m3tune.combine.balance import Target, bottlenecks, cell_of, choose_counts, shares, shortfall
 from m3tune.combine.leakage import GoldGuard, load_gold
 from m3tune.combine.split import split
 from m3tune.errors import BadInput, UserError
 from m3tune.jsonl import RecordError, Rejects, read_jsonl_numbered
-from m3tune.records import Example, source_of
+from m3tune.records import Example, example_facts
 from m3tune.storage import absolute_uri, file_digest, split_uri
 
 MINED = "mine-negatives"
@@ -93,13 +93,6 @@ def combine_needs(config: CombineConfig) -> tuple[str, ...]:
     return (MINED,) if config.mined else ()
 
 
-def _facts(r: Example) -> tuple[str, str, str]:
-    """language, type and source of an example, inferred where a FlagEmbedding row lacks them."""
-    language = r.language or detect_language(r.query)
-    source = r.source or (source_of(r.pos_ids) if r.pos_ids else "unknown")
-    return language, r.type or "unknown", source
-
-
 def _positive_keys(r: Example) -> list[str]:
     return [f"p:{i}" for i in r.pos_ids] if r.pos_ids else [f"t:{normalize(t)}" for t in r.pos]
 
@@ -117,9 +110,9 @@ class _Profile:
         self.counts: dict[str, Counter[str]] = {"language": Counter(), "type": Counter(), "source": Counter()}
         self.negatives: Counter[int] = Counter()
 
-    def add(self, r: Example) -> None:
+    def add(self, r: Example, facts: tuple[str, str, str]) -> None:
         self.n += 1
-        for dim, value in zip(("language", "type", "source"), _facts(r)):
+        for dim, value in zip(("language", "type", "source"), facts):
             self.counts[dim][value] += 1
         self.negatives[len(r.neg)] += 1
 
@@ -175,14 +168,15 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
             ctx.log.info("reading %s", label)
             with store.open_read(name) as f:
                 for line, _, r in read_jsonl_numbered(f, Example, name=label, rejects=rejects):
-                    before.add(r)
+                    facts = example_facts(r)
+                    before.add(r, facts)
                     if guard.query_leak(r.query):
                         leaks["gold_query"] += 1
                         continue
                     if guard.passage_leak(r.pos_ids):
                         leaks["gold_passage"] += 1
                         continue
-                    language, qtype, source = _facts(r)
+                    language, qtype, source = facts
                     hashes.append(_key_hash(seed, r))
                     cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
                     file_of.append(f_index)
@@ -216,6 +210,7 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     # Pass 2: parse the chosen lines only (numbered as pass 1's reader numbers them).
     rows: list[Example] = []
     row_cells: list[int] = []
+    row_facts: list[tuple[str, str, str]] = []
     for f_index, (store, name, label) in enumerate(files):
         with store.open_read(name) as f:
             for line, raw in enumerate(f, start=1):
@@ -225,9 +220,10 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                     r = Example.model_validate_json(raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw)
                 except ValueError as e:  # valid in pass 1: the file changed under us
                     raise RecordError(label, line, None, f"changed while combine read it: {e}") from None
-                language, qtype, source = _facts(r)
+                language, qtype, source = facts = example_facts(r)
                 filled = {"language": language, **({"source": source} if source != "unknown" else {})}
                 rows.append(r.model_copy(update=filled))
+                row_facts.append(facts)
                 row_cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
     keys = [[f"q:{normalize(r.query)}", *_positive_keys(r)] for r in rows]
     held_out = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets)
@@ -239,10 +235,10 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     profiles = {"train": _Profile(), "validation": _Profile()}
     for part, flag in (("train", False), ("validation", True)):
         with ctx.write_jsonl(f"{part}.jsonl") as out:
-            for r, v in zip(rows, held_out):
+            for r, facts, v in zip(rows, row_facts, held_out):
                 if v == flag:
                     out.write(r)
-                    profiles[part].add(r)
+                    profiles[part].add(r, facts)
     train_cells = [cell for cell, v in zip(row_cells, held_out) if not v]
     train_counts = [train_cells.count(cell) for cell in range(8)]
     output_shares, train_shares, input_shares = shares(counts), shares(train_counts), shares(available)

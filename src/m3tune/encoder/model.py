@@ -156,6 +156,13 @@ class FastTokenize:
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict:
+    """Padded, truncated token tensors of TEXTS through a FastTokenize or a plain transformers tokenizer."""
+    if isinstance(tokenizer, FastTokenize):
+        return tokenizer(texts, max_length)
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+
 def _rust_tokenizer(path: str, max_length: int):
     """The model's fast tokenizer (tokenizer.json, special tokens included), truncating at MAX_LENGTH;
     None when the model ships none. Loading it directly takes a fifth of AutoTokenizer's time for XLM-R."""

@@ -135,7 +135,7 @@ def collate(examples: Iterable[TrainExample], indices: list[int], tokenizer, *, 
                 valid.append(False)
     width = max(len(k) for k in pos_keys)
     pos_keys = [k + [-1] * (width - len(k)) for k in pos_keys]
-    from m3tune.training.validate import tokenize
+    from m3tune.encoder.model import tokenize
 
     q, p = tokenize(tokenizer, queries, query_max_length), tokenize(tokenizer, positives + negs, passage_max_length)
     return Batch(q, p, torch.tensor(pos_keys, dtype=torch.long),

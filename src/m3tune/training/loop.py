@@ -67,6 +67,16 @@ class Session:
         self.__dict__.update(kw)
 
 
+def _digest(folder, name: str) -> str:
+    """FOLDER/NAME's sha256: the one its step's manifest recorded (no second read), else computed."""
+    from m3tune.manifest import read_manifest
+    from m3tune.storage import file_digest
+
+    manifest = read_manifest(folder)
+    written = manifest.outputs.get(name) if manifest else None
+    return written.sha256 if written else file_digest(folder, name)
+
+
 def setup(cfg, *, root_uri: str, work: Path) -> Session:
     import torch
     from accelerate import Accelerator
@@ -77,7 +87,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.tiny import resolve
     from m3tune.manifest import config_digest
-    from m3tune.storage import file_digest, open_root
+    from m3tune.storage import open_root
     from m3tune.training.config import deepspeed_config
     from m3tune.training.data import global_batches, read_examples, validation_set
 
@@ -149,7 +159,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
 
     # Checkpoints resume only the same config on the same data: after combine reruns with new inputs, the old
     # checkpoints must not pass for this run's (they would be resumed, or republished as its model).
-    data = ",".join(f"{name}={file_digest(combine, name)}" for name in ("train.jsonl", "validation.jsonl"))
+    data = ",".join(f"{name}={_digest(combine, name)}" for name in ("train.jsonl", "validation.jsonl"))
     digest = hashlib.sha256(f"{config_digest(cfg.model_copy(update={'workdir': None}))}|{data}".encode()).hexdigest()
     s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer,
                 fast_tokenize=FastTokenize(tokenizer), optimizer=optimizer,

@@ -14,19 +14,11 @@ import numpy as np
 K = 10
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict:
-    """Token tensors through the loop's FastTokenize, or a plain transformers tokenizer."""
-    from m3tune.encoder.model import FastTokenize
-
-    if isinstance(tokenizer, FastTokenize):
-        return tokenizer(texts, max_length)
-    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-
-
 def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device) -> np.ndarray:
     """Full-width CLS embeddings (not normalised) of TEXTS in order, batches sorted by length."""
     import torch
 
+    from m3tune.encoder.model import tokenize
     from m3tune.training.loss import encode
 
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
