@@ -40,7 +40,8 @@ def peer(root_uri: str) -> dict:
     from sentence_transformers import SentenceTransformer, models
     from sentence_transformers.util import mine_hard_negatives
 
-    from m3tune.encoder.tiny import TINY, resolve
+    from m3tune.encoder.profiles import resolve
+    from m3tune.encoder.tiny import TINY
     from m3tune.jsonl import read_records
     from m3tune.records import Passage, Query
     from m3tune.storage import open_root
@@ -94,7 +95,8 @@ def main() -> None:
         env = {**os.environ, "M3TUNE_CACHE": f"{workdir}/cache"}
         os.environ.update(env)
         root_uri = prepare(workdir)
-        from m3tune.encoder.tiny import TINY, resolve
+        from m3tune.encoder.profiles import resolve
+        from m3tune.encoder.tiny import TINY
 
         resolve(TINY)  # build the tiny model once, outside the timings
         print(f"python {sys.version.split()[0]}, 2 cores; corpus 21,176 passages; tiny local XLM-R, CLS, "
@@ -109,7 +111,7 @@ def main() -> None:
         for i, which in enumerate(order):
             # a fresh embeddings cache for each: everyone encodes everything
             run_env = {**env, "M3TUNE_CACHE": f"{workdir}/cache-{which}-{i}"}
-            subprocess.run([sys.executable, "-c", "from m3tune.encoder.tiny import TINY, resolve; resolve(TINY)"],
+            subprocess.run([sys.executable, "-c", "from m3tune.encoder.profiles import resolve; resolve(\"local:tiny-xlmr\")"],
                            env=run_env, check=True)
             out = subprocess.run([sys.executable, __file__, "--one", which, root_uri], env=run_env,
                                  capture_output=True, text=True, check=True)

@@ -34,9 +34,10 @@ def reference(path: str, texts: list[str], max_length: int) -> np.ndarray:
 @pytest.mark.parametrize("instruction", [None, "Represent this query: "])
 def test_vectors_match_a_plain_transformers_reference(instruction):
     from m3tune.encoder.model import Encoder
-    from m3tune.encoder.tiny import TINY, resolve
+    from m3tune.encoder.profiles import resolve
+    from m3tune.encoder.tiny import TINY
 
-    encoder = Encoder(TINY, max_length=16, batch_size=2, query_instruction=instruction)
+    encoder = Encoder(TINY, max_length=16, batch_size=2, query_prompt=instruction)
     assert encoder._rust is not None  # the fast path is the one under test
     got = encoder.encode(TEXTS, queries=True)
     expected = reference(resolve(TINY), [(instruction or "") + t for t in TEXTS], 16)
@@ -48,7 +49,8 @@ def test_a_corrupt_tokenizer_file_is_a_clear_error(tmp_path):
     import shutil
 
     from m3tune.encoder.model import Encoder
-    from m3tune.encoder.tiny import TINY, resolve
+    from m3tune.encoder.profiles import resolve
+    from m3tune.encoder.tiny import TINY
     from m3tune.errors import UserError
 
     folder = tmp_path / "model"

@@ -54,7 +54,7 @@ def tiny_model(tmp_path_factory) -> str:
 
     import torch
 
-    from m3tune.encoder.tiny import resolve
+    from m3tune.encoder.profiles import resolve
 
     path = tmp_path_factory.mktemp("models") / "tiny-nodrop"
     shutil.copytree(resolve("local:tiny-xlmr"), path)

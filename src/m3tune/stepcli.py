@@ -8,7 +8,7 @@ command from it keeps `--help`, the YAML and the code from drifting apart.
 Field names become options (`max_copy_words` → `--max-copy-words`); a field
 may name its option (`json_schema_extra={"cli": "source"}`) and add one that
 empties a list (`{"cli_empty": "no-packaged"}`); nested models (the LLM
-settings) are flattened. An option not given keeps the model's default.
+settings) are flattened; a mapping is set in the YAML only. An option not given keeps the model's default.
 The command is a plain function whose signature is built here, so Typer
 reads it like any hand-written command.
 """
@@ -50,6 +50,8 @@ def config_parameters(model: type[BaseModel], path: tuple[str, ...] = ()) -> lis
         scalar, is_list = _unwrap(field.annotation)
         if isinstance(scalar, type) and issubclass(scalar, BaseModel):
             out += config_parameters(scalar, (*path, name))
+            continue
+        if typing.get_origin(scalar) is dict:  # a mapping (evaluate's per-model profiles): YAML only
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         flag = str(extra.get("cli", name.replace("_", "-")))

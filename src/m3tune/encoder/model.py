@@ -13,32 +13,35 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-from m3tune.encoder.tiny import resolve
+from m3tune.encoder.profiles import Pooling, profile_of, resolve
 from m3tune.errors import UserError
 
 log = logging.getLogger("m3tune.encoder")
 
-Pooling = Literal["cls", "mean"]
-
 
 class Encoder:
-    def __init__(self, model: str, *, pooling: Pooling = "cls", max_length: int = 512, batch_size: int = 32,
-                 device: str | None = None, dtype: str = "auto", query_instruction: str | None = None):
+    """A dense encoder with its profile (pooling, prompts, length: `m3tune.encoder.profiles`); the
+    keyword arguments left None take the model's profile."""
+
+    def __init__(self, model: str, *, pooling: Pooling | None = None, query_prompt: str | None = None,
+                 passage_prompt: str | None = None, max_length: int | None = None, batch_size: int = 32,
+                 device: str | None = None, dtype: str = "auto"):
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bars and logs say what is happening
         hf_logging.set_verbosity_error()
-        self.name, self.pooling, self.max_length, self.batch_size = model, pooling, max_length, batch_size
-        self.query_instruction = query_instruction
         path = resolve(model)
         if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
             raise UserError(f"model {model!r}: no such folder, and not a hub id (namespace/name)")
+        self.profile = profile_of(model, pooling=pooling,
+                                  query_prompt=query_prompt, passage_prompt=passage_prompt, max_length=max_length)
+        self.name, self.batch_size = model, batch_size
+        self.pooling, self.max_length = self.profile.pooling, self.profile.max_length
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         if torch_dtype is None:
@@ -46,17 +49,26 @@ class Encoder:
                 if self.device.startswith("cuda") else torch.float32
         self._path = path
         self._tokenizer = None
+        if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+            raise UserError(f"model {model!r}: {path} has no config.json: not a Hugging Face model folder")
         try:
             self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
-            self._rust = _rust_tokenizer(path, max_length)
+            self._rust = _rust_tokenizer(path, self.max_length)
             if self._rust is None:  # no tokenizer.json (a slow, Python-only tokenizer): the general path
                 self._tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as e:
             raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
         self.pad_id = int(self.model.config.pad_token_id or 0)
         self.dim = int(self.model.config.hidden_size)
-        self.fingerprint = _fingerprint(model, path, pooling, max_length, query_instruction,
+        prompts = [self.profile.query_prompt, self.profile.passage_prompt]
+        self.fingerprint = _fingerprint(model, path, self.pooling, self.max_length,
+                                        json.dumps(prompts) if any(prompts) else None,
                                         getattr(self.model.config, "_commit_hash", None))
+
+    def settings(self) -> dict:
+        """What the vectors depend on besides the weights: recorded in index.json and manifests."""
+        return {"pooling": self.pooling, "query_prompt": self.profile.query_prompt,
+                "passage_prompt": self.profile.passage_prompt, "max_length": self.max_length}
 
     @property
     def tokenizer(self):
@@ -68,12 +80,12 @@ class Encoder:
         return self._tokenizer
 
     def encode(self, texts: Sequence[str], *, queries: bool = False, desc: str = "encode") -> np.ndarray:
-        """L2-normalised float32 vectors of TEXTS, in order (queries get the query instruction)."""
+        """L2-normalised float32 vectors of TEXTS, in order, each after its prompt (query or passage)."""
         import torch
 
         from m3tune.progress import track
 
-        prefix = self.query_instruction if queries and self.query_instruction else ""
+        prefix = self.profile.prompt(queries)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Texts sorted by length, then tokenized a block at a time and re-sorted by token count inside
         # the block: batches of near-equal token length waste little compute on padding. Blocks stay
@@ -192,14 +204,15 @@ def _rust_tokenizer(path: str, max_length: int):
 _LOADED: dict[tuple, Encoder] = {}
 
 
-def load_encoder(model: str, *, pooling: Pooling = "cls", max_length: int = 512, batch_size: int = 32,
-                 dtype: str = "auto", query_instruction: str | None = None) -> Encoder:
+def load_encoder(model: str, *, pooling: Pooling | None = None, query_prompt: str | None = None,
+                 passage_prompt: str | None = None, max_length: int | None = None, batch_size: int = 32,
+                 dtype: str = "auto") -> Encoder:
     """An Encoder, loaded once per process for the same settings: `index` and `mine-negatives` in one
     `m3tune run` share it (loading XLM-R's tokenizer alone takes ~2 s)."""
-    key = (model, pooling, max_length, batch_size, dtype, query_instruction)
+    key = (model, pooling, query_prompt, passage_prompt, max_length, batch_size, dtype)
     if key not in _LOADED:
-        _LOADED[key] = Encoder(model, pooling=pooling, max_length=max_length, batch_size=batch_size, dtype=dtype,
-                               query_instruction=query_instruction)
+        _LOADED[key] = Encoder(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
+                               max_length=max_length, batch_size=batch_size, dtype=dtype)
     return _LOADED[key]
 
 

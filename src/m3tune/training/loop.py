@@ -85,7 +85,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     from transformers.utils import logging as hf_logging
 
     from m3tune.encoder.model import FastTokenize
-    from m3tune.encoder.tiny import resolve
+    from m3tune.encoder.profiles import profile_of, resolve
     from m3tune.manifest import config_digest
     from m3tune.storage import open_root
     from m3tune.training.config import deepspeed_config
@@ -117,6 +117,10 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     valset = validation_set(val_examples, extra)
 
     path = resolve(cfg.model)
+    # How texts are prompted and pooled, here and in the exported model: the base model's profile, or the
+    # config's fields where given (the e5 family: mean pooling and query: / passage:).
+    profile = profile_of(cfg.model, pooling=cfg.pooling,
+                         query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:  # BGE-M3 takes the CLS hidden state; an unused pooler would break DDP's gradient reduction
@@ -165,6 +169,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
                 fast_tokenize=FastTokenize(tokenizer), optimizer=optimizer,
                 scheduler=scheduler, root=root, out=out, work=work, train_examples=train_examples, valset=valset,
                 plans=plans, steps_in=steps_in, total_steps=total_steps, dims=dims, weights=weights, hidden=hidden,
+                profile=profile,
                 base_path=path, digest=digest, step=0, history=[], best=None, bad_evals=0, before=None,
                 stopped_early=False, started=time.time(), examples_seen=0)
     _resume(s)
@@ -229,11 +234,13 @@ def train(s: Session) -> None:
                     if cfg.gradcache_chunk:
                         loss, per_dim = gradcache_backward(
                             s.model, q_tok, p_tok, chunk=cfg.gradcache_chunk, loss_fn=loss_fn,
-                            backward=checked_backward, no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients)
+                            backward=checked_backward, no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients,
+                            pooling=s.profile.pooling)
                     else:
                         from m3tune.training.loss import encode
 
-                        loss, per_dim = loss_fn(encode(s.model, q_tok), encode(s.model, p_tok))
+                        pooling = s.profile.pooling
+                        loss, per_dim = loss_fn(encode(s.model, q_tok, pooling), encode(s.model, p_tok, pooling))
                         checked_backward(loss)
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
@@ -280,7 +287,8 @@ def _micro_batches(s: Session, epoch: int, plan: list[list[int]], start: int, ra
         indices = plan[m][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
         return collate([s.train_examples[i] for i in indices], indices, s.fast_tokenize, negatives=cfg.negatives,
                        seed=cfg.seed, epoch=epoch, query_max_length=cfg.query_max_length,
-                       passage_max_length=cfg.passage_max_length)
+                       passage_max_length=cfg.passage_max_length, query_prompt=s.profile.query_prompt,
+                       passage_prompt=s.profile.passage_prompt)
 
     with ThreadPoolExecutor(1, thread_name_prefix="m3tune-collate") as pool:
         upcoming = pool.submit(make, start) if start < len(plan) else None
@@ -312,7 +320,7 @@ def _validate(s: Session, *, record: bool) -> dict[str, Any]:
     with s.accelerator.autocast():
         metrics = evaluate(model, s.fast_tokenize, s.valset, dims=s.dims, query_max_length=cfg.query_max_length,
                            passage_max_length=cfg.passage_max_length, batch_size=max(cfg.batch_size, 32),
-                           device=s.accelerator.device)
+                           device=s.accelerator.device, profile=s.profile)
     metrics = {str(d): m for d, m in metrics.items()}
     if not record:
         if s.accelerator.is_main_process:
@@ -446,7 +454,8 @@ def save(s: Session) -> dict[str, Any] | None:
     model_dir = out / "model"
     shutil.copytree(s.work / BEST, model_dir)
     s.tokenizer.save_pretrained(model_dir)  # written once here: it never changes
-    export.write_sentence_transformers_files(model_dir, hidden=s.hidden, max_seq_length=cfg.passage_max_length)
+    export.write_sentence_transformers_files(model_dir, hidden=s.hidden, max_seq_length=cfg.passage_max_length,
+                                             profile=s.profile)
     heads = export.copy_bge_m3_heads(s.base_path, model_dir)
     export.plot_curves(s.history, s.dims, model_dir / export.CURVES, before=s.before)
     data = {"train_examples": len(s.train_examples),
@@ -457,7 +466,7 @@ def save(s: Session) -> dict[str, Any] | None:
             "effective_batch": cfg.batch_size * acc.num_processes * cfg.gradient_accumulation,
             "examples_left_out_of_epoch_1": len(s.train_examples) - sum(len(b) for b in s.plans[0])}
     card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
-                             before=s.before, heads=heads, hidden=s.hidden, dims=s.dims)
+                             before=s.before, heads=heads, hidden=s.hidden, dims=s.dims, profile=s.profile)
     (model_dir / "README.md").write_text(card, encoding="utf-8")
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         for row in s.history:

