@@ -28,7 +28,7 @@ class Encoder:
 
     def __init__(self, model: str, *, pooling: Pooling | None = None, query_prompt: str | None = None,
                  passage_prompt: str | None = None, max_length: int | None = None, batch_size: int = 32,
-                 device: str | None = None, dtype: str = "auto"):
+                 device: str | None = None, dtype: str = "auto", strip_marks: bool | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -39,7 +39,8 @@ class Encoder:
         if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
             raise UserError(f"model {model!r}: no such folder, and not a hub id (namespace/name)")
         self.profile = profile_of(model, pooling=pooling,
-                                  query_prompt=query_prompt, passage_prompt=passage_prompt, max_length=max_length)
+                                  query_prompt=query_prompt, passage_prompt=passage_prompt, max_length=max_length,
+                                  strip_marks=strip_marks)
         self.name, self.batch_size = model, batch_size
         self.pooling, self.max_length = self.profile.pooling, self.profile.max_length
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,15 +61,18 @@ class Encoder:
             raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
         self.pad_id = int(self.model.config.pad_token_id or 0)
         self.dim = int(self.model.config.hidden_size)
-        prompts = [self.profile.query_prompt, self.profile.passage_prompt]
+        # what the text goes through before tokenizing (the tiny model's fingerprint from before profiles
+        # existed is the one with neither prompts nor marks stripped)
+        prep = [self.profile.query_prompt, self.profile.passage_prompt] + (["strip_marks"] if self.profile.strip_marks else [])
         self.fingerprint = _fingerprint(model, path, self.pooling, self.max_length,
-                                        json.dumps(prompts) if any(prompts) else None,
+                                        json.dumps(prep) if any(prep) else None,
                                         getattr(self.model.config, "_commit_hash", None))
 
     def settings(self) -> dict:
         """What the vectors depend on besides the weights: recorded in index.json and manifests."""
         return {"pooling": self.pooling, "query_prompt": self.profile.query_prompt,
-                "passage_prompt": self.profile.passage_prompt, "max_length": self.max_length}
+                "passage_prompt": self.profile.passage_prompt, "max_length": self.max_length,
+                "strip_marks": self.profile.strip_marks}
 
     @property
     def tokenizer(self):
@@ -85,7 +89,6 @@ class Encoder:
 
         from m3tune.progress import track
 
-        prefix = self.profile.prompt(queries)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Texts sorted by length, then tokenized a block at a time and re-sorted by token count inside
         # the block: batches of near-equal token length waste little compute on padding. Blocks stay
@@ -96,7 +99,8 @@ class Encoder:
         def batches():
             for start in range(0, len(order), block):
                 chunk = order[start:start + block]
-                for batch, ids, mask in self._batches([prefix + texts[i] for i in chunk]):
+                for batch, ids, mask in self._batches([self.profile.prepare(texts[i], queries=queries)
+                                                       for i in chunk]):
                     yield [chunk[j] for j in batch], ids, mask
 
         with torch.inference_mode():
@@ -206,13 +210,13 @@ _LOADED: dict[tuple, Encoder] = {}
 
 def load_encoder(model: str, *, pooling: Pooling | None = None, query_prompt: str | None = None,
                  passage_prompt: str | None = None, max_length: int | None = None, batch_size: int = 32,
-                 dtype: str = "auto") -> Encoder:
+                 dtype: str = "auto", strip_marks: bool | None = None) -> Encoder:
     """An Encoder, loaded once per process for the same settings: `index` and `mine-negatives` in one
     `m3tune run` share it (loading XLM-R's tokenizer alone takes ~2 s)."""
-    key = (model, pooling, query_prompt, passage_prompt, max_length, batch_size, dtype)
+    key = (model, pooling, query_prompt, passage_prompt, max_length, batch_size, dtype, strip_marks)
     if key not in _LOADED:
         _LOADED[key] = Encoder(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
-                               max_length=max_length, batch_size=batch_size, dtype=dtype)
+                               max_length=max_length, batch_size=batch_size, dtype=dtype, strip_marks=strip_marks)
     return _LOADED[key]
 
 

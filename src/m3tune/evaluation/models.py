@@ -256,6 +256,7 @@ def load_dense(spec: ModelSpec, root, options: EncodeOptions):
     own = options.profiles.get(spec.name, {})
     return load_encoder(model_path(spec.target, root), pooling=own.get("pooling"),
                         query_prompt=own.get("query_prompt"), passage_prompt=own.get("passage_prompt"),
+                        strip_marks=own.get("strip_marks"),
                         max_length=options.max_length, batch_size=options.batch_size, dtype=options.dtype)
 
 

@@ -30,6 +30,7 @@ class ProfileOverride(BaseModel):
     pooling: Literal["cls", "mean"] | None = None
     query_prompt: str | None = None
     passage_prompt: str | None = None
+    strip_marks: bool | None = None
 
 
 class EvaluateConfig(BaseModel):

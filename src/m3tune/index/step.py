@@ -36,6 +36,8 @@ class EncoderSettings(BaseModel):
                                        "'passage: '); none: the model's profile")
     max_length: int | None = Field(default=None, ge=8, description="tokens per text, longer ones truncated; "
                                    "none: the model's profile (512)")
+    strip_marks: bool | None = Field(default=None, description="encode Arabic without tashkeel and Quranic marks, "
+                                     "as queries are typed (none: the profile's, yes)")
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass (sorted by length)")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
 
@@ -45,7 +47,7 @@ class EncoderSettings(BaseModel):
 
         return load_encoder(self.model, pooling=self.pooling, query_prompt=self.query_prompt,
                             passage_prompt=self.passage_prompt, max_length=self.max_length,
-                            batch_size=self.batch_size, dtype=self.dtype)
+                            batch_size=self.batch_size, dtype=self.dtype, strip_marks=self.strip_marks)
 
 
 class IndexConfig(BaseModel):

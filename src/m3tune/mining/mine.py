@@ -130,7 +130,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
 
     encoder = load_encoder(info["model"], pooling=info["pooling"], query_prompt=info["query_prompt"],
                            passage_prompt=info["passage_prompt"], max_length=info["max_length"],
-                           batch_size=info["batch_size"], dtype=info["dtype"])
+                           batch_size=info["batch_size"], dtype=info["dtype"], strip_marks=info["strip_marks"])
     if encoder.fingerprint != info["fingerprint"]:
         raise UserError(f"the encoder {info['model']!r} is not the one that built the index (fingerprint "
                         f"{encoder.fingerprint} != {info['fingerprint']}): rerun the index step")

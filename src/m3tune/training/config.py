@@ -34,6 +34,8 @@ class TrainConfig(BaseModel):
                            "example has fewer; never repeated)")
     cross_device_negatives: bool = Field(default=True, description="score each query against the passages of "
                                          "every process's batch (all-gather), not only its own")
+    strip_marks: bool | None = Field(default=None, description="train on Arabic without tashkeel and Quranic "
+                                     "marks, as the encoder sees it (none: the profile's, yes)")
     query_max_length: int = Field(default=128, ge=8, description="tokens per query")
     passage_max_length: int = Field(default=512, ge=8, description="tokens per passage")
     batch_size: int = Field(default=32, ge=1, description="examples per process per micro-batch")
@@ -50,6 +52,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="no", description="autocast precision "
                                                            "(bf16 on recent GPUs)")
+    freeze_embeddings: bool = Field(default=False, description="keep the word-embedding matrix fixed (e5-small: "
+                                    "96M of 118M parameters; a CPU step takes half the time); its effect on "
+                                    "quality is measured in docs/benchmarks.md")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less "
                                          "memory, ~30% more compute")
     deepspeed: str | None = Field(default=None, description="zero2, zero3 (shipped configs) or a DeepSpeed JSON "

@@ -108,27 +108,29 @@ class Batch:
 
 
 def collate(examples: Iterable[TrainExample], indices: list[int], tokenizer, *, negatives: int, seed: int, epoch: int,
-            query_max_length: int, passage_max_length: int, query_prompt: str = "",
-            passage_prompt: str = "") -> Batch:
+            query_max_length: int, passage_max_length: int, profile=None) -> Batch:
     """Tokenize one process's examples. Each query gets one positive and up to NEGATIVES distinct hard
     negatives, chosen per (seed, epoch, example) so that any process count picks the same ones; slots an
     example cannot fill hold an empty text masked out of the loss (fixed shapes for the all-gather). Texts
     get the model's prompts, as the Encoder gives them at index and evaluation time."""
     import torch
 
+    from m3tune.encoder.profiles import Profile
+
+    profile = profile or Profile(strip_marks=False)
     examples = list(examples)
     queries, positives, negs, pos_keys, pos_cols, neg_cols, valid = [], [], [], [], [], [], []
     for idx, ex in zip(indices, examples):
         rng = random.Random(f"{seed}:{epoch}:{idx}")
         p = rng.randrange(len(ex.pos))
-        queries.append(query_prompt + ex.query)
-        positives.append(passage_prompt + ex.pos[p])
+        queries.append(profile.prepare(ex.query, queries=True))
+        positives.append(profile.prepare(ex.pos[p], queries=False))
         pos_cols.append(key_hash(ex.pos_keys[p]))
         pos_keys.append([key_hash(k) for k in ex.pos_keys])
         chosen = rng.sample(range(len(ex.negs)), min(negatives, len(ex.negs)))
         for j in range(negatives):
             if j < len(chosen):
-                negs.append(passage_prompt + ex.negs[chosen[j]])
+                negs.append(profile.prepare(ex.negs[chosen[j]], queries=False))
                 neg_cols.append(key_hash(ex.neg_keys[chosen[j]]))
                 valid.append(True)
             else:

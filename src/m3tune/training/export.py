@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 BGE_M3_HEADS = ("sparse_linear.pt", "colbert_linear.pt")
+PROFILE_FILE = "m3tune_profile.json"
 CURVES = "validation_curves.png"
 
 
@@ -37,6 +39,10 @@ def write_sentence_transformers_files(folder: Path, *, hidden: int, max_seq_leng
         "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True,
     }, indent=2) + "\n")
     (folder / "2_Normalize").mkdir(exist_ok=True)
+    # The whole profile, for m3tune (sentence-transformers has no place for stripping marks): index and
+    # evaluate then treat the fine-tuned model exactly as it was trained.
+    (folder / PROFILE_FILE).write_text(json.dumps({**asdict(profile), "max_length": max_seq_length,
+                                                   "heads": list(profile.heads)}, indent=2) + "\n")
     (folder / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": {"query": profile.query_prompt, "document": profile.passage_prompt}, "default_prompt_name": None,
          "similarity_fn_name": "cosine"}, indent=2) + "\n")
@@ -100,6 +106,9 @@ def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best:
         "average `last_hidden_state` over the attention mask"
     prompt_text = "".join(f" {role} texts start with `{text}`." for role, text in
                           (("Query", profile.query_prompt), ("Passage", profile.passage_prompt)) if text)
+    if profile.strip_marks:
+        prompt_text += (" It was trained on Arabic without tashkeel and Quranic marks: strip them before encoding "
+                        "(`m3tune.arabic.strip_marks`), as m3tune does; sentence-transformers does not.")
     config_lines = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in config.items())
     return f"""---
 library_name: sentence-transformers

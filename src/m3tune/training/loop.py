@@ -120,7 +120,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     # How texts are prompted and pooled, here and in the exported model: the base model's profile, or the
     # config's fields where given (the e5 family: mean pooling and query: / passage:).
     profile = profile_of(cfg.model, pooling=cfg.pooling,
-                         query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt)
+                         query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt, strip_marks=cfg.strip_marks)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:  # BGE-M3 takes the CLS hidden state; an unused pooler would break DDP's gradient reduction
@@ -137,6 +137,8 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     dims = sorted(cfg.dims, reverse=True)
     weights = cfg.dim_weights or [1.0] * len(cfg.dims)
     weights = [weights[cfg.dims.index(d)] for d in dims]
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -287,8 +289,7 @@ def _micro_batches(s: Session, epoch: int, plan: list[list[int]], start: int, ra
         indices = plan[m][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
         return collate([s.train_examples[i] for i in indices], indices, s.fast_tokenize, negatives=cfg.negatives,
                        seed=cfg.seed, epoch=epoch, query_max_length=cfg.query_max_length,
-                       passage_max_length=cfg.passage_max_length, query_prompt=s.profile.query_prompt,
-                       passage_prompt=s.profile.passage_prompt)
+                       passage_max_length=cfg.passage_max_length, profile=s.profile)
 
     with ThreadPoolExecutor(1, thread_name_prefix="m3tune-collate") as pool:
         upcoming = pool.submit(make, start) if start < len(plan) else None

@@ -14,9 +14,13 @@ import numpy as np
 K = 10
 
 
-def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device, pooling: str = "cls",
-          prompt: str = "") -> np.ndarray:
-    """Full-width embeddings (pooled, not normalised) of TEXTS after PROMPT, in order, batches sorted by length."""
+def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, device, profile=None,
+          queries: bool = False) -> np.ndarray:
+    """Full-width embeddings (pooled, not normalised) of TEXTS prepared by PROFILE (default: CLS, as given),
+    in order, batches sorted by length."""
+    from m3tune.encoder.profiles import Profile
+
+    profile = profile or Profile(strip_marks=False)
     import torch
 
     from m3tune.encoder.model import tokenize
@@ -29,9 +33,9 @@ def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            tokens = tokenize(tokenizer, [prompt + texts[i] for i in batch], max_length)
+            tokens = tokenize(tokenizer, [profile.prepare(texts[i], queries=queries) for i in batch], max_length)
             tokens = {k: v.to(device) for k, v in tokens.items()}
-            rep = encode(model, tokens, pooling).float().cpu().numpy()
+            rep = encode(model, tokens, profile.pooling).float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(texts), rep.shape[1]), dtype=np.float32)
             out[batch] = rep
@@ -55,16 +59,13 @@ def retrieval_metrics(q: np.ndarray, p: np.ndarray, relevant: Sequence[set[int]]
 
 def evaluate(model, tokenizer, valset, *, dims: Sequence[int], query_max_length: int, passage_max_length: int,
              batch_size: int, device, profile=None) -> dict[int, dict[str, float]]:
-    """{dim: {metric: value}} on the validation set (texts prompted and pooled by PROFILE, default CLS, none)."""
-    from m3tune.encoder.profiles import Profile
-
-    profile = profile or Profile()
+    """{dim: {metric: value}} on the validation set (texts prepared and pooled by PROFILE, default CLS as given)."""
     index = {key: i for i, key in enumerate(valset.corpus_keys)}
     relevant = [{index[k] for k in rel} for rel in valset.relevant]
     q = embed(model, tokenizer, valset.queries, max_length=query_max_length, batch_size=batch_size, device=device,
-              pooling=profile.pooling, prompt=profile.query_prompt)
+              profile=profile, queries=True)
     p = embed(model, tokenizer, valset.corpus_texts, max_length=passage_max_length, batch_size=batch_size,
-              device=device, pooling=profile.pooling, prompt=profile.passage_prompt)
+              device=device, profile=profile)
     out = {}
     for dim in dims:
         qd = q[:, :dim] / np.linalg.norm(q[:, :dim], axis=1, keepdims=True).clip(1e-12)
