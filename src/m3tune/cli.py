@@ -120,8 +120,6 @@ def _build(model: type[BaseModel], values: dict[str, Any], where: str) -> BaseMo
 
 def load_run_config(path: Path | None) -> dict[str, BaseModel]:
     """Per-step configs from a YAML/JSON file {step: {option: value}}; absent steps use defaults."""
-    from m3tune.pipeline import STEPS
-
     if path is None:
         return {}
     import yaml
@@ -130,13 +128,20 @@ def load_run_config(path: Path | None) -> dict[str, BaseModel]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
+    return run_configs(data, str(path))
+
+
+def run_configs(data: Any, where: str) -> dict[str, BaseModel]:
+    """Per-step configs from the mapping DATA {step: {option: value}} read from WHERE."""
+    from m3tune.pipeline import STEPS
+
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of step name to options")
+        raise ConfigError(f"{where}: expected a mapping of step name to options")
     configs = {}
     for name, values in data.items():
         if name not in STEPS:
-            raise ConfigError(f"{path}: unknown step {name!r}; steps: {', '.join(STEPS)}")
-        configs[name] = _build(STEPS[name].config, values or {}, f"{path}: {name}")
+            raise ConfigError(f"{where}: unknown step {name!r}; steps: {', '.join(STEPS)}")
+        configs[name] = _build(STEPS[name].config, values or {}, f"{where}: {name}")
     return configs
 
 
@@ -564,6 +569,43 @@ def bench_train(
         with tempfile.TemporaryDirectory(prefix="m3tune-bench-") as tmp:
             result = bench.compare_cpu(workdir=workdir or Path(tmp), batch=batch or 32, steps=steps or 30)
     typer.echo(json.dumps(result, indent=2))
+
+
+@bench_app.command("quality")
+@_errors
+def bench_quality(
+    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False,
+                                         help="Quality config: a run config (per-step sections) plus a "
+                                              "`quality:` section (configs/quality-cpu.yaml, quality-gpu.yaml).")]
+    = Path("configs/quality-cpu.yaml"),
+    root: Annotated[Optional[str], typer.Option("--root", help="Run root (default: runs/quality-NAME, NAME the "
+                                                "config's file name); a rerun resumes.")] = None,
+    s3_endpoint: EndpointOpt = None,
+    verbose: VerboseOpt = False,
+):
+    """Does the pipeline make a real model better? The whole pipeline on a real base model, then base vs
+    fine-tuned vs BM25 on the gold standard: per-phase time, tables by category, paired tests, verdict.
+    Exit 3 when the goal (beats base on nDCG@10 and Recall@10 at p < 0.05, no category worse) is missed."""
+    import yaml
+    from rich.console import Console
+
+    from m3tune.quality import QualitySettings, markdown, run_quality
+
+    _setup(verbose, s3_endpoint)
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{config}: cannot read config: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config}: expected a mapping of sections")
+    settings = _build(QualitySettings, data.pop("quality", None) or {}, f"{config}: quality")
+    configs = run_configs(data, str(config))
+    store = _root(root or f"runs/{config.stem}", "runs", None)
+    summary = run_quality(store, configs, settings, log=logging.getLogger("m3tune.quality"))
+    Console().print(markdown(summary), highlight=False)
+    Console().print(f"summary: [bold]{store.child('quality').uri_of('summary.md')}[/bold]")
+    if not summary["goal_met"]:
+        raise typer.Exit(EXIT_TARGETS_MISSED)
 
 
 step_app = typer.Typer(help="Run one step of a run (skipped when its manifest proves it done; --force reruns). "
