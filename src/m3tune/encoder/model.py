@@ -75,6 +75,12 @@ class Encoder:
                 "strip_marks": self.profile.strip_marks}
 
     @property
+    def notice(self) -> str | None:
+        """The model folder's NOTICE.md (the attribution its licence asks for), if it has one."""
+        file = Path(self._path) / "NOTICE.md"
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+
+    @property
     def tokenizer(self):
         """The transformers tokenizer (loaded on first use: encoding goes through the Rust one)."""
         if self._tokenizer is None:

@@ -145,6 +145,7 @@ class Ranked:
     dim: int | None
     seconds: dict[str, float] = field(default_factory=dict)
     skipped_dims: list[int] = field(default_factory=list)
+    notice: str | None = None  # the model's NOTICE.md (its licence's attribution)
 
 
 def _encode_chunked(cache, encoder, texts: list[str], *, queries: bool, chunk: int | None, desc: str):
@@ -196,7 +197,7 @@ def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage
         runs[d] = _top_k_run(qids, _truncate(qvecs, d), _truncate(docs, d), ids, k)
     t3 = time.perf_counter()
     return Ranked(runs, full, {"encode_passages": t1 - t0, "encode_queries": t2 - t1, "search": t3 - t2},
-                  skipped)
+                  skipped, getattr(encoder, "notice", None))
 
 
 class BM25:

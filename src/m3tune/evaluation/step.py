@@ -117,9 +117,12 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
     models: list[dict[str, Any]] = []
     per_query_rows: list[dict[str, Any]] = []
     values_of: dict[str, metrics.PerQuery] = {}
+    notices: dict[str, None] = {}
     for spec in specs:
         t0 = time.perf_counter()
         ranked = rank_model(spec, gold, passages, k=k, dims=dims, options=options, root=root, bm25=bm25)
+        if ranked.notice:
+            notices[ranked.notice] = None
         values = metrics.per_query(gold, ranked.runs[None])
         values_of[spec.name] = values
         overall = metrics.mean(values)
@@ -170,6 +173,8 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
                                                            for r in per_query_rows),
                                "report.md": report.markdown(results).encode()}
     files.update(pngs)
+    if notices:  # the evaluated models' licences ask for their attribution beside what is made from them
+        files["NOTICE.md"] = "\n".join(notices).encode()
     return files
 
 

@@ -127,6 +127,8 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
             "qdrant_api_key_env": qdrant_api_key_env, "qdrant_exact": qdrant_exact,
             "embeddings_cache": embeddings_cache, "existing": existing}
     ctx.write_bytes("index.json", json.dumps(info, indent=2).encode() + b"\n")
+    if model.notice:  # the model's licence travels with the vectors made from it
+        ctx.write_bytes("NOTICE.md", model.notice.encode())
     if backend == "qdrant":
         qdrant = open_qdrant(name, qdrant_url, qdrant_api_key_env)
         try:

@@ -48,6 +48,15 @@ def write_sentence_transformers_files(folder: Path, *, hidden: int, max_seq_leng
          "similarity_fn_name": "cosine"}, indent=2) + "\n")
 
 
+def copy_notice(base: str, folder: Path) -> bool:
+    """The base model folder's NOTICE.md (its licence's attribution) travels with the fine-tuned model."""
+    source = Path(base) / "NOTICE.md"
+    if source.is_file():
+        shutil.copyfile(source, folder / "NOTICE.md")
+        return True
+    return False
+
+
 def copy_bge_m3_heads(base: str, folder: Path) -> list[str]:
     """Copy BGE-M3's sparse and ColBERT heads from the base model (a folder, or the hub cache) when present."""
     copied = []

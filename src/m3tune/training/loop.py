@@ -458,6 +458,7 @@ def save(s: Session) -> dict[str, Any] | None:
     export.write_sentence_transformers_files(model_dir, hidden=s.hidden, max_seq_length=cfg.passage_max_length,
                                              profile=s.profile)
     heads = export.copy_bge_m3_heads(s.base_path, model_dir)
+    export.copy_notice(s.base_path, model_dir)
     export.plot_curves(s.history, s.dims, model_dir / export.CURVES, before=s.before)
     data = {"train_examples": len(s.train_examples),
             "train_examples_without_negatives": sum(1 for e in s.train_examples if not e.negs),
