@@ -139,6 +139,8 @@ def run_configs(data: Any, where: str) -> dict[str, BaseModel]:
         raise ConfigError(f"{where}: expected a mapping of step name to options")
     configs = {}
     for name, values in data.items():
+        if name == "quality":  # `m3tune bench quality`'s own section: the steps' sections are a run config
+            continue
         if name not in STEPS:
             raise ConfigError(f"{where}: unknown step {name!r}; steps: {', '.join(STEPS)}")
         configs[name] = _build(STEPS[name].config, values or {}, f"{where}: {name}")
@@ -598,7 +600,7 @@ def bench_quality(
         raise ConfigError(f"{config}: cannot read config: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{config}: expected a mapping of sections")
-    settings = _build(QualitySettings, data.pop("quality", None) or {}, f"{config}: quality")
+    settings = _build(QualitySettings, data.get("quality") or {}, f"{config}: quality")
     configs = run_configs(data, str(config))
     store = _root(root or f"runs/{config.stem}", "runs", None)
     summary = run_quality(store, configs, settings, log=logging.getLogger("m3tune.quality"))

@@ -30,7 +30,7 @@ class Encoder:
                  passage_prompt: str | None = None, max_length: int | None = None, batch_size: int = 32,
                  device: str | None = None, dtype: str = "auto", strip_marks: bool | None = None):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bars and logs say what is happening
@@ -49,14 +49,11 @@ class Encoder:
             torch_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
                 if self.device.startswith("cuda") else torch.float32
         self._path = path
-        self._tokenizer = None
         if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
             raise UserError(f"model {model!r}: {path} has no config.json: not a Hugging Face model folder")
         try:
             self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
-            self._rust = _rust_tokenizer(path, self.max_length)
-            if self._rust is None:  # no tokenizer.json (a slow, Python-only tokenizer): the general path
-                self._tokenizer = AutoTokenizer.from_pretrained(path)
+            self._tokenizer, self._rust = _tokenizers(path, self.max_length)
         except OSError as e:
             raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
         self.pad_id = int(self.model.config.pad_token_id or 0)
@@ -82,11 +79,7 @@ class Encoder:
 
     @property
     def tokenizer(self):
-        """The transformers tokenizer (loaded on first use: encoding goes through the Rust one)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self._path)
+        """The transformers tokenizer (encoding goes through its Rust tokenizer)."""
         return self._tokenizer
 
     def encode(self, texts: Sequence[str], *, queries: bool = False, desc: str = "encode") -> np.ndarray:
@@ -185,30 +178,28 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict:
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
-def _rust_tokenizer(path: str, max_length: int):
-    """The model's fast tokenizer (tokenizer.json, special tokens included), truncating at MAX_LENGTH;
-    None when the model ships none. Loading it directly takes a fifth of AutoTokenizer's time for XLM-R."""
+def _tokenizers(path: str, max_length: int):
+    """(the transformers tokenizer, a private copy of its Rust tokenizer truncating at MAX_LENGTH, or None for
+    a slow one). The Rust tokenizer is the one AutoTokenizer builds, not tokenizer.json read on its own:
+    transformers 5 rebuilds XLM-R's pipeline (WhitespaceSplit before Metaspace), so the file alone turns a
+    trailing space or U+200F into a final `▁` token that training, sentence-transformers and every
+    transformers user never see (cosine 0.98 on 'patience ' against 'patience')."""
     from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
 
-    folder = Path(path)
-    if folder.is_dir():
-        file = folder / "tokenizer.json"
-        if not file.is_file():
-            return None
-        try:
-            tok = Tokenizer.from_file(str(file))
-        except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
-            raise UserError(f"{file}: not a tokenizer file ({str(e).splitlines()[0][:200]})") from None
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            tok = Tokenizer.from_file(hf_hub_download(path, "tokenizer.json"))
-        except Exception:  # noqa: BLE001 — no tokenizer.json on the hub: the general path loads what there is
-            return None
+    try:
+        auto = AutoTokenizer.from_pretrained(path)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a corrupt tokenizer file surfaces as whatever its parser raises
+        where = Path(path) / "tokenizer.json" if Path(path).is_dir() else path
+        raise UserError(f"{where}: not a tokenizer file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    if not getattr(auto, "is_fast", False):
+        return auto, None
+    tok = Tokenizer.from_str(auto.backend_tokenizer.to_str())
     tok.no_padding()
     tok.enable_truncation(max_length)
-    return tok
+    return auto, tok
 
 
 _LOADED: dict[tuple, Encoder] = {}
