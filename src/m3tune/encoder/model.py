@@ -228,8 +228,10 @@ def _fingerprint(model: str, path: str, pooling: str, max_length: int, instructi
     the same model built or downloaded in two pods (index and mine-negatives
     on Argo) must have the same fingerprint.
     """
+    # "tokenizer": texts go through AutoTokenizer's Rust pipeline (vectors cached before that differ on a
+    # trailing space, so they must not be found under the same fingerprint)
     parts: dict = {"model": model, "pooling": pooling, "max_length": max_length, "instruction": instruction,
-                   "revision": revision}
+                   "revision": revision, "tokenizer": "transformers-auto"}
     folder = Path(path)
     if folder.is_dir():
         for f in sorted(folder.iterdir()):

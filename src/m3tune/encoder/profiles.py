@@ -22,7 +22,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 Pooling = Literal["cls", "mean"]
+
+
+class ProfileFields(BaseModel):
+    """The config fields that override a model's profile (index, filter-negatives, train, evaluate's per-model
+    `profiles`); None keeps the profile's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pooling: Pooling | None = Field(default=None, description="cls (BGE-M3) or mean (e5); none: the model's profile")
+    query_prompt: str | None = Field(default=None, description="text put before each query (e5: 'query: '; "
+                                     "BGE-M3: none); none: the model's profile")
+    passage_prompt: str | None = Field(default=None, description="text put before each passage (e5: "
+                                       "'passage: '); none: the model's profile")
+    strip_marks: bool | None = Field(default=None, description="encode Arabic without tashkeel and Quranic marks, "
+                                     "as queries are typed (none: the profile's, yes)")
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ def build_tiny(out: Path, *, hidden: int = 32, layers: int = 1, heads: int = 2, 
         torch.random.set_rng_state(generator_state)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a cache built by root from a non-root pod
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if (out / "config.json").is_file():  # another process built it meanwhile: the same weights

