@@ -1,5 +1,7 @@
 # Two commands on a fresh clone (only Python >= 3.11 and make needed):
-#   make demo   create .venv, install, run the pipeline locally on embedded defaults (no network)
+#   make demo   create .venv, install, fine-tune multilingual-e5-small locally on embedded defaults (no network,
+#               ~13 minutes on 2 cores) and print base vs fine-tuned vs BM25; make demo-tiny: the same pipeline on
+#               the tiny encoder in about a minute
 #   make test   create .venv if needed, run the tests
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= demo
 
-.PHONY: demo test bench quality clean render images
+.PHONY: demo demo-tiny test bench quality clean render images
 
 $(STAMP): pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +17,12 @@ $(STAMP): pyproject.toml constraints/dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/m3tune run --root runs/$(RUN) --config configs/demo.yaml
+	$(BIN)/m3tune bench quality --config configs/demo-e5.yaml --root runs/$(RUN)
 	@echo "outputs: $(CURDIR)/runs/$(RUN)  (status: $(BIN)/m3tune status --root runs/$(RUN))"
+
+demo-tiny: $(STAMP)
+	$(BIN)/m3tune run --root runs/demo-tiny --config configs/demo.yaml
+	@echo "outputs: $(CURDIR)/runs/demo-tiny  (status: $(BIN)/m3tune status --root runs/demo-tiny)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

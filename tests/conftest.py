@@ -69,7 +69,7 @@ def any_root(request):
 
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory):
-    """The whole pipeline on embedded defaults (what `make demo` runs), once, shared by tests that read it."""
+    """The whole pipeline on embedded defaults (what `make demo-tiny` runs), once, shared by tests that read it."""
     from m3tune.executor import run_pipeline
 
     root = open_root(str(tmp_path_factory.mktemp("full") / "runs" / "full"))

@@ -98,7 +98,7 @@ def test_offline_conceptual_queries_hold_all_their_positives(small_root):
 
 
 def test_demo_pipeline_meets_the_arabic_and_conceptual_targets(full_run):
-    """`make demo` (offline): >= 50% Arabic, >= 20% conceptual, over Quran and Hadith, gated by analyze."""
+    """`make demo-tiny` (offline): >= 50% Arabic, >= 20% conceptual, over Quran and Hadith, gated by analyze."""
     root, ran = full_run
     from m3tune.pipeline import PIPELINE
 

@@ -77,8 +77,56 @@ def prepare_corpus(root, settings: QualitySettings, configs: dict[str, BaseModel
     return {**configs, "ingest": IngestConfig(sources=[], user_files=[folder.uri_of(CORPUS_FILE)])}
 
 
-def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None) -> dict[str, Any]:
+class _PerQuery(BaseModel):
+    """The fields of evaluate's per_query.jsonl rows the summary reads (checked, not trusted)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model: str
+    query_id: str
+    recall10: float = Field(alias="recall@10", ge=0, le=1)
+    mrr10: float = Field(alias="mrr@10", ge=0, le=1)
+    ndcg10: float = Field(alias="ndcg@10", ge=0, le=1)
+
+    def values(self) -> dict[str, float]:
+        return {"recall@10": self.recall10, "mrr@10": self.mrr10, "ndcg@10": self.ndcg10}
+
+
+def unseen_passages(root, gold, *, base: str, tuned: str) -> dict[str, Any]:
+    """Base vs fine-tuned on the gold queries none of whose relevant passages was a training positive.
+
+    The gold's passages may be training positives (generated queries about them), so part of a gain could
+    be the model remembering those passages; on this subset it cannot be.
+    """
+    from m3tune.evaluation.metrics import paired_test
+    from m3tune.jsonl import read_records
+    from m3tune.records import Example
+
+    positives: set[str] = set()
+    for example in read_records(root.child("combine"), "train.jsonl", Example):
+        positives.update(example.pos_ids or ())
+    ids = sorted(g.id for g in gold if not positives.intersection(g.relevant_ids))
+    per: dict[str, dict[str, dict[str, float]]] = {base: {}, tuned: {}}
+    for row in read_records(root.child("evaluate"), "per_query.jsonl", _PerQuery):
+        if row.model in per and row.query_id in ids:
+            per[row.model][row.query_id] = row.values()
+    missing = [q for q in ids if q not in per[base] or q not in per[tuned]]
+    if missing:
+        raise ConfigError(f"{root.child('evaluate').uri_of('per_query.jsonl')}: no row for query "
+                          f"{missing[0]!r} of {base if missing[0] not in per[base] else tuned}")
+    out: dict[str, Any] = {"queries": len(ids), "of": len(gold)}
+    if ids:
+        out |= {m: {k: round(sum(per[m][q][k] for q in ids) / len(ids), 4) for k in ("ndcg@10", "recall@10",
+                                                                                     "mrr@10")}
+                for m in (base, tuned)}
+        out["significance"] = paired_test(per[tuned], per[base])
+    return out
+
+
+def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_set: str | None = None
+              ) -> dict[str, Any]:
     """Per-phase seconds, the models' overall and per-category metrics, the paired tests and the verdict."""
+    from m3tune.evaluation.gold import load_gold
     from m3tune.manifest import read_manifest
 
     phases = {}
@@ -106,7 +154,8 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None) -> di
     return {"phases_seconds": phases, "total_seconds": round(sum(phases.values()), 1), "corpus": corpus,
             "queries": results["test_set"]["queries"], "baseline": base["name"], "fine_tuned": tuned["name"],
             "overall": table, "by_category": categories, "gains": gains, "significance": sig,
-            "categories_worse": worse, "goal": goal, "goal_met": all(goal.values())}
+            "categories_worse": worse, "goal": goal, "goal_met": all(goal.values()),
+            "unseen_passages": unseen_passages(root, load_gold(test_set), base=base["name"], tuned=tuned["name"])}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -125,12 +174,24 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"{summary['fine_tuned']} − {summary['baseline']}: " + ", ".join(
         f"{k} {summary['gains'][k]:+.3f} (p = {sig[k]['p_value']:.4f})" for k in ("ndcg@10", "recall@10", "mrr@10")
         if k in sig), "",
+        *_unseen_lines(summary),
         "Phases (s): " + ", ".join(f"{k} {v:,.0f}" for k, v in summary["phases_seconds"].items())
         + f"; total {summary['total_seconds']:,.0f}",
         "", "Goal (beats base on nDCG@10 and Recall@10 at p < alpha, no category worse): "
         + ("MET" if summary["goal_met"] else "NOT MET: " + ", ".join(k for k, ok in summary["goal"].items() if not ok)
            + (f" (worse: {', '.join(summary['categories_worse'])})" if summary["categories_worse"] else ""))]
     return "\n".join(lines) + "\n"
+
+
+def _unseen_lines(summary: dict[str, Any]) -> list[str]:
+    unseen, base, tuned = summary["unseen_passages"], summary["baseline"], summary["fine_tuned"]
+    if not unseen["queries"]:
+        return ["Every gold query has a relevant passage among the training positives.", ""]
+    sig = unseen["significance"]
+    return [f"On the {unseen['queries']} of {unseen['of']} gold queries none of whose relevant passages was a "
+            f"training positive: " + ", ".join(
+                f"{k} {unseen[base][k]:.3f} → {unseen[tuned][k]:.3f} (p = {sig[k]['p_value']:.4f})"
+                for k in ("ndcg@10", "recall@10")), ""]
 
 
 def run_quality(root, configs: dict[str, BaseModel], settings: QualitySettings, *, log) -> dict[str, Any]:
@@ -142,7 +203,8 @@ def run_quality(root, configs: dict[str, BaseModel], settings: QualitySettings, 
     corpus = None if settings.hadith_sample is None else {
         "hadith_sample": settings.hadith_sample, "seed": settings.seed, "plus": "every hadith the gold cites",
         "quran": "all"}
-    summary = summarize(root, alpha=settings.alpha, corpus=corpus)
+    summary = summarize(root, alpha=settings.alpha, corpus=corpus,
+                        test_set=getattr(configs.get("evaluate"), "test_set", None))
     folder = root.child("quality")
     folder.write_bytes("summary.json", json.dumps(summary, indent=2, ensure_ascii=False).encode() + b"\n")
     folder.write_bytes("summary.md", markdown(summary).encode())
