@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints/dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt -e '.[dev]'
 	touch $(STAMP)
 
+# exit 3 (the goal missed) is a result the summary reports, not a failed demo
 demo: $(STAMP)
-	$(BIN)/m3tune bench quality --config configs/demo-e5.yaml --root runs/$(RUN)
+	$(BIN)/m3tune bench quality --config configs/demo-e5.yaml --root runs/$(RUN) || [ $$? -eq 3 ]
 	@echo "outputs: $(CURDIR)/runs/$(RUN)  (status: $(BIN)/m3tune status --root runs/$(RUN))"
 
 demo-tiny: $(STAMP)

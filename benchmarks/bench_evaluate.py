@@ -8,7 +8,7 @@
    when one is given (`--tuned PATH`), everything through `run_evaluation` as the step runs it: once
    with an empty embeddings cache (cold) and once again (warm: nothing re-encoded).
 
-    .venv/bin/python benchmarks/bench_evaluate.py --corpus runs/demo/ingest/passages.jsonl [--tuned runs/X/train/model]
+    .venv/bin/python benchmarks/bench_evaluate.py --corpus runs/demo-tiny/ingest/passages.jsonl [--tuned runs/X/train/model]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--corpus", default="runs/demo/ingest/passages.jsonl")
+    parser.add_argument("--corpus", default="runs/demo-tiny/ingest/passages.jsonl")
     parser.add_argument("--tuned", default=None, help="a fine-tuned model folder to add to the comparison")
     args = parser.parse_args()
 

@@ -37,11 +37,12 @@ def small_corpus_file(corpus, gold, tmp_path_factory):
     return path, keep
 
 
-def test_bm25_finds_every_exact_query_in_the_top_10_of_the_full_corpus(corpus, gold):
+@pytest.mark.parametrize("analyzer", ["arabic", "plain"])
+def test_bm25_finds_every_exact_query_in_the_top_10_of_the_full_corpus(corpus, gold, analyzer):
     from m3tune.evaluation.models import BM25
 
     exact = [g for g in gold if g.category == "exact"]
-    run = BM25(corpus).rank(exact, 10)
+    run = BM25(corpus, analyzer).rank(exact, 10)
     values = per_query(exact, run)
     missed = [g.id for g in exact if values[g.id]["hit@10"] != 1.0]
     assert not missed
@@ -75,7 +76,7 @@ def test_step_compares_tiny_bm25_hybrid_with_breakdowns_that_add_up(full_ingest,
     root = open_root(str(tmp_path / "runs" / "eval"))
     for name in src.child("ingest").list():  # this run's corpus: the full ingest, as published
         root.child("ingest").write_bytes(name, src.child("ingest").read_bytes(name))
-    config = STEPS["evaluate"].config(models=["base", "bm25", "hybrid:base"], dims=[16, 8], **TINY)
+    config = STEPS["evaluate"].config(models=["base", "bm25", "hybrid:base", "bm25-plain"], dims=[16, 8], **TINY)
     assert STEPS["evaluate"].upstream(config) == ("ingest",)  # no run:train named: train is not needed
     manifest, ran = run_step(root, "evaluate", config)
     assert ran and step_status(root, STEPS["evaluate"], config).state == "done"
@@ -84,20 +85,22 @@ def test_step_compares_tiny_bm25_hybrid_with_breakdowns_that_add_up(full_ingest,
             "matryoshka_recall10.png"} <= set(out.list())
     results = json.loads(out.read_bytes("results.json"))
     assert results["schema"] == "m3tune.evaluate/v1" and results["corpus"]["passages"] == 21_176
-    assert [m["name"] for m in results["models"]] == ["base", "bm25", "hybrid:base"]
+    assert [m["name"] for m in results["models"]] == ["base", "bm25", "hybrid:base", "bm25-plain"]
     n = results["test_set"]["queries"]
     for m in results["models"]:
         for dim, groups in m["breakdowns"].items():
             assert sum(grp["n"] for grp in groups.values()) == n
             for metric in MEASURES:
                 assert sum(grp["n"] * grp[metric] for grp in groups.values()) / n == pytest.approx(m["overall"][metric])
-    base, bm25 = results["models"][0], results["models"][1]
+    base, bm25, plain = results["models"][0], results["models"][1], results["models"][3]
     assert sorted(base["dims"]) == ["16", "32", "8"] and base["dim"] == 32
-    assert bm25["breakdowns"]["category"]["exact"]["hit@10"] == 1.0
-    assert bm25["breakdowns"]["language"]["en"]["recall@10"] == 0.0  # lexical: no word in common
+    assert bm25["breakdowns"]["category"]["exact"]["hit@10"] == plain["breakdowns"]["category"]["exact"]["hit@10"] == 1.0
+    assert plain["breakdowns"]["language"]["en"]["recall@10"] == 0.0  # Arabic words only: no word in common
+    assert bm25["breakdowns"]["language"]["en"]["recall@10"] > 0.3  # English queries over the translations
+    assert bm25["overall"]["ndcg@10"] > plain["overall"]["ndcg@10"]
     assert 0 <= bm25["significance"]["recall@10"]["p_value"] <= 1 and bm25["significance"]["vs"] == "base"
     rows = [json.loads(line) for line in out.read_bytes("per_query.jsonl").splitlines()]
-    assert len(rows) == 3 * n
+    assert len(rows) == 4 * n
     assert manifest.metrics["bm25/recall@10"] == pytest.approx(round(bm25["overall"]["recall@10"], 4))
     report = out.read_bytes("report.md").decode()
     assert "| bm25 |" in report and "❌" in report and "## By difficulty" in report

@@ -56,20 +56,43 @@ def test_summary_of_a_run_matches_its_evaluation(full_run):
                 worse.add(category)
     assert set(summary["categories_worse"]) == worse
 
-    positives = set()
-    for line in root.child("combine").read_bytes("train.jsonl").splitlines():
-        positives.update(json.loads(line)["pos_ids"])
-    unseen = [g.id for g in gold if not positives & set(g.relevant_ids)]
-    assert summary["unseen_passages"]["queries"] == len(unseen)
-    if unseen:
-        expect = sum(by[(tuned, q)]["ndcg@10"] for q in unseen) / len(unseen)
-        assert summary["unseen_passages"][tuned]["ndcg@10"] == round(expect, 4)
+    trained = set()  # every passage the model saw: train positives and negatives, validation positives
+    for name, fields in (("train.jsonl", ("pos_ids", "neg_ids")), ("validation.jsonl", ("pos_ids",))):
+        for line in root.child("combine").read_bytes(name).splitlines():
+            row = json.loads(line)
+            for field in fields:
+                trained.update(row.get(field) or [])
+    unseen = [g.id for g in gold if not trained & set(g.relevant_ids)]
+    assert 0 < summary["unseen_passages"]["queries"] == len(unseen) < len(gold)
+    for model in (base, tuned):
+        for metric in ("ndcg@10", "recall@10"):
+            expect = sum(by[(model, q)][metric] for q in unseen) / len(unseen)
+            assert summary["unseen_passages"][model][metric] == round(expect, 4)
+    assert 0 < summary["unseen_passages"]["significance"]["ndcg@10"]["p_value"] <= 1
 
     goal_met = (summary["gains"]["ndcg@10"] > 0 and summary["significance"]["ndcg@10"]["p_value"] < 0.05
                 and summary["gains"]["recall@10"] > 0 and summary["significance"]["recall@10"]["p_value"] < 0.05
                 and not worse)
     assert summary["goal_met"] is goal_met
-    assert ("Goal (beats base" in markdown(summary)) and (("MET" if goal_met else "NOT MET") in markdown(summary))
+    verdict = next(line for line in markdown(summary).splitlines() if line.startswith("Goal (beats base"))
+    assert verdict.endswith("): MET") if goal_met else "): NOT MET: " in verdict
+
+
+def test_a_repeated_per_query_row_is_an_error_naming_file_and_line(full_run, tmp_path):
+    import shutil
+
+    from m3tune.jsonl import RecordError
+    from m3tune.storage import open_root
+
+    root, _ = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(root.path, copy, ignore=shutil.ignore_patterns("model", "checkpoints"))
+    per_query = copy / "evaluate" / "per_query.jsonl"
+    lines = per_query.read_bytes().splitlines(keepends=True)
+    per_query.write_bytes(b"".join(lines + lines))  # every row twice
+    with pytest.raises(RecordError, match=r"per_query.jsonl:\d+: field 'query_id': a second row for query") as e:
+        summarize(open_root(str(copy)), alpha=0.05)
+    assert e.value.line > len(lines)
 
 
 def test_a_sampled_corpus_with_an_ingest_section_is_one_clear_error(tmp_path):

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.errors import ConfigError
+from m3tune.jsonl import RecordError
 
 CORPUS_FILE = "bench-corpus.jsonl"
 PHASES = ("ingest", "generate-queries", "generate-conceptual", "index", "mine-negatives", "combine", "analyze",
@@ -92,34 +93,49 @@ class _PerQuery(BaseModel):
         return {"recall@10": self.recall10, "mrr@10": self.mrr10, "ndcg@10": self.ndcg10}
 
 
-def unseen_passages(root, gold, *, base: str, tuned: str) -> dict[str, Any]:
-    """Base vs fine-tuned on the gold queries none of whose relevant passages was a training positive.
-
-    The gold's passages may be training positives (generated queries about them), so part of a gain could
-    be the model remembering those passages; on this subset it cannot be.
-    """
-    from m3tune.evaluation.metrics import paired_test
+def trained_passages(root) -> set[str]:
+    """Every passage id the training data holds: train's positives and negatives, validation's positives."""
     from m3tune.jsonl import read_records
     from m3tune.records import Example
 
-    positives: set[str] = set()
-    for example in read_records(root.child("combine"), "train.jsonl", Example):
-        positives.update(example.pos_ids or ())
-    ids = sorted(g.id for g in gold if not positives.intersection(g.relevant_ids))
+    seen: set[str] = set()
+    for name, fields in (("train.jsonl", ("pos_ids", "neg_ids")), ("validation.jsonl", ("pos_ids",))):
+        for example in read_records(root.child("combine"), name, Example):
+            for field in fields:
+                seen.update(getattr(example, field) or ())
+    return seen
+
+
+def unseen_passages(root, gold, *, base: str, tuned: str, resamples: int) -> dict[str, Any]:
+    """Base vs fine-tuned on the gold queries none of whose relevant passages the training data holds.
+
+    The gold's passages may be training positives (generated queries about them), negatives, or validation
+    passages that pick the checkpoint, so part of a gain could be the model remembering them; on this
+    subset it cannot be.
+    """
+    from m3tune.evaluation.metrics import paired_test
+    from m3tune.jsonl import read_jsonl_numbered
+
+    seen = trained_passages(root)
+    ids = {g.id for g in gold if not seen.intersection(g.relevant_ids)}
     per: dict[str, dict[str, dict[str, float]]] = {base: {}, tuned: {}}
-    for row in read_records(root.child("evaluate"), "per_query.jsonl", _PerQuery):
-        if row.model in per and row.query_id in ids:
-            per[row.model][row.query_id] = row.values()
-    missing = [q for q in ids if q not in per[base] or q not in per[tuned]]
-    if missing:
-        raise ConfigError(f"{root.child('evaluate').uri_of('per_query.jsonl')}: no row for query "
-                          f"{missing[0]!r} of {base if missing[0] not in per[base] else tuned}")
+    folder = root.child("evaluate")
+    with folder.open_read("per_query.jsonl") as f:
+        for line, _, row in read_jsonl_numbered(f, _PerQuery, name=folder.uri_of("per_query.jsonl")):
+            if row.model in per and row.query_id in ids:
+                if row.query_id in per[row.model]:
+                    raise RecordError(folder.uri_of("per_query.jsonl"), line, "query_id",
+                                      f"a second row for query {row.query_id!r} of model {row.model!r}")
+                per[row.model][row.query_id] = row.values()
+    for model in (base, tuned):
+        if missing := sorted(ids - per[model].keys()):
+            raise RecordError(folder.uri_of("per_query.jsonl"), 0, "query_id",
+                              f"no row for query {missing[0]!r} of model {model!r}")
     out: dict[str, Any] = {"queries": len(ids), "of": len(gold)}
     if ids:
-        out |= {m: {k: round(sum(per[m][q][k] for q in ids) / len(ids), 4) for k in ("ndcg@10", "recall@10",
-                                                                                     "mrr@10")}
-                for m in (base, tuned)}
-        out["significance"] = paired_test(per[tuned], per[base])
+        out |= {m: {k: round(sum(v[k] for v in per[m].values()) / len(ids), 4)
+                    for k in ("ndcg@10", "recall@10", "mrr@10")} for m in (base, tuned)}
+        out["significance"] = paired_test(per[tuned], per[base], resamples=resamples)
     return out
 
 
@@ -144,9 +160,10 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
     categories = {name: {c: {k: round(v[k], 4) for k in ("n", *metrics) if k in v}
                          for c, v in m["breakdowns"]["category"].items()} for name, m in models.items()}
     sig = tuned.get("significance", {})
-    worse = [c for c, v in categories[tuned["name"]].items()
-             if v["ndcg@10"] < categories[base["name"]][c]["ndcg@10"] - 1e-9
-             or v["recall@10"] < categories[base["name"]][c]["recall@10"] - 1e-9]
+    raw = {name: m["breakdowns"]["category"] for name, m in models.items()}  # unrounded: no tie from rounding
+    worse = [c for c, v in raw[tuned["name"]].items()
+             if v["ndcg@10"] < raw[base["name"]][c]["ndcg@10"] - 1e-9
+             or v["recall@10"] < raw[base["name"]][c]["recall@10"] - 1e-9]
     gains = {k: round(tuned["overall"][k] - base["overall"][k], 4) for k in metrics}
     goal = {"ndcg@10": gains["ndcg@10"] > 0 and sig.get("ndcg@10", {}).get("p_value", 1.0) < alpha,
             "recall@10": gains["recall@10"] > 0 and sig.get("recall@10", {}).get("p_value", 1.0) < alpha,
@@ -155,7 +172,8 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
             "queries": results["test_set"]["queries"], "baseline": base["name"], "fine_tuned": tuned["name"],
             "overall": table, "by_category": categories, "gains": gains, "significance": sig,
             "categories_worse": worse, "goal": goal, "goal_met": all(goal.values()),
-            "unseen_passages": unseen_passages(root, load_gold(test_set), base=base["name"], tuned=tuned["name"])}
+            "unseen_passages": unseen_passages(root, load_gold(test_set), base=base["name"], tuned=tuned["name"],
+                                              resamples=sig.get("resamples", 10_000))}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -186,10 +204,10 @@ def markdown(summary: dict[str, Any]) -> str:
 def _unseen_lines(summary: dict[str, Any]) -> list[str]:
     unseen, base, tuned = summary["unseen_passages"], summary["baseline"], summary["fine_tuned"]
     if not unseen["queries"]:
-        return ["Every gold query has a relevant passage among the training positives.", ""]
+        return ["Every gold query has a relevant passage in the training data.", ""]
     sig = unseen["significance"]
-    return [f"On the {unseen['queries']} of {unseen['of']} gold queries none of whose relevant passages was a "
-            f"training positive: " + ", ".join(
+    return [f"On the {unseen['queries']} of {unseen['of']} gold queries none of whose relevant passages the "
+            f"training data holds (as positive, negative or validation passage): " + ", ".join(
                 f"{k} {unseen[base][k]:.3f} → {unseen[tuned][k]:.3f} (p = {sig[k]['p_value']:.4f})"
                 for k in ("ndcg@10", "recall@10")), ""]
 

