@@ -9,7 +9,7 @@ import pytest
 
 from m3tune.corpus.passages import read_passages
 from m3tune.evaluation.gold import load_gold
-from m3tune.evaluation.metrics import MEASURES, per_query
+from m3tune.evaluation.metrics import METRICS, holm, interval, pairwise, per_query
 from m3tune.records import GoldQuery
 from m3tune.storage import open_root
 
@@ -62,10 +62,51 @@ def test_metrics_match_a_hand_computed_case():
     v = per_query(g, run)
     ndcg_q1 = (1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3))
     expected_q1 = {"recall@1": 0.0, "recall@5": 1.0, "recall@10": 1.0, "recall@20": 1.0, "recall@100": 1.0,
-                   "hit@10": 1.0, "mrr@10": 0.5, "ndcg@10": ndcg_q1, "map@10": (1 / 2 + 2 / 4) / 2}
+                   "hit@10": 1.0, "mrr@10": 0.5, "ndcg@10": ndcg_q1, "map@10": (1 / 2 + 2 / 4) / 2,
+                   "capped_recall@10": 1.0}
     assert v["q1"] == pytest.approx(expected_q1)
-    assert v["q2"] == pytest.approx({name: 1.0 for name in MEASURES})
-    assert v["q3"] == {name: 0.0 for name in MEASURES}
+    assert v["q2"] == pytest.approx({name: 1.0 for name in METRICS})
+    assert v["q3"] == {name: 0.0 for name in METRICS}
+
+
+def test_capped_recall_divides_by_at_most_ten_relevant():
+    many = [f"a:{i}" for i in range(12)]
+    g = [GoldQuery(id="many", query="x", relevant_ids=many, category="thematic", language="ar", source="quran",
+                   difficulty="medium"),
+         GoldQuery(id="few", query="y", relevant_ids=["a:1", "a:2", "a:3"], category="exact", language="ar",
+                   source="quran", difficulty="easy")]
+    # many: 5 of its 12 relevant in a top 10 (the other five slots wrong); few: 2 of 3
+    run = {"many": {**{f"a:{i}": 1.0 - i / 100 for i in range(5)}, **{f"b:{i}": 0.5 - i / 100 for i in range(5)}},
+           "few": {"a:1": 0.9, "b:1": 0.8, "a:2": 0.7}}
+    v = per_query(g, run)
+    assert v["many"]["recall@10"] == pytest.approx(5 / 12) and v["many"]["capped_recall@10"] == pytest.approx(5 / 10)
+    assert v["few"]["recall@10"] == pytest.approx(2 / 3) == v["few"]["capped_recall@10"]
+
+
+def test_holm_matches_a_hand_computed_case():
+    # sorted: 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 = 0.06, 0.04 x1 = 0.04 -> kept monotone at 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+def test_intervals_hold_the_mean_and_pairwise_tests_are_adjusted():
+    values = [0.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.2, 1.0, 1.0, 0.0] * 3
+    low, high = interval(values)
+    assert low < sum(values) / len(values) < high and 0 <= low and high <= 1
+    assert interval([1.0] * 5) == [1.0, 1.0]  # no spread, no interval
+    ids = [f"q{i}" for i in range(len(values))]
+    a = {q: {"recall@10": v, "mrr@10": v, "ndcg@10": v} for q, v in zip(ids, values)}
+    b = {q: {k: min(1.0, x + 0.3) for k, x in r.items()} for q, r in a.items()}
+    c = {q: dict(r) for q, r in a.items()}
+    out = pairwise({"a": a, "b": b, "c": c}, resamples=2000)
+    assert [(r["a"], r["b"]) for r in out["pairs"]] == [("a", "b"), ("a", "c"), ("b", "c")]
+    for row in out["pairs"]:
+        assert row["ndcg@10"]["p_holm"] >= row["ndcg@10"]["p_value"]
+    ab, ac, bc = out["pairs"]
+    assert ab["ndcg@10"]["delta"] > 0 and ab["ndcg@10"]["p_holm"] < 0.05
+    assert ac["ndcg@10"]["delta"] == 0 and ac["ndcg@10"]["p_holm"] == 1.0
+    assert bc["ndcg@10"]["delta"] < 0
 
 
 def test_step_compares_tiny_bm25_hybrid_with_breakdowns_that_add_up(full_ingest, tmp_path):
@@ -90,7 +131,7 @@ def test_step_compares_tiny_bm25_hybrid_with_breakdowns_that_add_up(full_ingest,
     for m in results["models"]:
         for dim, groups in m["breakdowns"].items():
             assert sum(grp["n"] for grp in groups.values()) == n
-            for metric in MEASURES:
+            for metric in METRICS:
                 assert sum(grp["n"] * grp[metric] for grp in groups.values()) / n == pytest.approx(m["overall"][metric])
     base, bm25, plain = results["models"][0], results["models"][1], results["models"][3]
     assert sorted(base["dims"]) == ["16", "32", "8"] and base["dim"] == 32
@@ -104,6 +145,12 @@ def test_step_compares_tiny_bm25_hybrid_with_breakdowns_that_add_up(full_ingest,
     assert manifest.metrics["bm25/recall@10"] == pytest.approx(round(bm25["overall"]["recall@10"], 4))
     report = out.read_bytes("report.md").decode()
     assert "| bm25 |" in report and "❌" in report and "## By difficulty" in report
+    assert "## Every pair of models" in report and "(small n)" in report and "95% intervals" in report
+    assert len(results["pairwise"]["pairs"]) == 6  # 4 models
+    for m in results["models"]:
+        low, high = m["intervals"]["ndcg@10"]
+        assert low <= m["overall"]["ndcg@10"] <= high
+    assert plain["category_deltas"]["vs"] == "base" and plain["category_deltas"]["exact"]["n"] == 30
     assert out.read_bytes("recall10_by_category.png").startswith(b"\x89PNG")
 
 

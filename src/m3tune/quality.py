@@ -155,7 +155,8 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
     base, tuned = results["models"][0], next((m for m in results["models"] if m["spec"].endswith("run:train")), None)
     if tuned is None:
         raise ConfigError("quality: evaluate must compare the fine-tuned model (run:train) with its base")
-    metrics = ("recall@10", "ndcg@10", "mrr@10", "recall@100")
+    metrics = tuple(k for k in ("recall@10", "capped_recall@10", "ndcg@10", "mrr@10", "recall@100")
+                    if k in results["metrics"])  # capped recall: evaluations since it was added
     table = {name: {k: round(m["overall"][k], 4) for k in metrics} for name, m in models.items()}
     categories = {name: {c: {k: round(v[k], 4) for k in ("n", *metrics) if k in v}
                          for c, v in m["breakdowns"]["category"].items()} for name, m in models.items()}

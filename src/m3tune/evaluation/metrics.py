@@ -25,8 +25,14 @@ MEASURES = {
     "recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "recall@20": "R@20", "recall@100": "R@100",
     "hit@10": "Success@10", "mrr@10": "RR@10", "ndcg@10": "nDCG@10", "map@10": "AP@10",
 }
+# Derived from the library's R@10 and the query's relevant count, not computed here: Recall@10 over
+# min(10, |relevant|) (BEIR's capped recall), so a query with 37 relevant passages can still reach 1.
+CAPPED = "capped_recall@10"
+METRICS = (*MEASURES, CAPPED)
 BREAKDOWNS = ("category", "language", "source", "difficulty")
 TESTED = ("recall@10", "mrr@10", "ndcg@10")
+HEADLINE = ("ndcg@10", "recall@10", CAPPED, "mrr@10")  # with bootstrap intervals
+SMALL_N = 30  # a group with fewer queries is marked "small n": its intervals are wide
 
 PerQuery = dict[str, dict[str, float]]  # query id -> metric name -> value
 
@@ -40,18 +46,21 @@ def per_query(gold: Sequence[GoldQuery], run: dict[str, dict[str, float]]) -> Pe
     import ir_measures
 
     names = {ir_measures.parse_measure(m): name for name, m in MEASURES.items()}
-    out: PerQuery = {g.id: {name: 0.0 for name in MEASURES} for g in gold}
+    out: PerQuery = {g.id: {name: 0.0 for name in METRICS} for g in gold}
     # pytrec_eval skips a query with an empty ranking; such a query keeps its zeros.
     nonempty = {qid: docs for qid, docs in run.items() if docs and qid in out}
     if nonempty:
         for m in ir_measures.iter_calc(list(names), qrels_of(gold), nonempty):
             out[m.query_id][names[m.measure]] = float(m.value)
+    for g in gold:
+        relevant = len(set(g.relevant_ids))
+        out[g.id][CAPPED] = min(1.0, out[g.id]["recall@10"] * relevant / min(10, relevant))
     return out
 
 
 def mean(values: PerQuery, ids: Sequence[str] | None = None) -> dict[str, float]:
     ids = list(values) if ids is None else list(ids)
-    return {name: (sum(values[q][name] for q in ids) / len(ids) if ids else 0.0) for name in MEASURES}
+    return {name: (sum(values[q][name] for q in ids) / len(ids) if ids else 0.0) for name in METRICS}
 
 
 def breakdowns(gold: Sequence[GoldQuery], values: PerQuery) -> dict[str, dict[str, dict[str, Any]]]:
@@ -85,4 +94,68 @@ def paired_test(model: PerQuery, baseline: PerQuery, *, resamples: int = 10_000,
                                       n_resamples=resamples, rng=np.random.default_rng(seed))
             p = float(result.pvalue)
         out[name] = {"delta": delta, "p_value": p}
+    return out
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of P_VALUES (family-wise error), in their order.
+
+    Written here: six lines, and statsmodels (its multipletests) would be a large dependency for them.
+    """
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def interval(values: Sequence[float], *, resamples: int = 10_000, seed: int = 0, level: float = 0.95
+             ) -> list[float]:
+    """A bootstrap LEVEL confidence interval [low, high] of the mean of VALUES (scipy.stats.bootstrap, BCa;
+    percentile where BCa is undefined, as when every value is the same)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    data = np.asarray(values, dtype=float)
+    if len(data) < 2 or np.allclose(data, data[0]):
+        return [float(data.mean()) if len(data) else 0.0] * 2
+    for method in ("BCa", "percentile"):
+        with np.errstate(all="ignore"):
+            ci = bootstrap((data,), np.mean, confidence_level=level, n_resamples=resamples, method=method,
+                           rng=np.random.default_rng(seed)).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            break
+    return [float(ci.low), float(ci.high)]
+
+
+def pairwise(values_of: dict[str, PerQuery], *, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Every pair of models: paired randomization tests on TESTED metrics, Holm-adjusted per metric over
+    all the pairs, so "significant" holds for the whole table at once."""
+    names = list(values_of)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    tests = [paired_test(values_of[b], values_of[a], resamples=resamples, seed=seed) for a, b in pairs]
+    rows = [{"a": a, "b": b} for a, b in pairs]
+    for name in TESTED:
+        adjusted = holm([t[name]["p_value"] for t in tests])
+        for row, t, p in zip(rows, tests, adjusted):
+            row[name] = {"delta": t[name]["delta"], "p_value": t[name]["p_value"], "p_holm": p}
+    return {"test": tests[0]["test"] if tests else None, "correction": "Holm, per metric over every pair",
+            "resamples": resamples, "pairs": rows}
+
+
+def category_deltas(gold: Sequence[GoldQuery], model: PerQuery, baseline: PerQuery, *, resamples: int = 10_000
+                    ) -> dict[str, dict[str, Any]]:
+    """Per category: the mean paired difference (model - baseline) of each TESTED metric with its bootstrap
+    interval; "small_n" below SMALL_N queries."""
+    groups: dict[str, list[str]] = {}
+    for g in gold:
+        groups.setdefault(g.category, []).append(g.id)
+    out: dict[str, dict[str, Any]] = {}
+    for category, ids in sorted(groups.items()):
+        row: dict[str, Any] = {"n": len(ids), "small_n": len(ids) < SMALL_N}
+        for name in TESTED:
+            diffs = [model[q][name] - baseline[q][name] for q in ids]
+            row[name] = {"delta": sum(diffs) / len(diffs), "ci95": interval(diffs, resamples=resamples)}
+        out[category] = row
     return out

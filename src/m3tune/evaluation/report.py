@@ -9,7 +9,13 @@ results.json (`schema: m3tune.evaluate/v1`):
                   overall {metric: value}, targets {recall@10: {value, target, met}, mrr@10: ...},
                   breakdowns {category|language|source|difficulty: {group: {n, metric: value}}},
                   dims {"D": {metric: value}} (Matryoshka; dense models), skipped_dims,
-                  significance {vs, test, resamples, queries, recall@10: {delta, p_value}, ...} (not the baseline)}]
+                  intervals {metric: [low, high]} (bootstrap 95%, BCa: ndcg@10, recall@10, capped_recall@10, mrr@10),
+                  significance {vs, test, resamples, queries, recall@10: {delta, p_value}, ...} (not the baseline),
+                  category_deltas {vs, CATEGORY: {n, small_n, metric: {delta, ci95}}} (not the baseline)}]
+    pairwise    {test, correction, resamples, pairs [{a, b, metric: {delta (b - a), p_value, p_holm}}]}
+
+capped_recall@10 is Recall@10 over min(10, relevant): the target metric, since a query with more than ten
+relevant passages cannot reach a plain Recall@10 of 1.
 
 per_query.jsonl: one row per model and query: the query's fields, every
 metric, the rank of its first relevant passage (null: not in the top k) and
@@ -21,7 +27,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from m3tune.evaluation.metrics import BREAKDOWNS, MEASURES, TESTED
+from m3tune.evaluation.metrics import BREAKDOWNS, HEADLINE, METRICS, TESTED
 
 SCHEMA = "m3tune.evaluate/v1"
 TARGETS = ("recall@10", "mrr@10")
@@ -43,7 +49,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"corpus: {results['corpus']['passages']:,} passages, top {results['k']} per query. "
              f"Targets: Recall@10 ≥ {t['recall@10']:.0%}, MRR@10 ≥ {t['mrr@10']:.2f}.", "",
              "## Models × metrics", ""]
-    names = list(MEASURES)
+    names = list(METRICS)
     lines.append("| model | " + " | ".join(names) + " | targets |")
     lines.append("|---|" + "---|" * (len(names) + 1))
     for m in models:
@@ -63,6 +69,36 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{s[n]['delta']:+.3f} ({s[n]['p_value']:.3g}{' *' if s[n]['p_value'] < 0.05 else ''})"
                 for n in TESTED) + " |")
         lines.append("\n`*`: p < 0.05.")
+    if all(m.get("intervals") for m in models):
+        lines += ["", "## Headline metrics with 95% intervals", "",
+                  "Bootstrap (BCa) over the queries, 95%.", "",
+                  "| model | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+        for m in models:
+            lines.append(f"| {m['name']} | " + " | ".join(
+                f"{m['overall'][n]:.3f} [{m['intervals'][n][0]:.3f}, {m['intervals'][n][1]:.3f}]"
+                for n in HEADLINE) + " |")
+    pairs = (results.get("pairwise") or {}).get("pairs") or []
+    if pairs:
+        lines += ["", "## Every pair of models", "",
+                  f"Paired randomization tests, Holm-adjusted per metric over the {len(pairs)} pairs "
+                  "(Δ = second − first).", "",
+                  "| first | second | " + " | ".join(f"Δ {n} (p Holm)" for n in TESTED) + " |",
+                  "|---|---|" + "---|" * len(TESTED)]
+        for row in pairs:
+            lines.append(f"| {row['a']} | {row['b']} | " + " | ".join(
+                f"{row[n]['delta']:+.3f} ({row[n]['p_holm']:.3g}{' *' if row[n]['p_holm'] < 0.05 else ''})"
+                for n in TESTED) + " |")
+        lines.append("\n`*`: Holm-adjusted p < 0.05.")
+    deltas = [m for m in models if m.get("category_deltas")]
+    if deltas:
+        lines += ["", f"## By category, against the baseline ({results['baseline']}): Δ nDCG@10 [95% interval]",
+                  "", "| category | n | " + " | ".join(m["name"] for m in deltas) + " |",
+                  "|---|---|" + "---|" * len(deltas)]
+        for c, row in ((c, v) for c, v in deltas[0]["category_deltas"].items() if c != "vs"):
+            cells = [f"{m['category_deltas'][c]['ndcg@10']['delta']:+.3f} "
+                     f"[{m['category_deltas'][c]['ndcg@10']['ci95'][0]:+.3f}, "
+                     f"{m['category_deltas'][c]['ndcg@10']['ci95'][1]:+.3f}]" for m in deltas]
+            lines.append(f"| {c} | {row['n']}{' (small n)' if row['small_n'] else ''} | " + " | ".join(cells) + " |")
     for dim in BREAKDOWNS:
         groups = list(models[0]["breakdowns"][dim])
         lines += ["", f"## By {dim} (Recall@10 / MRR@10)", "",

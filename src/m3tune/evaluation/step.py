@@ -128,7 +128,9 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
                                            "met": overall["recall@10"] >= target_recall10},
                              "mrr@10": {"value": overall["mrr@10"], "target": target_mrr,
                                         "met": overall["mrr@10"] >= target_mrr}},
-                 "breakdowns": metrics.breakdowns(gold, values)}
+                 "breakdowns": metrics.breakdowns(gold, values),
+                 "intervals": {name: metrics.interval([values[g.id][name] for g in gold], resamples=resamples)
+                               for name in metrics.HEADLINE}}
         if ranked.dim is not None:
             entry["dims"] = {str(ranked.dim): overall, **{str(d): metrics.mean(metrics.per_query(gold, run))
                                                           for d, run in ranked.runs.items() if d is not None}}
@@ -136,6 +138,8 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
         if models:
             entry["significance"] = {"vs": models[0]["name"], **metrics.paired_test(
                 values, values_of[models[0]["name"]], resamples=resamples)}
+            entry["category_deltas"] = {"vs": models[0]["name"], **metrics.category_deltas(
+                gold, values, values_of[models[0]["name"]], resamples=resamples)}
         models.append(entry)
         for g in gold:
             top = sorted(ranked.runs[None].get(g.id, {}).items(), key=lambda kv: -kv[1])
@@ -154,9 +158,10 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
         "test_set": {"path": test_set, "sha256": test_sha256, "queries": len(gold),
                      "by_category": dict(sorted(Counter(g.category for g in gold).items()))},
         "corpus": {"passages": len(passages)},
-        "k": k, "metrics": list(metrics.MEASURES), "baseline": models[0]["name"],
+        "k": k, "metrics": list(metrics.METRICS), "baseline": models[0]["name"],
         "targets": {"recall@10": target_recall10, "mrr@10": target_mrr},
         "models": models,
+        "pairwise": metrics.pairwise(values_of, resamples=resamples),
     }
     pngs = report.charts(results)
     results["charts"] = sorted(pngs)
