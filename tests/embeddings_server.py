@@ -7,6 +7,8 @@ next requests get, in order, before every later one is answered:
     429     HTTP 429 with Retry-After: 0
     500     HTTP 500
     401     HTTP 401 (bad key)
+    short   a valid-looking answer with one vector fewer than inputs
+    wide    an answer whose vectors have one dimension too many
     ok      a valid answer
 """
 
@@ -37,7 +39,7 @@ def vector(text: str) -> list[float]:
 class EmbeddingsServer(LoopbackServer):
     def __init__(self, script: list[str] | None = None, *, key: str = "test-key"):
         self.script = list(script or [])
-        self.requests: list[dict] = []  # {"action", "inputs", "model"}
+        self.requests: list[dict] = []  # {"action", "inputs", "model", "input_type"}
         self._lock = threading.Lock()
         server = self
 
@@ -57,12 +59,16 @@ class EmbeddingsServer(LoopbackServer):
                     if self.headers.get("authorization") != f"Bearer {key}":
                         action = "401"
                     inputs = body.get("input", [])
-                    server.requests.append({"action": action, "inputs": inputs, "model": body.get("model")})
+                    server.requests.append({"action": action, "inputs": inputs, "model": body.get("model"),
+                                            "input_type": body.get("input_type")})
                 if action == "429":
                     return self._json(429, {"error": {"message": "rate limited"}}, [("retry-after", "0")])
                 if action in ("500", "401"):
                     return self._json(int(action), {"error": {"message": f"error {action}"}})
-                data = [{"object": "embedding", "index": i, "embedding": vector(t)} for i, t in enumerate(inputs)]
+                data = [{"object": "embedding", "index": i, "embedding": vector(t) + ([0.5] if action == "wide" else [])}
+                        for i, t in enumerate(inputs)]
+                if action == "short":
+                    data = data[:-1]
                 data.reverse()  # the protocol orders by `index`, not by position: clients must sort
                 self._json(200, {"object": "list", "data": data, "model": body.get("model"),
                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})

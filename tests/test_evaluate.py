@@ -195,6 +195,42 @@ def test_api_model_through_a_loopback_server_with_retries_and_cache(small_corpus
             rank_model(spec, gold[:2], passages, k=10, dims=[], options=options)
 
 
+def test_api_vectors_of_the_wrong_size_or_too_few_are_clear_errors(monkeypatch):
+    from embeddings_server import DIM, EmbeddingsServer
+
+    from m3tune.evaluation.api import ApiEncoder
+    from m3tune.generation.llm import LLMError
+
+    monkeypatch.setenv("EVAL_TEST_KEY", "test-key")
+    with EmbeddingsServer(["ok", "wide"]) as server:
+        encoder = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY", batch_size=2)
+        with pytest.raises(LLMError, match=rf"vectors of \[{DIM + 1}\] dimensions, expected {DIM}"):
+            encoder.encode(["a", "b", "c", "d"])  # the second batch comes back one wider than the first
+    with EmbeddingsServer(["short"] * 3) as server:
+        encoder = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY", max_retries=2,
+                             backoff=0.01)
+        with pytest.raises(LLMError, match="after 2 retries \\(bad_response: 1 vectors for 2 inputs\\)"):
+            encoder.encode(["a", "b"])
+
+
+def test_api_roles_go_as_input_type_and_marks_are_stripped_when_asked(monkeypatch):
+    from embeddings_server import EmbeddingsServer
+
+    from m3tune.evaluation.api import ApiEncoder
+
+    monkeypatch.setenv("EVAL_TEST_KEY", "test-key")
+    with EmbeddingsServer() as server:
+        plain = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY")
+        roles = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY", input_type=True,
+                           strip_marks=True)
+        roles.encode(["بِسْمِ اللَّهِ"], queries=True)
+        roles.encode(["بِسْمِ اللَّهِ"])
+        plain.encode(["بِسْمِ اللَّهِ"], queries=True)
+    sent = [(r["input_type"], r["inputs"]) for r in server.requests]
+    assert sent == [("query", ["بسم الله"]), ("passage", ["بسم الله"]), (None, ["بِسْمِ اللَّهِ"])]
+    assert plain.fingerprint != roles.fingerprint  # different vectors, different cache
+
+
 def test_cli_evaluate_writes_report_and_output_json(small_corpus_file, tmp_path):
     from typer.testing import CliRunner
 

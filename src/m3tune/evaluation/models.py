@@ -139,6 +139,8 @@ class EncodeOptions:
     api_backoff: float = 1.0
     api_query_prompt: str = ""
     api_passage_prompt: str = ""
+    api_input_type: bool = False
+    api_strip_marks: bool = False
 
 
 @dataclass
@@ -258,7 +260,8 @@ def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence
                              batch_size=options.api_batch_size, max_retries=options.api_max_retries,
                              timeout=options.api_timeout, dimensions=options.api_dimensions,
                              backoff=options.api_backoff, query_prompt=options.api_query_prompt,
-                             passage_prompt=options.api_passage_prompt)
+                             passage_prompt=options.api_passage_prompt, input_type=options.api_input_type,
+                             strip_marks=options.api_strip_marks)
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache,
                           chunk=options.api_batch_size * 16)
     encoder = load_dense(spec, root, options)

