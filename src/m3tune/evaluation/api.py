@@ -60,9 +60,9 @@ class ApiEncoder:
         import numpy as np
         import openai
 
-        attempt, problem = 0, ""
+        attempt = 0
         while True:
-            kind, response = None, None
+            kind, response, problem = None, None, ""
             try:
                 self.requests += 1
                 extra = {"dimensions": self.dimensions} if self.dimensions else {}
@@ -70,7 +70,7 @@ class ApiEncoder:
                     extra["extra_body"] = {"input_type": role}
                 answer = self.client.embeddings.create(model=self.model, input=texts, encoding_format="float", **extra)
                 data = sorted(answer.data, key=lambda d: d.index)
-                sizes = {len(d.embedding) for d in data}
+                sizes = {len(d.embedding or ()) for d in data}
                 if len(data) != len(texts) or 0 in sizes:
                     kind, problem = "bad_response", f"{len(data)} vectors for {len(texts)} inputs"
                 elif len(sizes) > 1 or (self.dim and sizes != {self.dim}):

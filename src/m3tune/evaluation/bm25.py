@@ -2,7 +2,9 @@
 
     bm25        Arabic queries: every normalized word but stop-words, every pair of adjacent words (a quote
                 matches as a phrase, function words included), and Snowball's Arabic stem of every word but
-                stop-words (و/ال/ب/ل forms meet), three vocabularies side by side in one index.
+                stop-words (ال, ب, ل and suffix forms meet: الوالدين, بالوالدين, وبالوالدين; Snowball leaves
+                a و or ف before ال on, so والكتاب does not yet meet الكتاب), three vocabularies side by side
+                in one index.
                 English queries: BM25 over the English translations (Quran verses only; a hadith has none),
                 Snowball English stems, English stop-words.
     bm25-plain  the previous baseline: normalized words only, Arabic text only, so an English query gets
@@ -74,9 +76,10 @@ class _Index:
         import bm25s
 
         self.ids, self.analyze, self.retriever = [d for d, _ in docs], analyze, None
-        if self.ids:  # bm25s cannot index nothing (a corpus without translations has no English index)
+        terms = [analyze(text) for _, text in docs]
+        if any(terms):  # bm25s cannot index nothing (a corpus without translations has no English index)
             self.retriever = bm25s.BM25()
-            self.retriever.index([analyze(text) for _, text in docs], show_progress=False)
+            self.retriever.index(terms, show_progress=False)
 
     def rank(self, query: str, k: int) -> dict[str, float]:
         if self.retriever is None:

@@ -49,7 +49,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"corpus: {results['corpus']['passages']:,} passages, top {results['k']} per query. "
              f"Targets: Recall@10 ≥ {t['recall@10']:.0%}, MRR@10 ≥ {t['mrr@10']:.2f}.", "",
              "## Models × metrics", ""]
-    names = list(METRICS)
+    names = [n for n in METRICS if n in models[0]["overall"]]  # results written before a metric was added
     lines.append("| model | " + " | ".join(names) + " | targets |")
     lines.append("|---|" + "---|" * (len(names) + 1))
     for m in models:
