@@ -46,7 +46,7 @@ class EvaluateConfig(BaseModel):
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU")
     profiles: dict[str, ProfileFields] = Field(default_factory=dict, description="per model name, overrides of "
-                                                 "its profile (pooling, query_prompt, passage_prompt); each dense "
+                                                 "its profile (pooling, query_prompt, passage_prompt, strip_marks); each dense "
                                                  "model otherwise uses its own (m3tune.encoder.profiles)")
     embeddings_cache: str | None = Field(default=None, description="where vectors are cached (path or URI; "
                                          "default: the local m3tune cache)")
