@@ -36,6 +36,8 @@ class Step:
     shardable: bool = False
     # Runs on GPU nodes (the CUDA image, `nvidia.com/gpu`, under `accelerate launch`, one node or many).
     gpu: bool = False
+    # Reads an LLM / embeddings API key from the environment: only such steps' pods are given the key Secret.
+    api_keys: bool = False
     # One process per GPU under `accelerate launch`, on one node or many (JobSet): the training step.
     distributed: bool = False
 
@@ -62,10 +64,10 @@ def _steps() -> dict[str, Step]:
              external_inputs=ingest_inputs),
         Step("generate-queries", generate_queries, GenerateQueriesConfig,
              "native Arabic and English cross-lingual queries per passage (LLM or offline)",
-             needs=("ingest",), external_inputs=generate_queries_inputs, plan=plan_queries),
+             needs=("ingest",), external_inputs=generate_queries_inputs, plan=plan_queries, api_keys=True),
         Step("generate-conceptual", generate_conceptual, GenerateConceptualConfig,
              "thematic queries over a curated theme list, each with every passage assigned to it (LLM or offline)",
-             needs=("ingest",), external_inputs=generate_conceptual_inputs, plan=plan_conceptual),
+             needs=("ingest",), external_inputs=generate_conceptual_inputs, plan=plan_conceptual, api_keys=True),
         Step("index", index, IndexConfig, "encode the corpus and build its vector index (Qdrant or exact)",
              needs=("ingest",)),
         Step("mine-negatives", mine_negatives, MineConfig,
@@ -84,9 +86,12 @@ def _steps() -> dict[str, Step]:
              show=show_report),
         Step("evaluate", evaluate, EvaluateConfig,
              "compare models on the gold standard: Recall@k, MRR, nDCG, MAP, breakdowns, significance, report",
-             needs=("ingest", "train"), external_inputs=evaluate_inputs, needs_for=evaluate_needs, show=show_results),
+             needs=("ingest", "train"), external_inputs=evaluate_inputs, needs_for=evaluate_needs, show=show_results,
+             api_keys=True),  # API embedding models (`api:NAME`) read OPENAI_API_KEY
         Step("train", train, TrainConfig, "Matryoshka contrastive fine-tuning on Accelerate (DeepSpeed optional): "
-             "model folder, checkpoints, validation metrics", needs=("combine",), gpu=True, distributed=True,
+             "model folder, checkpoints, validation metrics", needs=("combine", "analyze"), gpu=True, distributed=True,
+             # analyze is the gate, not an input: train must not start before it passed (on Argo a task starts
+             # as soon as its needs finish), but its report is not among train's input digests.
              needs_for=lambda config: ("combine", "ingest") if config.validation_corpus == "all" else ("combine",)),
     ]
     return {s.name: s for s in steps}

@@ -11,6 +11,15 @@ appears after a re-render (`m3tune render argo --output argo/`).
 - A GPU step runs in the CUDA image with `nvidia.com/gpu`, a memory-backed
   /dev/shm, and the node selector and tolerations of the parameters
   `gpu-node-selector` / `gpu-tolerations` (JSON, applied by podSpecPatch).
+  The patch is one Argo expression that parses each parameter as JSON and
+  serialises the patch with `toJson`: a parameter's text is never pasted into
+  the patch, so a value cannot add fields of its own (`hostPID`, a volume…).
+- Every pod passes Pod Security "restricted": non-root, seccomp
+  RuntimeDefault, no privilege escalation, no capabilities, a read-only root
+  filesystem with size-limited emptyDirs for /cache, /tmp and the home
+  folder, and a deadline (`deadline` / `gpu-deadline` seconds).
+- The LLM key Secret reaches only the steps that call an API (`api_keys`);
+  only the task that creates a JobSet runs as the ServiceAccount allowed to.
 - A distributed step (training) runs under `accelerate launch`: in one pod
   when `NAME-nodes` is 1, else as a JobSet of that many pods created by a
   resource template that waits for its terminal state (`NAME-multinode`).
@@ -24,6 +33,7 @@ appears after a re-render (`m3tune render argo --output argo/`).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import yaml
@@ -59,6 +69,11 @@ def parameters(steps: list[Step], *, registry: str) -> list[dict[str, str]]:
         {"name": "image-cpu", "value": CPU.ref(registry), "description": "Image of the CPU steps."},
         {"name": "cpu", "value": "2", "description": "CPU request of a CPU step."},
         {"name": "memory", "value": "8Gi", "description": "Memory request (and limit) of a CPU step."},
+        {"name": "cache-size", "value": pod.CPU_CACHE_SIZE,
+         "description": "Size limit of a CPU pod's /cache emptyDir (past it the pod is evicted)."},
+        {"name": "tmp-size", "value": pod.TMP_SIZE, "description": "Size limit of every pod's /tmp emptyDir."},
+        {"name": "deadline", "value": str(pod.CPU_DEADLINE),
+         "description": "Seconds one pod of a CPU step may run (activeDeadlineSeconds); then it fails and retries."},
     ]
     for step in steps:
         if step.shardable:
@@ -71,6 +86,10 @@ def parameters(steps: list[Step], *, registry: str) -> list[dict[str, str]]:
             {"name": "gpu-cpu", "value": "8", "description": "CPU request of a GPU pod."},
             {"name": "gpu-memory", "value": "64Gi", "description": "Memory request (and limit) of a GPU pod."},
             {"name": "shm-size", "value": "16Gi", "description": "Size of the memory-backed /dev/shm of a GPU pod."},
+            {"name": "gpu-cache-size", "value": pod.GPU_CACHE_SIZE,
+             "description": "Size limit of a GPU pod's /cache emptyDir (base model, checkpoints)."},
+            {"name": "gpu-deadline", "value": str(pod.GPU_DEADLINE),
+             "description": "Seconds one GPU pod (or a multi-node JobSet) may run."},
             {"name": "gpu-node-selector", "value": "{}", "description": "Node selector of GPU pods (JSON object)."},
             {"name": "gpu-tolerations", "value": json.dumps(DEFAULT_TOLERATIONS),
              "description": "Tolerations of GPU pods (JSON list)."},
@@ -82,9 +101,81 @@ def parameters(steps: list[Step], *, registry: str) -> list[dict[str, str]]:
     return out
 
 
-def _env() -> list[dict[str, Any]]:
-    return pod.env(s3_endpoint=param("s3-endpoint"), aws_region=param("aws-region"),
-                   s3_secret=param("s3-secret"), llm_secret=param("llm-secret"))
+def _env(step: Step) -> list[dict[str, Any]]:
+    return pod.env(s3_endpoint=param("s3-endpoint"), aws_region=param("aws-region"), s3_secret=param("s3-secret"),
+                   llm_secret=param("llm-secret") if step.api_keys else None)
+
+
+def expr_param(name: str) -> str:
+    """A workflow parameter inside an Argo expression (`{{=…}}`); hyphenated names must be indexed."""
+    return 'workflow.parameters["%s"]' % name
+
+
+class Expr(str):
+    """An Argo expression standing for one value (not a string) of a manifest that `to_argo_json` serialises."""
+
+
+def json_param(name: str) -> Expr:
+    """The value of the JSON text of parameter NAME (an object, a list…), parsed by Argo."""
+    return Expr('jsonpath(%s, "$")' % expr_param(name))
+
+
+def int_param(name: str) -> Expr:
+    return Expr("asInt(%s)" % expr_param(name))
+
+
+_TAG = re.compile(r"\{\{(=?)(.*?)\}\}")
+
+
+def _string_expr(text: str) -> str | None:
+    """The expression equal to TEXT once Argo substitutes its tags (None: TEXT has none)."""
+    parts, pos = [], 0
+    for m in _TAG.finditer(text):
+        if m.start() > pos:
+            parts.append(json.dumps(text[pos:m.start()]))
+        body = m[2].strip()
+        if m[1]:
+            parts.append(f"string({body})")
+        elif body.startswith("workflow.parameters."):
+            parts.append(expr_param(body.removeprefix("workflow.parameters.")))
+        else:
+            parts.append(body)  # workflow.name and the like: names without hyphens
+        pos = m.end()
+    if not parts:
+        return None
+    if pos < len(text):
+        parts.append(json.dumps(text[pos:]))
+    return " + ".join(parts)
+
+
+def to_argo_json(obj: Any) -> str:
+    """OBJ as JSON text for a field Argo substitutes and then parses (a resource manifest, a podSpecPatch).
+
+    Argo pastes a simple tag's value into such text as it is, so a parameter holding `"` or a newline could
+    close its string and add fields. Here every leaf that depends on a parameter becomes one expression
+    serialised by `toJson`: its result is exactly one JSON value, whatever the parameter holds."""
+    exprs: list[str] = []
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, Expr):
+            exprs.append(str(value))
+        elif isinstance(value, str) and (expr := _string_expr(value)) is not None:
+            exprs.append(expr)
+        elif isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        elif isinstance(value, list):
+            return [walk(v) for v in value]
+        else:
+            return value
+        return f"\0{len(exprs) - 1}\0"
+
+    text = json.dumps(walk(obj), indent=2, ensure_ascii=False)
+    # JSON is YAML, and json.dumps never writes a NUL: each placeholder is exactly one leaf
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: "{{=toJson(%s)}}" % exprs[int(m[1])], text)
+
+
+# podSpecPatch field -> the parameter (JSON) that gives its value
+GPU_PATCH = {"nodeSelector": "gpu-node-selector", "tolerations": "gpu-tolerations"}
 
 
 def _retry() -> dict[str, Any]:
@@ -93,9 +184,9 @@ def _retry() -> dict[str, Any]:
             "backoff": {"duration": "30s", "factor": "2", "maxDuration": "30m"}}
 
 
-def _gpu_patch() -> str:
-    # Argo substitutes the parameters (JSON) into this patch text before applying it to the pod.
-    return '{"nodeSelector": %s, "tolerations": %s}' % (param("gpu-node-selector"), param("gpu-tolerations"))
+def gpu_patch(fields: dict[str, str] = GPU_PATCH) -> str:
+    """The podSpecPatch of a GPU pod, built as data: each field the parsed JSON of its parameter."""
+    return to_argo_json({key: json_param(name) for key, name in fields.items()})
 
 
 def _resources(gpu: bool) -> dict[str, Any]:
@@ -110,33 +201,40 @@ def _container_template(name: str, step: Step, *, args: list[str], command: list
     # Without a command the image's entrypoint (`m3tune`) runs the args.
     container: dict[str, Any] = {"image": param("image-gpu" if step.gpu else "image-cpu"),
                                  **({"command": command} if command else {"args": args}),
-                                 "env": _env(),
+                                 "env": _env(step),
                                  "resources": _resources(step.gpu),
+                                 "securityContext": pod.container_security_context(),
                                  "volumeMounts": pod.volume_mounts(gpu=step.gpu)}
     template: dict[str, Any] = {
         "name": name,
         "metadata": {"labels": {**pod.LABELS, pod.STEP_LABEL: step.name}},
+        "activeDeadlineSeconds": param("gpu-deadline" if step.gpu else "deadline"),
         "container": container,
         "retryStrategy": _retry(),
+        # the config map is the workflow's volume; the scratch ones are per template, sized by its kind
+        "volumes": _scratch_volumes(step.gpu),
     }
     if inputs:
         template["inputs"] = {"parameters": [{"name": i} for i in inputs]}
     if step.gpu:
-        template["volumes"] = [v for v in pod.volumes(shm_size=param("shm-size")) if v["name"] == "dshm"]
-        template["podSpecPatch"] = _gpu_patch()
+        template["podSpecPatch"] = gpu_patch()
     return template
+
+
+def _scratch_volumes(gpu: bool) -> list[dict[str, Any]]:
+    return pod.scratch_volumes(cache_size=param("gpu-cache-size" if gpu else "cache-size"), tmp_size=param("tmp-size"),
+                               shm_size=param("shm-size") if gpu else None)
 
 
 def jobset_manifest(step: Step) -> str:
     """The JobSet of a multi-node run of STEP: one indexed Job of N pods, one `accelerate launch` each,
-    meeting on pod 0 through the JobSet's headless service. Argo fills in its {{…}} before creating it."""
+    meeting on pod 0 through the JobSet's headless service. Argo evaluates its {{=…}} before creating it."""
     nodes = param(f"{step.name}-nodes")
-    # Double quotes inside: in the YAML text, single ones would be doubled and reach Argo's evaluator so.
-    processes = '{{=asInt(workflow.parameters["%s-nodes"]) * asInt(workflow.parameters["gpus-per-node"])}}' % step.name
+    processes = "{{=%s * %s}}" % (int_param(f"{step.name}-nodes"), int_param("gpus-per-node"))
     args = pod.step_args(step.name, root=param("root"), config=param("config"))
     command = pod.accelerate_command(args, processes=processes, machines=nodes, machine_rank="$(MACHINE_RANK)",
                                      main_address="$(JOBSET_NAME)-workers-0-0.$(JOBSET_NAME)")
-    env = _env() + [
+    env = _env(step) + [
         {"name": "MACHINE_RANK",
          "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         {"name": "JOBSET_NAME",
@@ -147,8 +245,7 @@ def jobset_manifest(step: Step) -> str:
         "serviceAccountName": pod.SERVICE_ACCOUNT,
         "automountServiceAccountToken": False,
         "securityContext": pod.security_context(USER_ID),
-        "nodeSelector": "__NODE_SELECTOR__",
-        "tolerations": "__TOLERATIONS__",
+        **{key: json_param(name) for key, name in GPU_PATCH.items()},
         "containers": [{
             "name": "main",
             "image": param("image-gpu"),
@@ -156,9 +253,10 @@ def jobset_manifest(step: Step) -> str:
             "env": env,
             "ports": [{"containerPort": pod.MAIN_PORT, "name": "rendezvous"}],
             "resources": _resources(True),
+            "securityContext": pod.container_security_context(),
             "volumeMounts": pod.volume_mounts(gpu=True),
         }],
-        "volumes": pod.volumes(shm_size=param("shm-size")),
+        "volumes": [pod.config_volume(), *_scratch_volumes(True)],
     }
     manifest = {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
@@ -173,21 +271,15 @@ def jobset_manifest(step: Step) -> str:
                 "name": "workers",
                 "replicas": 1,
                 "template": {"spec": {
-                    "parallelism": "__NODES__", "completions": "__NODES__", "completionMode": "Indexed",
-                    "backoffLimit": 0,
+                    "parallelism": int_param(f"{step.name}-nodes"), "completions": int_param(f"{step.name}-nodes"),
+                    "completionMode": "Indexed", "backoffLimit": 0, "activeDeadlineSeconds": int_param("gpu-deadline"),
                     "template": {"metadata": {"labels": {**pod.LABELS, pod.STEP_LABEL: step.name}},
                                  "spec": pod_spec},
                 }},
             }],
         },
     }
-    text = yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True, width=1000)
-    # The node selector and tolerations are JSON parameters: they go in as flow YAML, after Argo substitutes them.
-    # Parallelism and completions must be integers once substituted: unquoted too.
-    for mark, value in (("__NODE_SELECTOR__", param("gpu-node-selector")), ("__TOLERATIONS__", param("gpu-tolerations")),
-                        ("__NODES__", nodes)):
-        text = text.replace(f"'{mark}'", value).replace(mark, value)
-    return text
+    return to_argo_json(manifest)
 
 
 def _tasks_and_templates(steps: list[Step]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -225,6 +317,10 @@ def _tasks_and_templates(steps: list[Step]) -> tuple[list[dict[str, Any]], list[
             templates.append({
                 "name": multi,
                 "metadata": {"labels": {**pod.LABELS, pod.STEP_LABEL: step.name}},
+                # the one pod that may create JobSets: a JobSet's pods could mount any Secret of the namespace
+                "serviceAccountName": pod.JOBSET_SERVICE_ACCOUNT,
+                # activeDeadlineSeconds applies to container templates only; a resource template has a timeout
+                "timeout": param("gpu-deadline") + "s",
                 "resource": {"action": "create", "setOwnerReference": True, "manifest": jobset_manifest(step),
                              "successCondition": "status.terminalState == Completed",
                              "failureCondition": "status.terminalState == Failed"},
@@ -264,7 +360,7 @@ def render_workflow_template(steps: dict[str, Step] | None = None, pipeline: lis
         workflow_metadata=m.WorkflowMetadata(labels=dict(pod.LABELS)),
         pod_gc=m.PodGC(strategy="OnPodSuccess"),  # failed pods stay, with their logs
         security_context=m.PodSecurityContext.model_validate(pod.security_context(USER_ID)),
-        volumes=[m.Volume.model_validate(v) for v in pod.volumes()],
+        volumes=[m.Volume.model_validate(pod.config_volume())],
         templates=[m.Template.model_validate(t) for t in [dag, *templates]],
     )
     return wt.to_dict()

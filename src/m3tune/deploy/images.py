@@ -3,8 +3,8 @@
 The Dockerfiles in `images/` are the source of truth for how an image is
 built; this module names the images (repository and tag) and the contract
 every pod relies on: the entrypoint is `m3tune`, the user is not root, the
-caches live under `/cache` (an emptyDir, since the image's own filesystem
-may be read-only).
+caches live under `/cache` (an emptyDir: pods run with a read-only root
+filesystem, so /cache, /tmp and the home folder are emptyDirs).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ DEFAULT_REGISTRY = "m3tune"
 ENTRYPOINT = "m3tune"
 USER_ID = 10001
 CACHE_DIR = "/cache"
+HOME_DIR = "/home/m3tune"  # the user's home (useradd --create-home), an emptyDir in a pod
 
 
 @dataclass(frozen=True)

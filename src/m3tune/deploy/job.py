@@ -55,7 +55,9 @@ def render_job(step_name: str, *, root: str, config: str = "run.yaml", namespace
     container: dict[str, Any] = {
         "name": "main",
         "image": image or (CUDA if step.gpu else CPU).ref(registry),
-        "env": pod.env(s3_endpoint=s3_endpoint, aws_region=aws_region, s3_secret=s3_secret, llm_secret=llm_secret),
+        "env": pod.env(s3_endpoint=s3_endpoint, aws_region=aws_region, s3_secret=s3_secret,
+                       llm_secret=llm_secret if step.api_keys else None),
+        "securityContext": pod.container_security_context(),
         "volumeMounts": pod.volume_mounts(gpu=step.gpu),
     }
     if step.distributed:
@@ -72,7 +74,9 @@ def render_job(step_name: str, *, root: str, config: str = "run.yaml", namespace
         "automountServiceAccountToken": False,  # the step talks to S3, never to the Kubernetes API
         "securityContext": pod.security_context(USER_ID),
         "containers": [container],
-        "volumes": pod.volumes(shm_size="16Gi" if step.gpu else None),
+        "volumes": [pod.config_volume(),
+                    *pod.scratch_volumes(cache_size=pod.GPU_CACHE_SIZE if step.gpu else pod.CPU_CACHE_SIZE,
+                                         tmp_size=pod.TMP_SIZE, shm_size="16Gi" if step.gpu else None)],
     }
     if step.gpu:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -83,6 +87,9 @@ def render_job(step_name: str, *, root: str, config: str = "run.yaml", namespace
                      "annotations": {"m3tune.dev/root": root}, **({"namespace": namespace} if namespace else {})},
         "spec": {
             "backoffLimit": backoff_limit,
+            # the whole Job, every attempt: the Argo task's per-pod deadline times the attempts (a hung step fails
+            # instead of holding its node)
+            "activeDeadlineSeconds": (pod.GPU_DEADLINE if step.gpu else pod.CPU_DEADLINE) * (backoff_limit + 1),
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
             "template": {"metadata": {"labels": dict(labels)}, "spec": spec},
         },
