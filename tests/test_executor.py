@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from m3tune.corpus.ingest import IngestConfig
 from m3tune.executor import MissingInput, pipeline_status, run_pipeline, run_step, step_status
 from m3tune.jsonl import read_records
-from m3tune.manifest import MANIFEST, config_digest, read_manifest
+from m3tune.manifest import MANIFEST, Tampered, config_digest, read_manifest
 from m3tune.pipeline import PIPELINE, STEPS, Step, get_step
 from m3tune.records import Passage
 from m3tune.storage import file_digest
@@ -179,12 +179,17 @@ def test_corrupt_manifest_is_stale_and_force_repairs_it(local_root):
     assert ran and step_status(local_root, get_step("ingest"), SMALL).state == "done"
 
 
-def test_changed_output_is_stale(local_root):
+def test_changed_output_is_tampered_and_only_force_reruns_it(local_root):
+    # A published file that no longer matches its manifest was changed behind the pipeline's back: not
+    # "stale" (inputs or config changed), and not silently regenerated, which would hide it.
     run_step(local_root, "ingest", SMALL)
     local_root.child("ingest").write_bytes("passages.jsonl", b"{}\n")
     status = step_status(local_root, get_step("ingest"), SMALL)
-    assert (status.state, status.reason) == ("stale", "output changed: passages.jsonl")
-    assert run_step(local_root, "ingest", SMALL)[1]
+    assert status.state == "tampered" and "ingest/passages.jsonl: tampered" in status.reason
+    with pytest.raises(Tampered, match="passages.jsonl"):
+        run_step(local_root, "ingest", SMALL)
+    assert run_step(local_root, "ingest", SMALL, force=True)[1]
+    assert step_status(local_root, get_step("ingest"), SMALL).state == "done"
 
 
 def test_user_file_is_recorded_absolute_and_a_missing_one_makes_status_stale(local_root, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -32,6 +33,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
+    # A traceback with locals would print an API key held in a variable (and the clients holding it).
+    pretty_exceptions_show_locals=False,
 )
 
 EXIT_ERROR = 1
@@ -58,9 +61,12 @@ def _setup(verbose: bool, s3_endpoint: str | None) -> None:
 
     if s3_endpoint:
         os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
+    from m3tune.redact import RedactingFilter
+
+    handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=verbose)
+    handler.addFilter(RedactingFilter())  # on the handler: records of every logger pass through it
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False,
-                                              rich_tracebacks=verbose)], force=True)
+                        handlers=[handler], force=True)
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "httpcore", "httpcore2", "openai", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _state["verbose"] = verbose
@@ -70,7 +76,9 @@ _state: dict[str, Any] = {"verbose": False}
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    from m3tune.redact import redact
+
+    typer.secho(f"error: {redact(message)}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 
@@ -93,6 +101,14 @@ def _errors(fn):
             if _state["verbose"]:
                 raise
             raise _fail(str(e)) from None
+        except OSError as e:
+            # A full disk wherever it happens (a model saved by transformers, a checkpoint, --json FILE):
+            # exit 4, as storage.StorageFull, since a rerun fills the same space the same way.
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _state["verbose"]:
+                raise
+            where = f" writing {e.filename}" if e.filename else ""
+            raise _fail(f"no space left on device{where} ({e.strerror}); free space or raise the volume's "
+                        "limit, then rerun", EXIT_BAD_INPUT) from None
 
     return wrapper
 
@@ -122,13 +138,9 @@ def load_run_config(path: Path | None) -> dict[str, BaseModel]:
     """Per-step configs from a YAML/JSON file {step: {option: value}}; absent steps use defaults."""
     if path is None:
         return {}
-    import yaml
+    from m3tune.yamlfile import read_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from None
-    return run_configs(data, str(path))
+    return run_configs(read_yaml(path), str(path))
 
 
 def run_configs(data: Any, where: str) -> dict[str, BaseModel]:
@@ -217,10 +229,13 @@ def status(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False,
                       help="Compare against this config (else the defaults, as `m3tune run` without --config).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Compare published files by size only; without it "
+                                        "every published file is read once to check its sha256.")] = False,
     s3_endpoint: EndpointOpt = None,
     verbose: VerboseOpt = False,
 ):
-    """Show each step of a run: done, stale (inputs or config changed) or missing, with counts."""
+    """Show each step of a run: done, stale (inputs or config changed), tampered (a published file is not
+    what its manifest recorded) or missing, with counts."""
     from rich.console import Console
     from rich.table import Table
 
@@ -228,7 +243,7 @@ def status(
 
     _setup(verbose, s3_endpoint)
     store = _root(root, runs, run_id)
-    statuses = pipeline_status(store, load_run_config(config))
+    statuses = pipeline_status(store, load_run_config(config), verify=not quick)
     if as_json:
         typer.echo(json.dumps([{"step": s.step, "state": s.state, "reason": s.reason,
                                 "counts": s.manifest.counts if s.manifest else None,
@@ -238,7 +253,7 @@ def status(
     table = Table(title=store.uri, title_justify="left")
     for col in ("step", "state", "why", "counts", "finished"):
         table.add_column(col)
-    colour = {"done": "green", "stale": "yellow", "missing": "red"}
+    colour = {"done": "green", "stale": "yellow", "missing": "red", "tampered": "bold magenta"}
     for s in statuses:
         table.add_row(s.step, f"[{colour[s.state]}]{s.state}[/]", s.reason,
                       _fmt_counts(s.manifest.counts) if s.manifest else "",
@@ -463,7 +478,7 @@ def runs(
 @_errors
 def evaluate(
     test_set: Annotated[Optional[str], typer.Option("--test-set", help="Gold standard JSONL (default: the packaged "
-                        "gold_standard_v2.jsonl).")] = None,
+                        "gold_standard_v3.jsonl).")] = None,
     corpus: Annotated[Optional[str], typer.Option("--corpus", help="passages.jsonl to search (path or URI); "
                       "default: the corpus of the run given by --root / --run-id.")] = None,
     model: Annotated[list[str], typer.Option("--model", help="A model to evaluate (repeatable; the first is the "
@@ -588,16 +603,13 @@ def bench_quality(
     """Does the pipeline make a real model better? The whole pipeline on a real base model, then base vs
     fine-tuned vs BM25 on the gold standard: per-phase time, tables by category, paired tests, verdict.
     Exit 3 when the goal (beats base on nDCG@10 and Recall@10 at p < 0.05, no category worse) is missed."""
-    import yaml
     from rich.console import Console
 
     from m3tune.quality import QualitySettings, markdown, run_quality
+    from m3tune.yamlfile import read_yaml
 
     _setup(verbose, s3_endpoint)
-    try:
-        data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{config}: cannot read config: {e}") from None
+    data = read_yaml(config)
     if not isinstance(data, dict):
         raise ConfigError(f"{config}: expected a mapping of sections")
     settings = _build(QualitySettings, data.get("quality") or {}, f"{config}: quality")

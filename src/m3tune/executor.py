@@ -17,15 +17,17 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from m3tune import __version__
-from m3tune.manifest import MANIFEST, Manifest, OutputInfo, config_digest, read_manifest, write_manifest
+from m3tune.manifest import (MANIFEST, Manifest, OutputInfo, RunIntegrity, Tampered, config_digest, read_manifest,
+                             tampered_message, write_manifest)
 from m3tune.context import StepContext
 from m3tune.errors import ConfigError, UserError
 from m3tune.pipeline import PIPELINE, STEPS, Step, get_step
-from m3tune.storage import StorageError, Store
+from m3tune.storage import StorageError, Store, file_digest
 
 log = logging.getLogger("m3tune")
 
-State = Literal["done", "stale", "missing"]
+# tampered: a published output is not what its manifest recorded (stale is "inputs or config changed")
+State = Literal["done", "stale", "missing", "tampered"]
 
 
 class MissingInput(UserError):
@@ -62,7 +64,35 @@ def shard_folder(root: Store, name: str, rank: int, world_size: int) -> Store:
     return root.child(name).child(f"shards/{rank:05d}-of-{world_size:05d}")
 
 
-def _check(root: Store, step: Step, config: BaseModel, folder: Store | None = None) -> tuple[StepStatus, dict[str, str] | None]:
+def _verified_view(root: Store) -> Store:
+    """ROOT with an Integrity of its own (the same shared manifest cache): a bare store given by a caller
+    is verified too."""
+    return root.with_integrity(RunIntegrity(root))
+
+
+def _output_problem(folder: Store, name: str, info: OutputInfo, *, verify: bool) -> StepStatus | None:
+    """Why the published output NAME is not what the manifest recorded ('stale' if gone, 'tampered' if
+    changed), or None. Sizes always; VERIFY: every byte (status), not only when a consumer reads it."""
+    if not folder.exists(name):
+        return StepStatus("", "stale", f"output missing: {name}", None)
+    size = folder.size(name)
+    manifest_uri = folder.uri_of(MANIFEST)
+    if size != info.bytes:
+        return StepStatus("", "tampered", tampered_message(folder.uri_of(name), manifest_uri, info.sha256, "",
+                                                           size, info.bytes), None)
+    if verify:
+        try:
+            digest = file_digest(folder, name)  # through the root's Integrity: raises Tampered at the end
+        except Tampered as e:
+            return StepStatus("", "tampered", str(e), None)
+        if digest != info.sha256:
+            return StepStatus("", "tampered", tampered_message(folder.uri_of(name), manifest_uri, info.sha256,
+                                                               digest, size, info.bytes), None)
+    return None
+
+
+def _check(root: Store, step: Step, config: BaseModel, folder: Store | None = None, *,
+           verify: bool = False) -> tuple[StepStatus, dict[str, str] | None]:
     """(status of STEP in ROOT against CONFIG, the current input digests if they could be taken)."""
     folder = folder if folder is not None else root.child(step.name)
     try:
@@ -90,16 +120,18 @@ def _check(root: Store, step: Step, config: BaseModel, folder: Store | None = No
     if inputs != manifest.inputs:
         return StepStatus(step.name, "stale", f"inputs changed: {_changed(manifest.inputs, inputs)}", manifest), inputs
     for name, info in manifest.outputs.items():
-        if not folder.exists(name):
-            return StepStatus(step.name, "stale", f"output missing: {name}", manifest), inputs
-        if folder.size(name) != info.bytes:
-            return StepStatus(step.name, "stale", f"output changed: {name}", manifest), inputs
+        problem = _output_problem(folder, name, info, verify=verify)
+        if problem is not None:
+            return StepStatus(step.name, problem.state, problem.reason, manifest), inputs
     return StepStatus(step.name, "done", "up to date", manifest), inputs
 
 
-def step_status(root: Store, step: Step, config: BaseModel | None = None) -> StepStatus:
-    """Whether STEP is done in ROOT for CONFIG (default: the step's defaults, as `m3tune run` would use)."""
-    return _check(root, step, config if config is not None else step.config())[0]
+def step_status(root: Store, step: Step, config: BaseModel | None = None, *, verify: bool = True) -> StepStatus:
+    """Whether STEP is done in ROOT for CONFIG (default: the step's defaults, as `m3tune run` would use).
+
+    VERIFY reads every published output once to find same-size edits ('tampered'); without it only sizes
+    are compared (as a skip decision does: consumers verify what they read)."""
+    return _check(_verified_view(root), step, config if config is not None else step.config(), verify=verify)[0]
 
 
 def _remove_unpublished(folder: Store, published, name: str) -> None:
@@ -130,19 +162,26 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
             raise ConfigError(f"step {name!r} cannot be sharded")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in 0..{world_size - 1}")
+    root = _verified_view(root)  # every read the step makes of a published file is verified
     folder = shard_folder(root, name, rank, world_size) if shard else root.child(name)
     status, inputs = _check(root, step, config, folder)
     if status.state == "done" and not force:
         log.info("%s: done, skipped (%s)", name, folder.uri_of(MANIFEST))
         assert status.manifest is not None
         return status.manifest, False
+    if status.state == "tampered" and not force:
+        raise Tampered(f"{name}: {status.reason}")
     if inputs is None:  # fail early, before any write: an upstream step or an input is missing
         inputs = current_inputs(root, step, config)
 
-    # The old manifest goes first: a rerun that dies half-way must not leave
-    # a manifest vouching for outputs it did not write. This assumes one
-    # writer per step folder at a time (sharded steps write per-rank names).
-    folder.delete(MANIFEST)
+    # The old manifest goes before the first change to the step's folder: a rerun that dies half-way must
+    # not leave a manifest vouching for outputs it did not write, and one that fails before writing
+    # anything (a mistyped --model) must not unpublish a good result. This assumes one writer per step
+    # folder at a time (sharded steps write per-rank names).
+    plain = folder.with_integrity(None)
+    if status.reason.startswith("manifest unreadable"):
+        plain.delete(MANIFEST)  # it vouches for nothing
+    root._integrity.guard(folder._rel, lambda: plain.delete(MANIFEST))  # type: ignore[union-attr]
     cleaned = folder.clean_temporaries()
     if cleaned:
         log.info("%s: removed %d temporary file(s) left by an interrupted run", name, cleaned)
@@ -196,6 +235,7 @@ def merge_shards(root: Store, name: str, config: BaseModel | None = None, *, wor
     """Publish step NAME's outputs from its WORLD_SIZE finished shards: JSONL outputs concatenated in rank order."""
     step = get_step(name)
     config = config if config is not None else step.config()
+    root = _verified_view(root)  # the shards' outputs are read against the shards' manifests
     inputs = current_inputs(root, step, config)
     digest = config_digest(config)
     manifests = [read_manifest(shard_folder(root, name, r, world_size)) for r in range(world_size)]
@@ -249,9 +289,11 @@ def run_pipeline(root: Store, configs: dict[str, BaseModel], *, force: set[str] 
     return ran
 
 
-def pipeline_status(root: Store, configs: dict[str, BaseModel] | None = None) -> list[StepStatus]:
+def pipeline_status(root: Store, configs: dict[str, BaseModel] | None = None, *,
+                    verify: bool = True) -> list[StepStatus]:
     """Status of the pipeline's steps against CONFIGS (else defaults), as `m3tune run` would see them,
-    and of any other step that has run in ROOT (against the config it recorded)."""
+    and of any other step that has run in ROOT (against the config it recorded). VERIFY: hash every
+    published file (see step_status)."""
     statuses = []
     for name in PIPELINE + [n for n in STEPS if n not in PIPELINE]:
         step = STEPS[name]
@@ -265,5 +307,5 @@ def pipeline_status(root: Store, configs: dict[str, BaseModel] | None = None) ->
                     config = step.config.model_validate(recorded.config) if recorded else None
                 except (StorageError, ValueError):
                     config = None
-        statuses.append(step_status(root, step, config))
+        statuses.append(step_status(root, step, config, verify=verify))
     return statuses

@@ -71,8 +71,11 @@ class Rejects:
         self.rows: list[dict[str, Any]] = []
 
     def add(self, err: RecordError, raw: bytes) -> None:
-        self.rows.append({"file": err.path, "line": err.line, "field": err.field, "error": err.message,
-                          "raw": raw.decode("utf-8", errors="backslashreplace")})
+        from m3tune.redact import redact
+
+        # a rejects file is published beside the outputs: a key pasted into a bad line must not travel with it
+        self.rows.append({"file": err.path, "line": err.line, "field": err.field, "error": redact(err.message),
+                          "raw": redact(raw.decode("utf-8", errors="backslashreplace"))})
 
     def __len__(self) -> int:
         return len(self.rows)

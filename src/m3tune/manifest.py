@@ -12,12 +12,15 @@ from. Upstream data itself is never re-read to decide a skip.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from typing import Any
+import threading
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, Field, ValidationError
 
-from m3tune.storage import Store, StorageError
+from m3tune.errors import BadInput
+from m3tune.storage import Integrity, Store, StorageError
 
 MANIFEST = "_manifest.json"
 
@@ -52,12 +55,164 @@ def config_digest(config: BaseModel) -> str:
 def read_manifest(step_store: Store) -> Manifest | None:
     """The manifest in a step's folder, or None if the step has not finished there."""
     if not step_store.exists(MANIFEST):
-        return None
-    try:
-        return Manifest.model_validate_json(step_store.read_bytes(MANIFEST))
-    except ValidationError as e:
-        raise StorageError(f"{step_store.uri_of(MANIFEST)} is not a valid manifest: {e}") from None
+        manifest = None
+    else:
+        try:
+            manifest = Manifest.model_validate_json(step_store.read_bytes(MANIFEST))
+        except ValidationError as e:
+            raise StorageError(f"{step_store.uri_of(MANIFEST)} is not a valid manifest: {e}") from None
+    if isinstance(step_store._integrity, RunIntegrity):  # what was just read is the freshest record
+        step_store._integrity.remember(step_store._rel, manifest)
+    return manifest
 
 
 def write_manifest(step_store: Store, manifest: Manifest) -> None:
     step_store.write_bytes(MANIFEST, manifest.model_dump_json(indent=2).encode() + b"\n")
+
+
+class Tampered(StorageError, BadInput):
+    """A published file no longer has the bytes its manifest recorded: changed after its step finished
+    (tampered with, or corrupted). Exit 4: rerunning the consumer reads the same bytes."""
+
+
+def tampered_message(uri: str, manifest_uri: str, expected: str, actual: str, size: int, recorded: int) -> str:
+    what = (f"sha256 {actual[:16]}…, the manifest recorded {expected[:16]}…" if size == recorded
+            else f"{size:,} bytes, the manifest recorded {recorded:,}")
+    return (f"{uri}: tampered: {what} ({manifest_uri}); the file changed after its step published it. "
+            "Find out why, then rerun that step with --force")
+
+
+class _VerifyingRaw(io.RawIOBase):
+    """Hashes what is read from a published file; at its end, compares with the manifest's record."""
+
+    def __init__(self, inner: BinaryIO, info: "OutputInfo", uri: str, manifest_uri: str):
+        self._inner, self._info, self._uri, self._manifest_uri = inner, info, uri, manifest_uri
+        self._hash, self._size, self.checked = hashlib.sha256(), 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self._inner.readinto(buffer)
+        if n:
+            self._hash.update(memoryview(buffer)[:n])
+            self._size += n
+            if self._size > self._info.bytes:  # no need to read gigabytes more to know
+                self._fail()
+        elif not self.checked:
+            self.finish()
+        return n
+
+    def _fail(self) -> None:
+        raise Tampered(tampered_message(self._uri, self._manifest_uri, self._info.sha256, self._hash.hexdigest(),
+                                        self._size, self._info.bytes))
+
+    def finish(self) -> None:
+        self.checked = True
+        if self._size != self._info.bytes or self._hash.hexdigest() != self._info.sha256:
+            self._fail()
+
+    def drain(self) -> None:
+        """Read what the consumer left, so that what it did read is known to be part of the published file."""
+        while not self.checked:
+            if not self.readinto(bytearray(1 << 20)):
+                break
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+class _VerifiedReader(io.BufferedReader):
+    """A buffered reader over _VerifyingRaw. Leaving a `with` block normally before the end reads the rest
+    (verifying it); leaving on an error, or being garbage-collected, just closes."""
+
+    def __exit__(self, kind, value, tb):
+        try:
+            if kind is None and not self.closed:
+                self.raw.drain()  # type: ignore[attr-defined]
+        finally:
+            super().__exit__(kind, value, tb)
+
+
+_CACHE_LOCK = threading.Lock()
+# root URI -> {step folder (relative) -> its manifest, or None}: shared by every view of a root in this
+# process, so a change made through one is seen by all.
+_MANIFESTS: dict[str, dict[str, "Manifest | None"]] = {}
+
+
+class RunIntegrity(Integrity):
+    """The manifests of one run root, consulted for every read and change made through the root."""
+
+    def __init__(self, root: Store):
+        self._root = root.with_integrity(None)  # manifests themselves are read plainly
+        self._cache = _MANIFESTS.setdefault(self._root.uri, {})
+        self._guards: list[tuple[str, Any]] = []
+
+    def _manifest(self, folder: str) -> "Manifest | None":
+        with _CACHE_LOCK:
+            if folder in self._cache:
+                return self._cache[folder]
+        manifest = read_manifest(self._root.child(folder))
+        with _CACHE_LOCK:
+            self._cache[folder] = manifest
+        return manifest
+
+    def remember(self, folder: str, manifest: "Manifest | None") -> None:
+        with _CACHE_LOCK:
+            self._cache[folder] = manifest
+
+    def record_of(self, path: str) -> "tuple[OutputInfo, str] | None":
+        """(what the nearest manifest above PATH recorded of it, that manifest's URI), or None."""
+        parts = path.split("/")
+        for depth in range(len(parts) - 1, 0, -1):
+            folder, name = "/".join(parts[:depth]), "/".join(parts[depth:])
+            manifest = self._manifest(folder)
+            if manifest is not None and name in manifest.outputs:
+                return manifest.outputs[name], self._root.child(folder).uri_of(MANIFEST)
+        return None
+
+    def reader(self, path: str, stream: BinaryIO, uri: str) -> BinaryIO:
+        if path.rsplit("/", 1)[-1] == MANIFEST:
+            return stream
+        record = self.record_of(path)
+        if record is None:
+            return stream
+        return _VerifiedReader(_VerifyingRaw(stream, record[0], uri, record[1]), buffer_size=1 << 20)  # type: ignore[return-value]
+
+    def guard(self, folder: str, before_first_change) -> None:
+        """Call BEFORE_FIRST_CHANGE once, before the first write or delete under FOLDER through this root."""
+        self._guards.append((folder, before_first_change))
+
+    def before_change(self, path: str) -> None:
+        with _CACHE_LOCK:
+            for folder in [f for f in self._cache if path == f or path.startswith(f + "/") or f.startswith(path + "/")]:
+                del self._cache[folder]
+            due = [g for g in self._guards if path.startswith(g[0] + "/")]
+            self._guards = [g for g in self._guards if g not in due]
+        for _, callback in due:
+            callback()
+
+
+def published(root: Store, step: str, *, what: str) -> Manifest:
+    """STEP's manifest in ROOT, or a clear error: what a step has not published (no manifest: never run, still
+    running, or died half-way) must not be used as if it had, whatever files its folder holds."""
+    from m3tune.errors import UserError
+
+    manifest = read_manifest(root.child(step))
+    if manifest is None:
+        raise UserError(f"{what}: step {step!r} has not finished in {root.uri} (no {MANIFEST}); "
+                        f"run it first (m3tune step {step} --root {root.uri})")
+    if not manifest.complete:
+        raise UserError(f"{what}: step {step!r} is incomplete in {root.uri} ({manifest.incomplete_reason}); "
+                        "rerun it to finish")
+    return manifest
+
+
+def verify_files(folder: Store, names: list[str]) -> None:
+    """Read each of NAMES in FOLDER through its run root once (verifying it against its manifest), for files
+    a library will read by path itself (a model folder handed to transformers)."""
+    for name in names:
+        with folder.open_read(name) as f:
+            while f.read(1 << 20):
+                pass

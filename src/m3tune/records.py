@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+import math
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 PASSAGE_ID = r"^[a-z][a-z0-9_-]*:[A-Za-z0-9][A-Za-z0-9:._-]*$"
+# The longest packaged passage (a hadith of Sahih Muslim) has 14,663 characters; the encoders read 512
+# tokens of it. A passage of megabytes is a broken file (a whole book on one line), not a passage: refused.
+MAX_PASSAGE_CHARS = 100_000
 
 PassageId = Annotated[str, StringConstraints(pattern=PASSAGE_ID)]
 Text = Annotated[str, StringConstraints(min_length=1)]
@@ -18,6 +23,23 @@ Language = Literal["ar", "en"]
 Source = Literal["quran", "hadith"]
 QueryType = Literal["question", "keyword", "conceptual", "exact"]
 Score = Annotated[float, Field(allow_inf_nan=False)]
+PassageText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PASSAGE_CHARS)]
+
+
+def _finite(value: Any, where: str = "") -> Any:
+    # JSON has no NaN or Infinity: the parser accepts them, the writer would turn them into null.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'value'} is {value}: NaN and Infinity are not JSON numbers")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{where}[{i}]")
+    return value
+
+
+Meta = Annotated[dict[str, Any], AfterValidator(lambda meta: _finite(meta, "meta"))]
 
 
 class _Strict(BaseModel):
@@ -31,10 +53,10 @@ class Passage(_Strict):
     id: PassageId = Field(description="stable readable id: quran:2:153, bukhari:1, muslim:196")
     source: Source
     collection: Text = Field(description="quran, bukhari, muslim, ...")
-    text: Text = Field(description="Arabic as displayed")
-    text_plain: Text = Field(description="diacritics stripped and normalized (m3tune.arabic.normalize)")
-    translation_en: str | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
+    text: PassageText = Field(description=f"Arabic as displayed (at most {MAX_PASSAGE_CHARS:,} characters)")
+    text_plain: PassageText = Field(description="diacritics stripped and normalized (m3tune.arabic.normalize)")
+    translation_en: Annotated[str, StringConstraints(max_length=MAX_PASSAGE_CHARS)] | None = None
+    meta: Meta = Field(default_factory=dict)
 
 
 class PassageInput(_Strict):
@@ -42,11 +64,11 @@ class PassageInput(_Strict):
 
     id: PassageId
     source: Source
-    text: Text
+    text: PassageText
     collection: Text | None = None
-    text_plain: Text | None = None
-    translation_en: str | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)
+    text_plain: PassageText | None = None
+    translation_en: Annotated[str, StringConstraints(max_length=MAX_PASSAGE_CHARS)] | None = None
+    meta: Meta = Field(default_factory=dict)
 
 
 class Generator(_Strict):

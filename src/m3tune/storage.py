@@ -14,6 +14,8 @@ botocore to a narrow range that fights boto3's own pin, and everything here
 
 from __future__ import annotations
 
+import copy
+import errno
 import hashlib
 import io
 import os
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 from urllib.parse import unquote, urlparse
 
-from m3tune.errors import UserError
+from m3tune.errors import BadInput, UserError
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TMP_MARK = ".tmp-"
@@ -43,6 +45,20 @@ class NotFound(StorageError):
     """The file does not exist."""
 
 
+class StorageFull(StorageError, BadInput):
+    """The disk (or quota) is full. Exit 4: a rerun writes the same bytes into the same space, so it fails the
+    same way until space is made or the limit raised; Argo must not retry it blindly."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_failed(where: object, e: OSError) -> StorageError:
+    if e.errno in _FULL:
+        return StorageFull(f"cannot write {where}: {e.strerror} (free space or raise the volume's limit, then rerun)")
+    return StorageError(f"cannot write {where}: {e.strerror or e}")
+
+
 def validate_run_id(run_id: str) -> str:
     """A run id is one path segment of letters, digits, '.', '_' or '-', not '.' or '..'."""
     if not RUN_ID_PATTERN.match(run_id or ""):
@@ -53,12 +69,30 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-def _check_relative(rel: str) -> str:
-    """Refuse paths that would escape their store ('..', absolute, empty segments)."""
-    parts = rel.split("/")
-    if any(p in ("..", ".", "") for p in parts) or "\\" in rel:
-        raise StorageError(f"invalid relative path {rel!r}: it must stay inside the run root")
+def check_relative(rel: str, *, where: str = "") -> str:
+    """REL if it is a name that stays inside its folder, else StorageError.
+
+    The one check for every name that comes from a run root (a listing, a manifest, checkpoints/latest.json,
+    a journal) or a user, made before anything touches the filesystem: a tampered bucket must not be able to
+    name a path outside the folder it is joined to. Refused: '..', '.', empty segments (so no absolute path),
+    backslashes, NUL and other control characters (names S3 accepts but no local path should hold).
+    """
+    parts = rel.split("/") if isinstance(rel, str) else [""]
+    if (any(p in ("..", ".", "") for p in parts) or "\\" in rel
+            or any(ord(c) < 32 or c == "\x7f" for c in rel)):
+        raise StorageError(f"{where + ': ' if where else ''}invalid relative path {rel!r}: "
+                           "it must stay inside the run root (no '..', '.', empty segments or absolute paths)")
     return rel
+
+
+def local_path(base: str | os.PathLike, rel: str, *, where: str = "") -> Path:
+    """BASE/REL on this machine, REL checked first (check_relative): the only way a name read from a run root
+    becomes a local path (to write, copy or remove)."""
+    return Path(base) / check_relative(rel, where=where)
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}/{b}" if a else b
 
 
 def run_root_uri(runs: str, run_id: str) -> str:
@@ -97,18 +131,69 @@ class _HashingWriter(io.RawIOBase):
         return self._hash.hexdigest()
 
 
+class Integrity(ABC):
+    """What a run root knows about its published files (m3tune.manifest.RunIntegrity): every read of one is
+    checked against the sha256 its step's manifest recorded, and every change under a step's folder is
+    announced first (so a manifest is withdrawn before what it vouches for changes)."""
+
+    @abstractmethod
+    def reader(self, path: str, stream: BinaryIO, uri: str) -> BinaryIO:
+        """STREAM over the file PATH (relative to the run root), verified if a manifest records it."""
+
+    @abstractmethod
+    def before_change(self, path: str) -> None:
+        """PATH (relative to the run root) is about to be written or deleted."""
+
+
 class Store(ABC):
-    """A folder: a local directory or an S3 prefix. Paths inside are '/'-separated."""
+    """A folder: a local directory or an S3 prefix. Paths inside are '/'-separated.
+
+    A run root (open_root) carries an Integrity, passed on to its sub-folders: reads of published files are
+    verified while they are read, whichever step or command reads them."""
 
     uri: str
+    _integrity: Integrity | None = None
+    _rel: str = ""  # this folder's path inside the run root, when it has an Integrity
 
-    @abstractmethod
     def child(self, rel: str) -> "Store":
         """The sub-folder REL."""
+        rel = check_relative(rel)
+        sub = self._child(rel)
+        sub._integrity, sub._rel = self._integrity, _join(self._rel, rel)
+        return sub
+
+    def with_integrity(self, integrity: Integrity | None) -> "Store":
+        """This folder as the root of a run whose reads and writes go through INTEGRITY."""
+        view = copy.copy(self)
+        view._integrity, view._rel = integrity, ""
+        return view
+
+    def open_read(self, rel: str) -> BinaryIO:
+        """A binary stream over REL; StorageError if it does not exist (Tampered, on reading it, if it is a
+        published file whose bytes are not the ones its manifest recorded)."""
+        stream = self._open_read(check_relative(rel))
+        if self._integrity is None:
+            return stream
+        return self._integrity.reader(_join(self._rel, rel), stream, self.uri_of(rel))
+
+    def delete(self, rel: str) -> None:
+        """Delete REL if it exists."""
+        check_relative(rel)
+        if self._integrity is not None:
+            self._integrity.before_change(_join(self._rel, rel))
+        self._delete(rel)
 
     @abstractmethod
-    def open_read(self, rel: str) -> BinaryIO:
-        """A binary stream over REL; StorageError if it does not exist."""
+    def _child(self, rel: str) -> "Store":
+        """The sub-folder REL (checked)."""
+
+    @abstractmethod
+    def _open_read(self, rel: str) -> BinaryIO:
+        """A binary stream over REL (checked)."""
+
+    @abstractmethod
+    def _delete(self, rel: str) -> None:
+        """Delete REL (checked) if it exists."""
 
     @abstractmethod
     def exists(self, rel: str) -> bool:
@@ -123,10 +208,6 @@ class Store(ABC):
         """Names of the files directly or indirectly under this folder, relative to it."""
 
     @abstractmethod
-    def delete(self, rel: str) -> None:
-        """Delete REL if it exists."""
-
-    @abstractmethod
     def _publish(self, rel: str, durable: bool = True) -> AbstractContextManager[IO[bytes]]:
         """A context giving a binary file that becomes REL only if the block succeeds.
 
@@ -137,10 +218,17 @@ class Store(ABC):
     @contextmanager
     def open_write(self, rel: str, *, durable: bool = True) -> Iterator[_HashingWriter]:
         """Write REL atomically. On error nothing is published; `writer.result` tells what was."""
-        rel = _check_relative(rel)
-        with self._publish(rel, durable) as raw:
-            writer = _HashingWriter(raw)
-            yield writer
+        rel = check_relative(rel)
+        if self._integrity is not None:
+            self._integrity.before_change(_join(self._rel, rel))
+        try:
+            with self._publish(rel, durable) as raw:
+                writer = _HashingWriter(raw)
+                yield writer
+        except OSError as e:
+            if e.errno not in _FULL:
+                raise
+            raise _write_failed(self.uri_of(rel), e) from None
         writer.result = WrittenFile(rel, writer.sha256, writer.size)  # type: ignore[attr-defined]
 
     def read_bytes(self, rel: str) -> bytes:
@@ -153,7 +241,7 @@ class Store(ABC):
         return w.result  # type: ignore[attr-defined]
 
     def uri_of(self, rel: str) -> str:
-        return self.uri.rstrip("/") + "/" + _check_relative(rel)
+        return self.uri.rstrip("/") + "/" + check_relative(rel)
 
     def clean_temporaries(self) -> int:
         """Remove temporary files a killed writer left behind; return how many."""
@@ -168,13 +256,13 @@ class LocalStore(Store):
         self.path = Path(path).absolute()
         self.uri = self.path.as_uri()
 
-    def child(self, rel: str) -> "LocalStore":
-        return LocalStore(self.path / _check_relative(rel))
+    def _child(self, rel: str) -> "LocalStore":
+        return LocalStore(local_path(self.path, rel))
 
     def _file(self, rel: str) -> Path:
-        return self.path / _check_relative(rel)
+        return local_path(self.path, rel)
 
-    def open_read(self, rel: str) -> BinaryIO:
+    def _open_read(self, rel: str) -> BinaryIO:
         path = self._file(rel)
         try:
             return open(path, "rb")
@@ -194,7 +282,7 @@ class LocalStore(Store):
             return []
         return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
 
-    def delete(self, rel: str) -> None:
+    def _delete(self, rel: str) -> None:
         self._file(rel).unlink(missing_ok=True)
 
     @contextmanager
@@ -239,10 +327,10 @@ class S3Store(Store):
         return self._client
 
     def _key(self, rel: str) -> str:
-        rel = _check_relative(rel)
+        rel = check_relative(rel)
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
-    def child(self, rel: str) -> "S3Store":
+    def _child(self, rel: str) -> "S3Store":
         return S3Store(self.bucket, self._key(rel), endpoint_url=self.endpoint_url, client=self._client)
 
     def _call(self, what: str, fn, **kw):
@@ -259,7 +347,7 @@ class S3Store(Store):
         except BotoCoreError as e:
             raise StorageError(f"S3 {what} {where} failed: {e}") from None
 
-    def open_read(self, rel: str) -> BinaryIO:
+    def _open_read(self, rel: str) -> BinaryIO:
         body = self._call("GET", self.client.get_object, Key=self._key(rel))["Body"]
         # A buffered reader over the streaming body gives line iteration
         # without loading the object into memory.
@@ -282,12 +370,14 @@ class S3Store(Store):
         while True:
             kw = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
             page = self._call("LIST", self.client.list_objects_v2, **kw)
+            # Keys are whatever a bucket writer chose ('a/../../x', '/abs'): every use of a listed name
+            # goes through check_relative before it touches anything.
             names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
             if not page.get("IsTruncated"):
                 return sorted(names)
             token = page["NextContinuationToken"]
 
-    def delete(self, rel: str) -> None:
+    def _delete(self, rel: str) -> None:
         self._call("DELETE", self.client.delete_object, Key=self._key(rel))
 
     @contextmanager
@@ -325,9 +415,14 @@ def open_store(uri: str, *, s3_endpoint: str | None = None) -> Store:
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"invalid S3 URI {uri!r}: expected s3://bucket/prefix")
-        prefix = parsed.path.strip("/")
-        if any(p in ("..", ".") for p in prefix.split("/")):
-            raise StorageError(f"invalid S3 URI {uri!r}: '..' and '.' segments are not allowed")
+        if parsed.query or parsed.fragment or parsed.params or "?" in uri or "#" in uri:
+            # urlparse would drop them silently and run somewhere else than the URI says
+            raise StorageError(f"invalid S3 URI {uri!r}: no '?', '#' or ';' parts")
+        path = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
+        prefix = path[:-1] if path.endswith("/") else path  # one trailing '/' is a folder's usual spelling
+        # 'runs//x' is another key than 'runs/x' on S3: accepting it would run beside the real run, not in it
+        if prefix and any(p in ("..", ".", "") for p in prefix.split("/")):
+            raise StorageError(f"invalid S3 URI {uri!r}: '..', '.' and empty ('//') segments are not allowed")
         endpoint = s3_endpoint or os.environ.get(S3_ENDPOINT_ENV) or None
         return S3Store(parsed.netloc, prefix, endpoint_url=endpoint)
     if uri.startswith("file://"):
@@ -339,19 +434,24 @@ def open_store(uri: str, *, s3_endpoint: str | None = None) -> Store:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use file://, s3:// or a path")
     else:
         path = uri
-    if ".." in Path(path).parts:
-        raise StorageError(f"invalid path {uri!r}: '..' segments are not allowed in a run location")
+    # Checked on the text, not on Path(path).parts: pathlib drops '.' segments, so 'runs/x/.' would become
+    # 'runs/x' and 'runs/.' the runs folder itself.
+    parts = path.replace("\\", "/").split("/")
+    if ".." in parts or "." in parts[1:]:  # a leading './' only names the current folder
+        raise StorageError(f"invalid path {uri!r}: '..' and '.' segments are not allowed in a run location")
     return LocalStore(path)
 
 
 def open_root(uri: str, *, s3_endpoint: str | None = None) -> Store:
     """The store of one run: its last path segment is the run id, validated."""
+    from m3tune.manifest import RunIntegrity  # manifests are a layer above storage
+
     store = open_store(uri, s3_endpoint=s3_endpoint)
     last = store.uri.rstrip("/").rsplit("/", 1)[-1]
     if isinstance(store, S3Store) and not store.prefix:
         raise StorageError(f"invalid run root {uri!r}: expected s3://bucket/prefix/RUN_ID")
     validate_run_id(last)
-    return store
+    return store.with_integrity(RunIntegrity(store))
 
 
 def split_uri(uri: str, *, s3_endpoint: str | None = None) -> tuple[Store, str]:
@@ -406,9 +506,13 @@ def download_folder(store: Store, local: Path) -> list[str]:
     import shutil
 
     names = store.list()
-    for rel in names:
-        dest = Path(local) / rel
+    # every name first, before the first folder is made: a listing of a tampered bucket creates nothing
+    targets = [local_path(local, rel, where=store.uri) for rel in names]
+    for rel, dest in zip(names, targets):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with store.open_read(rel) as src, open(dest, "wb") as w:
-            shutil.copyfileobj(src, w, 1 << 20)
+        try:
+            with store.open_read(rel) as src, open(dest, "wb") as w:
+                shutil.copyfileobj(src, w, 1 << 20)
+        except OSError as e:
+            raise _write_failed(dest, e) from None
     return names

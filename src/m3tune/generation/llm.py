@@ -29,8 +29,12 @@ What a user pays for is neither lost nor paid for twice:
   incomplete, so `m3tune status` shows it stale and a rerun finishes it.
 
 The API key comes from the environment (`OPENROUTER_API_KEY`, then
-`OPENAI_API_KEY`, or the variable `api_key_env` names); it is never logged
-and never part of a config or manifest.
+`OPENAI_API_KEY`, or the variable `api_key_env` names, which must be an API
+key variable: m3tune.redact.check_key_env); it is never logged and never part
+of a config or manifest, and every detail kept of a failure (an endpoint's
+error body, a refusal) is redacted before it reaches a rejects file, the
+journal or a log. A run in which every request failed is an error, not an
+empty success.
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from m3tune.errors import BadInput, ConfigError
+from m3tune.errors import BadInput, ConfigError, UserError
 from m3tune.jsonl import read_jsonl, write_jsonl
+from m3tune.redact import check_key_env, redact, register
 from m3tune.storage import Store
 
 log = logging.getLogger("m3tune.llm")
@@ -68,6 +73,11 @@ _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:'|no)t|i won'?t|i am 
 
 class LLMError(BadInput):
     """The endpoint cannot be used at all (no key, bad key, no credits, bad settings): the run stops."""
+
+
+class LLMUnavailable(UserError):
+    """Every request failed for reasons a later run may not meet (the endpoint down, overloaded): exit 1,
+    so Argo retries the step; nothing was generated, so reporting success would hide it."""
 
 
 def fatal_status(status: int, base_url: str, model: str) -> "LLMError | None":
@@ -108,6 +118,11 @@ class LLMSettings(BaseModel):
                             "that reject it)")
     flush_every: int = Field(default=1, ge=1, description="answers per journal batch: 1 never pays twice after a "
                              "kill; more means fewer files")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_variable(cls, name: str | None) -> str | None:
+        return check_key_env(name) if name else name
 
 
 @dataclass
@@ -227,9 +242,10 @@ class Journal:
 
 
 def api_key(settings: LLMSettings) -> str:
-    names = [settings.api_key_env] if settings.api_key_env else ["OPENROUTER_API_KEY", "OPENAI_API_KEY"]
+    names = [check_key_env(settings.api_key_env)] if settings.api_key_env else ["OPENROUTER_API_KEY", "OPENAI_API_KEY"]
     for name in names:
         if os.environ.get(name):
+            register(os.environ[name])  # masked in every message from now on, whatever its shape
             return os.environ[name]
     raise LLMError(f"no API key: set {' or '.join(names)} (or use backend 'offline', which needs none)")
 
@@ -262,7 +278,8 @@ class _Rejected(Exception):
 
     def __init__(self, reason: str, detail: str, *, journal: bool):
         super().__init__(reason)
-        self.reason, self.detail, self.journal = reason, detail, journal
+        # the detail goes to rejects.jsonl and the journal: an error body can quote the request's key
+        self.reason, self.detail, self.journal = reason, redact(detail), journal
 
 
 class _Retry(Exception):
@@ -278,8 +295,8 @@ class _Budget(Exception):
 def _short(e: Exception) -> str:
     if isinstance(e, ValidationError):
         err = e.errors(include_url=False)[0]
-        return f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}"
-    return str(e)[:200]
+        return redact(f"{'.'.join(map(str, err['loc'])) or 'answer'}: {err['msg']}")
+    return redact(str(e))[:200]  # redacted before the cut: a cut key would no longer look like one
 
 
 class _Runner:
@@ -511,6 +528,8 @@ def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
         return runner
 
     runner = asyncio.run(main()) if todo else None
+    if runner is not None:
+        _all_failed(runner, len(todo), settings.base_url)
     stats = runner.stats if runner else RunStats(from_journal=len(items))
     rejects = runner.rejects if runner else []
     answers: dict[str, dict[str, Any]] = {}
@@ -526,3 +545,19 @@ def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
                             "final": True, "from_journal": True})
     journal.compact()
     return Outcome(stats, answers, rejects)
+
+
+def _all_failed(runner: _Runner, asked: int, base_url: str) -> None:
+    """Raise when every item asked failed and none came to a final answer: an endpoint that is down must
+    not look like a step that generated nothing. A budget stop or final rejections are outcomes, not this."""
+    stats = runner.stats
+    if not stats.unfinished or stats.accepted or stats.unfinished + stats.pending < asked:
+        return
+    reasons = ", ".join(f"{k} {v}" for k, v in stats.rejected.most_common())
+    first = next((r["detail"] for r in runner.rejects if r.get("detail")), "")
+    message = (f"{base_url}: every one of the {stats.unfinished} request(s) failed ({reasons}); nothing was "
+               f"generated{'; first: ' + first if first else ''}")
+    if set(stats.rejected) <= {"retries_exhausted"}:  # timeouts, 5xx, refused connections: it may come back
+        raise LLMUnavailable(message + "; is the endpoint up? A rerun asks again")
+    # a 4xx for every request, every answer cut at max_tokens: the same request fails the same way again
+    raise LLMError(message + "; fix the request or settings (max_tokens, model, json_mode), then rerun")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from m3tune.errors import BadInput, ConfigError, UserError
-from m3tune.storage import download_folder, upload_folder
+from m3tune.storage import download_folder, local_path, upload_folder
 
 log = logging.getLogger("m3tune.train")
 
@@ -371,9 +371,21 @@ def _save_model(s: Session, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------- checkpoints
 
 def _read_latest(s: Session) -> dict | None:
+    """checkpoints/latest.json, checked before any of it is used: it lives in the run root, so anyone who can
+    write the bucket writes it, and its name is joined to local paths that are removed and written."""
+    from m3tune.storage import StorageError, check_relative
+
     if not s.out.exists(LATEST):
         return None
-    return json.loads(s.out.read_bytes(LATEST))
+    where = s.out.uri_of(LATEST)
+    try:
+        latest = json.loads(s.out.read_bytes(LATEST))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StorageError(f"{where}: not JSON ({e}); remove it to start afresh") from None
+    if not isinstance(latest, dict) or not isinstance(latest.get("name"), str):
+        raise StorageError(f"{where}: field 'name': expected the checkpoint's folder name")
+    check_relative(latest["name"], where=f"{where}: field 'name'")
+    return latest
 
 
 def _checkpoint(s: Session) -> None:
@@ -424,7 +436,7 @@ def _resume(s: Session) -> None:
                 folder.delete(rel)
         s.accelerator.wait_for_everyone()
         return
-    local = s.work / CHECKPOINTS / latest["name"]
+    local = local_path(s.work / CHECKPOINTS, latest["name"])  # checked again where it becomes a path
     if s.accelerator.is_local_main_process:
         shutil.rmtree(local, ignore_errors=True)
         download_folder(s.out.child(f"{CHECKPOINTS}/{latest['name']}"), local)
@@ -494,7 +506,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="JSON file of TrainConfig fields")
     parser.add_argument("--workdir", required=True, help="local working folder")
     args = parser.parse_args(argv)
+    from m3tune.redact import RedactingFilter
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     run(root_uri=args.root, config=json.loads(Path(args.config).read_text()), workdir=args.workdir)
 
 
