@@ -8,6 +8,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from m3tune.cli import app
 from m3tune.deploy.argo import jobset_manifest, render_files, render_workflow_template
-from m3tune.deploy.images import CPU, CUDA, ENTRYPOINT, IMAGES
+from m3tune.deploy.images import CPU, CUDA, ENTRYPOINT, HOME_DIR, IMAGES
 from m3tune.pipeline import PIPELINE, STEPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,14 +108,14 @@ def test_gpu_steps_get_the_cuda_image_gpus_shm_and_node_placement(gpu_template):
     assert container["image"] == "{{workflow.parameters.image-gpu}}"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{workflow.parameters.gpus-per-node}}"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    assert single["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory",
-                                                               "sizeLimit": "{{workflow.parameters.shm-size}}"}}]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "{{workflow.parameters.shm-size}}"}} in \
+        single["volumes"]
     params = {p["name"]: p.get("value") for p in template["spec"]["arguments"]["parameters"]}
-    patch = single["podSpecPatch"]
-    for key in ("gpu-node-selector", "gpu-tolerations"):
-        patch = patch.replace(f"{{{{workflow.parameters.{key}}}}}", params[key])
-    assert json.loads(patch) == {"nodeSelector": {}, "tolerations": [
+    assert json.loads(argo_substitute(single["podSpecPatch"], params)) == {"nodeSelector": {}, "tolerations": [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    placed = {**params, "gpu-node-selector": '{"pool": "h100"}', "gpu-tolerations": "[]"}
+    assert json.loads(argo_substitute(single["podSpecPatch"], placed)) == {"nodeSelector": {"pool": "h100"},
+                                                                           "tolerations": []}
     assert container["command"][:2] == ["accelerate", "launch"]
     assert container["command"][-5:-3] == ["-m", "m3tune.cli"] or "m3tune.cli" in container["command"]
     assert params["image-gpu"] == CUDA.ref()
@@ -125,11 +126,22 @@ def test_gpu_steps_get_the_cuda_image_gpus_shm_and_node_placement(gpu_template):
     assert all(f"{name}-multinode" in t["dependencies"] for t in downstream)
 
 
-def substitute(text: str, values: dict[str, str]) -> str:
-    """Argo's parameter substitution, for the defaults (and the arithmetic expression the JobSet uses)."""
-    text = re.sub(r'\{\{=asInt\(workflow\.parameters\["([\w-]+)"\]\) \* asInt\(workflow\.parameters\["([\w-]+)"\]\)\}\}',
-                  lambda m: str(int(values[m[1]]) * int(values[m[2]])), text)
-    text = text.replace("{{workflow.name}}", "m3tune-x1")
+def _jsonpath_root(text: str, path: str):
+    assert path == "$"
+    return json.loads(text)  # Argo's jsonpath fails on text that is not JSON, and so the workflow
+
+
+def argo_substitute(text: str, values: dict[str, str], *, workflow_name: str = "m3tune-x1") -> str:
+    """Argo's substitution in a text field it parses afterwards (a podSpecPatch, a resource manifest).
+
+    A simple tag (`{{workflow.parameters.X}}`) is pasted as the parameter's text, as Argo pastes it. An
+    expression (`{{=…}}`) is evaluated: the subset m3tune writes (toJson, jsonpath(…, "$"), asInt, string,
+    `+`, `*`, string literals, `workflow.parameters["X"]`) is Python syntax too, with the same meaning."""
+    env = {"toJson": json.dumps, "jsonpath": _jsonpath_root, "asInt": int, "string": str,
+           "workflow": SimpleNamespace(parameters=values, name=workflow_name)}
+    # eval of expressions from our own generated template, with no builtins
+    text = re.sub(r"\{\{=(.*?)\}\}", lambda m: str(eval(m[1], {"__builtins__": {}}, env)), text)  # noqa: S307
+    text = text.replace("{{workflow.name}}", workflow_name)
     return re.sub(r"\{\{workflow\.parameters\.([\w-]+)\}\}", lambda m: values[m[1]], text)
 
 
@@ -145,7 +157,7 @@ def test_multi_node_training_is_a_jobset_whose_jobs_are_valid(gpu_template):
     assert resource["manifest"] == jobset_manifest(step)
     values = {p["name"]: p.get("value", "") for p in template["spec"]["arguments"]["parameters"]}
     values.update({f"{name}-nodes": "3", "gpus-per-node": "8", "root": "s3://b/runs/r1"})
-    jobset = yaml.safe_load(substitute(resource["manifest"], values))
+    jobset = yaml.safe_load(argo_substitute(resource["manifest"], values))
     assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and jobset["spec"]["network"]["enableDNSHostnames"]
     (workers,) = jobset["spec"]["replicatedJobs"]
     job_spec = workers["template"]["spec"]
@@ -154,8 +166,49 @@ def test_multi_node_training_is_a_jobset_whose_jobs_are_valid(gpu_template):
     assert command[command.index("--num_machines") + 1] == "3" and command[command.index("--num_processes") + 1] == "24"
     assert command[command.index("--main_process_ip") + 1] == "$(JOBSET_NAME)-workers-0-0.$(JOBSET_NAME)"
     assert job_spec["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert job_spec["activeDeadlineSeconds"] == int(values["gpu-deadline"])
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "train-workers"}, "spec": job_spec}
     kubernetes_validate.validate(job, "1.30", strict=True)  # the JobSet's Job template, strictly
+
+
+def test_train_waits_for_the_analyze_gate():
+    """analyze exits 3 on a missed target; on Argo a task starts when its dependencies are done, so the GPU
+    step must depend on analyze or it runs beside it and a miss stops nothing."""
+    tasks = dag(render_workflow_template())
+
+    def upstream(name: str) -> set[str]:
+        deps = set(tasks[name].get("dependencies", []))
+        return deps.union(*(upstream(d) for d in deps)) if deps else deps
+
+    gpu_tasks = [n for n, t in tasks.items() if STEPS[n.removesuffix("-multinode").removesuffix("-shard")].gpu]
+    assert {"train", "train-multinode"} <= set(gpu_tasks)
+    for name in gpu_tasks:
+        assert "analyze" in tasks[name]["dependencies"], name
+    assert "analyze" in upstream("evaluate")
+    # locally the gate is the pipeline's order
+    assert PIPELINE.index("analyze") < PIPELINE.index("train")
+
+
+def test_a_parameter_cannot_add_fields_to_a_pod(gpu_template):
+    """A submitter sets parameters; Argo pastes a simple tag's text into a patch or a manifest as it is.
+    m3tune's text fields parse each parameter as one value: a hostile value fails or stays a value."""
+    name, _, template = gpu_template
+    by_name = {t["name"]: t for t in template["spec"]["templates"]}
+    values = {p["name"]: p.get("value", "") for p in template["spec"]["arguments"]["parameters"]}
+    values.update({"root": "s3://b/runs/r1", f"{name}-nodes": "2"})
+    patch, manifest = by_name[name]["podSpecPatch"], by_name[f"{name}-multinode"]["resource"]["manifest"]
+    inject = {**values, "gpu-node-selector": '{}, "hostPID": true, "x": {}'}
+    for text in (patch, manifest):
+        with pytest.raises(ValueError):  # not one JSON value: Argo's jsonpath fails, the workflow errors
+            argo_substitute(text, inject)
+    # a value that closes its string and opens new fields stays the string it is
+    hostile = 's3://b/runs/r1",\n"hostPID": true, "privileged": "'
+    jobset = yaml.safe_load(argo_substitute(manifest, {**values, "root": hostile}))
+    pod = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--root") + 1] == hostile
+    assert "hostPID" not in pod and set(pod["containers"][0]) == {"name", "image", "command", "env", "ports",
+                                                                  "resources", "securityContext", "volumeMounts"}
 
 
 def round_trip(obj: dict, model) -> dict:
@@ -188,6 +241,15 @@ def test_images_install_declared_extras_run_as_non_root_with_the_m3tune_entrypoi
         assert '".[${EXTRAS}]"' in text
         assert re.search(r"^USER 10001$", text, re.M) and "useradd" in text and "--uid 10001" in text
         assert re.findall(r"^ENTRYPOINT (.+)$", text, re.M) == [json.dumps([ENTRYPOINT])]
+        # the home folder the pods mount an emptyDir on (their root filesystem is read-only) is the user's
+        assert re.findall(r"^WORKDIR (\S+)$", text, re.M)[-1] == HOME_DIR
+        # every install uses the project's pins: the extras' line, and the constraints file it reads is the
+        # project's (the CUDA image swaps torch's pin for the base image's own build)
+        (install,) = [line for line in text.splitlines() if '".[${EXTRAS}]"' in line]
+        constraints = re.search(r"-c (\S+)", install)
+        assert constraints, f"{image.dockerfile}: the extras are installed without the constraints file"
+        assert constraints[1] == "constraints/dev.txt" or f"constraints/dev.txt; echo \"torch==" in text
+        assert "COPY constraints ./constraints" in text
         assert f'dockerfile = "{image.dockerfile}"' in bake and f'm3tune-{image.name}:${{TAG}}' in bake
         if image is CUDA:
             assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base)

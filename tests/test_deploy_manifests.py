@@ -1,9 +1,9 @@
-"""Plain Kubernetes objects (manifests/, jobs/, the chart's core objects) validated strictly, offline;
-the chart's values schema; and no secret value anywhere a render puts one."""
+"""Plain Kubernetes objects (manifests/, jobs/) validated strictly, offline; the chart rendered and linted
+by Helm's own engine, with default and example values; its values schema; and no secret value anywhere a
+render puts one."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from m3tune.cli import app, load_run_config
 from m3tune.deploy.argo import render_workflow_template
+from m3tune.deploy.images import CPU, CUDA
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_VERSION = "1.30"
@@ -46,59 +47,111 @@ def test_a_strict_validation_catches_a_misspelt_field():
         strict(job)
 
 
-# The chart's core templates use only this subset of Helm's template language, so that this
-# test can render them without a Helm binary (none exists here): values by path, release and
-# chart fields, `if` on a value, and `toYaml VALUE | nindent N`. Anything else fails the test.
-_TAG = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}")
-
-
-def helm_lite(text: str, values: dict, release: dict) -> str:
-    def lookup(path: str):
-        root, *rest = path.lstrip(".").split(".")
-        obj = {"Values": values, "Release": release, "Chart": {"Version": "0.1.0", "Name": "m3tune"}}[root]
-        for key in rest:
-            obj = obj[key]
-        return obj
-
-    out, keep = [], [True]
-    for line in text.splitlines():
-        tags = _TAG.findall(line)
-        if tags and _TAG.sub("", line).strip() == "" and len(tags) == 1 and (tags[0].startswith(("if ", "end"))):
-            keep.append(bool(lookup(tags[0][3:]))) if tags[0].startswith("if ") else keep.pop()
-            continue
-        if not all(keep):
-            continue
-        if m := re.fullmatch(r"(\s*)\{\{-\s*toYaml (\S+) \| nindent (\d+)\s*\}\}", line):
-            out.append(re.sub(r"^", " " * int(m[3]), yaml.safe_dump(lookup(m[2]), sort_keys=False).rstrip(), flags=re.M))
-            continue
-        for tag in tags:
-            assert re.fullmatch(r"\.(Values|Release|Chart)(\.\w+)+", tag), f"unsupported template: {tag}"
-        out.append(_TAG.sub(lambda m: str(lookup(m[1])), line))
-    return "\n".join(out) + "\n"
+EXAMPLE_VALUES = CHART / "examples/production.yaml"
+RELEASE = {"name": "m3tune", "namespace": "m3tune"}
 
 
 def chart_values() -> dict:
     return yaml.safe_load((CHART / "values.yaml").read_text())
 
 
-def test_chart_core_objects_render_to_valid_objects():
-    values = chart_values()
-    release = {"Namespace": "m3tune", "Name": "m3tune"}
-    kinds = []
-    for name in ("rbac.yaml", "configmap.yaml"):
-        rendered = helm_lite((CHART / "templates" / name).read_text(), values, release)
-        for obj in yaml.safe_load_all(rendered):
-            if obj:
-                strict(obj)
-                kinds.append(obj["kind"])
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap"]
-    off = helm_lite((CHART / "templates/rbac.yaml").read_text(), {**values, "rbac": {"create": False}}, release)
-    assert not [d for d in yaml.safe_load_all(off) if d]
+def example_values() -> dict:
+    return yaml.safe_load(EXAMPLE_VALUES.read_text())
+
+
+def helm_render(values: dict | None = None) -> list[dict]:
+    """The chart rendered by Helm's own engine (Helm v4's Go SDK, through helm-python-sdk), as `helm
+    template -n m3tune m3tune charts/m3tune -f VALUES` prints it: every object, schema checked first."""
+    import helm_python as helm
+
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values(values))
+        rendered = chart.render(values, **RELEASE)
+    return [obj for path, text in sorted(rendered.items()) if path.endswith(".yaml")
+            for obj in yaml.safe_load_all(text) if obj]
+
+
+@pytest.mark.parametrize("values", [None, "example", {"rbac": {"create": False}}], ids=["default", "example", "no-rbac"])
+def test_the_chart_renders_through_helm_to_valid_objects(values):
+    from hera.workflows import models as m
+
+    values = example_values() if values == "example" else values
+    objects = helm_render(values)
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    rbac = [(k, n) for n in ("m3tune-workflow", "m3tune-jobset") for k in ("ServiceAccount", "Role", "RoleBinding")]
+    wanted = [("ConfigMap", "m3tune-config"), *(rbac if (values or {}).get("rbac", {}).get("create", True) else []),
+              ("WorkflowTemplate", "m3tune")]
+    assert sorted(kinds) == sorted(wanted)
+    for obj in objects:
+        assert obj["metadata"]["namespace"] == "m3tune"
+        if obj["kind"] == "WorkflowTemplate":  # a custom resource: Hera's models of Argo's API, losing no field
+            assert m.WorkflowTemplate.model_validate(obj).model_dump(mode="json", by_alias=True, exclude_none=True) == obj
+        else:
+            strict(obj)
+    # Helm passed the generated template through untouched, except its namespace and parameter defaults
+    (wt,) = [o for o in objects if o["kind"] == "WorkflowTemplate"]
+    committed = yaml.safe_load((REPO / "argo/workflowtemplate.yaml").read_text())
+    strip = lambda t: {**t, "metadata": {k: v for k, v in t["metadata"].items() if k != "namespace"},  # noqa: E731
+                       "spec": {**t["spec"], "arguments": None}}
+    assert strip(wt) == strip(committed)
+    defaults = {p["name"]: p.get("value") for p in wt["spec"]["arguments"]["parameters"]}
+    overrides = {k: str(v) for k, v in (values or {}).get("workflowParameters", {}).items()}
+    assert {k: defaults[k] for k in overrides} == overrides
+
+
+def test_helm_lint_finds_nothing_but_the_optional_subchart_it_cannot_fetch_here():
+    import helm_python as helm
+
+    for values in (None, example_values()):
+        report = helm.lint(CHART, values, strict=True, namespace="m3tune", kube_version="v1.30.0")
+        findings = [(msg["severity"], msg["error"]) for msg in report["messages"] if msg["severity"] >= 2]
+        # `helm dependency build` fetches the optional Qdrant chart from its repository (no network here)
+        assert findings == [(2, "chart directory is missing these dependencies: qdrant")], report
+    # and lint does fail a broken chart: a values file the schema refuses
+    report = helm.lint(CHART, {"images": {"cpu": {"repository": "x", "tag": "1", "digest": "latest"}}},
+                       namespace="m3tune")
+    assert any("digest" in e for e in report["errors"]), report
+
+
+def test_images_are_pinned_by_digest_when_the_values_give_one():
+    import helm_python as helm
+
+    def images(values):
+        (wt,) = [o for o in helm_render(values) if o["kind"] == "WorkflowTemplate"]
+        params = {p["name"]: p.get("value") for p in wt["spec"]["arguments"]["parameters"]}
+        return params["image-cpu"], params["image-gpu"]
+
+    assert images(None) == (CPU.ref(), CUDA.ref())  # tags by default: the chart's appVersion
+    example = example_values()
+    cpu, gpu = images(example)
+    for ref, image in ((cpu, example["images"]["cpu"]), (gpu, example["images"]["cuda"])):
+        assert ref == f"{image['repository']}:{image['tag']}@{image['digest']}"
+    digest_only = {"images": {**chart_values()["images"], "cpu": {"repository": "r/cpu", "tag": "", "digest":
+                                                                 "sha256:" + "ab" * 32}}}
+    assert images(digest_only)[0] == "r/cpu:0.1.0@sha256:" + "ab" * 32
+    # a mistyped digest, or an image given as a parameter (which would bypass the pin), is refused
+    with helm.Chart.load(CHART) as chart:
+        for bad in ({"images": {"cpu": {"repository": "r/cpu", "tag": "", "digest": "sha256:abc"}}},
+                    {"workflowParameters": {"image-cpu": "r/cpu:latest"}}):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(chart.merge_values(bad))
+
+
+def test_the_namespace_enforces_pod_security_restricted():
+    (namespace,) = docs(REPO / "manifests/namespace.yaml")
+    labels = namespace["metadata"]["labels"]
+    for mode in ("enforce", "warn", "audit"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    # helm install --create-namespace makes a namespace without them: the docs say how to add them
+    prerequisites = (REPO / "manifests/prerequisites.md").read_text()
+    assert "pod-security.kubernetes.io/enforce=restricted" in prerequisites
+    assert "manifests/namespace.yaml" in (CHART / "values.yaml").read_text()
 
 
 def test_every_packaged_run_config_is_a_valid_m3tune_config(tmp_path):
     (config_map,) = docs(REPO / "manifests/config.yaml")
-    configs = {**config_map["data"], **chart_values()["configs"]}
+    configs = {**config_map["data"], **chart_values()["configs"],
+               **{f"example-{k}": v for k, v in example_values()["configs"].items()}}
     assert {"run.yaml", "demo.yaml"} <= set(configs)
     for name, text in configs.items():
         path = tmp_path / name
@@ -113,6 +166,7 @@ def test_values_schema_is_strict_and_values_match_the_template():
     schema = yaml.safe_load((CHART / "values.schema.json").read_text())
     values = chart_values()
     jsonschema.validate(values, schema)
+    jsonschema.validate(example_values(), schema)
     for bad in ({**values, "imagez": "x"}, {**values, "rbac": {"create": True, "extra": 1}},
                 {**values, "configs": {"run.txt": "{}"}}, {**values, "workflowParameters": {"Bad Name": "x"}}):
         with pytest.raises(jsonschema.ValidationError):
