@@ -63,6 +63,9 @@ class EmbeddingsServer(LoopbackServer):
                                             "input_type": body.get("input_type")})
                 if action == "429":
                     return self._json(429, {"error": {"message": "rate limited"}}, [("retry-after", "0")])
+                if action == "echo":  # an error body quoting the request's key, as some proxies write
+                    return self._json(422, {"error": {"message": "unprocessable; authorization was "
+                                                                 f"{self.headers.get('authorization')}"}})
                 if action in ("500", "401"):
                     return self._json(int(action), {"error": {"message": f"error {action}"}})
                 data = [{"object": "embedding", "index": i, "embedding": vector(t) + ([0.5] if action == "wide" else [])}

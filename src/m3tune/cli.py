@@ -304,7 +304,9 @@ def analyze(
     for r in (rejects.rows if rejects else []):
         typer.secho(f"skipped {r['file']}:{r['line']}: {r['error']}", fg=typer.colors.YELLOW, err=True)
     if json_out:
-        json_out.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        from m3tune.storage import write_local
+
+        write_local(json_out, (json.dumps(report, ensure_ascii=False, indent=2) + "\n").encode())
     if fail_on_miss and not report["ok"]:
         raise TargetsMissed(report)
 
@@ -549,7 +551,9 @@ def evaluate(
         out.write_bytes(name, data)
     if output_json:
         output_json.parent.mkdir(parents=True, exist_ok=True)
-        output_json.write_bytes(files["results.json"])
+        from m3tune.storage import write_local
+
+        write_local(output_json, files["results.json"])
     Console().print(render_results(json.loads(files["results.json"])))
     Console().print(f"\nreport: [bold]{out.uri_of('report.md')}[/bold]")
 

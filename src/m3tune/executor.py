@@ -71,10 +71,9 @@ def _verified_view(root: Store) -> Store:
 
 
 def _output_problem(folder: Store, name: str, info: OutputInfo, *, verify: bool) -> StepStatus | None:
-    """Why the published output NAME is not what the manifest recorded ('stale' if gone, 'tampered' if
-    changed), or None. Sizes always; VERIFY: every byte (status), not only when a consumer reads it."""
+    """Why the published output NAME is not what the manifest recorded ('tampered': changed), or None. Sizes always; VERIFY: every byte (status), not only when a consumer reads it."""
     if not folder.exists(name):
-        return StepStatus("", "stale", f"output missing: {name}", None)
+        return None  # gone, not changed: stale (checked by the caller after config and inputs)
     size = folder.size(name)
     manifest_uri = folder.uri_of(MANIFEST)
     if size != info.bytes:
@@ -111,6 +110,11 @@ def _check(root: Store, step: Step, config: BaseModel, folder: Store | None = No
             return StepStatus(step.name, "stale", f"manifest unreadable: {unreadable}", None), inputs
         reason = "started but not finished (no manifest)" if folder.list() else "not run"
         return StepStatus(step.name, "missing", reason, None), inputs
+    # Tampering first: a changed published file matters whatever else changed (config, inputs).
+    for name, info in manifest.outputs.items():
+        problem = _output_problem(folder, name, info, verify=verify)
+        if problem is not None and problem.state == "tampered":
+            return StepStatus(step.name, "tampered", problem.reason, manifest), inputs
     if not manifest.complete:
         return StepStatus(step.name, "stale", f"incomplete: {manifest.incomplete_reason}", manifest), inputs
     if manifest.config_digest != config_digest(config):
@@ -119,10 +123,9 @@ def _check(root: Store, step: Step, config: BaseModel, folder: Store | None = No
         return StepStatus(step.name, "stale", f"inputs unavailable: {input_problem}", manifest), inputs
     if inputs != manifest.inputs:
         return StepStatus(step.name, "stale", f"inputs changed: {_changed(manifest.inputs, inputs)}", manifest), inputs
-    for name, info in manifest.outputs.items():
-        problem = _output_problem(folder, name, info, verify=verify)
-        if problem is not None:
-            return StepStatus(step.name, problem.state, problem.reason, manifest), inputs
+    for name in manifest.outputs:
+        if not folder.exists(name):
+            return StepStatus(step.name, "stale", f"output missing: {name}", manifest), inputs
     return StepStatus(step.name, "done", "up to date", manifest), inputs
 
 

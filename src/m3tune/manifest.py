@@ -124,13 +124,23 @@ class _VerifyingRaw(io.RawIOBase):
 
 
 class _VerifiedReader(io.BufferedReader):
-    """A buffered reader over _VerifyingRaw. Leaving a `with` block normally before the end reads the rest
-    (verifying it); leaving on an error, or being garbage-collected, just closes."""
+    """A buffered reader over _VerifyingRaw. Leaving a `with` block before the end reads the rest (verifying
+    it): normally, so that a partial read is known to be of the published file; on an error (a malformed
+    line), so that a tampered file is reported as tampered, its root cause. A generator closed early, an
+    interrupt, or garbage collection just close."""
 
     def __exit__(self, kind, value, tb):
         try:
-            if kind is None and not self.closed:
-                self.raw.drain()  # type: ignore[attr-defined]
+            if not self.closed and (kind is None or issubclass(kind, Exception)):
+                try:
+                    self.raw.drain()  # type: ignore[attr-defined]
+                except Tampered as tampered:
+                    if kind is None:
+                        raise
+                    raise tampered from value
+                except Exception:
+                    if kind is None:
+                        raise  # otherwise the error being handled is the one to report
         finally:
             super().__exit__(kind, value, tb)
 

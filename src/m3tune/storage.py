@@ -472,6 +472,14 @@ def absolute_uri(uri: str) -> str:
     return str(Path(uri).absolute())
 
 
+def write_local(path: str | os.PathLike, data: bytes) -> None:
+    """Write DATA to the local file PATH (a report the user asked for by path), naming PATH on failure."""
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise _write_failed(path, e) from None
+
+
 def file_digest(store: Store, rel: str) -> str:
     """sha256 of a stored file, streamed."""
     h = hashlib.sha256()
