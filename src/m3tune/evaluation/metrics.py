@@ -29,7 +29,7 @@ MEASURES = {
 # min(10, |relevant|) (BEIR's capped recall), so a query with 37 relevant passages can still reach 1.
 CAPPED = "capped_recall@10"
 METRICS = (*MEASURES, CAPPED)
-BREAKDOWNS = ("category", "language", "source", "difficulty")
+BREAKDOWNS = ("category", "language", "source", "difficulty", "held_out")
 TESTED = ("recall@10", "mrr@10", "ndcg@10")
 HEADLINE = ("ndcg@10", "recall@10", CAPPED, "mrr@10")  # with bootstrap intervals
 SMALL_N = 30  # a group with fewer queries is marked "small n": its intervals are wide
@@ -158,4 +158,33 @@ def category_deltas(gold: Sequence[GoldQuery], model: PerQuery, baseline: PerQue
             diffs = [model[q][name] - baseline[q][name] for q in ids]
             row[name] = {"delta": sum(diffs) / len(diffs), "ci95": interval(diffs, resamples=resamples)}
         out[category] = row
+    return out
+
+
+PARTS = {"held_out": True, "seen": False}  # GoldQuery.held_out of each part
+
+
+def parts(gold: Sequence[GoldQuery], values_of: dict[str, PerQuery], *, resamples: int = 10_000
+          ) -> dict[str, dict[str, Any]]:
+    """The headline tables again for the held-out and the seen part of a tagged gold set (none untagged):
+    {part: {queries, models: {name: {overall, intervals, significance (vs the first model), category_deltas}},
+    pairwise}}."""
+    out: dict[str, dict[str, Any]] = {}
+    names = list(values_of)
+    for part, flag in PARTS.items():
+        sub = [g for g in gold if g.held_out is flag]
+        if not sub:
+            continue
+        ids = [g.id for g in sub]
+        values = {name: {q: values_of[name][q] for q in ids} for name in names}
+        models: dict[str, Any] = {}
+        for i, name in enumerate(names):
+            entry: dict[str, Any] = {"overall": mean(values[name]),
+                                     "intervals": {m: interval([values[name][q][m] for q in ids],
+                                                               resamples=resamples) for m in HEADLINE}}
+            if i:
+                entry["significance"] = paired_test(values[name], values[names[0]], resamples=resamples)
+                entry["category_deltas"] = category_deltas(sub, values[name], values[names[0]], resamples=resamples)
+            models[name] = entry
+        out[part] = {"queries": len(ids), "models": models, "pairwise": pairwise(values, resamples=resamples)}
     return out

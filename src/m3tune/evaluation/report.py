@@ -7,12 +7,14 @@ results.json (`schema: m3tune.evaluate/v1`):
     k, metrics, baseline, targets {recall@10, mrr@10}
     models      [{name, spec, kind, target, dim, seconds {...}, queries_per_second,
                   overall {metric: value}, targets {recall@10: {value, target, met}, mrr@10: ...},
-                  breakdowns {category|language|source|difficulty: {group: {n, metric: value}}},
+                  breakdowns {category|language|source|difficulty|held_out: {group: {n, metric: value}}},
                   dims {"D": {metric: value}} (Matryoshka; dense models), skipped_dims,
                   intervals {metric: [low, high]} (bootstrap 95%, BCa: ndcg@10, recall@10, capped_recall@10, mrr@10),
                   significance {vs, test, resamples, queries, recall@10: {delta, p_value}, ...} (not the baseline),
                   category_deltas {vs, CATEGORY: {n, small_n, metric: {delta, ci95}}} (not the baseline)}]
     pairwise    {test, correction, resamples, pairs [{a, b, metric: {delta (b - a), p_value, p_holm}}]}
+    parts       {held_out|seen: {queries, models {name: {overall, intervals, significance, category_deltas}},
+                 pairwise}} (gold queries tagged held_out: true / false; absent when none is tagged)
 
 capped_recall@10 is Recall@10 over min(10, relevant): the target metric, since a query with more than ten
 relevant passages cannot reach a plain Recall@10 of 1.
@@ -109,6 +111,7 @@ def markdown(results: dict[str, Any]) -> str:
             cells = [f"{_pct(m['breakdowns'][dim][g]['recall@10'])} / {m['breakdowns'][dim][g]['mrr@10']:.3f}"
                      for m in models]
             lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+    lines += _parts(results)
     dims = [m for m in models if m.get("dims")]
     if dims:
         lines += ["", "## Matryoshka dimensions (Recall@10 / MRR@10)", "",
@@ -128,6 +131,40 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Charts", ""] + [f"![{c}]({c})" for c in charts]
     lines += ["", "Per-query results: `per_query.jsonl` (one row per model and query)."]
     return "\n".join(lines) + "\n"
+
+
+def _parts(results: dict[str, Any]) -> list[str]:
+    """The held-out and seen parts' tables (results["parts"]), held out first: the headline."""
+    lines: list[str] = []
+    for part, p in (results.get("parts") or {}).items():
+        title = "Held out (training never saw their passages)" if part == "held_out" else "Seen"
+        names = list(p["models"])
+        lines += ["", f"## {title}: {p['queries']} queries", "",
+                  "| model | " + " | ".join(f"{n} [95%]" for n in HEADLINE) + " | "
+                  + " | ".join(f"Δ {n} vs {names[0]} (p)" for n in TESTED) + " |",
+                  "|---|" + "---|" * (len(HEADLINE) + len(TESTED))]
+        for name, m in p["models"].items():
+            cells = [f"{m['overall'][n]:.3f} [{m['intervals'][n][0]:.3f}, {m['intervals'][n][1]:.3f}]"
+                     for n in HEADLINE]
+            sig = m.get("significance")
+            cells += [f"{sig[n]['delta']:+.3f} ({sig[n]['p_value']:.3g})" if sig else "—" for n in TESTED]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        deltas = [(name, m) for name, m in p["models"].items() if m.get("category_deltas")]
+        if deltas:
+            lines += ["", f"Δ nDCG@10 against {names[0]} by category [95% interval]:", "",
+                      "| category | n | " + " | ".join(name for name, _ in deltas) + " |",
+                      "|---|---|" + "---|" * len(deltas)]
+            for c, row in deltas[0][1]["category_deltas"].items():
+                cells = [f"{m['category_deltas'][c]['ndcg@10']['delta']:+.3f} "
+                         f"[{m['category_deltas'][c]['ndcg@10']['ci95'][0]:+.3f}, "
+                         f"{m['category_deltas'][c]['ndcg@10']['ci95'][1]:+.3f}]" for _, m in deltas]
+                lines.append(f"| {c} | {row['n']}{' (small n)' if row['small_n'] else ''} | " + " | ".join(cells)
+                             + " |")
+        significant = [r for r in p["pairwise"]["pairs"] if r["ndcg@10"]["p_holm"] < 0.05]
+        lines += ["", f"Pairs apart on nDCG@10 (Holm-adjusted p < 0.05, over {len(p['pairwise']['pairs'])} pairs): "
+                  + (", ".join(f"{r['b']} − {r['a']} {r['ndcg@10']['delta']:+.3f}" for r in significant)
+                     or "none")]
+    return lines
 
 
 def _all_dims(models: list[dict[str, Any]]) -> list[int]:

@@ -30,7 +30,10 @@ class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     test_set: str | None = Field(default=None, description="gold standard JSONL (path or URI; default: the "
-                                 "packaged gold_standard_v2.jsonl)")
+                                 "packaged gold_standard_v3.jsonl)")
+    held_out: str | None = Field(default="packaged", description="the held-out partition the gold's held_out tags "
+                                 "are checked against (as combine's: 'packaged', a path or URI, or null: "
+                                 "unchecked); the report gives held-out and seen queries apart")
     base_model: str = Field(default="BAAI/bge-m3", description="the model the spec 'base' names (hub id or folder)")
     models: list[str] = Field(default_factory=lambda: ["base", "run:train", "bm25"], json_schema_extra={"cli": "model"},
                               description="models to compare, the first is the baseline: base, run:STEP (the "
@@ -93,7 +96,11 @@ def evaluate_inputs(config: EvaluateConfig) -> dict[str, str]:
     from m3tune.evaluation.gold import gold_digest
     from m3tune.evaluation.models import local_fingerprint
 
+    from m3tune.corpus import heldout
+
     inputs = {f"test_set:{config.test_set or 'packaged'}": "sha256:" + gold_digest(config.test_set)}
+    if config.held_out is not None:
+        inputs[f"held-out:{config.held_out}"] = heldout.digest(config.held_out)
     for spec in specs_of(config):
         fp = local_fingerprint(spec.target) if spec.kind in ("dense", "hybrid") else None
         if fp:
@@ -152,7 +159,7 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
             relevant = set(g.relevant_ids)
             first = next((i for i, (pid, _) in enumerate(top, start=1) if pid in relevant), None)
             per_query_rows.append({"model": spec.name, "query_id": g.id, "query": g.query, "category": g.category,
-                                   "language": g.language, "source": g.source, "difficulty": g.difficulty,
+                                   "language": g.language, "source": g.source, "difficulty": g.difficulty, "held_out": g.held_out,
                                    "relevant": len(g.relevant_ids), "first_relevant_rank": first,
                                    **values[g.id], "top10": [pid for pid, _ in top[:10]]})
         if log:
@@ -168,6 +175,8 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
         "targets": {"recall@10": target_recall10, "mrr@10": target_mrr},
         "models": models,
         "pairwise": metrics.pairwise(values_of, resamples=resamples),
+        # held out (training cannot have seen their passages: the headline) and seen, when the gold is tagged
+        "parts": metrics.parts(gold, values_of, resamples=resamples),
     }
     pngs = report.charts(results)
     results["charts"] = sorted(pngs)
@@ -188,8 +197,11 @@ def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=
 
     if not passages:
         raise UserError("the corpus is empty: nothing to evaluate against")
+    from m3tune.corpus import heldout
+
     specs = specs_of(config)
-    gold = load_gold(config.test_set, {p.id for p in passages})
+    gold = load_gold(config.test_set, {p.id for p in passages},
+                     held_out=heldout.load(config.held_out) if config.held_out is not None else None)
     return compare(passages, gold, specs, test_set=gold_location(config.test_set)[2],
                    test_sha256=gold_digest(config.test_set), dims=config.dims, k=config.k,
                    target_recall10=config.target_recall10, target_mrr=config.target_mrr,

@@ -197,6 +197,7 @@ class Theme:
     ar: list[str]
     en: list[str]
     lexicon: list[str]
+    held_out: bool = False
 
     @cached_property
     def words(self) -> frozenset[str]:
@@ -215,8 +216,12 @@ class Theme:
         return n
 
 
-def load_themes(path: str | None = None) -> tuple[str, list[Theme]]:
-    """(version, themes) from PATH or the packaged curated list."""
+def load_themes(path: str | None = None, *, held_out: bool = False) -> tuple[str, list[Theme]]:
+    """(version, themes) from PATH or the packaged curated list.
+
+    The themes marked `held_out` (the topics of the held-out partition, m3tune.corpus.heldout) are left
+    out, so that no generator ever sees them, unless HELD_OUT asks for them too (the gold builder).
+    """
     import yaml
 
     raw = (open(path, encoding="utf-8").read() if path
@@ -224,14 +229,14 @@ def load_themes(path: str | None = None) -> tuple[str, list[Theme]]:
     data = yaml.safe_load(raw)
     where = path or "themes.yaml"
     try:
-        themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]), lexicon=list(t["lexicon"]))
-                  for t in data["themes"]]
+        themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]), lexicon=list(t["lexicon"]),
+                        held_out=bool(t.get("held_out", False))) for t in data["themes"]]
         version = str(data["version"])
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{where}: each theme needs id, ar, en, lexicon and the file a version ({e})") from None
     if len({t.id for t in themes}) != len(themes):
         raise ConfigError(f"{where}: theme ids must be unique")
-    return version, themes
+    return version, [t for t in themes if held_out or not t.held_out]
 
 
 def theme_candidates(corpus: Corpus, theme: Theme, source: str, *, limit: int, min_hits: int) -> list[str]:

@@ -1,0 +1,126 @@
+"""The held-out partition: passages training never sees, so the gold's held-out queries measure generalization.
+
+The partition is a fixed list of whole units, chosen so that near-duplicates
+stay together (a hadith is usually repeated within its book, and Bukhari and
+Muslim put the same report in books of the same subject):
+
+- Quran: whole surahs, each a self-contained text with its own stories;
+- hadith: whole books (`meta.book_number`, as the packaged records number
+  them), the same subjects in both collections;
+- and every passage with word-for-word the same normalized text as one of
+  those (its twins), wherever it sits.
+
+About 9% of the packaged corpus (HELD_OUT below; the exact count is in
+`data/held_out_v1.txt`'s header). The units' topics are held out too: the
+themes marked `held_out: true` in generation/data/themes.yaml are never used
+by generation, and the gold's held-out thematic queries are about them.
+
+combine removes these passages from every example (as positives, so as the
+source of a query, and as negatives) and drops an example left without a
+positive; the counts are in its stats. Evaluation checks each gold query's
+`held_out` tag against this list.
+
+The resolved id list ships as `data/held_out_v1.txt` so that combine and
+evaluate need neither the corpus packages nor a pass over the corpus; a test
+rebuilds it from the definition and checks that it is unchanged:
+
+    python -m m3tune.corpus.heldout --corpus runs/demo/ingest/passages.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import lru_cache
+from pathlib import Path
+
+from m3tune.errors import UserError
+from m3tune.records import Passage
+
+VERSION = "held-out-v1"
+DATA = Path(__file__).resolve().parent / "data"
+PACKAGED = DATA / "held_out_v1.txt"
+
+HELD_OUT = {
+    # Yusuf, al-Kahf, Maryam, an-Nur, an-Naml, Luqman, Ya-Sin: 593 verses
+    "quran": {"surah": (12, 18, 19, 24, 27, 31, 36)},
+    # Food, Aqiqa, Hunting and slaughter, Sacrifices, Drinks, Patients, Medicine, Dress: 581 hadith
+    "bukhari": {"book_number": (70, 71, 72, 73, 74, 75, 76, 77)},
+    # Hunting, Sacrifices, Drinks, Clothes and adornment, Greetings (with medicine and omens): 798 hadith
+    "muslim": {"book_number": (34, 35, 36, 37, 39)},
+}
+
+
+def in_units(p: Passage) -> bool:
+    """Whether P lies in one of HELD_OUT's units (twins aside)."""
+    rule = HELD_OUT.get(p.collection)
+    return bool(rule) and any(p.meta.get(field) in values for field, values in rule.items())
+
+
+def resolve(passages: list[Passage]) -> list[str]:
+    """Ids of the partition in PASSAGES: the units' passages and their twins, in corpus order."""
+    from m3tune.generation.base import twins
+
+    same = twins(passages)
+    chosen = {t for p in passages if in_units(p) for t in same[p.id]}
+    return [p.id for p in passages if p.id in chosen]
+
+
+def write(ids: list[str], path: Path) -> None:
+    header = (f"# {VERSION}: {len(ids)} passage ids held out from training (m3tune.corpus.heldout); "
+              "one id a line\n")
+    path.write_text(header + "".join(i + "\n" for i in ids), encoding="utf-8")
+
+
+@lru_cache(maxsize=4)
+def _read(text: str, shown: str) -> frozenset[str]:
+    ids = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if any(c.isspace() for c in line) or ":" not in line:
+            raise UserError(f"{shown}:{n}: expected one passage id (like quran:12:4) a line, got {line[:60]!r}")
+        ids.append(line)
+    return frozenset(ids)
+
+
+def load(uri: str | None = "packaged") -> frozenset[str]:
+    """The held-out ids of URI (a file of ids, one a line; 'packaged': data/held_out_v1.txt; None: none)."""
+    if uri is None:
+        return frozenset()
+    if uri == "packaged":
+        return _read(PACKAGED.read_text(encoding="utf-8"), str(PACKAGED))
+    from m3tune.storage import split_uri
+
+    store, name = split_uri(uri)
+    if not store.exists(name):
+        raise UserError(f"held-out list not found: {uri}")
+    return _read(store.read_bytes(name).decode("utf-8"), uri)
+
+
+def digest(uri: str | None) -> str | None:
+    """sha256 of the list URI names (for manifests), None when there is none."""
+    from m3tune.storage import LocalStore, file_digest, split_uri
+
+    if uri is None:
+        return None
+    store, name = (LocalStore(DATA), PACKAGED.name) if uri == "packaged" else split_uri(uri)
+    return "sha256:" + file_digest(store, name)
+
+
+def main() -> None:
+    from m3tune.jsonl import read_jsonl
+
+    parser = argparse.ArgumentParser(description="Write the held-out partition's id list from a full corpus.")
+    parser.add_argument("--corpus", required=True, help="passages.jsonl of a full ingest (every packaged source)")
+    parser.add_argument("--out", default=str(PACKAGED), help="file to write (default: the packaged list)")
+    args = parser.parse_args()
+    with open(args.corpus, "rb") as f:
+        passages = list(read_jsonl(f, Passage, name=args.corpus))
+    ids = resolve(passages)
+    write(ids, Path(args.out))
+    print(f"{len(ids)} of {len(passages)} passages held out -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
