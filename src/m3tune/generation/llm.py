@@ -528,8 +528,6 @@ def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
         return runner
 
     runner = asyncio.run(main()) if todo else None
-    if runner is not None:
-        _all_failed(runner, len(todo), settings.base_url)
     stats = runner.stats if runner else RunStats(from_journal=len(items))
     rejects = runner.rejects if runner else []
     answers: dict[str, dict[str, Any]] = {}
@@ -544,12 +542,14 @@ def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
             rejects.append({"key": it.key, "reason": (entry.reason or "").split(":")[0], "detail": entry.reason,
                             "final": True, "from_journal": True})
     journal.compact()
+    if runner is not None and not answers:  # answers kept from an earlier run still make queries
+        _all_failed(runner, len(todo), settings.base_url)
     return Outcome(stats, answers, rejects)
 
 
 def _all_failed(runner: _Runner, asked: int, base_url: str) -> None:
-    """Raise when every item asked failed and none came to a final answer: an endpoint that is down must
-    not look like a step that generated nothing. A budget stop or final rejections are outcomes, not this."""
+    """Raise when nothing was answered (not now, not in the journal), every item asked failed and none came
+    to a final answer: an endpoint that is down must not look like a step that generated nothing. A budget stop or final rejections are outcomes, not this."""
     stats = runner.stats
     if not stats.unfinished or stats.accepted or stats.unfinished + stats.pending < asked:
         return
