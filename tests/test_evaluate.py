@@ -150,7 +150,20 @@ def test_step_compares_tiny_bm25_hybrid_with_breakdowns_that_add_up(full_ingest,
     for m in results["models"]:
         low, high = m["intervals"]["ndcg@10"]
         assert low <= m["overall"]["ndcg@10"] <= high
-    assert plain["category_deltas"]["vs"] == "base" and plain["category_deltas"]["exact"]["n"] == 30
+    exact = sum(g.category == "exact" for g in load_gold(None))
+    assert plain["category_deltas"]["vs"] == "base" and plain["category_deltas"]["exact"]["n"] == exact
+    # the held-out and the seen part: each model's part means are those of its per-query rows with that tag
+    parts = results["parts"]
+    assert parts["held_out"]["queries"] + parts["seen"]["queries"] == n and parts["held_out"]["queries"] >= 150
+    for part, flag in (("held_out", True), ("seen", False)):
+        for name, m in parts[part]["models"].items():
+            mine = [r for r in rows if r["model"] == name and r["held_out"] is flag]
+            assert len(mine) == parts[part]["queries"]
+            assert m["overall"]["ndcg@10"] == pytest.approx(sum(r["ndcg@10"] for r in mine) / len(mine))
+            assert m["intervals"]["ndcg@10"][0] <= m["overall"]["ndcg@10"] <= m["intervals"]["ndcg@10"][1]
+        assert parts[part]["models"]["bm25"]["significance"]["vs"] == "base"
+        assert len(parts[part]["pairwise"]["pairs"]) == 6
+    assert "## Held out (training never saw their passages)" in report and "## Seen: " in report
     assert out.read_bytes("recall10_by_category.png").startswith(b"\x89PNG")
 
 

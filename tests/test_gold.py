@@ -20,15 +20,25 @@ def corpus(full_ingest):
 
 
 def test_packaged_set_has_the_issue_s_queries_all_found_in_the_corpus(corpus):
-    gold = load_gold(None, {p.id for p in corpus})
+    from m3tune.corpus import heldout
+
+    gold = load_gold(None, {p.id for p in corpus}, held_out=heldout.load())  # every held_out tag checked too
+    assert len(gold) >= 300
     by = Counter((g.category, g.language) for g in gold)
-    assert by[("exact", "ar")] >= 25
-    assert by[("thematic", "ar")] >= 15
-    assert by[("cross_lingual", "en")] >= 15
-    assert by[("paraphrase", "ar")] >= 10
+    assert by[("exact", "ar")] >= 60
+    assert by[("thematic", "ar")] >= 60
+    assert by[("cross_lingual", "en")] >= 60
+    assert by[("paraphrase", "ar")] >= 60
     sources = Counter(g.source for g in gold)
     assert sources["quran"] >= 20 and sources["hadith"] >= 20
     assert len({g.id for g in gold}) == len(gold)
+    # both parts, every category in the held-out one; v2's 85 hand-checked queries kept and tagged
+    held = Counter(g.category for g in gold if g.held_out)
+    assert all(held[c] >= 25 for c in ("exact", "thematic", "cross_lingual", "paraphrase")), held
+    assert sum(not g.held_out for g in gold) >= 100
+    assert sum(g.origin == "v2" for g in gold) == 85
+    v2_ids = {g.id for g in gold if g.origin == "v2"}
+    assert {"exact-01", "theme-02", "en-22", "para-15"} <= v2_ids
 
 
 def test_packaged_set_is_what_its_rules_compute_on_the_corpus(corpus):
@@ -58,11 +68,22 @@ def test_bad_gold_files_name_file_line_and_field(tmp_path):
         "notjson.jsonl": ("{oops\n", ":1: invalid JSON"),
         "unknown.jsonl": (good[0].replace('"bukhari:1"', '"bukhari:999999"') + "\n",
                           ":1: field 'relevant_ids': bukhari:999999 not in the corpus"),
+        "none.jsonl": (json.dumps({**json.loads(good[0]), "relevant_ids": []}) + "\n",
+                       ":1: field 'relevant_ids'"),
+        # tagged held out, but bukhari:1 is not in the partition; tagged seen, but 12:4 is all it has
+        "held.jsonl": (json.dumps({**json.loads(good[0]), "held_out": True}) + "\n",
+                       ":1: field 'held_out': query 'exact-01' is tagged held out, but 1 of its"),
+        "seen.jsonl": (json.dumps({**json.loads(good[0]), "relevant_ids": ["quran:12:4"]}) + "\n",
+                       ":1: field 'held_out': query 'exact-01' is tagged seen, but every relevant passage"),
     }
     for name, (text, expected) in cases.items():
         path = tmp_path / name
         path.write_text(text, encoding="utf-8")
         with pytest.raises(RecordError) as err:
-            load_gold(str(path), {"quran:1:1", "bukhari:1"})
+            load_gold(str(path), {"quran:1:1", "bukhari:1", "quran:12:4"}, held_out=frozenset({"quran:12:4"}))
         message = str(err.value)
         assert str(path) in message and any(e in message for e in expected.split("|")), message
+    # an untagged query, or no partition to check against, is not checked
+    path = tmp_path / "untagged.jsonl"
+    path.write_text(json.dumps({**json.loads(good[0]), "held_out": None}) + "\n", encoding="utf-8")
+    assert load_gold(str(path), {"bukhari:1"}, held_out=frozenset())[0].held_out is None

@@ -183,8 +183,10 @@ def parts(gold: Sequence[GoldQuery], values_of: dict[str, PerQuery], *, resample
                                      "intervals": {m: interval([values[name][q][m] for q in ids],
                                                                resamples=resamples) for m in HEADLINE}}
             if i:
-                entry["significance"] = paired_test(values[name], values[names[0]], resamples=resamples)
-                entry["category_deltas"] = category_deltas(sub, values[name], values[names[0]], resamples=resamples)
+                entry["significance"] = {"vs": names[0], **paired_test(values[name], values[names[0]],
+                                                                        resamples=resamples)}
+                entry["category_deltas"] = {"vs": names[0], **category_deltas(sub, values[name], values[names[0]],
+                                                                               resamples=resamples)}
             models[name] = entry
         out[part] = {"queries": len(ids), "models": models, "pairwise": pairwise(values, resamples=resamples)}
     return out

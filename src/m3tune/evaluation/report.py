@@ -154,7 +154,7 @@ def _parts(results: dict[str, Any]) -> list[str]:
             lines += ["", f"Δ nDCG@10 against {names[0]} by category [95% interval]:", "",
                       "| category | n | " + " | ".join(name for name, _ in deltas) + " |",
                       "|---|---|" + "---|" * len(deltas)]
-            for c, row in deltas[0][1]["category_deltas"].items():
+            for c, row in ((c, v) for c, v in deltas[0][1]["category_deltas"].items() if c != "vs"):
                 cells = [f"{m['category_deltas'][c]['ndcg@10']['delta']:+.3f} "
                          f"[{m['category_deltas'][c]['ndcg@10']['ci95'][0]:+.3f}, "
                          f"{m['category_deltas'][c]['ndcg@10']['ci95'][1]:+.3f}]" for _, m in deltas]
