@@ -145,7 +145,7 @@ class _VerifiedReader(io.BufferedReader):
             super().__exit__(kind, value, tb)
 
 
-_CACHE_LOCK = threading.Lock()
+_CACHE_LOCK = threading.RLock()
 # root URI -> {step folder (relative) -> its manifest, or None}: shared by every view of a root in this
 # process, so a change made through one is seen by all.
 _MANIFESTS: dict[str, dict[str, "Manifest | None"]] = {}
@@ -200,8 +200,8 @@ class RunIntegrity(Integrity):
                 del self._cache[folder]
             due = [g for g in self._guards if path.startswith(g[0] + "/")]
             self._guards = [g for g in self._guards if g not in due]
-        for _, callback in due:
-            callback()
+            for _, callback in due:  # under the lock: no other thread's write may overtake the withdrawal
+                callback()
 
 
 def published(root: Store, step: str, *, what: str) -> Manifest:
