@@ -90,6 +90,18 @@ def test_a_repeated_per_query_row_is_an_error_naming_file_and_line(full_run, tmp
     per_query = copy / "evaluate" / "per_query.jsonl"
     lines = per_query.read_bytes().splitlines(keepends=True)
     per_query.write_bytes(b"".join(lines + lines))  # every row twice
+    from m3tune.manifest import Tampered
+
+    with pytest.raises(Tampered, match="per_query.jsonl: tampered"):  # edited behind the manifest's back
+        summarize(open_root(str(copy)), alpha=0.05)
+    # as an evaluate that wrote every row twice would publish it: the manifest records these very bytes
+    import hashlib
+    import json
+
+    manifest = json.loads((copy / "evaluate" / "_manifest.json").read_text(encoding="utf-8"))
+    data = per_query.read_bytes()
+    manifest["outputs"]["per_query.jsonl"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (copy / "evaluate" / "_manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(RecordError, match=r"per_query.jsonl:\d+: field 'query_id': a second row for query") as e:
         summarize(open_root(str(copy)), alpha=0.05)
     assert e.value.line > len(lines)

