@@ -13,8 +13,12 @@
 Stemmer: PyStemmer (the Snowball algorithms, maintained, C); stop-words: stopwordsiso (the ISO lists),
 both normalized as the text is. Snowball's Arabic stemmer reads letters m3tune.arabic.normalize would
 fold (ة to ه looks like a suffix to it), so it stems the marks-stripped text and its stems are normalized
-after. bm25s's defaults (k1 1.5, b 0.75) are kept: there is no development split to choose them on yet,
-and choosing them on the gold would tune the baseline on the test.
+after.
+
+k1 and b (K1, B below) were chosen on the development queries (`data/gold_dev_v3.jsonl`: rule-built
+queries from passages no test query uses), never on the test set, by `benchmarks/tune_bm25.py`; the grid
+and its figures are in docs/benchmarks.md. bm25-plain keeps bm25s's defaults (k1 1.5, b 0.75): it is the
+untuned baseline the strong one is measured against.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from functools import lru_cache
 from m3tune.records import GoldQuery, Passage
 
 Run = dict[str, dict[str, float]]
+DEFAULT_K1, DEFAULT_B = 1.5, 0.75  # bm25s's
+K1, B = DEFAULT_K1, DEFAULT_B  # the strong analyzer's, chosen on the development queries
 _ENGLISH = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -80,14 +86,15 @@ def plain_terms(text: str) -> list[str]:
 class _Index:
     """One bm25s index over DOCS (id, text) with ANALYZE as its tokenizer (none when DOCS is empty)."""
 
-    def __init__(self, docs: Sequence[tuple[str, str]], analyze: Callable[[str], list[str]]):
+    def __init__(self, docs: Sequence[tuple[str, str]], analyze: Callable[[str], list[str]], *,
+                 k1: float = DEFAULT_K1, b: float = DEFAULT_B, terms: list[list[str]] | None = None):
         import bm25s
 
         self.ids, self.analyze, self.retriever = [d for d, _ in docs], analyze, None
-        terms = [analyze(text) for _, text in docs]
-        if any(terms):  # bm25s cannot index nothing (a corpus without translations has no English index)
-            self.retriever = bm25s.BM25()
-            self.retriever.index(terms, show_progress=False)
+        self.terms = [analyze(text) for _, text in docs] if terms is None else terms  # TERMS: analyzed already
+        if any(self.terms):  # bm25s cannot index nothing (a corpus without translations has no English index)
+            self.retriever = bm25s.BM25(k1=k1, b=b)
+            self.retriever.index(self.terms, show_progress=False)
 
     def rank(self, query: str, k: int) -> dict[str, float]:
         if self.retriever is None:
@@ -103,16 +110,25 @@ class _Index:
 class BM25:
     """BM25 over PASSAGES, built once per corpus; ANALYZER strong ("arabic", the `bm25` model) or "plain"."""
 
-    def __init__(self, passages: Sequence[Passage], analyzer: str = "arabic"):
+    def __init__(self, passages: Sequence[Passage], analyzer: str = "arabic", *, k1: float | None = None,
+                 b: float | None = None, like: "BM25 | None" = None):
+        """K1, B: None for the analyzer's own (K1, B for the strong one, bm25s's for plain). LIKE: an index of
+        the same passages and analyzer whose analyzed terms to reuse (only the weighting changes)."""
         if analyzer not in ("arabic", "plain"):
             raise ValueError(f"unknown BM25 analyzer {analyzer!r}")
         self.analyzer = analyzer
+        own = (K1, B) if analyzer == "arabic" else (DEFAULT_K1, DEFAULT_B)
+        weights = {"k1": own[0] if k1 is None else k1, "b": own[1] if b is None else b}
+        reuse = like is not None and like.analyzer == analyzer
         if analyzer == "plain":
-            self.arabic = _Index([(p.id, p.text_plain) for p in passages], plain_terms)
+            self.arabic = _Index([(p.id, p.text_plain) for p in passages], plain_terms, **weights,
+                                 terms=like.arabic.terms if reuse else None)
             self.english = None
         else:
-            self.arabic = _Index([(p.id, p.text) for p in passages], arabic_terms)
-            self.english = _Index([(p.id, p.translation_en) for p in passages if p.translation_en], english_terms)
+            self.arabic = _Index([(p.id, p.text) for p in passages], arabic_terms, **weights,
+                                 terms=like.arabic.terms if reuse else None)
+            self.english = _Index([(p.id, p.translation_en) for p in passages if p.translation_en], english_terms,
+                                  **weights, terms=like.english.terms if reuse else None)
 
     def rank(self, queries: Sequence[GoldQuery], k: int) -> Run:
         """Each query's top K: English ones over the translations (strong analyzer), the rest over Arabic."""

@@ -428,7 +428,11 @@ def _tafsir_paraphrase(p: Passage, explanation: str | None) -> tuple[str, Rule] 
 
 
 def _rule_built(passages: list[Passage], partition: frozenset[str], same: dict[str, list[str]],
-                explanations: dict[str, str], taken: set[str]) -> list[Entry]:
+                explanations: dict[str, str], taken: set[str], *, seed: str = SEED,
+                quotas: dict[str, tuple[int, int]] = QUOTAS, id_prefix: str = "",
+                sources_taken: set[str] | None = None) -> list[Entry]:
+    """The rule-built entries (QUOTAS per rule and side), none repeating a query in TAKEN; SOURCES_TAKEN, when
+    given, are passages no query may be drawn from, and gets each new query's source."""
     import random
 
     makers = {
@@ -440,9 +444,12 @@ def _rule_built(passages: list[Passage], partition: frozenset[str], same: dict[s
     }
     out = []
     for origin, (prefix, category, make, eligible) in makers.items():
-        for side, quota in zip(("h", "s"), QUOTAS[origin]):
-            rng = random.Random(f"{SEED}/{origin}/{side}")
-            pool = [p for p in passages if eligible(p) and (p.id in partition) == (side == "h")]
+        for side, quota in zip(("h", "s"), quotas[origin]):
+            if not quotas[origin][side == "s"]:
+                continue
+            rng = random.Random(f"{seed}/{origin}/{side}")
+            pool = [p for p in passages if eligible(p) and (p.id in partition) == (side == "h")
+                    and (sources_taken is None or p.id not in sources_taken)]
             rng.shuffle(pool)
             made = 0
             for p in pool:
@@ -460,7 +467,9 @@ def _rule_built(passages: list[Passage], partition: frozenset[str], same: dict[s
                     continue
                 made += 1
                 taken.add(normalize(query))
-                out.append(Entry(f"{prefix}-{side}{made:02d}", query, category, "hard" if category == "paraphrase"
+                if sources_taken is not None:
+                    sources_taken.add(p.id)
+                out.append(Entry(f"{id_prefix}{prefix}-{side}{made:02d}", query, category, "hard" if category == "paraphrase"
                                  else "medium", rule, f"from {p.id}", origin=origin))
             if made < quota:
                 raise UserError(f"gold rule {origin}: only {made} of {quota} {'held-out' if side == 'h' else 'seen'} "
@@ -477,6 +486,24 @@ def all_entries(passages: list[Passage], partition: frozenset[str], explanations
     explanations = tafsir() if explanations is None else explanations
     fixed = ENTRIES + HELD_THEMATIC
     return fixed + _rule_built(passages, partition, same, explanations, {normalize(e.query) for e in fixed})
+
+
+DEV_QUOTAS = {"exact-span": (0, 40), "english-span": (0, 40), "tafsir-paraphrase": (0, 40)}
+
+
+def dev_entries(passages: list[Passage], partition: frozenset[str], test: list[Entry],
+                explanations: dict[str, str] | None = None) -> list[Entry]:
+    """The development set (`gold_dev_v3.jsonl`): BM25's k1 and b are chosen on it, never on the test set.
+    The same rules with another seed, from the seen side only, from passages no test query names or was
+    drawn from, and repeating no test query."""
+    from m3tune.generation.base import twins
+
+    same = twins(passages)
+    explanations = tafsir() if explanations is None else explanations
+    used = {pid for e in test for pid in e.rule.ids} | {e.note.removeprefix("from ") for e in test
+                                                         if e.note.startswith("from ")}
+    return _rule_built(passages, partition, same, explanations, {normalize(e.query) for e in test},
+                       seed=f"{SEED}-dev", quotas=DEV_QUOTAS, id_prefix="dev-", sources_taken=used)
 
 
 def build(passages: list[Passage], partition: frozenset[str] | None = None,
@@ -617,7 +644,9 @@ def main() -> None:
     (out / "gold_standard_v3.jsonl").write_text(
         "".join(g.model_dump_json() + "\n" for g in gold), encoding="utf-8")
     (out / "README.md").write_text(readme(gold, entries), encoding="utf-8")
-    print(f"{len(gold)} gold queries -> {out}")
+    dev = build(passages, entries=dev_entries(passages, heldout.load(), entries))
+    (out / "gold_dev_v3.jsonl").write_text("".join(g.model_dump_json() + "\n" for g in dev), encoding="utf-8")
+    print(f"{len(gold)} gold queries, {len(dev)} development queries -> {out}")
 
 
 if __name__ == "__main__":
