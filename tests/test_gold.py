@@ -87,3 +87,22 @@ def test_bad_gold_files_name_file_line_and_field(tmp_path):
     path = tmp_path / "untagged.jsonl"
     path.write_text(json.dumps({**json.loads(good[0]), "held_out": None}) + "\n", encoding="utf-8")
     assert load_gold(str(path), {"bukhari:1"}, held_out=frozenset())[0].held_out is None
+
+
+def test_the_development_set_is_rebuilt_by_its_rules_and_stays_apart_from_the_test_set(corpus):
+    """BM25's k1 and b are chosen on it (benchmarks/tune_bm25.py): no query of it may be a test query, or be
+    drawn from a passage a test query was drawn from or names by hand."""
+    from m3tune.arabic import normalize
+    from m3tune.corpus import heldout
+    from m3tune.evaluation.build_gold import all_entries, dev_entries
+
+    partition = heldout.load()
+    dev = load_gold(str(PACKAGED.parent / "gold_dev_v3.jsonl"), {p.id for p in corpus}, held_out=partition)
+    test = all_entries(corpus, partition)
+    assert len(dev) >= 100 and not any(g.held_out for g in dev)
+    assert not {normalize(g.query) for g in dev} & {normalize(e.query) for e in test}
+    test_sources = {e.note.removeprefix("from ") for e in test if e.note.startswith("from ")}
+    dev_sources = {e.note.removeprefix("from ") for e in dev_entries(corpus, partition, test)}
+    assert not dev_sources & (test_sources | {pid for e in test for pid in e.rule.ids})
+    rebuilt = [g.model_dump() for g in build(corpus, entries=dev_entries(corpus, partition, test))]
+    assert rebuilt == [g.model_dump() for g in dev]

