@@ -204,3 +204,27 @@ def test_an_empty_source_is_skipped_and_an_impossible_split_is_a_clear_error(tmp
         combine(open_root(str(tmp_path / "r2")), inputs=[write(tmp_path / "one.jsonl", one_group)],
                 exclude_packaged_gold=False)
     assert not open_root(str(tmp_path / "r2")).child("combine").exists("train.jsonl")
+
+
+def test_ids_not_in_the_run_s_corpus_are_an_error_naming_file_line_and_field(full_ingest, tmp_path):
+    from m3tune.corpus.passages import read_passages
+    from m3tune.jsonl import RecordError
+
+    src, _ = full_ingest
+    root = open_root(str(tmp_path / "run"))
+    for name in src.child("ingest").list():  # this run's corpus: the full ingest, as published
+        root.child("ingest").write_bytes(name, src.child("ingest").read_bytes(name))
+    known = {p.id for p in read_passages(src)}
+    rows = [example(i, arabic=i % 2 == 0, conceptual=i % 5 == 0, quran=i % 4 == 1,
+                    pos=[f"quran:2:{2 + i % 280}" if i % 4 == 1 else f"bukhari:{i}"]) for i in range(1, 400)]
+    rows = [dict(r, neg_ids=["quran:3:5"]) for r in rows]
+    assert all(set(r["pos_ids"] + r["neg_ids"]) <= known for r in rows)
+    rows[1] = dict(rows[1], neg_ids=["muslim:99999"])  # line 2: a negative the corpus does not have
+    path = write(tmp_path / "in.jsonl", rows)
+    with pytest.raises(RecordError, match=r"in.jsonl:2: field 'neg_ids': muslim:99999 is not in the run's corpus"):
+        combine(root, inputs=[path], min_examples=1, arabic_target=0.5, conceptual_target=0.2, quran_target=0.25,
+                tolerance=0.5, validation_split=0.0)
+    _, train, _, stats = combine(root, inputs=[path], skip_invalid=True, tolerance=0.5, validation_split=0.0)
+    assert stats["input"]["invalid"] >= 1 and all("muslim:99999" not in r["neg_ids"] for r in train)
+    rejects = [json.loads(line) for line in root.child("combine").read_bytes("rejects.jsonl").splitlines()]
+    assert {"line": 2, "field": "neg_ids"}.items() <= next(r for r in rejects if r["line"] == 2).items()

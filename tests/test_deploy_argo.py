@@ -273,3 +273,12 @@ def test_readme_commands_use_what_the_template_and_cli_take():
     for cmd in ("submit", "rerun", "runs"):
         assert f"m3tune {cmd}" in section
         assert CliRunner().invoke(app, [cmd, "--help"]).exit_code == 0
+
+
+def test_render_job_takes_a_config_map_key_not_a_path():
+    """`--config ../..` would have the pod read a file outside the mounted ConfigMap."""
+    for bad in ("../..", "../run.yaml", "a/b.yaml", ".."):
+        result = CliRunner().invoke(app, ["render", "job", "combine", "--root", "s3://b/runs/r1", "--config", bad])
+        assert result.exit_code != 0 and "a key of the m3tune-config ConfigMap" in result.output, bad
+    ok = CliRunner().invoke(app, ["render", "job", "combine", "--root", "s3://b/runs/r1", "--config", "exp-2.yaml"])
+    assert ok.exit_code == 0, ok.output

@@ -165,16 +165,26 @@ class _Profile:
         return out
 
 
-def _gold_texts(ctx, gold) -> dict[str, tuple[str, str | None]] | None:
-    """The gold passages' texts and translations from the run's ingest, for the cross-language check (None
-    when the run has no ingest: combine of outside files only)."""
+def _corpus(ctx) -> list | None:
+    """The run's ingested passages (None when the run has no ingest: combine of outside files only)."""
     from m3tune.manifest import read_manifest
 
-    if not gold or read_manifest(ctx.root.child("ingest")) is None:
+    if read_manifest(ctx.root.child("ingest")) is None:
         return None
     from m3tune.corpus.passages import read_passages
 
-    return gold_passage_texts(read_passages(ctx.root), gold)
+    return read_passages(ctx.root)
+
+
+def _unknown_id(r: Example, known: set[str] | None) -> tuple[str, str] | None:
+    """(field, id) of the first positive or negative id not in the run's corpus KNOWN (None: unchecked)."""
+    if known is None:
+        return None
+    for field in ("pos_ids", "neg_ids"):
+        for pid in getattr(r, field) or ():
+            if pid not in known:
+                return field, pid
+    return None
 
 
 def _sources(ctx, inputs: list[str], mined: bool) -> list[tuple[Any, str, str]]:
@@ -205,9 +215,11 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     # the band's edges, where moving almost any group to validation would push train out of its band.
     inner = [Target(t.name, t.share, t.tolerance * (0.8 if validation_split else 1.0)) for t in targets]
     gold = load_gold(exclude_gold, packaged=exclude_packaged_gold)
+    corpus = _corpus(ctx)
+    known = {p.id for p in corpus} if corpus is not None else None  # ids are checked against it when there
     guard = GoldGuard(gold, overlap=gold_overlap, exclude_passages=exclude_gold_passages,
                       containment=gold_containment, char_ngram=gold_char_ngram, cross_language=gold_cross_language,
-                      texts=_gold_texts(ctx, gold))
+                      texts=gold_passage_texts(corpus, gold) if corpus is not None and gold else None)
     held = heldout.load(held_out)
     files = _sources(ctx, inputs, mined)
     rejects = Rejects() if skip_invalid else None
@@ -224,7 +236,15 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                 continue
             ctx.log.info("reading %s", label)
             with store.open_read(name) as f:
-                for line, _, r in read_jsonl_numbered(f, Example, name=label, rejects=rejects):
+                for line, raw, r in read_jsonl_numbered(f, Example, name=label, rejects=rejects):
+                    unknown = _unknown_id(r, known)
+                    if unknown:
+                        err = RecordError(label, line, unknown[0], f"{unknown[1]} is not in the run's corpus "
+                                          f"(ingest/passages.jsonl, {len(known):,} passages)")
+                        if rejects is None:
+                            raise err
+                        rejects.add(err, raw)
+                        continue
                     facts = example_facts(r)
                     before.add(r, facts)
                     leak = guard.query_leak(r.query, r.pos_ids)

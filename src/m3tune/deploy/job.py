@@ -41,6 +41,10 @@ def render_job(step_name: str, *, root: str, config: str = "run.yaml", namespace
                backoff_limit: int = 2) -> dict[str, Any]:
     """The Job (a dict, as the API takes it) that runs STEP once on the run at ROOT."""
     step = get_step(step_name)
+    # CONFIG names a key of the mounted ConfigMap; a path (../..) would read outside the mount
+    if not re.fullmatch(r"[-._a-zA-Z0-9]+", config) or config in (".", ".."):
+        raise ConfigError(f"--config {config!r}: a key of the m3tune-config ConfigMap (a file name such as "
+                          "run.yaml), not a path")
     if not root.startswith("s3://"):
         raise ConfigError(f"--root {root!r}: a pod can only reach a run on S3 (s3://BUCKET/PREFIX/RUN_ID)")
     run_id = validate_run_id(root.rstrip("/").rsplit("/", 1)[-1])
