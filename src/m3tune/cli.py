@@ -626,6 +626,52 @@ def bench_quality(
         raise typer.Exit(EXIT_TARGETS_MISSED)
 
 
+@bench_app.command("gpu")
+@_errors
+def bench_gpu(
+    out: Annotated[Optional[Path], typer.Option("--out", file_okay=False,
+                                                help="The one folder everything is written to (results.json, "
+                                                     "summary.md, the quality run); new or empty, never a run root "
+                                                     "(default: ./gpu-bench-<timestamp>).")] = None,
+    budget: Annotated[float, typer.Option("--budget", min=60,
+                                          help="Seconds for the whole run; a phase that would not fit in what is "
+                                               "left is skipped with the reason recorded.")] = 540.0,
+    peak_tflops: Annotated[Optional[float], typer.Option(
+        help="The device's dense bf16 peak in TFLOP/s, for MFU (default: from a table by device name; "
+             "H100/H200 SXM 989).")] = None,
+    model: Annotated[str, typer.Option("--model", help="The small model timed in m3tune's training loop.")]
+    = "local:e5-small",
+    batch: Annotated[int, typer.Option(help="BGE-M3 phases: queries per step, as many passages, of 512 tokens.")]
+    = 16,
+    quality_config: Annotated[Path, typer.Option(
+        help="The quality benchmark's config run last, with the time left as its limit.")]
+    = Path("configs/quality-gpu.yaml"),
+    no_quality: Annotated[bool, typer.Option("--no-quality", help="Skip the quality benchmark.")] = False,
+    verbose: VerboseOpt = False,
+):
+    """The GPU run in one unattended command (under 10 minutes): m3tune's training loop on e5-small, BGE-M3's
+    full architecture (random weights, seq 512, bf16, SDPA or FlashAttention, gradient checkpointing off and on)
+    with tokens/s, MFU and peak memory, then the quality benchmark's GPU config. Without CUDA it exits 1 at once,
+    writing nothing."""
+    import time
+
+    started = time.monotonic()
+    from m3tune import gpubench
+
+    _setup(verbose, None)
+    out = out or Path(f"gpu-bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    command = " ".join(["m3tune", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "m3tune bench gpu"
+    results = gpubench.run(out, budget_s=budget, started=started, model=model, batch=batch, peak_tflops=peak_tflops,
+                           quality_config=None if no_quality else quality_config, command=command,
+                           log=logging.getLogger("m3tune.bench"))
+    typer.echo(gpubench.summary_markdown(results))
+    typer.echo(f"results: {out / 'results.json'}")
+    failed = [name for name, p in results["phases"].items() if p["status"] == "failed"]
+    if failed:
+        raise _fail(f"bench gpu: {', '.join(failed)} failed ({results['phases'][failed[0]]['reason']}); "
+                    f"see {out / 'results.json'}")
+
+
 step_app = typer.Typer(help="Run one step of a run (skipped when its manifest proves it done; --force reruns). "
                             "Each step's options are the fields of its config.", no_args_is_help=True)
 app.add_typer(step_app, name="step")
