@@ -51,6 +51,7 @@ def _steps() -> dict[str, Step]:
     from m3tune.corpus.ingest import IngestConfig, ingest, ingest_inputs
     from m3tune.evaluation.step import EvaluateConfig, evaluate, evaluate_inputs, evaluate_needs, show_results
     from m3tune.generation.conceptual import GenerateConceptualConfig, generate_conceptual, generate_conceptual_inputs
+    from m3tune.generation.exact import GenerateExactConfig, generate_exact, generate_exact_inputs, plan_exact
     from m3tune.generation.plan import plan_conceptual, plan_queries
     from m3tune.generation.queries import GenerateQueriesConfig, generate_queries, generate_queries_inputs
     from m3tune.index.step import IndexConfig, index
@@ -68,11 +69,16 @@ def _steps() -> dict[str, Step]:
         Step("generate-conceptual", generate_conceptual, GenerateConceptualConfig,
              "thematic queries over a curated theme list, each with every passage assigned to it (LLM or offline)",
              needs=("ingest",), external_inputs=generate_conceptual_inputs, plan=plan_conceptual, api_keys=True),
+        Step("generate-exact", generate_exact, GenerateExactConfig,
+             "exact-quote queries (rule-based, no LLM): seeded spans of passages (a hadith's from its body, not "
+             "its chain), each with every passage that contains it as positives; held-out passages never used",
+             needs=("ingest",), external_inputs=generate_exact_inputs, plan=plan_exact),
         Step("index", index, IndexConfig, "encode the corpus and build its vector index (Qdrant or exact)",
              needs=("ingest",)),
         Step("mine-negatives", mine_negatives, MineConfig,
              "hard, semi-hard and random negatives per query, false negatives filtered out",
-             needs=("ingest", "generate-queries", "generate-conceptual", "index"), plan=plan_mining, shardable=True),
+             needs=("ingest", "generate-queries", "generate-conceptual", "generate-exact", "index"), plan=plan_mining,
+             shardable=True),
         Step("filter-negatives", filter_negatives, FilterConfig,
              "remove false negatives from an existing training file (FlagEmbedding format)",
              external_inputs=filter_inputs),
@@ -100,8 +106,8 @@ def _steps() -> dict[str, Step]:
 STEPS: dict[str, Step] = _steps()
 
 # What `m3tune run` runs, in order.
-PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "index", "mine-negatives", "combine",
-                       "analyze", "train", "evaluate"]
+PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "generate-exact", "index",
+                       "mine-negatives", "combine", "analyze", "train", "evaluate"]
 
 
 def get_step(name: str) -> Step:

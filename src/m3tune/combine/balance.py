@@ -1,9 +1,11 @@
 """How many examples to take from each cell so that every share target holds: an integer program.
 
-A cell is one combination of the three balanced attributes (Arabic or not,
-conceptual or not, Quran or not), so a choice of counts per cell fixes every
+A cell is one combination of the four balanced attributes (Arabic or not,
+conceptual or not, exact or not, Quran or not; conceptual and exact are
+query types, so no row is both), so a choice of counts per cell fixes every
 share. "The largest output whose shares all lie within target ± tolerance"
-is then a small integer linear program (8 variables, 6 constraints). It is
+is then a small integer linear program (16 variables, 2 constraints a
+target). It is
 solved exactly with scipy's `milp` (HiGHS) rather than by a greedy
 down-sampler, which can stop short of the optimum when targets interact.
 A second solve, at that size, puts the shares as close to their targets as
@@ -16,13 +18,21 @@ import math
 from dataclasses import dataclass
 from itertools import product
 
-ATTRIBUTES = ("arabic", "conceptual", "quran")
-# cell index = arabic * 4 + conceptual * 2 + quran
-CELLS = list(product((0, 1), repeat=3))
+ATTRIBUTES = ("arabic", "conceptual", "exact", "quran")
+# cell index = arabic * 8 + conceptual * 4 + exact * 2 + quran
+CELLS = list(product((0, 1), repeat=len(ATTRIBUTES)))
+# Targets held only when the input has a row of their kind: exact quotes come from one step
+# (generate-exact); outside data (FlagEmbedding files, older runs) has none, and is not refused for it.
+OPTIONAL = ("exact",)
 
 
-def cell_of(arabic: bool, conceptual: bool, quran: bool) -> int:
-    return int(arabic) * 4 + int(conceptual) * 2 + int(quran)
+def cell_of(arabic: bool, conceptual: bool, quran: bool, exact: bool = False) -> int:
+    return int(arabic) * 8 + int(conceptual) * 4 + int(exact) * 2 + int(quran)
+
+
+def cell_for(language: str, qtype: str, source: str) -> int:
+    """The cell of an example with these facts (records.example_facts)."""
+    return cell_of(language == "ar", qtype == "conceptual", source == "quran", qtype == "exact")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,12 @@ class Target:
 
 def _member(cell: int, attribute: str) -> int:
     return CELLS[cell][ATTRIBUTES.index(attribute)]
+
+
+def applicable(targets: list[Target], available: list[int]) -> list[Target]:
+    """TARGETS without the OPTIONAL ones that no available row has the attribute of."""
+    return [t for t in targets if t.name not in OPTIONAL
+            or any(n and _member(c, t.name) for c, n in enumerate(available))]
 
 
 def _solve(available: list[int], targets: list[Target], cap: int | None, size: int | None = None) -> list[int]:
@@ -136,7 +152,7 @@ def bottlenecks(available: list[int], counts: list[int]) -> list[str]:
     names = []
     for cell, (k, n) in enumerate(zip(counts, available)):
         if n and k == n:
-            a, c, q = CELLS[cell]
-            names.append(f"{'Arabic' if a else 'English'} {'conceptual' if c else 'non-conceptual'} "
-                         f"{'Quran' if q else 'non-Quran'} ({n:,})")
+            a, c, e, q = CELLS[cell]
+            kind = "conceptual" if c else "exact" if e else "other-type"
+            names.append(f"{'Arabic' if a else 'English'} {kind} {'Quran' if q else 'non-Quran'} ({n:,})")
     return names

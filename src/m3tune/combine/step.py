@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from m3tune.arabic import normalize
-from m3tune.combine.balance import Target, bottlenecks, cell_of, choose_counts, shares, shortfall
+from m3tune.combine.balance import CELLS, Target, applicable, bottlenecks, cell_for, choose_counts, shares, shortfall
 from m3tune.combine.leakage import KINDS, GoldGuard, gold_passage_texts, load_gold
 from m3tune.combine.split import split
 from m3tune.errors import BadInput, UserError
@@ -43,6 +43,10 @@ class CombineConfig(BaseModel):
     arabic_target: float = Field(default=0.50, ge=0, le=1, description="share of Arabic queries in the output")
     conceptual_target: float = Field(default=0.20, ge=0, le=1,
                                      description="share of conceptual (thematic) queries in the output")
+    exact_target: float | None = Field(default=0.15, ge=0, le=1,
+                                       description="share of exact-quote queries (generate-exact) in the output; "
+                                       "held only when the input has one (outside data has none); null: not "
+                                       "balanced")
     quran_target: float = Field(default=0.25, ge=0, le=1,
                                 description="share of examples whose positives are Quran verses")
     tolerance: float = Field(default=0.05, ge=0, le=1,
@@ -200,6 +204,7 @@ def _sources(ctx, inputs: list[str], mined: bool) -> list[tuple[Any, str, str]]:
 
 
 def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, conceptual_target: float,
+            exact_target: float | None,
             quran_target: float, tolerance: float, max_examples: int | None, min_examples: int,
             validation_split: float, seed: int, exclude_gold: list[str], exclude_packaged_gold: bool,
             exclude_gold_passages: bool,
@@ -211,6 +216,8 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
 
     targets = [Target("arabic", arabic_target, tolerance), Target("conceptual", conceptual_target, tolerance),
                Target("quran", quran_target, tolerance)]
+    if exact_target is not None:
+        targets.append(Target("exact", exact_target, tolerance))
     # The output is balanced within 80% of the tolerance when a split follows: the largest output sits on
     # the band's edges, where moving almost any group to validation would push train out of its band.
     inner = [Target(t.name, t.share, t.tolerance * (0.8 if validation_split else 1.0)) for t in targets]
@@ -267,7 +274,7 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                         removed["examples_trimmed"] += 1
                     language, qtype, source = facts
                     hashes.append(_key_hash(seed, r))
-                    cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
+                    cells.append(cell_for(language, qtype, source))
                     file_of.append(f_index)
                     line_of.append(line)
     finally:
@@ -281,7 +288,10 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
     c = np.frombuffer(cells, dtype=np.uint8)
     _, first = np.unique(h, return_index=True)  # ascending hash: the seeded sampling order
     first_cells = c[first]
-    available = np.bincount(first_cells, minlength=8).astype(int).tolist()
+    available = np.bincount(first_cells, minlength=len(CELLS)).astype(int).tolist()
+    if len(applicable(targets, available)) < len(targets):
+        ctx.log.warning("no exact-quote example in the input: its share target is not held")
+        targets, inner = applicable(targets, available), applicable(inner, available)
     counts = choose_counts(available, inner, max_examples)
     if not sum(counts):
         raise BadInput(f"no output meets the targets (the input has {len(first):,} distinct examples; bands "
@@ -316,7 +326,7 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                 filled = {"language": language, **({"source": source} if source != "unknown" else {})}
                 rows.append(r.model_copy(update=filled))
                 row_facts.append(facts)
-                row_cells.append(cell_of(language == "ar", qtype == "conceptual", source == "quran"))
+                row_cells.append(cell_for(language, qtype, source))
     keys = [[f"q:{normalize(r.query)}", *_positive_keys(r)] for r in rows]
     in_validation = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets)
     if validation_split and not any(in_validation):
@@ -332,7 +342,7 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                     out.write(r)
                     profiles[part].add(r, facts)
     train_cells = [cell for cell, v in zip(row_cells, in_validation) if not v]
-    train_counts = [train_cells.count(cell) for cell in range(8)]
+    train_counts = [train_cells.count(cell) for cell in range(len(CELLS))]
     output_shares, train_shares, input_shares = shares(counts), shares(train_counts), shares(available)
     stats = {
         "input": {"files": [label for _, _, label in files], "rows": before.n,

@@ -25,7 +25,8 @@ from m3tune.context import StepContext
 from m3tune.errors import UserError
 from m3tune.records import Example, Passage, Query
 
-QUERY_FILES = (("generate-queries", "queries.jsonl"), ("generate-conceptual", "queries.jsonl"))
+QUERY_FILES = (("generate-queries", "queries.jsonl"), ("generate-conceptual", "queries.jsonl"),
+               ("generate-exact", "queries.jsonl"))
 
 
 class MineConfig(BaseModel):
