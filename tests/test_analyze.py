@@ -64,6 +64,27 @@ def test_analyze_step_publishes_report_then_fails_on_miss(local_root, tmp_path):
     assert not local_root.child("analyze").exists("_manifest.json")  # a failed gate is not "done"
 
 
+def test_exact_quotes_are_reported_and_checked_only_where_the_data_has_them(local_root, tmp_path):
+    rows = [query(i, "ar" if i % 2 else "en", "exact" if i % 10 < 2 else "conceptual" if i % 10 < 4 else "question",
+                  "quran:2:1" if i % 4 == 0 else "bukhari:1") for i in range(40)]
+    report = analyze_files([write(tmp_path / "q.jsonl", rows)], **TARGETS, exact_target=0.15)
+    assert report["shares"]["type"]["exact"] == 0.2
+    assert [(t["name"], t["share"], t["met"]) for t in report["targets"]] == [
+        ("arabic", 0.5, True), ("conceptual", 0.2, True), ("exact", 0.2, True), ("quran", 0.25, True)]
+    missed = analyze_files([write(tmp_path / "q.jsonl", rows)], **TARGETS, exact_target=0.3)
+    assert not missed["ok"] and [t["name"] for t in missed["targets"] if not t["met"]] == ["exact"]
+    # the pipeline's gate: the step's default target, and its metric
+    manifest, _ = run_step(local_root, "analyze", AnalyzeConfig(inputs=[write(tmp_path / "q.jsonl", rows)]))
+    assert manifest.metrics["exact_share"] == 0.2
+    # data without a single exact quote (outside files) is not held to it, and the report says so
+    plain = [r for r in rows if r["type"] != "exact"]
+    report = analyze_files([write(tmp_path / "p.jsonl", plain)], **TARGETS, exact_target=0.15)
+    assert "exact" not in [t["name"] for t in report["targets"]] and report["not_checked"] == {
+        "exact": "no exact-quote row"}
+    assert "exact" not in [t["name"] for t in analyze_files([write(tmp_path / "q.jsonl", rows)], **TARGETS,
+                                                            exact_target=None)["targets"]]
+
+
 def test_bad_line_is_named(tmp_path):
     path = write(tmp_path / "q.jsonl", [query(1, "ar", "question", "quran:1:1"), {**query(2, "fr", "question", "quran:1:1")}])
     with pytest.raises(RecordError) as info:
