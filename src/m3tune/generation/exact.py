@@ -10,15 +10,20 @@ does not depend on which other passages were drawn):
 
 - passages: those of `sources`, minus the held-out partition
   (m3tune.corpus.heldout), in a seeded order; `pilot` keeps the first N;
-- words: as a reader types them (marks stripped, m3tune.arabic.strip_marks)
-  when they line up word for word with `text_plain`, else `text_plain`'s;
+- words: a hadith's as a reader types them (marks stripped,
+  m3tune.arabic.strip_marks) where they normalize to `text_plain`'s; a
+  verse's are `text_plain`'s, as the gold's (strip_marks keeps Uthmani
+  spellings no reader types);
 - a hadith's span lies in the last third of its words, past the chain of
   narrators, and holds no word of a chain or a blessing formula (the gold's
   exact spans follow the same rule: m3tune.evaluation.build_gold);
 - length: `min_words` to `max_words`, drawn uniformly; spans of one passage
   do not overlap;
 - a span needs `min_content_words` words of 3+ letters that are not Arabic
-  stop-words (stopwords-iso), so «قال لهم ان» is never a query.
+  stop-words (stopwords-iso), so «قال لهم ان» is never a query;
+- at most 20 draws per span asked: a short verse or a hadith whose last
+  third is mostly chain and formula may give fewer (the rejected draws are
+  counted by reason in the manifest).
 
 Positives: every passage of the corpus whose `text_plain` contains the
 normalized span as whole words, the first of which may carry a one-letter
@@ -192,7 +197,7 @@ def passage_spans(p: Passage, index: PhraseIndex, held: frozenset[str], taken: s
     rng = random.Random(f"{seed}/exact/{p.id}")
     rejected: Counter[str] = Counter()
     spans = candidate_spans(p, rng, rejected, min_words=min_words, max_words=max_words,
-                            min_content_words=min_content_words, tries=8 * count)
+                            min_content_words=min_content_words, tries=20 * count)  # 8 left 13% of passages bare
     typed = _WORD.findall(strip_marks(p.text)) if p.source == "hadith" else []
     used: list[tuple[int, int]] = []
     out: list[Query] = []
