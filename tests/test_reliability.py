@@ -166,6 +166,92 @@ def test_a_consumers_manifest_records_the_digest_of_what_it_read(local_root, mon
     assert not local_root.child("count").exists(MANIFEST)  # no manifest vouching for a digest it did not read
 
 
+def _publish_model_step(ctx, *, minimum: int = 1):
+    ctx.write_bytes("model/config.json", b'{"model_type": "bert"}')
+    ctx.write_bytes("model/weights.bin", b"w" * 64)
+    return {}
+
+
+@pytest.fixture
+def published_model(any_root, monkeypatch):
+    """A finished step 'pub' whose manifest records model/config.json and model/weights.bin."""
+    from pydantic import BaseModel
+
+    from m3tune.pipeline import STEPS, Step
+
+    class PubConfig(BaseModel):
+        minimum: int = 1
+
+    monkeypatch.setitem(STEPS, "pub", Step("pub", _publish_model_step, PubConfig, "pub"))
+    run_step(any_root, "pub")
+    return any_root
+
+
+def test_a_manifest_planted_inside_a_step_folder_cannot_vouch_for_its_files(published_model):
+    # Review: the nearest manifest above a file answered for it, so a planted pub/model/_manifest.json
+    # recording the edited bytes made every reader (evaluate's model_path among them) accept them.
+    import hashlib
+
+    from m3tune.evaluation.models import model_path
+
+    root = published_model
+    model, plain = root.child("pub").child("model"), root.child("pub").child("model").with_integrity(None)
+    edited = b"W" * 64  # same size
+    plain.write_bytes("weights.bin", edited)
+    planted = {"step": "pub", "m3tune_version": "0", "config": {}, "config_digest": "x", "inputs": {},
+               "outputs": {"weights.bin": {"sha256": hashlib.sha256(edited).hexdigest(), "bytes": 64},
+                           "config.json": {"sha256": hashlib.sha256(b'{"model_type": "bert"}').hexdigest(),
+                                           "bytes": 22}},
+               "started_at": "", "finished_at": "", "seconds": 0}
+    plain.write_bytes(MANIFEST, json.dumps(planted).encode())
+    with pytest.raises(Tampered, match="pub/model/weights.bin: tampered: sha256"):
+        open_root(root.uri, s3_endpoint=getattr(root, "endpoint_url", None)).child("pub/model").read_bytes("weights.bin")
+    with pytest.raises(Tampered, match=r"pub/model/\S+: tampered"):  # the planted manifest is not published
+        model_path("run:pub", root)
+    assert model.exists("weights.bin")
+
+
+def test_a_file_added_to_a_published_model_folder_is_refused(published_model, tmp_path):
+    # Review: model_path verified the files it listed, and a file the manifest does not record was read
+    # unverified, then loaded by transformers by path (an added_tokens.json changes the tokenizer).
+    from m3tune.evaluation.models import model_path
+
+    root = published_model
+    assert model_path("run:pub", root)  # as published: accepted
+    root.child("pub").child("model").with_integrity(None).write_bytes("added_tokens.json", b'{"x": 5}')
+    with pytest.raises(Tampered, match=r"pub/model/added_tokens.json: tampered: not published by its step"):
+        model_path("run:pub", root)
+
+
+def test_a_symbolic_link_in_a_local_run_root_reaches_nothing_outside(tmp_path):
+    # Review: check_relative stops '..' in a name, not a link planted in the root: with train/checkpoints a
+    # link to another folder, a fresh start of train (which lists checkpoints/ and deletes what it lists,
+    # as pruning does) deleted every file in that folder.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    root = open_root(str(tmp_path / "runs" / "linked"))
+    (tmp_path / "runs" / "linked" / "train").mkdir(parents=True)
+    (tmp_path / "runs" / "linked" / "train" / "checkpoints").symlink_to(victim)
+    checkpoints = root.child("train").child("checkpoints")
+    with pytest.raises(StorageError, match="a symbolic link leads outside the run root"):
+        for rel in checkpoints.list():
+            checkpoints.delete(rel)
+    with pytest.raises(StorageError, match="a symbolic link leads outside the run root"):
+        root.child("train").delete("checkpoints/keep.txt")
+    assert (victim / "keep.txt").read_text() == "precious"
+    with pytest.raises(StorageError, match="symbolic link"):  # nor is anything written through it
+        root.child("train").write_bytes("checkpoints/planted.txt", b"x")
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
+    # a link to a file outside is not read either; a link inside the root is followed
+    (tmp_path / "runs" / "linked" / "outside.json").symlink_to(victim / "keep.txt")
+    with pytest.raises(StorageError, match="symbolic link"):
+        root.read_bytes("outside.json")
+    root.write_bytes("a/inside.txt", b"in")
+    (tmp_path / "runs" / "linked" / "b").symlink_to(tmp_path / "runs" / "linked" / "a")
+    assert root.child("b").read_bytes("inside.txt") == b"in"
+
+
 # ----------------------------------------------------------------------------------------- 4. secrets
 
 @pytest.fixture

@@ -173,9 +173,13 @@ class RunIntegrity(Integrity):
             self._cache[folder] = manifest
 
     def record_of(self, path: str) -> "tuple[OutputInfo, str] | None":
-        """(what the nearest manifest above PATH recorded of it, that manifest's URI), or None."""
+        """(what the outermost manifest above PATH recorded of it, that manifest's URI), or None.
+
+        Outermost first: the step's own manifest decides for every file it records. A `_manifest.json` planted
+        deeper (train/model/_manifest.json, vouching for edited weights) must not answer for them; the deeper
+        ones (a shard's) only answer for files no manifest above records."""
         parts = path.split("/")
-        for depth in range(len(parts) - 1, 0, -1):
+        for depth in range(1, len(parts)):
             folder, name = "/".join(parts[:depth]), "/".join(parts[depth:])
             manifest = self._manifest(folder)
             if manifest is not None and name in manifest.outputs:
@@ -217,6 +221,21 @@ def published(root: Store, step: str, *, what: str) -> Manifest:
         raise UserError(f"{what}: step {step!r} is incomplete in {root.uri} ({manifest.incomplete_reason}); "
                         "rerun it to finish")
     return manifest
+
+
+def published_files(step_store: Store, manifest: Manifest, sub: str) -> list[str]:
+    """The files under the folder SUB of a finished step, when its MANIFEST records each of them; Tampered
+    naming one it does not. For a folder a library reads whole by path (a model folder handed to
+    transformers): a file added behind the step's back (an added_tokens.json, a second weights file) is read
+    by the library without any digest to check it against, so it must not be there at all."""
+    folder = step_store.child(sub)
+    names = folder.list()
+    extra = [n for n in names if f"{sub}/{n}" not in manifest.outputs]
+    if extra:
+        raise Tampered(f"{folder.uri_of(extra[0])}: tampered: not published by its step ({len(extra)} file(s) "
+                       f"in {folder.uri} that {step_store.uri_of(MANIFEST)} does not record). Find out why, "
+                       "then remove them or rerun that step with --force")
+    return names
 
 
 def verify_files(folder: Store, names: list[str]) -> None:

@@ -163,9 +163,12 @@ class Store(ABC):
         return sub
 
     def with_integrity(self, integrity: Integrity | None) -> "Store":
-        """This folder as the root of a run whose reads and writes go through INTEGRITY."""
+        """This folder as the root of a run whose reads and writes go through INTEGRITY (and, on local disk,
+        stay inside it: LocalStore._inside)."""
         view = copy.copy(self)
         view._integrity, view._rel = integrity, ""
+        if integrity is not None and isinstance(view, LocalStore) and view._top is None:
+            view._top = view.path
         return view
 
     def open_read(self, rel: str) -> BinaryIO:
@@ -252,15 +255,31 @@ class Store(ABC):
 
 
 class LocalStore(Store):
+    # The run root this folder belongs to, when it is one (set by with_integrity): every path used under it
+    # must resolve inside it. check_relative stops '..' in a name, not a symbolic link planted in the root
+    # ('train/checkpoints' -> $HOME), through which a listing and its deletes, or a write, would reach out.
+    _top: Path | None = None
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).absolute()
         self.uri = self.path.as_uri()
 
     def _child(self, rel: str) -> "LocalStore":
-        return LocalStore(local_path(self.path, rel))
+        sub = LocalStore(local_path(self.path, rel))
+        sub._top = self._top
+        return sub
+
+    def _inside(self, path: Path) -> Path:
+        """PATH, if it resolves (symbolic links followed) inside this folder's run root; else StorageError."""
+        if self._top is not None:
+            top, real = os.path.realpath(self._top), os.path.realpath(path)
+            if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+                raise StorageError(f"{path}: a symbolic link leads outside the run root {self._top} (to {real}); "
+                                   "remove it")
+        return path
 
     def _file(self, rel: str) -> Path:
-        return local_path(self.path, rel)
+        return self._inside(local_path(self.path, rel))
 
     def _open_read(self, rel: str) -> BinaryIO:
         path = self._file(rel)
@@ -278,9 +297,10 @@ class LocalStore(Store):
         return self._file(rel).stat().st_size
 
     def list(self) -> list[str]:
-        if not self.path.is_dir():
+        if not self._inside(self.path).is_dir():
             return []
-        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                      if p.is_file() and self._inside(p))
 
     def _delete(self, rel: str) -> None:
         self._file(rel).unlink(missing_ok=True)
@@ -302,7 +322,7 @@ class LocalStore(Store):
             raise
 
     def clean_temporaries(self) -> int:
-        if not self.path.is_dir():
+        if not self._inside(self.path).is_dir():
             return 0
         stale = [p for p in self.path.rglob(f".*{TMP_MARK}*") if p.is_file()]
         for p in stale:
@@ -509,11 +529,12 @@ def upload_folder(local: Path, store: Store, *, remove_others: bool = False) -> 
     return written
 
 
-def download_folder(store: Store, local: Path) -> list[str]:
-    """Copy every file under STORE into the local folder LOCAL (streamed: model weights can be gigabytes)."""
+def download_folder(store: Store, local: Path, *, names: list[str] | None = None) -> list[str]:
+    """Copy every file under STORE (or only NAMES) into the local folder LOCAL (streamed: model weights can
+    be gigabytes)."""
     import shutil
 
-    names = store.list()
+    names = store.list() if names is None else names
     # every name first, before the first folder is made: a listing of a tampered bucket creates nothing
     targets = [local_path(local, rel, where=store.uri) for rel in names]
     for rel, dest in zip(names, targets):

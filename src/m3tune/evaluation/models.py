@@ -99,11 +99,11 @@ def model_path(target: str, root) -> str:
     step = target[4:]
     if root is None:
         raise ConfigError(f"model {target!r} names a run's model: give the run (--root)")
-    from m3tune.manifest import published, verify_files
+    from m3tune.manifest import published, published_files, verify_files
 
     manifest = published(root, step, what=f"model {target!r}")  # files without a manifest are not a result
     folder = root.child(step).child(RUN_MODEL_DIR)
-    files = folder.list()
+    files = published_files(root.child(step), manifest, RUN_MODEL_DIR)  # each one the manifest records
     if "config.json" not in files:
         raise UserError(f"model {target!r}: no model in {folder.uri} (has the {step} step finished?)")
     if isinstance(folder, LocalStore):
@@ -118,7 +118,7 @@ def model_path(target: str, root) -> str:
     if not (local / ".complete").is_file():
         from m3tune.storage import download_folder
 
-        download_folder(folder, local)
+        download_folder(folder, local, names=files)  # these names: not one added after the check
         (local / ".complete").write_text(folder.uri)
     return str(local)
 
