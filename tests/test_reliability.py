@@ -353,11 +353,13 @@ def test_redact_masks_each_credential_shape(monkeypatch):
 
     monkeypatch.setenv("ODD_API_KEY", "zz-odd-shaped-value-77")
     text = ("Authorization: Bearer abc.def-123 key sk-or-v1-0123456789abcdef AKIAABCDEFGHIJKLMNOP "
+            "https://me:pr0xy-pass@llm.example/v1 "
             "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY api_key: 'hunter22' zz-odd-shaped-value-77")
     clean = redact(text)
     for secret in ("abc.def-123", "0123456789abcdef", "AKIAABCDEFGHIJKLMNOP", "wJalrXUtnFEMI", "hunter22",
-                   "zz-odd-shaped-value-77"):
+                   "zz-odd-shaped-value-77", "pr0xy-pass"):
         assert secret not in clean
+    assert "https://[REDACTED]@llm.example/v1" in clean and redact("s3://b/runs/x") == "s3://b/runs/x"
     assert redact("آيات عن الصبر, sk-learn, passage quran:2:153") == "آيات عن الصبر, sk-learn, passage quran:2:153"
 
 

@@ -32,6 +32,8 @@ _SECRET_ENV = re.compile(r"(_API_KEY|_TOKEN|_SECRET|SECRET_ACCESS_KEY|_PASSWORD|
 _PATTERNS = [
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}"), r"\1 " + MASK),
     (re.compile(r"\bsk-[A-Za-z0-9_-]{6,}"), "sk-" + MASK),
+    # credentials in a URL's user part (https://user:key@proxy/v1), as an HTTP library's error quotes it
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:]+:[^/\s@]+@"), r"\1" + MASK + "@"),
     (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), MASK),
     (re.compile(r"(?i)((?:aws_)?secret_access_key|aws_session_token|api[_-]?key|x-api-key|access[_-]?token|"
                 r"password|passwd|secret)([\"']?\s*[:=]\s*[\"']?)([^\s\"',;}&]{4,})"), r"\1\2" + MASK),

@@ -167,7 +167,7 @@ class Store(ABC):
         stay inside it: LocalStore._inside)."""
         view = copy.copy(self)
         view._integrity, view._rel = integrity, ""
-        if integrity is not None and isinstance(view, LocalStore) and view._top is None:
+        if isinstance(view, LocalStore) and view._top is None:  # RunIntegrity's plain view of the root too
             view._top = view.path
         return view
 
