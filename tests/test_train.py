@@ -31,12 +31,14 @@ from m3tune.storage import open_root
 
 DIMS = [32, 16, 8]
 BASE = dict(dims=DIMS, batch_size=16, gradient_accumulation=1, temperature=0.05, learning_rate=1e-2,
-            warmup_ratio=0.05, query_max_length=32, passage_max_length=64, negatives=3, patience=None)
+            warmup_ratio=0.05, query_max_length=32, passage_max_length=64, negatives=3, patience=None,
+            validation_corpus_sample=300)
 
 
 @pytest.fixture(scope="session")
 def quran_pairs(tmp_path_factory) -> dict[str, bytes]:
-    """train.jsonl (320 examples) and validation.jsonl (96) from the real Quran, as combine would publish them."""
+    """train.jsonl (320 examples) and validation.jsonl (96) from the real Quran, as combine would publish them,
+    and the ingest step's passages.jsonl and manifest (validation searches a sample of the corpus)."""
     from m3tune.corpus.ingest import IngestConfig
     from m3tune.corpus.passages import read_passages
     from m3tune.executor import run_step
@@ -46,7 +48,10 @@ def quran_pairs(tmp_path_factory) -> dict[str, bytes]:
     run_step(root, "ingest", IngestConfig(sources=["quran"]))
     rows = quran_examples(read_passages(root), random.Random(7), 416)
     dump = lambda part: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part).encode()  # noqa: E731
-    return {"train.jsonl": dump(rows[:320]), "validation.jsonl": dump(rows[320:])}
+    ingest = root.child("ingest")
+    return {"train.jsonl": dump(rows[:320]), "validation.jsonl": dump(rows[320:]),
+            "ingest/passages.jsonl": ingest.read_bytes("passages.jsonl"),
+            "ingest/_manifest.json": ingest.read_bytes("_manifest.json")}
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +76,12 @@ def tiny_model(tmp_path_factory) -> str:
 def _root_with_data(where: str, data: dict[str, bytes], *, manifest: bool = False, s3_endpoint: str | None = None):
     """A run root whose combine step has published DATA (with a manifest when the executor must see it done)."""
     root = open_root(where, s3_endpoint=s3_endpoint)
+    for name, blob in data.items():  # the ingest step's output, its manifest last
+        if name.startswith("ingest/") and name != "ingest/_manifest.json":
+            root.write_bytes(name, blob)
+    if "ingest/_manifest.json" in data:
+        root.write_bytes("ingest/_manifest.json", data["ingest/_manifest.json"])
+    data = {k: v for k, v in data.items() if not k.startswith("ingest/")}
     outputs = {name: root.child("combine").write_bytes(name, blob) for name, blob in data.items()}
     if manifest:
         from m3tune.manifest import Manifest, OutputInfo, write_manifest
@@ -124,11 +135,18 @@ def test_every_matryoshka_dim_is_trained_and_validated(trained):
     root, manifest = trained
     history = _history(root)
     assert all(set(h["loss_by_dim"]) == {"32", "16", "8"} for h in history if h["kind"] == "train")
+    # the gradient norm before clipping (lr 1e-2 with clipping at 1: above 1 at first) and the throughput
+    norms = [h["grad_norm"] for h in history if h["kind"] == "train"]
+    assert all(n > 0 for n in norms) and max(norms) > 1.0
+    assert all(h["examples_per_s"] > 0 and h["tokens_per_s"] > h["examples_per_s"] for h in history
+               if h["kind"] == "train")
     evals = [h for h in history if h["kind"] == "validation"]
     assert [h["step"] for h in evals] == [20, 40]
     for h in evals:
         assert set(h["metrics"]) == {"32", "16", "8"}
         assert set(h["metrics"]["8"]) == {"recall@10", "mrr@10", "ndcg@10"}
+        # every query type of the validation set has its row (bench.quran_examples: question and exact)
+        assert set(h["by_type"]) == {"question", "exact"} and set(h["by_type"]["exact"]) == {"32", "16", "8"}
     # the best checkpoint is the one with the highest nDCG@10 at the largest dim, and is what was published
     best = max(evals, key=lambda h: h["metrics"]["32"]["ndcg@10"])
     assert manifest.metrics["best"]["step"] == best["step"]
@@ -318,14 +336,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, qura
     from m3tune.training.step import train
 
     root = _root_with_data(str(tmp_path / "runs" / "nan"), quran_pairs)
-    # checkpoints of a run with another config: never resumed, and removed so that none outlives ours
+    # checkpoints of a run with another config: never resumed; with --restart removed so that none outlives ours
     stale = root.child("train").child("checkpoints")
     stale.write_bytes("step-00009999/trainer_state.json", b"{}")
     stale.write_bytes("latest.json", json.dumps({"step": 9999, "name": "step-00009999",
                                                  "config_digest": "sha256:other"}).encode())
     with pytest.raises(NonFiniteLoss, match=r"at step (\d+).*last good checkpoint \(step (\d+)\)") as err:
         train(StepContext(root=root, name="train"), **{**SHORT, "learning_rate": 1e30, "checkpoint_every": 1,
-                                                       "warmup_ratio": 0.0, "model": tiny_model,
+                                                       "warmup_ratio": 0.0, "model": tiny_model, "restart": True,
                                                        "workdir": str(tmp_path / "work")})
     import re
 
@@ -532,11 +550,164 @@ def test_retrieval_metrics_match_a_hand_computation():
     assert got["ndcg@3"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
 
 
-def test_validation_corpus_is_the_validation_passages_or_all_of_them():
+def test_validation_corpus_is_the_validation_passages_or_a_corpus_sample():
     from m3tune.training.data import validation_set
 
     examples = [_example("q1", "quran:1:1", ["quran:1:2"]), _example("q2", "quran:1:2", ["quran:1:1"])]
     small = validation_set(examples)
     assert sorted(small.corpus_keys) == ["quran:1:1", "quran:1:2"] and small.relevant == [{"quran:1:1"}, {"quran:1:2"}]
-    everything = validation_set(examples, {f"quran:2:{i}": f"verse {i}" for i in range(5)})
+    everything = validation_set(examples, {f"quran:2:{i}": f"verse {i}" for i in range(5)}, types=["exact", "question"],
+                                with_negatives=False)
     assert len(everything.corpus_keys) == 7 and everything.corpus_texts[-1] == "text of quran:1:2"
+    assert everything.type_counts() == {"exact": 1, "question": 1}
+
+
+def test_validation_samples_the_corpus_without_held_out_passages(tmp_path, quran_pairs):
+    """The sample is seeded, holds every validation positive, and never a held-out passage (combine's list)."""
+    from m3tune.corpus import heldout
+    from m3tune.corpus.passages import read_passages
+    from m3tune.training.config import TrainConfig
+    from m3tune.training.data import read_examples
+    from m3tune.training.loop import _validation_data
+
+    root = _root_with_data(str(tmp_path / "runs" / "v"), quran_pairs)
+    combine = root.child("combine")
+    val = read_examples(combine, "validation.jsonl")
+    held = heldout.load("packaged")
+    positives = {k for ex in val for k in ex.pos_keys}
+    one, data = _validation_data(TrainConfig(validation_corpus_sample=500), root, combine, val)
+    again, _ = _validation_data(TrainConfig(validation_corpus_sample=500), root, combine, val)
+    other, _ = _validation_data(TrainConfig(validation_corpus_sample=500, seed=1), root, combine, val)
+    assert one.corpus_keys == again.corpus_keys and set(one.corpus_keys) != set(other.corpus_keys)
+    assert len(one.corpus_keys) == len(positives) + 500 and positives <= set(one.corpus_keys)
+    whole, _ = _validation_data(TrainConfig(validation_corpus_sample=0), root, combine, val)
+    sampled = set(whole.corpus_keys) - positives  # (bench.quran_examples' positives may lie anywhere)
+    assert sampled and not sampled & held
+    assert len(sampled) == sum(1 for p in read_passages(root) if p.id not in held and p.id not in positives)
+    assert set(data) == {"combine/train.jsonl", "combine/validation.jsonl", "ingest/passages.jsonl", "held-out list"}
+
+
+def test_selection_on_a_named_dim_or_the_mean():
+    from m3tune.training.loop import selection_score
+
+    metrics = {"32": {"ndcg@10": 0.6}, "16": {"ndcg@10": 0.5}, "8": {"ndcg@10": 0.1}}
+    assert selection_score(metrics, metric="ndcg@10", dim=None, dims=[32, 16, 8]) == 0.6
+    assert selection_score(metrics, metric="ndcg@10", dim=16, dims=[32, 16, 8]) == 0.5
+    assert selection_score(metrics, metric="ndcg@10", dim="mean", dims=[32, 16, 8]) == pytest.approx(0.4)
+
+
+# ------------------------------------------------------------------------------------- memory on a GPU
+
+def test_gradcache_chunk_is_sized_from_free_memory():
+    """BGE-M3's shape (24 layers, 1024 wide, 16 heads, 568M parameters) at 512 tokens in bf16."""
+    from m3tune.training import memory
+
+    static = memory.static_bytes(568_000_000, 0)
+    assert static / memory.GIB == pytest.approx(8.46, abs=0.01)  # 16 bytes a trainable parameter
+    plain = memory.per_text_bytes(tokens=512, hidden=1024, layers=24, heads=16, half=True, checkpointing=False)
+    ckpt = memory.per_text_bytes(tokens=512, hidden=1024, layers=24, heads=16, half=True, checkpointing=True)
+    # Korthikanti et al.: 512*1024*(34 + 5*16*512/1024) bytes a layer = 38 MiB; checkpointing keeps 1 MiB a layer
+    assert plain == 24 * 512 * 1024 * 74 and ckpt == 24 * 2 * 512 * 1024 + 512 * 1024 * 74
+    assert memory.per_text_bytes(tokens=512, hidden=1024, layers=24, heads=16, half=False,
+                                 checkpointing=False) == 2 * plain
+    texts = 32 * (2 + 7)  # 32 queries, 32 positives, 7 negative slots each
+    h100 = 79 * memory.GIB
+    chunk = memory.gradcache_chunk_for(h100, static=static, per_text=plain, texts=texts)
+    assert chunk == int((h100 * 0.8 - static) // plain) and 0 < chunk < texts  # ~57 of 288: GradCache on
+    assert memory.gradcache_chunk_for(h100, static=static, per_text=ckpt, texts=texts) == 0  # all fits
+    assert memory.gradcache_chunk_for(10 * memory.GIB, static=static, per_text=plain, texts=texts) == 1
+    line = memory.describe(memory.Estimate(static, plain, texts, chunk), free_bytes=h100, precision="bf16",
+                           checkpointing=False, tokens=512)
+    assert line.startswith("memory estimate: weights, gradients and AdamW 8.46 GiB") and "79.0 GiB free" in line
+    assert f"GradCache chunks of {chunk} texts" in line
+
+
+def test_out_of_memory_names_the_knobs_to_turn():
+    import torch
+
+    from m3tune.training.memory import OutOfMemory, explain_oom
+
+    def step():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    settings = {"batch_size": 32, "gradcache_chunk": 64, "passage_max_length": 512, "gradient_checkpointing": "off"}
+    with pytest.raises(OutOfMemory) as err:
+        with explain_oom(where="at step 3", settings=settings, resume_hint=lambda: "A rerun resumes from step 2."):
+            step()
+    message = str(err.value)
+    for knob in ("--gradcache-chunk", "--batch-size", "--passage-max-length", "--gradient-checkpointing"):
+        assert knob in message
+    assert "at step 3 (batch_size 32, gradcache_chunk 64" in message and "Tried to allocate 2.00 GiB" in message
+    assert message.endswith("A rerun resumes from step 2.")
+    with pytest.raises(ValueError):  # anything else passes through unchanged
+        with explain_oom(where="x", settings={}):
+            raise ValueError("not memory")
+
+
+def test_cpu_defaults_stay_fp32_without_checkpointing_or_chunks(trained):
+    """The trained run above left every memory knob unset: on CPU that is fp32, no checkpointing, no GradCache."""
+    _, manifest = trained
+    counts = manifest.counts
+    assert counts["mixed_precision"] == "no" and counts["gradient_checkpointing"] is False
+    assert counts["gradcache_chunk"] is None and counts["memory_estimate"].startswith("memory estimate:")
+
+
+def test_gradcache_matches_the_full_batch_with_dropout_accumulation_and_ddp(quran_pairs, tmp_path):
+    """The loop's GradCache path in 2 gloo processes (DDP, cross-device negatives), 2 accumulation steps, chunks
+    of 5 texts, the tiny model with its dropout of 0.1, against one process's autograd over the whole global
+    batch with the same dropout masks (each rank's chunks re-encoded from the same seeded RNG state, in
+    GradCache's order). Tolerance rtol 1e-4, atol 1e-6: both are float32 and compute the same sums in another
+    order (per chunk vs per batch, DDP's all-reduce, the gathered columns' order), a few ulps each over
+    hundreds of terms; a wrong RNG replay, a missing no_sync boundary or a lost accumulation step changes
+    the gradients by percents (checked below: another dropout mask is far outside the tolerance)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from m3tune.encoder.profiles import resolve
+    from m3tune.training.data import collate, read_examples
+    from m3tune.training.loss import _chunks, encode, matryoshka_info_nce
+
+    model_path = resolve("local:tiny-xlmr")
+    root = _root_with_data(str(tmp_path / "runs" / "gcddp"), quran_pairs)
+    examples = read_examples(root.child("combine"), "train.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    plan = [[collate(examples[8 * m + 4 * r:8 * m + 4 * r + 4], list(range(8 * m + 4 * r, 8 * m + 4 * r + 4)),
+                     tokenizer, negatives=3, seed=1, epoch=0, query_max_length=32, passage_max_length=64)
+             for r in range(2)] for m in range(2)]
+    torch.save(plan, tmp_path / "plan.pt")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).parent / "gradcache_ddp.py"), model_path, str(tmp_path / "plan.pt"),
+                           str(tmp_path / "grads.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = torch.load(tmp_path / "grads.pt")
+
+    def reference(seed_offset: int):
+        model = AutoModel.from_pretrained(model_path, add_pooling_layer=False).train()
+        total = 0
+        for m in range(2):
+            reps = []
+            for r in range(2):
+                torch.manual_seed(1000 * m + r + seed_offset)  # what rank r set before micro-step m
+                b = plan[m][r]
+                q = torch.cat([encode(model, c) for c in _chunks(b.queries, 5)])
+                p = torch.cat([encode(model, c) for c in _chunks(b.passages, 5)])
+                reps.append((q, p))
+            for r in range(2):  # rank r's loss: its queries against both ranks' columns, its own first
+                order = [r, 1 - r]
+                b = plan[m][r]
+                loss, _ = matryoshka_info_nce(
+                    reps[r][0], torch.cat([reps[o][1] for o in order]), pos_keys=b.pos_keys,
+                    col_keys=torch.cat([plan[m][o].col_keys for o in order]),
+                    col_valid=torch.cat([plan[m][o].col_valid for o in order]),
+                    dims=[32, 16, 8], weights=[1.0] * 3, temperature=0.05, cross_device=False)
+                total = total + loss / 4  # DDP averages the 2 ranks, Accelerate divides by the 2 steps
+        total.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    full = reference(0)
+    assert ddp.keys() == full.keys()
+    for name in full:
+        torch.testing.assert_close(ddp[name], full[name], rtol=1e-4, atol=1e-6)
+    other = reference(7)  # other dropout masks: the test would see a replay that drew new ones
+    assert any(not torch.allclose(other[n], full[n], rtol=1e-2, atol=1e-4) for n in full)

@@ -27,6 +27,15 @@ class TrainConfig(ProfileFields):
     temperature: float = Field(default=0.02, gt=0, description="InfoNCE temperature (BGE-M3's 0.02)")
     negatives: int = Field(default=7, ge=0, description="hard negatives per query in a batch (fewer when an "
                            "example has fewer; never repeated)")
+    # --- [3/7] data: the negative pool's shares and the sampler's drop limit (m3tune.training.data) ---
+    hard_share: float = Field(default=0.6, ge=0, description="share of each example's negatives drawn, anew each "
+                              "epoch, from the hard ones of its mined pool")
+    semi_hard_share: float = Field(default=0.3, ge=0, description="share drawn from the semi-hard ones")
+    random_share: float = Field(default=0.1, ge=0, description="share drawn from the random ones (a kind short of "
+                                "its share is filled from the others)")
+    max_drop_share: float = Field(default=0.25, ge=0, le=1, description="fail when an epoch's sampler leaves more "
+                                  "than this share of one query type's examples out (shared positives conflict)")
+    # --- end [3/7] data ---
     cross_device_negatives: bool = Field(default=True, description="score each query against the passages of "
                                          "every process's batch (all-gather), not only its own")
     query_max_length: int = Field(default=128, ge=8, description="tokens per query")
@@ -34,8 +43,9 @@ class TrainConfig(ProfileFields):
     batch_size: int = Field(default=32, ge=1, description="examples per process per micro-batch")
     gradient_accumulation: int = Field(default=2, ge=1, description="micro-batches per optimizer step (adds no "
                                        "in-batch negatives: use --gradcache-chunk for a larger contrastive batch)")
-    gradcache_chunk: int | None = Field(default=None, ge=1, description="GradCache: encode the batch in chunks of "
-                                        "this many texts, so a large contrastive batch fits in small memory")
+    gradcache_chunk: int | None = Field(default=None, ge=0, description="GradCache: encode the batch in chunks of "
+                                        "this many texts, so a large contrastive batch fits in small memory (0: "
+                                        "off; default: off on CPU, sized from the free memory on CUDA)")
     epochs: float = Field(default=3, gt=0, description="passes over the training examples")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     learning_rate: float = Field(default=1e-5, gt=0, description="peak learning rate (AdamW)")
@@ -43,13 +53,14 @@ class TrainConfig(ProfileFields):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="share of the steps with linear warmup, "
                                 "then cosine decay to 0")
     max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(default="no", description="autocast precision "
-                                                           "(bf16 on recent GPUs)")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(default=None, description="autocast precision "
+                                                                  "(default: bf16 on a CUDA device that has it, "
+                                                                  "else no)")
     freeze_embeddings: bool = Field(default=False, description="keep the word-embedding matrix fixed (e5-small: "
                                     "96M of 118M parameters; a CPU step takes half the time); its effect on "
                                     "quality is measured in docs/benchmarks.md")
-    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward: less "
-                                         "memory, ~30% more compute")
+    gradient_checkpointing: bool | None = Field(default=None, description="recompute activations in backward: "
+                                                "less memory, ~30% more compute (default: on with CUDA, off on CPU)")
     deepspeed: str | None = Field(default=None, description="zero2, zero3 (shipped configs) or a DeepSpeed JSON "
                                   "file; none: plain DDP")
     processes: int = Field(default=1, ge=1, description="processes on this machine (one per GPU); more than 1 "
@@ -59,12 +70,23 @@ class TrainConfig(ProfileFields):
                                  "improvement (none: never stop early)")
     select_metric: Literal["ndcg@10", "mrr@10", "recall@10"] = Field(default="ndcg@10", description="validation "
                                                                         "metric that picks the best checkpoint")
-    validation_corpus: Literal["validation", "all"] = Field(default="validation", description="validation: the "
-                                                             "passages of validation.jsonl; all: every passage of ingest")
+    select_dim: int | Literal["mean"] | None = Field(default=None, description="the dim whose select_metric picks "
+                                                     "the best checkpoint, or mean (over every dim); default: the "
+                                                     "largest dim")
+    validation_corpus: Literal["validation", "all"] = Field(default="all", description="what validation searches: "
+                                                             "all: the validation passages plus a seeded sample of "
+                                                             "the run's ingest corpus (never a held-out passage); "
+                                                             "validation: only validation.jsonl's passages (a "
+                                                             "reranking task, for data without an ingest step)")
+    validation_corpus_sample: int = Field(default=5000, ge=0, description="with validation_corpus all: corpus "
+                                          "passages added to the validation passages (0: every one)")
     checkpoint_every: int = Field(default=500, ge=1, description="save a resumable checkpoint to the run root "
                                   "every this many optimizer steps")
     keep_checkpoints: int = Field(default=2, ge=1, description="checkpoints kept in the run root")
     seed: int = Field(default=42, description="seed of the weights' dropout, the sampler and negative choice")
+    restart: bool = Field(default=False, description="delete the run root's checkpoints of another config or "
+                          "other data and start over (without it such checkpoints stop the step, saying what "
+                          "changed)")
     workdir: str | None = Field(default=None, description="local working folder (default: under the m3tune cache)")
 
     @field_validator("workdir")
@@ -86,11 +108,21 @@ class TrainConfig(ProfileFields):
             raise ValueError(f"dims must be distinct positive integers, got {self.dims}")
         if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
             raise ValueError(f"dim_weights has {len(self.dim_weights)} values but dims has {len(self.dims)}")
-        if self.deepspeed is not None and self.gradcache_chunk is not None:
+        if self.select_dim not in (None, "mean") and self.select_dim not in self.dims:
+            raise ValueError(f"select_dim {self.select_dim} is not one of dims {self.dims} (or give mean)")
+        if self.deepspeed is not None and self.gradcache_chunk:
             # GradCache calls backward once per chunk; DeepSpeed's engine owns backward and its
             # accumulation boundaries, so the two would silently disagree on when a step ends.
             raise ValueError("gradcache_chunk does not work with deepspeed: use one or the other")
         return self
+
+
+# Fields that do not change the model's path: a resume may change them (RESUME_FREE), as may the memory knobs
+# (after an out-of-memory error the fix is to change one and resume; GradCache and checkpointing give the same
+# gradients). Every other field, and the data, key the checkpoints. max_steps: the run stops there, but the
+# cosine schedule's length is the one fixed when the run started (recorded in the checkpoint).
+RESUME_FREE = ("max_steps", "patience", "eval_every", "checkpoint_every", "keep_checkpoints", "workdir", "restart",
+               "gradcache_chunk", "gradient_checkpointing")
 
 
 def deepspeed_config(name: str) -> dict:

@@ -77,23 +77,37 @@ def copy_bge_m3_heads(base: str, folder: Path) -> list[str]:
 
 def plot_curves(history: list[dict[str, Any]], dims: list[int], out: Path,
                 before: dict[str, Any] | None = None) -> None:
+    """Four panels: training loss, validation nDCG@10 per dim, gradient norm (before clipping), throughput."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training node
     import matplotlib.pyplot as plt
 
-    losses = [(h["step"], h["loss"]) for h in history if h.get("kind") == "train"]
+    train = [h for h in history if h.get("kind") == "train"]
     evals = ([{"step": 0, "metrics": before}] if before else []) + [h for h in history if h.get("kind") == "validation"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if losses:
-        axes[0].plot(*zip(*losses), lw=1)
-    axes[0].set(title="training loss (Matryoshka InfoNCE)", xlabel="optimizer step", ylabel="loss")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (loss_ax, val_ax), (norm_ax, speed_ax) = axes
+    if train:
+        loss_ax.plot([h["step"] for h in train], [h["loss"] for h in train], lw=1)
+    loss_ax.set(title="training loss (Matryoshka InfoNCE)", xlabel="optimizer step", ylabel="loss")
     for dim in dims:
         pts = [(h["step"], h["metrics"][str(dim)]["ndcg@10"]) for h in evals]
         if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=f"{dim} dims")
-    axes[1].set(title="validation nDCG@10 (step 0: before training)", xlabel="optimizer step", ylabel="nDCG@10")
-    axes[1].legend()
+            val_ax.plot(*zip(*pts), marker="o", label=f"{dim} dims")
+    val_ax.set(title="validation nDCG@10 (step 0: before training)", xlabel="optimizer step", ylabel="nDCG@10")
+    val_ax.legend()
+    norms = [(h["step"], h["grad_norm"]) for h in train if h.get("grad_norm") is not None]
+    if norms:
+        norm_ax.plot(*zip(*norms), lw=1)
+    norm_ax.set(title="gradient norm before clipping", xlabel="optimizer step", ylabel="L2 norm")
+    if train:
+        speed_ax.plot([h["step"] for h in train], [h.get("examples_per_s", 0) for h in train], lw=1,
+                      color="tab:blue")
+        tokens_ax = speed_ax.twinx()
+        tokens_ax.plot([h["step"] for h in train], [h.get("tokens_per_s", 0) for h in train], lw=1,
+                       color="tab:orange")
+        tokens_ax.set_ylabel("tokens/s (orange)")
+    speed_ax.set(title="throughput", xlabel="optimizer step", ylabel="examples/s (blue)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -107,6 +121,12 @@ def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best:
         a = (best or {}).get("metrics", {}).get(str(dim), {})
         rows.append(f"| {dim} | " + " | ".join(f"{b.get(m, float('nan')):.4f} → {a.get(m, float('nan')):.4f}"
                                                for m in ("recall@10", "mrr@10", "ndcg@10")) + " |")
+    type_rows = [f"| {t} | " + " | ".join(f"{per.get(str(d), {}).get('ndcg@10', float('nan')):.4f}" for d in dims)
+                 + " |" for t, per in sorted((best or {}).get("by_type", {}).items())]
+    type_table = ("\n\nnDCG@10 of each query type at the best checkpoint (validation queries: "
+                  f"{json.dumps(data.get('validation_queries_by_type', {}))}):\n\n| type | "
+                  + " | ".join(f"{d}d" for d in dims) + " |\n|---|" + "---|" * len(dims) + "\n"
+                  + "\n".join(type_rows)) if type_rows else ""
     heads_note = (f"\nThe base model's {', '.join(heads)} (BGE-M3's sparse and ColBERT heads) were copied "
                   "unchanged: **they were not retrained** and do not match the fine-tuned encoder's hidden "
                   "states as well as they matched the base model's.\n" if heads else "")
@@ -147,11 +167,13 @@ validation table below; dims that were not trained are not guaranteed to work.
 {heads_note}
 ## Validation (before → best checkpoint, step {(best or {}).get('step', '-')})
 
-Retrieval over the validation passages.
+Retrieval of the validation queries over their positives and a seeded sample of the corpus
+({data.get('validation_passages', '?')} passages; never a held-out one). The best checkpoint is chosen on
+{config.get('select_metric')} at {config.get('select_dim') or 'the largest dim'}.
 
 | dims | Recall@10 | MRR@10 | nDCG@10 |
 |---|---|---|---|
-{chr(10).join(rows)}
+{chr(10).join(rows)}{type_table}
 
 ![validation curves]({CURVES})
 

@@ -77,6 +77,24 @@ def _digest(folder, name: str) -> str:
     return written.sha256 if written else file_digest(folder, name)
 
 
+def _on_cuda() -> bool:
+    """Whether Accelerate will put this process on a CUDA device (the step forces CPU with ACCELERATE_USE_CPU)."""
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+
+
+def _precision(cfg) -> str:
+    """mixed_precision as given, else bf16 on a CUDA device that has it (fp32 weights stay: autocast)."""
+    import torch
+
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
+    return "bf16" if _on_cuda() and torch.cuda.is_bf16_supported() else "no"
+
+
 def setup(cfg, *, root_uri: str, work: Path) -> Session:
     import torch
     from accelerate import Accelerator
@@ -86,10 +104,9 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
 
     from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.profiles import profile_of, resolve
-    from m3tune.manifest import config_digest
     from m3tune.storage import open_root
     from m3tune.training.config import deepspeed_config
-    from m3tune.training.data import global_batches, read_examples, validation_set
+    from m3tune.training.data import global_batches, read_examples
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -100,8 +117,9 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
         ds.pop("train_batch_size", None)
         plugin = DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=cfg.gradient_accumulation,
                                  gradient_clipping=cfg.max_grad_norm)
+    precision = _precision(cfg)
     # The scheduler is stepped once per optimizer step by us; Accelerate's default would step it once per process.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation,
                               deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
     set_seed(cfg.seed)
     root = open_root(root_uri)
@@ -109,12 +127,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     combine = root.child("combine")
     train_examples = read_examples(combine, "train.jsonl")
     val_examples = read_examples(combine, "validation.jsonl")
-    extra = None
-    if cfg.validation_corpus == "all":
-        from m3tune.corpus.passages import read_passages
-
-        extra = {p.id: p.text for p in read_passages(root)}
-    valset = validation_set(val_examples, extra)
+    valset, data_key = _validation_data(cfg, root, combine, val_examples)
 
     path = resolve(cfg.model)
     # How texts are prompted and pooled, here and in the exported model: the base model's profile, or the
@@ -139,14 +152,17 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     weights = [weights[cfg.dims.index(d)] for d in dims]
     if cfg.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else _on_cuda()
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chunk, memory_line = _memory_plan(cfg, model, precision=precision, checkpointing=checkpointing)
 
     # The epoch plans (a few ms per thousand examples) fix the number of steps for the schedule up front.
     world = accelerator.num_processes
     global_batch = cfg.batch_size * world
     n_epochs = math.ceil(cfg.epochs)
-    plans = [global_batches(train_examples, global_batch, seed=cfg.seed, epoch=e) for e in range(n_epochs)]
+    plans = [global_batches(train_examples, global_batch, seed=cfg.seed, epoch=e, max_drop_share=cfg.max_drop_share)
+             for e in range(n_epochs)]
     steps_in = [len(p) // cfg.gradient_accumulation for p in plans]
     if cfg.epochs != n_epochs:
         steps_in[-1] = int(steps_in[-1] * (cfg.epochs - (n_epochs - 1)))
@@ -156,31 +172,106 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
                         f"{global_batch} x {cfg.gradient_accumulation} examples; lower --batch-size or "
                         "--gradient-accumulation")
 
+    # Checkpoints resume only a run on the same path: the same data and every config field that changes the
+    # weights. The cosine schedule's length (horizon) is the one fixed when the run started.
+    key = _resume_key(cfg, data_key, precision=precision, world=world)
+    latest = _check_resumable(out, key, restart=cfg.restart, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    horizon = latest["horizon"] if latest else total_steps
+    if total_steps > horizon:
+        raise ConfigError(f"train: max_steps {cfg.max_steps} goes past the {horizon} steps of the schedule this "
+                          f"run started with (its cosine reached 0 there); give max_steps <= {horizon}, or "
+                          "--restart to start over")
+
     # The fused kernel (CPU and CUDA) updates all tensors in one pass: on the tiny model's 8M-row embedding
     # the per-tensor default took a quarter of each step.
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   fused=accelerator.device.type in ("cpu", "cuda"))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * horizon), horizon)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    # Checkpoints resume only the same config on the same data: after combine reruns with new inputs, the old
-    # checkpoints must not pass for this run's (they would be resumed, or republished as its model).
-    data = ",".join(f"{name}={_digest(combine, name)}" for name in ("train.jsonl", "validation.jsonl"))
-    digest = hashlib.sha256(f"{config_digest(cfg.model_copy(update={'workdir': None}))}|{data}".encode()).hexdigest()
     s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer,
                 fast_tokenize=FastTokenize(tokenizer), optimizer=optimizer,
                 scheduler=scheduler, root=root, out=out, work=work, train_examples=train_examples, valset=valset,
-                plans=plans, steps_in=steps_in, total_steps=total_steps, dims=dims, weights=weights, hidden=hidden,
-                profile=profile,
-                base_path=path, digest=digest, step=0, history=[], best=None, bad_evals=0, before=None,
-                stopped_early=False, started=time.time(), examples_seen=0)
-    _resume(s)
+                plans=plans, steps_in=steps_in, total_steps=total_steps, horizon=horizon, dims=dims,
+                weights=weights, hidden=hidden, profile=profile, precision=precision, checkpointing=checkpointing,
+                chunk=chunk, memory_line=memory_line, base_path=path, key=key, digest=_key_digest(key), step=0,
+                history=[], best=None, bad_evals=0, before=None, stopped_early=False, started=time.time(),
+                examples_seen=0)
+    if latest:
+        _resume(s, latest)
     if accelerator.is_main_process:
         log.info("train: %d examples, %d validation queries over %d passages; %d steps of %d x %d x %d examples "
                  "(%d processes)%s", len(train_examples), len(valset.queries), len(valset.corpus_keys), total_steps,
                  cfg.batch_size, world, cfg.gradient_accumulation, world,
                  f"; resumed at step {s.step}" if s.step else "")
+        log.info("train: %s", memory_line)
     return s
+
+
+def _validation_data(cfg, root, combine, val_examples):
+    """The validation set (queries with every positive; the corpus they search) and the digests of what it
+    was built from. With validation_corpus all, the corpus is the validation positives plus a seeded sample
+    of the run's ingest corpus without the held-out partition (the one combine used), so validation never
+    sees a test passage and a query must find its passages among thousands, as in production."""
+    import random
+
+    from m3tune.jsonl import read_jsonl
+    from m3tune.records import Example
+    from m3tune.training.data import validation_set
+
+    with combine.open_read("validation.jsonl") as f:  # the type of each query, for per-type metrics
+        types = [ex.type or "unknown" for ex in read_jsonl(f, Example, name=combine.uri_of("validation.jsonl"))]
+    data = {f"combine/{name}": _digest(combine, name) for name in ("train.jsonl", "validation.jsonl")}
+    if cfg.validation_corpus == "validation":
+        return validation_set(val_examples, types=types), data
+    from m3tune.corpus import heldout
+    from m3tune.corpus.passages import read_passages
+    from m3tune.manifest import read_manifest
+
+    manifest = read_manifest(combine)
+    held_uri = manifest.config.get("held_out", "packaged") if manifest else "packaged"
+    held = heldout.load(held_uri)
+    positives = {k for ex in val_examples for k in ex.pos_keys}
+    candidates = [p for p in read_passages(root) if p.id not in held and p.id not in positives]
+    n = cfg.validation_corpus_sample
+    sample = random.Random(f"{cfg.seed}:validation-corpus").sample(candidates, n) if 0 < n < len(candidates) \
+        else candidates
+    data["ingest/passages.jsonl"] = _digest(root.child("ingest"), "passages.jsonl")
+    data["held-out list"] = heldout.digest(held_uri) or "none"
+    return validation_set(val_examples, {p.id: p.text for p in sample}, types=types, with_negatives=False), data
+
+
+def _memory_plan(cfg, model, *, precision: str, checkpointing: bool) -> tuple[int, str]:
+    """(GradCache chunk, 0 = none; the memory estimate's line). The chunk is the config's, or on CUDA sized
+    from the free memory (m3tune.training.memory); on CPU there is no chunking unless asked."""
+    from m3tune.training import memory
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    c = model.config
+    per_text = memory.per_text_bytes(tokens=cfg.passage_max_length, hidden=int(c.hidden_size),
+                                     layers=int(c.num_hidden_layers), heads=int(c.num_attention_heads),
+                                     half=precision != "no", checkpointing=checkpointing)
+    static = memory.static_bytes(trainable, frozen)
+    texts = cfg.batch_size * (2 + cfg.negatives)  # queries, positives, negative slots
+    free = None
+    if cfg.gradcache_chunk is not None:
+        chunk = cfg.gradcache_chunk
+    elif _on_cuda() and not cfg.deepspeed:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        chunk = memory.gradcache_chunk_for(free, static=static, per_text=per_text, texts=texts)
+    else:
+        chunk = 0
+    if _on_cuda():
+        import torch
+
+        free = free if free is not None else torch.cuda.mem_get_info()[0]
+    est = memory.Estimate(static, per_text, texts, chunk if 0 < chunk < texts else texts)
+    return chunk, memory.describe(est, free_bytes=free, precision=precision, checkpointing=checkpointing,
+                                  tokens=cfg.passage_max_length)
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -199,16 +290,17 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 def train(s: Session) -> None:
     import torch
 
-    from m3tune.training.loss import gradcache_backward, matryoshka_info_nce
+    from m3tune.training.loss import encode, gradcache_backward, matryoshka_info_nce
 
     cfg, acc = s.cfg, s.accelerator
     if s.stopped_early:  # resumed after the early stop: nothing left to train
         return
     if s.before is None:
-        s.before = _validate(s, record=False)
+        with _explain_oom(s, "during the validation before training"):
+            s.before = _validate(s, record=False)
     s.model.train()
     rank, world = acc.process_index, acc.num_processes
-    window_loss, window_dims, window_t = [], [], time.time()
+    window, window_t = [], time.time()
     step = s.step
     for epoch, plan in enumerate(s.plans):
         first_step = sum(s.steps_in[:epoch])
@@ -217,63 +309,93 @@ def train(s: Session) -> None:
         micro = (step - first_step) * cfg.gradient_accumulation  # same data order after a restart
         batches = _micro_batches(s, epoch, plan, micro, rank)
         while step < min(first_step + s.steps_in[epoch], s.total_steps):
-            for _ in range(cfg.gradient_accumulation):
-                batch = next(batches)
-                q_tok = {k: v.to(acc.device) for k, v in batch.queries.items()}
-                p_tok = {k: v.to(acc.device) for k, v in batch.passages.items()}
-                keys = dict(pos_keys=batch.pos_keys.to(acc.device), col_keys=batch.col_keys.to(acc.device),
-                            col_valid=batch.col_valid.to(acc.device))
+            grad_norm = None
+            with _explain_oom(s, f"at step {step + 1}"):
+                for _ in range(cfg.gradient_accumulation):
+                    batch = next(batches)
+                    q_tok = {k: v.to(acc.device) for k, v in batch.queries.items()}
+                    p_tok = {k: v.to(acc.device) for k, v in batch.passages.items()}
+                    keys = dict(pos_keys=batch.pos_keys.to(acc.device), col_keys=batch.col_keys.to(acc.device),
+                                col_valid=batch.col_valid.to(acc.device))
 
-                def loss_fn(q, p):
-                    return matryoshka_info_nce(q, p, **keys, dims=s.dims, weights=s.weights,
-                                               temperature=cfg.temperature, cross_device=cfg.cross_device_negatives)
+                    def loss_fn(q, p):
+                        return matryoshka_info_nce(q, p, **keys, dims=s.dims, weights=s.weights,
+                                                   temperature=cfg.temperature,
+                                                   cross_device=cfg.cross_device_negatives)
 
-                def checked_backward(loss):
-                    _check_finite(s, loss, step + 1)
-                    acc.backward(loss)
+                    def checked_backward(loss):
+                        _check_finite(s, loss, step + 1)
+                        acc.backward(loss)
 
-                with acc.accumulate(s.model), acc.autocast():
-                    if cfg.gradcache_chunk:
-                        loss, per_dim = gradcache_backward(
-                            s.model, q_tok, p_tok, chunk=cfg.gradcache_chunk, loss_fn=loss_fn,
-                            backward=checked_backward, no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients,
-                            pooling=s.profile.pooling)
-                    else:
-                        from m3tune.training.loss import encode
-
-                        pooling = s.profile.pooling
-                        loss, per_dim = loss_fn(encode(s.model, q_tok, pooling), encode(s.model, p_tok, pooling))
-                        checked_backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
-                    s.optimizer.step()
-                    s.optimizer.zero_grad()
-                window_loss.append(loss.detach())
-                window_dims.append(torch.stack([per_dim[d] for d in s.dims]))
+                    with acc.accumulate(s.model), acc.autocast():
+                        if s.chunk:
+                            loss, per_dim = gradcache_backward(
+                                s.model, q_tok, p_tok, chunk=s.chunk, loss_fn=loss_fn, backward=checked_backward,
+                                no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients,
+                                pooling=s.profile.pooling)
+                        else:
+                            pooling = s.profile.pooling
+                            loss, per_dim = loss_fn(encode(s.model, q_tok, pooling), encode(s.model, p_tok, pooling))
+                            checked_backward(loss)
+                        if acc.sync_gradients:
+                            # the norm before clipping (DeepSpeed: its engine's global norm; None before its step)
+                            grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
+                        s.optimizer.step()
+                        s.optimizer.zero_grad()
+                    tokens = (batch.queries["attention_mask"].sum() + batch.passages["attention_mask"].sum()).float()
+                    window.append(torch.cat([loss.detach().float().reshape(1),
+                                             torch.stack([per_dim[d] for d in s.dims]).float(),
+                                             tokens.to(acc.device).reshape(1)]))
             s.scheduler.step()
             step += 1
             s.step = step
             s.examples_seen += cfg.batch_size * world * cfg.gradient_accumulation
-            # One all-reduce per optimizer step: the global batch's mean loss, as one process would see it.
-            mean = acc.reduce(torch.stack(window_loss).mean(), reduction="mean").item()
-            dims_mean = acc.reduce(torch.stack(window_dims).mean(0), reduction="mean").tolist()
-            elapsed = time.time() - window_t
+            # One all-reduce per optimizer step: the global batch's mean losses (as one process would see
+            # them) and its real (unpadded) tokens.
+            summed = acc.reduce(torch.stack(window).sum(0), reduction="sum").tolist()
+            n = len(window) * world
+            elapsed = max(time.time() - window_t, 1e-9)
+            examples = cfg.batch_size * world * cfg.gradient_accumulation
+            if grad_norm is None and hasattr(s.model, "get_global_grad_norm"):
+                grad_norm = s.model.get_global_grad_norm()  # DeepSpeed computes it in its step
             s.history.append({"kind": "train", "step": step, "epoch": round(step / max(1, s.steps_in[0]), 4),
-                              "loss": mean, "loss_by_dim": {str(d): v for d, v in zip(s.dims, dims_mean)},
+                              "loss": summed[0] / n,
+                              "loss_by_dim": {str(d): v / n for d, v in zip(s.dims, summed[1:-1])},
                               "lr": s.scheduler.get_last_lr()[0],
-                              "examples_per_s": cfg.batch_size * world * cfg.gradient_accumulation / max(elapsed, 1e-9)})
-            window_loss, window_dims, window_t = [], [], time.time()
+                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                              "examples_per_s": examples / elapsed, "tokens_per_s": summed[-1] / elapsed})
+            improved = False
             if step % cfg.eval_every == 0 or step == s.total_steps:
-                _validate(s, record=True)
+                with _explain_oom(s, f"validating at step {step}"):
+                    improved = _validate(s, record=True)["improved"]
                 s.model.train()
-            if step % cfg.checkpoint_every == 0:  # the last step too: a kill while publishing needs no retraining
+            # The last step too (a kill while publishing needs no retraining), and every step whose weights
+            # became the best: they are saved inside that checkpoint, so the best can never come from a run
+            # that a preemption discarded.
+            if step % cfg.checkpoint_every == 0 or step == s.total_steps or improved or s.stopped_early:
                 _checkpoint(s)
+            window, window_t = [], time.time()  # throughput of training alone: validation and saving left out
             if s.stopped_early:
                 batches.close()
                 return
         batches.close()
         if step >= s.total_steps:
             return
+
+
+def _explain_oom(s: Session, where: str):
+    from m3tune.training.memory import explain_oom
+
+    cfg = s.cfg
+
+    def hint() -> str:  # read only when it happened: not a store read per step
+        latest = _read_latest(s.out)
+        return (f"A rerun resumes from the checkpoint of step {latest['step']}; these settings may change on "
+                "resume." if latest else "No checkpoint was written yet.")
+
+    return explain_oom(where=where, resume_hint=hint, settings={
+        "batch_size": cfg.batch_size, "gradcache_chunk": s.chunk or "off", "passage_max_length": cfg.passage_max_length,
+        "gradient_checkpointing": "on" if s.checkpointing else "off", "mixed_precision": s.precision})
 
 
 def _micro_batches(s: Session, epoch: int, plan: list[list[int]], start: int, rank: int):
@@ -289,7 +411,8 @@ def _micro_batches(s: Session, epoch: int, plan: list[list[int]], start: int, ra
         indices = plan[m][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
         return collate([s.train_examples[i] for i in indices], indices, s.fast_tokenize, negatives=cfg.negatives,
                        seed=cfg.seed, epoch=epoch, query_max_length=cfg.query_max_length,
-                       passage_max_length=cfg.passage_max_length, profile=s.profile)
+                       passage_max_length=cfg.passage_max_length, profile=s.profile,
+                       negative_mix=(cfg.hard_share, cfg.semi_hard_share, cfg.random_share))
 
     with ThreadPoolExecutor(1, thread_name_prefix="m3tune-collate") as pool:
         upcoming = pool.submit(make, start) if start < len(plan) else None
@@ -305,7 +428,7 @@ def _check_finite(s: Session, loss, step: int) -> None:
 
     bad = s.accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum").item()
     if bad:
-        latest = _read_latest(s)
+        latest = _read_latest(s.out)
         kept = f"the last good checkpoint (step {latest['step']}) is kept in {s.out.uri_of(CHECKPOINTS)}" \
             if latest else "no checkpoint was written yet"
         raise NonFiniteLoss(f"train: the loss became {loss.item()} at step {step}; stopped before updating the "
@@ -313,21 +436,23 @@ def _check_finite(s: Session, loss, step: int) -> None:
 
 
 def _validate(s: Session, *, record: bool) -> dict[str, Any]:
-    """Retrieval metrics at every dim; RECORD: log them, track the best and the patience."""
+    """Retrieval metrics at every dim, overall and per query type; RECORD: log them, track the best and the
+    patience ("improved" in the answer)."""
     from m3tune.training.validate import evaluate
 
     cfg = s.cfg
     model = s.accelerator.unwrap_model(s.model)
     with s.accelerator.autocast():
-        metrics = evaluate(model, s.fast_tokenize, s.valset, dims=s.dims, query_max_length=cfg.query_max_length,
-                           passage_max_length=cfg.passage_max_length, batch_size=max(cfg.batch_size, 32),
-                           device=s.accelerator.device, profile=s.profile)
+        metrics, by_type = evaluate(model, s.fast_tokenize, s.valset, dims=s.dims,
+                                    query_max_length=cfg.query_max_length, passage_max_length=cfg.passage_max_length,
+                                    batch_size=max(cfg.batch_size, 32), device=s.accelerator.device, profile=s.profile)
     metrics = {str(d): m for d, m in metrics.items()}
+    by_type = {t: {str(d): m for d, m in per.items()} for t, per in by_type.items()}
     if not record:
         if s.accelerator.is_main_process:
             log.info("validation before training: %s", _fmt(metrics, s.dims))
         return metrics
-    score = metrics[str(s.dims[0])][cfg.select_metric]
+    score = selection_score(metrics, metric=cfg.select_metric, dim=cfg.select_dim, dims=s.dims)
     if s.accelerator.num_processes > 1:
         # Rank 0's score decides for everyone: saving the best and stopping early are collective, and a last-bit
         # difference between processes (non-deterministic kernels) must not split their paths.
@@ -336,12 +461,12 @@ def _validate(s: Session, *, record: bool) -> dict[str, Any]:
 
         score = float(broadcast(torch.tensor([score], device=s.accelerator.device), from_process=0).item())
     improved = s.best is None or score > s.best["score"]
-    s.history.append({"kind": "validation", "step": s.step, "metrics": metrics, "best": improved})
+    s.history.append({"kind": "validation", "step": s.step, "metrics": metrics, "by_type": by_type, "score": score,
+                      "best": improved})
     if improved:
-        s.best, s.bad_evals = {"step": s.step, "score": score, "metrics": metrics}, 0
-        _save_model(s, s.work / BEST)
-        if s.accelerator.is_main_process:  # a restarted pod must find it on another machine
-            upload_folder(s.work / BEST, s.out.child(f"{CHECKPOINTS}/{BEST}"), remove_others=True)
+        # the weights are saved with this step's checkpoint, written right after (train forces it)
+        s.best, s.bad_evals = {"step": s.step, "score": score, "metrics": metrics, "by_type": by_type,
+                               "checkpoint": _checkpoint_name(s.step)}, 0
     else:
         s.bad_evals += 1
         if cfg.patience and s.bad_evals >= cfg.patience:
@@ -349,7 +474,14 @@ def _validate(s: Session, *, record: bool) -> dict[str, Any]:
     if s.accelerator.is_main_process:
         log.info("step %d validation: %s%s", s.step, _fmt(metrics, s.dims),
                  " (best)" if improved else f" ({s.bad_evals} without improvement)")
-    return metrics
+    return {"metrics": metrics, "improved": improved}
+
+
+def selection_score(metrics: dict[str, dict[str, float]], *, metric: str, dim, dims: list[int]) -> float:
+    """The number that picks the best checkpoint: METRIC at DIM (default the largest), or its mean over dims."""
+    if dim == "mean":
+        return sum(metrics[str(d)][metric] for d in dims) / len(dims)
+    return metrics[str(dim if dim is not None else max(dims))][metric]
 
 
 def _fmt(metrics: dict, dims: list[int]) -> str:
@@ -369,50 +501,134 @@ def _save_model(s: Session, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+#
+# ROOT/train/checkpoints/step-N/ holds Accelerate's state (weights, optimizer, scheduler, RNG of every
+# process), trainer_state.json and, in the checkpoint of a step whose validation improved, best/ (the
+# weights as a transformers folder). latest.json, written last, names the newest complete checkpoint, the
+# one holding the best weights, the schedule's horizon and the key: what the run's path depends on.
 
-def _read_latest(s: Session) -> dict | None:
-    """checkpoints/latest.json, checked before any of it is used: it lives in the run root, so anyone who can
-    write the bucket writes it, and its name is joined to local paths that are removed and written."""
+def _checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _resume_key(cfg, data: dict[str, str], *, precision: str, world: int) -> dict[str, Any]:
+    """What the weights' path depends on: the data's digests and every config field but RESUME_FREE ones (the
+    resolved precision and the number of processes too: both change the numbers)."""
+    from m3tune.training.config import RESUME_FREE
+
+    fields = cfg.model_dump(mode="json", exclude=set(RESUME_FREE))
+    fields["mixed_precision"], fields["processes"] = precision, world
+    return {**{f"input {name}": digest for name, digest in data.items()}, **fields}
+
+
+def _key_digest(key: dict) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    """What differs between two keys, in words."""
+    out = []
+    for name in sorted(set(old) | set(new), key=lambda n: (not n.startswith("input "), n)):
+        a, b = old.get(name, "(none)"), new.get(name, "(none)")
+        if a != b:
+            out.append(f"{name[len('input '):]} changed ({a} -> {b})" if name.startswith("input ")
+                       else f"{name} {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def _check_resumable(out, key: dict, *, restart: bool, is_main: bool) -> dict | None:
+    """latest.json when its run can be resumed with KEY; None for a fresh start (after removing what another
+    run left, with RESTART or when no checkpoint was completed); else an error saying what changed."""
+    folder = out.child(CHECKPOINTS)
+    latest = _read_latest(out)
+    if latest is not None and latest.get("key") == key:
+        return latest
+    if latest is not None and not restart:
+        changed = _changes(latest["key"], key) if isinstance(latest.get("key"), dict) else \
+            ["the checkpoints were written by an earlier m3tune that recorded no key"]
+        raise ConfigError(f"train: {folder.uri} holds a run (step {latest.get('step')}) made with other inputs or "
+                          f"settings; resuming it would mix two runs: {'; '.join(changed)}. Rerun with what it was "
+                          "made with to resume it, or pass --restart to delete its checkpoints and start over")
+    # A fresh start: what is there (a restarted run's checkpoints, a first upload cut short) would be mistaken
+    # for ours, or outlive ours when old checkpoints are pruned by name.
+    if is_main:
+        stale = folder.list()
+        if stale:
+            log.warning("train: removing %d file(s) in %s left by %s; starting afresh", len(stale), folder.uri,
+                        "the run --restart replaces" if latest else "an unfinished first checkpoint")
+        for rel in stale:
+            folder.delete(rel)
+    return None
+
+
+def _read_latest(out) -> dict | None:
+    """checkpoints/latest.json of the store OUT, checked before any of it is used: it lives in the run root,
+    so anyone who can write the bucket writes it, and its names are joined to local paths that are removed
+    and written."""
     from m3tune.storage import StorageError, check_relative
 
-    if not s.out.exists(LATEST):
+    if not out.exists(LATEST):
         return None
-    where = s.out.uri_of(LATEST)
+    where = out.uri_of(LATEST)
     try:
-        latest = json.loads(s.out.read_bytes(LATEST))
+        latest = json.loads(out.read_bytes(LATEST))
     except (ValueError, UnicodeDecodeError) as e:
         raise StorageError(f"{where}: not JSON ({e}); remove it to start afresh") from None
     if not isinstance(latest, dict) or not isinstance(latest.get("name"), str):
         raise StorageError(f"{where}: field 'name': expected the checkpoint's folder name")
     check_relative(latest["name"], where=f"{where}: field 'name'")
+    if "key" in latest:  # the current format
+        if not isinstance(latest.get("step"), int) or not isinstance(latest.get("horizon"), int):
+            raise StorageError(f"{where}: fields 'step' and 'horizon': expected integers")
+        if latest.get("best") is not None:
+            if not isinstance(latest["best"], str):
+                raise StorageError(f"{where}: field 'best': expected a checkpoint's folder name")
+            check_relative(latest["best"], where=f"{where}: field 'best'")
     return latest
 
 
 def _checkpoint(s: Session) -> None:
-    """Save the full training state and publish it to the run root; latest.json is written last."""
+    """Save the full training state (and the best weights, when this step's are the best) and publish it to the
+    run root; latest.json is written last."""
     acc = s.accelerator
-    name = f"step-{s.step:08d}"
+    name = _checkpoint_name(s.step)
     local = s.work / CHECKPOINTS / name
     acc.save_state(str(local))
+    holds_best = s.best is not None and s.best["step"] == s.step
+    if holds_best:
+        _save_model(s, local / BEST)
     if acc.is_main_process:
         (local / STATE).write_text(json.dumps(_trainer_state(s)))
     acc.wait_for_everyone()
     if acc.is_local_main_process:  # each node sends what its processes wrote (their RNG states, ZeRO shards)
-        upload_folder(local, s.out.child(f"{CHECKPOINTS}/{name}"))
+        # remove_others: a killed run's partial upload of this step may hold files this one does not write
+        upload_folder(local, s.out.child(f"{CHECKPOINTS}/{name}"), remove_others=True)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        s.out.write_bytes(LATEST, json.dumps({"step": s.step, "name": name, "config_digest": s.digest}).encode())
+        s.out.write_bytes(LATEST, json.dumps({"step": s.step, "name": name, "config_digest": s.digest, "key": s.key,
+                                              "horizon": s.horizon,
+                                              "best": s.best["checkpoint"] if s.best else None}).encode())
         _prune(s)
-        log.info("checkpoint %s -> %s", name, s.out.uri_of(f"{CHECKPOINTS}/{name}"))
+        log.info("checkpoint %s -> %s%s", name, s.out.uri_of(f"{CHECKPOINTS}/{name}"),
+                 " (best weights)" if holds_best else "")
+        if holds_best:  # what save() publishes, unless a later step does better
+            shutil.rmtree(s.work / BEST, ignore_errors=True)
+            shutil.move(str(local / BEST), str(s.work / BEST))
+    acc.wait_for_everyone()
     shutil.rmtree(local, ignore_errors=True)
 
 
 def _prune(s: Session) -> None:
+    """Keep the newest keep_checkpoints checkpoints and the one holding the best weights."""
     folder = s.out.child(CHECKPOINTS)
-    names = sorted({p.split("/")[0] for p in folder.list() if p.startswith("step-")})
-    for old in names[:-s.cfg.keep_checkpoints]:
-        for rel in folder.child(old).list():
-            folder.child(old).delete(rel)
+    # a name after this step's is a killed run's partial upload: this run overwrites it when it gets there
+    names = sorted(n for n in {p.split("/")[0] for p in folder.list() if p.startswith("step-")}
+                   if n <= _checkpoint_name(s.step))
+    keep = set(names[-s.cfg.keep_checkpoints:]) | ({s.best["checkpoint"]} if s.best else set())
+    for old in names:
+        if old not in keep:
+            for rel in folder.child(old).list():
+                folder.child(old).delete(rel)
 
 
 def _trainer_state(s: Session) -> dict:
@@ -420,29 +636,21 @@ def _trainer_state(s: Session) -> dict:
             "stopped_early": s.stopped_early, "examples_seen": s.examples_seen, "config_digest": s.digest}
 
 
-def _resume(s: Session) -> None:
-    """Continue from the last checkpoint in the run root, if it was made with this config."""
-    latest = _read_latest(s)
-    if latest is None or latest.get("config_digest") != s.digest:
-        # A fresh start: what is there (another config's checkpoints, a first upload cut short) would be
-        # mistaken for ours, or outlive ours when old checkpoints are pruned by name.
-        if s.accelerator.is_main_process:
-            folder = s.out.child(CHECKPOINTS)
-            stale = folder.list()
-            if stale:
-                log.warning("train: removing %d file(s) in %s left by %s; starting afresh", len(stale),
-                            folder.uri, "a run with another config" if latest else "an unfinished first checkpoint")
-            for rel in stale:
-                folder.delete(rel)
-        s.accelerator.wait_for_everyone()
-        return
+def _resume(s: Session, latest: dict) -> None:
+    """Continue from the checkpoint LATEST names, with the best weights from the checkpoint that holds them."""
     local = local_path(s.work / CHECKPOINTS, latest["name"])  # checked again where it becomes a path
     if s.accelerator.is_local_main_process:
         shutil.rmtree(local, ignore_errors=True)
         download_folder(s.out.child(f"{CHECKPOINTS}/{latest['name']}"), local)
-        if s.out.child(f"{CHECKPOINTS}/{BEST}").list():
+        if latest.get("best"):
+            best = s.out.child(f"{CHECKPOINTS}/{latest['best']}/{BEST}")
+            if not best.list():
+                from m3tune.storage import StorageError
+
+                raise StorageError(f"{best.uri}: the best weights latest.json names are missing; pass --restart "
+                                   "to start over")
             shutil.rmtree(s.work / BEST, ignore_errors=True)
-            download_folder(s.out.child(f"{CHECKPOINTS}/{BEST}"), s.work / BEST)
+            download_folder(best, s.work / BEST)
     s.accelerator.wait_for_everyone()
     s.accelerator.load_state(str(local))
     state = json.loads((local / STATE).read_text())
@@ -475,10 +683,14 @@ def save(s: Session) -> dict[str, Any] | None:
     data = {"train_examples": len(s.train_examples),
             "train_examples_without_negatives": sum(1 for e in s.train_examples if not e.negs),
             "validation_queries": len(s.valset.queries), "validation_passages": len(s.valset.corpus_keys),
-            "steps": s.step, "examples_seen": s.examples_seen, "processes": acc.num_processes,
-            "global_batch": cfg.batch_size * acc.num_processes,
+            "validation_queries_by_type": s.valset.type_counts(),
+            "steps": s.step, "schedule_steps": s.horizon, "examples_seen": s.examples_seen,
+            "processes": acc.num_processes, "global_batch": cfg.batch_size * acc.num_processes,
             "effective_batch": cfg.batch_size * acc.num_processes * cfg.gradient_accumulation,
-            "examples_left_out_of_epoch_1": len(s.train_examples) - sum(len(b) for b in s.plans[0])}
+            "examples_left_out_of_epoch_1": len(s.train_examples) - sum(len(b) for b in s.plans[0]),
+            "sampler_left_out": [p.report for p in s.plans],  # per epoch, by type, language and source
+            "mixed_precision": s.precision, "gradient_checkpointing": s.checkpointing,
+            "gradcache_chunk": s.chunk or None, "memory_estimate": s.memory_line}
     card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
                              before=s.before, heads=heads, hidden=s.hidden, dims=s.dims, profile=s.profile)
     (model_dir / "README.md").write_text(card, encoding="utf-8")

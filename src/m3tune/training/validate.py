@@ -1,5 +1,7 @@
 """Validation by retrieval: Recall@10, MRR@10 and nDCG@10 of the validation queries over the validation
-corpus, at each Matryoshka dim (embeddings truncated and re-normalised, as a user with `truncate_dim` gets).
+corpus (the validation positives plus a seeded sample of the run's corpus: loop._validation_data), at each
+Matryoshka dim (embeddings truncated and re-normalised, as a user with `truncate_dim` gets), overall and per
+query type.
 
 Each query's exact top 10 comes from one score matrix (numpy); the metrics are
 computed from them by ir-measures (pytrec_eval), the evaluate step's engine.
@@ -43,9 +45,11 @@ def embed(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size
     return out
 
 
-def retrieval_metrics(q: np.ndarray, p: np.ndarray, relevant: Sequence[set[int]], *, k: int = K) -> dict[str, float]:
+def retrieval_metrics(q: np.ndarray, p: np.ndarray, relevant: Sequence[set[int]], *, k: int = K,
+                      groups: Sequence[str] | None = None):
     """Mean recall@k, MRR@k, nDCG@k (binary relevance) of queries Q over passages P (rows L2-normalised),
-    computed by ir-measures (pytrec_eval) from each query's exact top k, as the evaluate step does."""
+    computed by ir-measures (pytrec_eval) from each query's exact top k, as the evaluate step does.
+    With GROUPS (one name a query): (overall, {group: the same means over its queries})."""
     import ir_measures
 
     scores = q @ p.T
@@ -53,22 +57,38 @@ def retrieval_metrics(q: np.ndarray, p: np.ndarray, relevant: Sequence[set[int]]
     run = {str(i): {str(int(j)): float(scores[i, j]) for j in row} for i, row in enumerate(top)}
     qrels = {str(i): {str(j): 1 for j in rel} for i, rel in enumerate(relevant)}
     measures = {f"recall@{k}": ir_measures.R @ k, f"mrr@{k}": ir_measures.RR @ k, f"ndcg@{k}": ir_measures.nDCG @ k}
-    agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
-    return {name: float(agg.get(m, 0.0)) for name, m in measures.items()}
+    names = {str(m): name for name, m in measures.items()}
+    per_query = np.zeros((len(relevant), len(measures)))  # a query without a hit in its top k scores 0
+    columns = list(measures)
+    for row in ir_measures.iter_calc(list(measures.values()), qrels, run):
+        per_query[int(row.query_id), columns.index(names[str(row.measure)])] = row.value
+    overall = dict(zip(columns, map(float, per_query.mean(0))))
+    if groups is None:
+        return overall
+    by_group = {}
+    for g in sorted(set(groups)):
+        rows = [i for i, name in enumerate(groups) if name == g]
+        by_group[g] = dict(zip(columns, map(float, per_query[rows].mean(0))))
+    return overall, by_group
 
 
 def evaluate(model, tokenizer, valset, *, dims: Sequence[int], query_max_length: int, passage_max_length: int,
-             batch_size: int, device, profile=None) -> dict[int, dict[str, float]]:
-    """{dim: {metric: value}} on the validation set (texts prepared and pooled by PROFILE, default CLS as given)."""
+             batch_size: int, device, profile=None):
+    """({dim: {metric: value}}, {query type: {dim: {metric: value}}}) on the validation set (texts prepared
+    and pooled by PROFILE, default CLS as given). Every type present in the validation set has its row, so a
+    type the model gets worse at is seen even where the overall mean rises."""
     index = {key: i for i, key in enumerate(valset.corpus_keys)}
     relevant = [{index[k] for k in rel} for rel in valset.relevant]
     q = embed(model, tokenizer, valset.queries, max_length=query_max_length, batch_size=batch_size, device=device,
               profile=profile, queries=True)
     p = embed(model, tokenizer, valset.corpus_texts, max_length=passage_max_length, batch_size=batch_size,
               device=device, profile=profile)
-    out = {}
+    types = list(valset.types) or ["unknown"] * len(valset.queries)
+    out, by_type = {}, {}
     for dim in dims:
         qd = q[:, :dim] / np.linalg.norm(q[:, :dim], axis=1, keepdims=True).clip(1e-12)
         pd = p[:, :dim] / np.linalg.norm(p[:, :dim], axis=1, keepdims=True).clip(1e-12)
-        out[dim] = retrieval_metrics(qd, pd, relevant)
-    return out
+        out[dim], groups = retrieval_metrics(qd, pd, relevant, groups=types)
+        for t, m in groups.items():
+            by_type.setdefault(t, {})[dim] = m
+    return out, by_type
