@@ -33,8 +33,8 @@ from m3tune.errors import ConfigError
 from m3tune.jsonl import RecordError
 
 CORPUS_FILE = "bench-corpus.jsonl"
-PHASES = ("ingest", "generate-queries", "generate-conceptual", "index", "mine-negatives", "combine", "analyze",
-          "train", "evaluate")
+PHASES = ("ingest", "generate-queries", "generate-conceptual", "generate-exact", "index", "mine-negatives", "combine",
+          "analyze", "train", "evaluate")
 
 
 class QualitySettings(BaseModel):
