@@ -636,8 +636,12 @@ def _trainer_state(s: Session) -> dict:
             "stopped_early": s.stopped_early, "examples_seen": s.examples_seen, "config_digest": s.digest}
 
 
-def _resume(s: Session, latest: dict) -> None:
-    """Continue from the checkpoint LATEST names, with the best weights from the checkpoint that holds them."""
+def _resume(s: Session, latest: dict | None = None) -> None:
+    """Continue from the checkpoint LATEST (default: the run root's latest.json, checked) names, with the best
+    weights from the checkpoint that holds them."""
+    latest = latest if latest is not None else _read_latest(s.out)
+    if latest is None:
+        return
     local = local_path(s.work / CHECKPOINTS, latest["name"])  # checked again where it becomes a path
     if s.accelerator.is_local_main_process:
         shutil.rmtree(local, ignore_errors=True)
