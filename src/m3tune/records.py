@@ -109,8 +109,28 @@ class Example(BaseModel):
     language: Language | None = None
     type: QueryType | None = None
     source: Literal["quran", "hadith", "mixed"] | None = None
+    neg_kinds: list[Literal["hard", "semi_hard", "random"]] | None = Field(
+        default=None, description="how each negative was mined (training draws its shares per epoch)")
+    related_ids: list[PassageId] | None = Field(
+        default=None, description="near-duplicates of the positives that are not positives: never negatives")
 
-    @field_validator("pos_ids", "pos_scores", "neg_ids", "neg_scores")
+    @field_validator("neg_ids")
+    @classmethod
+    def _no_positive_negative(cls, values: list | None, info: ValidationInfo) -> list | None:
+        both = sorted(set(values or ()) & set(info.data.get("pos_ids") or ()))
+        if both:
+            raise ValueError(f"{both[0]!r} is both a positive and a negative ({len(both)} such ids)")
+        return values
+
+    @field_validator("related_ids")
+    @classmethod
+    def _related_not_negative(cls, values: list | None, info: ValidationInfo) -> list | None:
+        both = sorted(set(values or ()) & set(info.data.get("neg_ids") or ()))
+        if both:
+            raise ValueError(f"{both[0]!r} is a near-duplicate of a positive and a negative ({len(both)} such ids)")
+        return values
+
+    @field_validator("pos_ids", "pos_scores", "neg_ids", "neg_scores", "neg_kinds")
     @classmethod
     def _parallel_to_texts(cls, values: list | None, info: ValidationInfo) -> list | None:
         # pos and neg are declared first, so they are validated (and in info.data) by now

@@ -9,6 +9,16 @@ validation while validation is below its size and moving it keeps every
 training share inside its band. Thematic queries with many positives can
 join much of the data into one group; a group larger than what validation
 still needs stays in training.
+
+Positive keys include the near-duplicates of the positives (the ingest's
+groups), so a hadith and its copy under another chain, or a verse and a
+hadith quoting it, never sit on both sides.
+
+Stratified by query type: first, for each type of the data (question,
+keyword, conceptual, exact), the first group in the seeded order holding
+one goes to validation (when it fits the size and the bands), then the
+rest is filled as above; a type no group could bring is reported by the
+caller.
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ class _UnionFind:
 
 
 def split(keys: list[list[str]], cells: list[int], *, fraction: float, seed: int,
-          targets: list[Target]) -> list[bool]:
-    """Per example (its group keys, its balance cell): True when it goes to validation."""
+          targets: list[Target], strata: list[str] | None = None) -> list[bool]:
+    """Per example (its group keys, its balance cell, its STRATUM: query type): True when it goes to validation."""
     uf = _UnionFind()
     for ks in keys:
         for k in ks[1:]:
@@ -56,12 +66,12 @@ def split(keys: list[list[str]], cells: list[int], *, fraction: float, seed: int
     def order(root: str) -> bytes:
         return hashlib.blake2b(f"{seed}\x1f{root}".encode(), digest_size=8).digest()
 
-    for root in sorted(groups, key=order):
-        if taken >= want:
-            break
-        members = groups[root]
-        if taken + len(members) > want or len(members) >= train_size:
-            continue
+    ordered = sorted(groups, key=order)
+
+    def move(members: list[int]) -> bool:
+        nonlocal taken, train_size, in_train
+        if validation[members[0]] or taken + len(members) > want or len(members) >= train_size:
+            return False
         moved = [sum(1 for i in members if CELLS[cells[i]][a]) for a in range(len(ATTRIBUTES))]
         size = train_size - len(members)
         if all(t.low - 1e-9 <= (in_train[ATTRIBUTES.index(t.name)] - moved[ATTRIBUTES.index(t.name)]) / size
@@ -71,4 +81,16 @@ def split(keys: list[list[str]], cells: list[int], *, fraction: float, seed: int
             taken += len(members)
             train_size = size
             in_train = [x - m for x, m in zip(in_train, moved)]
+            return True
+        return False
+
+    if want and strata is not None:
+        for stratum in sorted(set(strata)):
+            for root in ordered:
+                if any(strata[i] == stratum for i in groups[root]) and move(groups[root]):
+                    break
+    for root in ordered:
+        if taken >= want:
+            break
+        move(groups[root])
     return validation

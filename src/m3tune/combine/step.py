@@ -114,8 +114,12 @@ def combine_needs(config: CombineConfig) -> tuple[str, ...]:
     return (MINED,) if config.mined else ()
 
 
-def _positive_keys(r: Example) -> list[str]:
-    return [f"p:{i}" for i in r.pos_ids] if r.pos_ids else [f"t:{normalize(t)}" for t in r.pos]
+def _positive_keys(r: Example, near=None) -> list[str]:
+    """Split keys of R's positives: their ids, near-duplicates included (NEAR: the ingest's groups), else texts."""
+    if not r.pos_ids:
+        return [f"t:{normalize(t)}" for t in r.pos]
+    ids = set(r.pos_ids) | set(r.related_ids or ())
+    return [f"p:{i}" for i in sorted(near.closure(ids) if near is not None else ids)]
 
 
 def _without(r: Example, held: frozenset[str]) -> tuple[Example | None, int, int]:
@@ -132,7 +136,7 @@ def _without(r: Example, held: frozenset[str]) -> tuple[Example | None, int, int
         return r, 0, 0
     update: dict[str, Any] = {}
     for base, keep in (("pos", keep_pos), ("neg", keep_neg)):
-        for field in (base, f"{base}_ids", f"{base}_scores"):
+        for field in (base, f"{base}_ids", f"{base}_scores") + (("neg_kinds",) if base == "neg" else ()):
             values = getattr(r, field)
             if values is not None:
                 update[field] = [values[i] for i in keep]
@@ -228,6 +232,16 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                       containment=gold_containment, char_ngram=gold_char_ngram, cross_language=gold_cross_language,
                       texts=gold_passage_texts(corpus, gold) if corpus is not None and gold else None)
     held = heldout.load(held_out)
+    near, removed_near = None, 0
+    if corpus is not None:
+        from m3tune.corpus.neardup import read_groups
+
+        near = read_groups(ctx.root)
+        # the partition's near-duplicates of other kinds (a body under another chain, a quoted verse) are kept
+        # out of training too, so the v1 list (twins only) stays valid
+        widened = near.closure(held) if held else frozenset()
+        removed_near = len(widened) - len(held)
+        held = frozenset(widened) if held else held
     files = _sources(ctx, inputs, mined)
     rejects = Rejects() if skip_invalid else None
 
@@ -327,8 +341,13 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                 rows.append(r.model_copy(update=filled))
                 row_facts.append(facts)
                 row_cells.append(cell_for(language, qtype, source))
-    keys = [[f"q:{normalize(r.query)}", *_positive_keys(r)] for r in rows]
-    in_validation = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets)
+    keys = [[f"q:{normalize(r.query)}", *_positive_keys(r, near)] for r in rows]
+    in_validation = split(keys, row_cells, fraction=validation_split, seed=seed, targets=targets,
+                          strata=[f[1] for f in row_facts])
+    missing = sorted({f[1] for f in row_facts} - {f[1] for f, v in zip(row_facts, in_validation) if v})
+    if validation_split and missing:
+        ctx.log.warning("validation holds no %s query: every group holding one is too large for the split or "
+                        "would take train out of its band", ", ".join(missing))
     if validation_split and not any(in_validation):
         raise BadInput(f"no validation split possible: of the {len(rows):,} examples, every group sharing a "
                         f"positive or a query is too large for {validation_split:.0%} of them, or would take "
@@ -352,7 +371,7 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                                                if k != "cross_language" or guard.checks_cross_language},
                   "cross_language_checked": guard.checks_cross_language,
                   "duplicates": duplicates,
-                  "held_out": {"list": held_out, "passages": len(held),
+                  "held_out": {"list": held_out, "passages": len(held), "near_duplicates_added": removed_near,
                                **{k: removed[k] for k in ("examples", "examples_trimmed", "positives",
                                                           "negatives", "unchecked_rows")}},
                   "distinct": sum(available), "before": before.summary()},
@@ -362,7 +381,7 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                      "met": t.low - 1e-9 <= output_shares[t.name] <= t.high + 1e-9
                      and t.low - 1e-9 <= train_shares[t.name] <= t.high + 1e-9} for t in targets],
         "output": {"examples": len(rows), "train": profiles["train"].summary(),
-                   "validation": profiles["validation"].summary()},
+                   "validation": profiles["validation"].summary(), "validation_missing_types": missing},
         "seed": seed,
     }
     ctx.write_bytes("stats.json", json.dumps(stats, ensure_ascii=False, indent=2).encode() + b"\n")

@@ -1,4 +1,5 @@
-"""The `ingest` step: packaged corpora and user JSONL -> `passages.jsonl`.
+"""The `ingest` step: packaged corpora and user JSONL -> `passages.jsonl` and its near-duplicate groups
+`groups.jsonl` (m3tune.corpus.neardup).
 
 Passages are written in a fixed order (Quran in mushaf order, then each
 hadith collection in sunnah.com order, then user files in the order given),
@@ -78,6 +79,7 @@ def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_file
     origin_of: dict[str, str] = {}  # passage id -> where it came from, to name duplicates
     by_source: Counter[str] = Counter()
     rejects = Rejects() if skip_invalid else None
+    written: list[Passage] = []
 
     with ctx.write_jsonl("passages.jsonl") as out:
         for source in sources:
@@ -87,6 +89,7 @@ def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_file
             for p in track(passages, description=f"ingest {source}", total=total):
                 origin_of[p.id] = source
                 out.write(p)
+                written.append(p)
                 by_source[source] += 1
             ctx.log.info("%s: %s passages", source, f"{by_source[source]:,}")
 
@@ -111,17 +114,29 @@ def ingest(ctx: StepContext, *, sources: list[str], limit: int | None, user_file
                         rejects.add(err, raw)
                         continue
                     origin_of[row.id] = f"{uri}:{line_no}"
-                    out.write(_from_user(row))
+                    written.append(_from_user(row))
+                    out.write(written[-1])
                     by_source[f"user:{uri}"] += 1
                     taken += 1
             ctx.log.info("%s: %s passages", uri, f"{taken:,}")
 
     if rejects is not None:
         ctx.write_rejects(rejects)
+    groups = _write_groups(ctx, written)
     kinds = (["quran"] * ("quran" in sources) + ["tanzil"] * ("quran" in sources and quran_plain == "tanzil")
              + ["hadith"] * any(s in sources for s in ("bukhari", "muslim")))
     if kinds:
         ctx.write_bytes("NOTICE.md", ("# Sources and licences of passages.jsonl\n\n"
                                       + "\n\n".join(notice(k) for k in kinds) + "\n").encode())
     return {"counts": {"passages": out.rows, "by_source": dict(by_source),
-                       "rejected": len(rejects) if rejects is not None else 0}}
+                       "rejected": len(rejects) if rejects is not None else 0, "near_duplicates": groups}}
+
+
+def _write_groups(ctx, passages: list[Passage]) -> dict[str, dict[str, int]]:
+    """groups.jsonl (m3tune.corpus.neardup) over the passages just written."""
+    from m3tune.corpus.neardup import write_groups
+
+    counts = write_groups(ctx, passages)
+    ctx.log.info("near-duplicate groups: %s", ", ".join(f"{k} {v['groups']} ({v['members']} passages)"
+                                                          for k, v in counts.items()))
+    return counts

@@ -33,17 +33,20 @@ def seeded_order(ids: list[str], seed: int) -> list[str]:
     return sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
 
 
-def twins(passages: list[Passage]) -> dict[str, list[str]]:
-    """For each passage, every passage with the same normalized text (itself first).
+def twins(passages: list[Passage], kinds: tuple[str, ...] = ("twin", "matn")) -> dict[str, list[str]]:
+    """For each passage, every passage of the same near-duplicate groups of KINDS (itself first).
 
-    Hadith collections repeat reports word for word; a query about one copy is
+    Hadith collections repeat reports word for word (`twin`), or the same body
+    under another chain of narrators (`matn`); a query about one copy is
     answered by all of them, so all are its positives: none may later serve as
-    its negative.
+    its negative. The groups are the ingest's (m3tune.corpus.neardup, the same
+    rule over the same passages). A verse quoted in a hadith is not an answer
+    to a query about the hadith: `verse_quote` groups only guard negatives.
     """
-    groups: dict[str, list[str]] = {}
-    for p in passages:
-        groups.setdefault(p.text_plain, []).append(p.id)
-    return {pid: [pid] + [o for o in group if o != pid] for group in groups.values() for pid in group}
+    from m3tune.corpus.neardup import NearDuplicates, compute_groups
+
+    near = NearDuplicates(compute_groups(passages, kinds))
+    return {p.id: near.related(p.id, kinds) for p in passages}
 
 
 def check_and_publish(ctx: StepContext, generated: list[tuple[Query, list[str]]], *, min_chars: int, max_words: int,

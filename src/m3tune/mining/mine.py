@@ -1,4 +1,4 @@
-"""The `mine-negatives` step: for each generated query, hard, semi-hard and random negatives.
+"""The `mine-negatives` step: for each generated query, a pool of hard, semi-hard and random negatives.
 
 For each query (both generation steps' `queries.jsonl`), the index is
 searched to rank `end_rank`; the candidates at ranks [start_rank, end_rank)
@@ -6,8 +6,17 @@ that pass the false-negative rules (`mining/filters.py`) form the window.
 Hard negatives come from its top, semi-hard ones from its middle, random
 ones from the corpus (the query's source), all passing the same rules. The
 top `start_rank` ranks are skipped: that is where unlabelled answers sit.
+The three together are the query's negative POOL (`hard + semi_hard +
+random`, 30 by default), each labelled in `neg_kinds`; training draws its
+few negatives per example from the pool anew each epoch (FlagEmbedding's
+practice), with configurable shares of the three kinds.
+
+Positives are never cut: every positive id and text is written. The false-
+negative rules guard the positives and every near-duplicate of them (the
+ingest's groups, m3tune.corpus.neardup); the near-duplicates that are not
+positives are written as `related_ids`, which training masks too.
 Output: Example records (FlagEmbedding's query/pos/neg, plus ids, scores,
-query id, language, type, source), one per query.
+kinds, related ids, query id, language, type, source), one per query.
 """
 
 from __future__ import annotations
@@ -38,12 +47,11 @@ class MineConfig(BaseModel):
                              "lowest positive score")
     jaccard: float = Field(default=0.6, gt=0, le=1, description="drop a candidate sharing this share of tokens "
                            "(Jaccard) with a positive")
-    hard: int = Field(default=4, ge=0, description="hard negatives per query (top of the window)")
-    semi_hard: int = Field(default=2, ge=0, description="semi-hard negatives per query (middle of the window)")
-    random: int = Field(default=1, ge=0, description="random negatives per query (corpus, same source)")
+    hard: int = Field(default=16, ge=0, description="hard negatives in each query's pool (top of the window)")
+    semi_hard: int = Field(default=8, ge=0, description="semi-hard negatives in each query's pool (middle of the "
+                           "window)")
+    random: int = Field(default=6, ge=0, description="random negatives in each query's pool (corpus, same source)")
     source: Literal["quran", "hadith", "all"] = Field(default="all", description="mine for these queries only")
-    max_positives: int = Field(default=8, ge=1, description="positive texts written per example (all positive "
-                               "ids still guard the negatives)")
     seed: int = Field(default=13, description="seed of the random negatives")
     consistency_k: int | None = Field(default=20, ge=1, description="drop a generated query none of whose "
                                       "positives ranks in this top k under the judge (none: no check)")
@@ -91,7 +99,7 @@ def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], q
 
 
 def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int, end_rank: int, threshold: float,
-         jaccard: float, hard: int, semi_hard: int, random: int, source: str, max_positives: int,
+         jaccard: float, hard: int, semi_hard: int, random: int, source: str,
          seed: int, consistency_k: int | None = None, consistency_judge: str = "encoder", min_negatives: int = 0,
          dry_run: bool = False) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
     """(examples, counts, rejects) for QUERIES against the index published in ROOT/index."""
@@ -100,7 +108,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     from m3tune.arabic import tokens
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.encoder.model import load_encoder
-    from m3tune.generation.base import twins
+    from m3tune.corpus.neardup import body, read_groups
     from m3tune.index.step import cache_store
     from m3tune.mining.filters import FalseNegativeFilter, pick_mix
 
@@ -138,7 +146,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     query_vectors = EmbeddingCache(cache_store(info.get("embeddings_cache")), encoder.fingerprint).encode(
         encoder, [q.query for q in kept_queries], queries=True, desc="encode queries")
     hits = _search(info, vectors, ids, [r["source"] for r in rows], query_vectors, end_rank, dry_run)
-    same_text = twins(passages)
+    near = read_groups(root)
     if consistency_k:
         if consistency_judge == "bm25":
             from m3tune.mining.consistency import bm25_top_k
@@ -148,7 +156,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
             judged = [[pid for _, pid in ranked[:consistency_k]] for ranked in hits]
         consistent = []
         for q, top in zip(kept_queries, judged):
-            answers = {t for pid in q.positive_ids for t in same_text[pid]}  # a twin found is the answer found
+            answers = near.closure(q.positive_ids, ("twin", "matn"))  # a twin found is the answer found
             if q.type == "conceptual":
                 # a theme's tens of positives need not reach a top k: thematic queries are not judged this way
                 counts["consistency_exempt_conceptual"] += 1
@@ -170,7 +178,8 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
 
     def toks(pid: str) -> frozenset[str]:
         if pid not in token_sets:
-            token_sets[pid] = frozenset(tokens(by_id[pid].text_plain))
+            # a hadith's body without its chain: unrelated reports sharing a long chain are not near-duplicates
+            token_sets[pid] = frozenset(tokens(body(by_id[pid])))
         return token_sets[pid]
 
     rules = FalseNegativeFilter(threshold=threshold, jaccard=jaccard, tokens=toks)
@@ -178,7 +187,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     pool["mixed"] = ids
     examples: list[Example] = []
     for q, qv, ranked in zip(kept_queries, query_vectors, hits):
-        positives = {t for pid in q.positive_ids for t in same_text[pid]}
+        positives = near.closure(q.positive_ids)
         pos_rows = [row_of[pid] for pid in q.positive_ids]
         pos_scores = vectors[pos_rows] @ qv
         min_pos = float(pos_scores.min())
@@ -220,11 +229,15 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
         counts["random"] += len(random_picks)
         if len(negatives) < hard + semi_hard + random:
             counts["examples_short_of_negatives"] += 1
-        shown = q.positive_ids[:max_positives]
+        kinds = ["hard"] * len(hard_picks) + ["semi_hard"] * len(semi_picks) + ["random"] * len(random_picks)
+        related = sorted(positives - set(q.positive_ids), key=row_of.__getitem__)
+        counts["positives"] += len(q.positive_ids)
+        counts["related"] += len(related)
         examples.append(Example(
-            query=q.query, pos=[by_id[p].text for p in shown], neg=[by_id[p].text for _, p in negatives],
-            pos_ids=shown, neg_ids=[p for _, p in negatives],
-            pos_scores=[round(float(s), 6) for s in pos_scores[:len(shown)]],
+            query=q.query, pos=[by_id[p].text for p in q.positive_ids], neg=[by_id[p].text for _, p in negatives],
+            pos_ids=list(q.positive_ids), neg_ids=[p for _, p in negatives], neg_kinds=kinds,
+            related_ids=related or None,
+            pos_scores=[round(float(s), 6) for s in pos_scores],
             neg_scores=[round(s, 6) for s, _ in negatives], query_id=q.id, language=q.language, type=q.type,
             source=q.source, min_pos_score=round(min_pos, 6)))
     result = dict(counts)

@@ -6,8 +6,10 @@ are truncated and re-normalised, and each query is scored against every
 passage column of the (possibly all-gathered) batch: its own positive is the
 target; its hard negatives, the other queries' positives and their hard
 negatives are the negatives. A column holding one of the query's own
-positives (another query's hard negative can be) is masked out, and so is
-an empty negative slot.
+positives, or a near-duplicate of one (`pos_keys` carries both: another
+query's positive or hard negative can be either), is masked out, on this
+process's columns and the gathered ones alike, and so is an empty negative
+slot.
 """
 
 from __future__ import annotations
