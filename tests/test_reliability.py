@@ -112,9 +112,11 @@ def test_a_same_size_edit_of_any_published_file_is_tampered_and_stops_its_consum
     run_step(any_root, "ingest", SMALL)
     folder = any_root.child("ingest")
     manifest = read_manifest(folder)
-    assert set(manifest.outputs) == {"passages.jsonl", "NOTICE.md"}
+    assert {"passages.jsonl", "NOTICE.md"} <= set(manifest.outputs)
     for name in manifest.outputs:  # every published file of the step, one at a time
         original = folder.read_bytes(name)
+        if not original:
+            continue  # an empty file has no same-size edit (any write changes its size: tampered by size)
         edited = bytearray(original)
         edited[len(edited) // 2] ^= 0x01
         assert len(edited) == len(original)
