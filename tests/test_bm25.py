@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m3tune.evaluation.bm25 import BM25, arabic_terms, english_terms
+from m3tune.evaluation.bm25 import BM25, arabic_query_terms, arabic_terms, english_terms
 from m3tune.records import GoldQuery, Passage
 
 
@@ -50,6 +50,16 @@ def test_english_queries_search_the_translations_and_the_plain_one_returns_nothi
     assert "bukhari:1" not in BM25(passages).rank(query, 10)["q"]
     assert BM25(passages, "plain").rank(query, 10)["q"] == {}
     assert BM25(passages[2:]).rank(query, 10)["q"] == {}  # a corpus with no translation at all
+
+
+def test_tafsir_boilerplate_leaves_a_query_words_and_stems_but_not_its_pairs():
+    terms = arabic_query_terms("قال سبحانه وتعالى الكتاب")
+    assert "w:الكتاب" in terms and "p:سبحانه_وتعالي" in terms  # the phrase still matches a quote
+    assert not {t for t in terms if t.startswith(("w:", "s:")) and t[2:] in ("سبحانه", "وتعالي")}
+    passages = [_passage("quran:1:1", "ذلك الكتاب لا ريب فيه"), _passage("quran:1:2", "سبحانه عما يشركون سبحانه"),
+                _passage("quran:1:3", "والشمس وضحاها")]
+    ranked = BM25(passages).rank([_query("q", "قال سبحانه الكتاب")], 10)["q"]
+    assert list(ranked) == ["quran:1:1"]  # the honorific no longer pulls in the passage that repeats it
 
 
 def test_an_unknown_analyzer_is_refused():
