@@ -13,7 +13,6 @@ from m3tune.encoder.cache import EmbeddingCache
 from m3tune.encoder.model import Encoder
 from m3tune.encoder.tiny import TINY, build_tiny
 from m3tune.errors import UserError
-from m3tune.generation.base import twins
 from m3tune.index.search import ExactIndex, QdrantIndex
 from m3tune.jsonl import read_records
 from m3tune.mining.filters import FalseNegativeFilter, jaccard, pick_mix
@@ -109,7 +108,9 @@ def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_fi
     passages = {p.id: p for p in read_records(root.child("ingest"), "passages.jsonl", Passage)}
     queries = {q.id: q for step in ("generate-queries", "generate-conceptual")
                for q in read_records(root.child(step), "queries.jsonl", Query)}
-    same_text = twins(list(passages.values()))
+    from m3tune.corpus.neardup import body, read_groups
+
+    near = read_groups(root)
     manifest = json.loads(root.child("mine-negatives").read_bytes("_manifest.json"))
     config, counts = manifest["config"], manifest["counts"]
     examples = list(read_records(root.child("mine-negatives"), "examples.jsonl", Example))
@@ -122,17 +123,20 @@ def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_fi
     negatives = 0
     for ex in examples:
         q = queries[ex.query_id]
-        forbidden = {t for pid in q.positive_ids for t in same_text[pid]}
+        forbidden = near.closure(q.positive_ids)  # twins, same bodies, quoted verses
         assert not forbidden & set(ex.neg_ids), ex.query_id  # thematic queries included
+        assert ex.pos_ids == q.positive_ids  # every positive, never cut
+        assert set(ex.related_ids or ()) == forbidden - set(q.positive_ids)
+        assert len(ex.neg_kinds) == len(ex.neg_ids)
         assert len(set(ex.neg_ids)) == len(ex.neg_ids)
         min_pos = ex.model_extra["min_pos_score"]  # over all positives, thematic queries included
         assert min_pos <= min(ex.pos_scores) + 1e-6
         assert len(ex.neg_ids) >= config["min_negatives"]
-        pos_tokens = [frozenset(tokens(passages[p].text_plain)) for p in q.positive_ids]
+        pos_tokens = [frozenset(tokens(body(passages[p]))) for p in q.positive_ids]
         for nid, score in zip(ex.neg_ids, ex.neg_scores):
             negatives += 1
             assert score <= config["threshold"] * min_pos + 1e-6
-            neg_tokens = frozenset(tokens(passages[nid].text_plain))
+            neg_tokens = frozenset(tokens(body(passages[nid])))
             assert all(jaccard(neg_tokens, p) < config["jaccard"] for p in pos_tokens)
         assert ex.pos == [passages[p].text for p in ex.pos_ids]
     assert negatives == counts["hard"] + counts["semi_hard"] + counts["random"] > 0
@@ -152,7 +156,7 @@ def test_unknown_positive_is_a_counted_reject(full_run, tmp_path):
                Query(id="bad", query="الصبر", language="ar", type="question", positive_ids=["quran:999:1"],
                      source="quran", generator=gen)]
     examples, counts, rejects = mine(root, queries, passages, start_rank=10, end_rank=50, threshold=0.95,
-                                     jaccard=0.6, hard=2, semi_hard=1, random=1, source="all", max_positives=4, seed=1)
+                                     jaccard=0.6, hard=2, semi_hard=1, random=1, source="all", seed=1)
     assert [e.query_id for e in examples] == ["ok"]
     assert rejects == [{"query_id": "bad", "reason": "unknown_positive", "ids": ["quran:999:1"]}]
     assert counts["rejected_unknown_positive"] == 1
