@@ -10,6 +10,7 @@ action scripted for its item (the passage id or theme the prompt names):
     malformed   an answer that is not JSON
     empty       an empty answer
     refusal     a refusal (message.refusal set, no content)
+    refusalkey  a long refusal quoting the request's key where a 200-character cut would split it
     sorry       a refusal written as plain text
     short       valid JSON with fewer queries than asked
     length      an answer cut short (finish_reason "length")
@@ -199,6 +200,9 @@ class ChatServer(LoopbackServer):
             return handler._json(200, completion(""))
         if action == "refusal":
             return handler._json(200, completion(None, refusal="I can't help with that."))
+        if action == "refusalkey":
+            key = (handler.headers.get("authorization") or "").removeprefix("Bearer ")
+            return handler._json(200, completion(None, refusal="I can't help with that. " + "." * 160 + " key " + key))
         if action == "sorry":
             return handler._json(200, completion("I'm sorry, but I can't help with that request."))
         if action == "short":

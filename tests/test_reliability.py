@@ -291,6 +291,24 @@ def test_a_planted_key_reaches_no_reject_log_journal_or_stderr(tmp_path, secret_
     assert PLANTED not in _published_text(root_dir)
 
 
+def test_a_refusal_quoting_the_key_is_redacted_before_it_is_cut(tmp_path, monkeypatch):
+    # Before: a refusal was cut to 200 characters, then redacted: a key of no known shape, split by the cut, no
+    # longer matched the key's value, and its first half reached rejects.jsonl.
+    odd_key = "Zq7PLANTEDodd0shape9key" + "x" * 20
+    monkeypatch.setenv("OPENAI_API_KEY", odd_key)
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    root_dir = tmp_path / "runs" / "refusal"
+    _ingest_small(root_dir)
+    with ChatServer({"quran:1:2": ["refusalkey"]}) as server:
+        result = cli("step", "generate-queries", "--root", str(root_dir), "--backend", "openai", "--pilot", "0",
+                     "--base-url", server.url, "--model", "m", "--max-retries", "0")
+    assert result.exit_code == 0, result.output
+    rejects = [json.loads(x) for x in (root_dir / "generate-queries" / "rejects.jsonl").read_text().splitlines()]
+    refusals = [r["detail"] for r in rejects if r.get("reason") == "refusal"]
+    assert len(refusals) == 1 and len(refusals[0]) <= 200
+    assert odd_key[:6] not in _published_text(root_dir)
+
+
 def _small_gold(tmp_path: Path) -> Path:
     """A one-query gold set over the first verses (the packaged gold cites passages a 3-verse corpus lacks)."""
     gold = tmp_path / "gold.jsonl"

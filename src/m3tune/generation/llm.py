@@ -431,7 +431,8 @@ class _Runner:
                 content = (message.content or "").strip()
                 refusal = getattr(message, "refusal", None)
                 if refusal or choice.finish_reason == "content_filter" or (content and _REFUSAL.match(content)):
-                    raise _Rejected("refusal", (refusal or content or "content_filter")[:200], journal=True)
+                    # redacted before the cut: a key cut in half would no longer look like one
+                    raise _Rejected("refusal", redact(refusal or content or "content_filter")[:200], journal=True)
                 if choice.finish_reason == "length":
                     raise _Rejected("truncated", f"answer cut at max_tokens={self.s.max_tokens}", journal=False)
                 try:
