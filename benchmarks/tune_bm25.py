@@ -59,6 +59,12 @@ def main() -> None:
     best = max(grid, key=lambda kb: (round(grid[kb]["ndcg@10"], 4), -abs(kb[0] - DEFAULT_K1) - abs(kb[1] - DEFAULT_B)))
     print(f"\nchosen: k1 {best[0]}, b {best[1]} (development nDCG@10 {grid[best]['ndcg@10']:.4f}, defaults "
           f"{grid[(DEFAULT_K1, DEFAULT_B)]['ndcg@10']:.4f})\n")
+    chosen = BM25(passages, "arabic", k1=best[0], b=best[1], like=first)
+    values = per_query(dev, chosen.rank(dev, 100))
+    print("| on the development set, chosen | " + " | ".join(sorted({q.category for q in dev})) + " |")
+    print("|---|" + "---:|" * len({q.category for q in dev}))
+    print("| nDCG@10 | " + " | ".join(f"{mean(values, [q.id for q in dev if q.category == c])['ndcg@10']:.4f}"
+                                     for c in sorted({q.category for q in dev})) + " |\n")
     print("| on the test set | nDCG@10 | Recall@10 | MRR@10 |\n|---|---:|---:|---:|")
     for label, (k1, b) in (("bm25s defaults (1.5, 0.75)", (DEFAULT_K1, DEFAULT_B)), (f"chosen {best}", best)):
         m = score(k1, b, test)
