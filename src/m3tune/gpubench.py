@@ -278,7 +278,10 @@ def measure_loop(model: str, work: Path, *, batch: int, steps: int, warmup: int,
     config = TrainConfig(model=model, dims=list(dims), batch_size=batch, gradient_accumulation=1,
                          max_steps=steps, epochs=epochs, negatives=3, query_max_length=64,
                          passage_max_length=max_length, learning_rate=3e-5, mixed_precision=mixed_precision,
-                         eval_every=10**6, checkpoint_every=10**6, patience=None, workdir=str(work / "work"))
+                         eval_every=10**6, checkpoint_every=10**6, patience=None, workdir=str(work / "work"),
+                         # what is measured is one full-batch forward and backward a step, as set here: not the
+                         # CUDA memory defaults (checkpointing, GradCache chunks) train picks when left unset
+                         gradient_checkpointing=False, gradcache_chunk=0, validation_corpus="validation")
     session = loop.setup(config, root_uri=str(root), work=work / "work")
     device = session.accelerator.device
     _reset_memory(device)

@@ -83,7 +83,7 @@ def run_m3tune(root_uri: str, *, model: str, batch: int, steps: int, dims: list[
     config = TrainConfig(model=model, dims=dims, temperature=temperature, batch_size=batch, gradient_accumulation=1,
                          max_steps=steps, epochs=100, eval_every=10**6, checkpoint_every=10**6, negatives=negatives,
                          query_max_length=max_length, passage_max_length=max_length, learning_rate=1e-4,
-                         patience=None)
+                         patience=None, validation_corpus="validation")  # bench.prepare writes no ingest
     # Like the peer's clock (its model and dataset are built before it), ours starts once the model is
     # loaded; it still covers our validation before and after training and the final checkpoint.
     session = loop.setup(config, root_uri=root_uri, work=Path(workdir))
