@@ -83,7 +83,7 @@ def test_downstream_step_follows_its_upstream(local_root, monkeypatch):
     run_step(local_root, "ingest", SMALL)
     manifest, ran = run_step(local_root, "count")
     assert ran and manifest.counts == {"passages": 10}
-    assert set(manifest.inputs) == {"ingest/passages.jsonl", "ingest/NOTICE.md"}
+    assert set(manifest.inputs) == {"ingest/passages.jsonl", "ingest/groups.jsonl", "ingest/NOTICE.md"}
     assert not run_step(local_root, "count")[1]
     run_step(local_root, "ingest", IngestConfig(sources=["quran"], limit=2))
     status = step_status(local_root, get_step("count"))
@@ -144,7 +144,7 @@ def test_killed_step_publishes_nothing_and_reruns_cleanly(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "m3tune.cli", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, "passages.jsonl"]
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, "groups.jsonl", "passages.jsonl"]
     manifest = read_manifest(root.child("ingest"))
     assert manifest.outputs["passages.jsonl"].rows == 150_000
 
@@ -154,7 +154,7 @@ def test_killed_step_publishes_nothing_and_reruns_cleanly(tmp_path):
     assert not (folder / MANIFEST).exists() and (folder / "passages.jsonl").exists()
     assert step_status(root, get_step("ingest")).state == "missing"
     _, ran = run_step(root, "ingest", IngestConfig(sources=[], user_files=[str(user)]))
-    assert ran and sorted(p.name for p in folder.iterdir()) == [MANIFEST, "passages.jsonl"]
+    assert ran and sorted(p.name for p in folder.iterdir()) == [MANIFEST, "groups.jsonl", "passages.jsonl"]
 
 
 def test_rerun_removes_outputs_the_new_run_does_not_produce(local_root, tmp_path):
@@ -162,12 +162,12 @@ def test_rerun_removes_outputs_the_new_run_does_not_produce(local_root, tmp_path
     user.write_text('{"id": "x:1", "source": "hadith", "text": "نص"}\n{bad\n', encoding="utf-8")
     run_step(local_root, "ingest", IngestConfig(sources=["quran"], limit=1, user_files=[str(user)], skip_invalid=True))
     folder = local_root.child("ingest")
-    assert sorted(folder.list()) == ["NOTICE.md", MANIFEST, "passages.jsonl", "rejects.jsonl"]
+    assert sorted(folder.list()) == ["NOTICE.md", MANIFEST, "groups.jsonl", "passages.jsonl", "rejects.jsonl"]
     run_step(local_root, "ingest", IngestConfig(sources=[], user_files=[str(user)], skip_invalid=True))
-    assert sorted(folder.list()) == [MANIFEST, "passages.jsonl", "rejects.jsonl"]  # no NOTICE without packaged text
+    assert sorted(folder.list()) == [MANIFEST, "groups.jsonl", "passages.jsonl", "rejects.jsonl"]  # no NOTICE without packaged text
     user.write_text('{"id": "x:1", "source": "hadith", "text": "نص"}\n', encoding="utf-8")
     run_step(local_root, "ingest", IngestConfig(sources=[], user_files=[str(user)]))
-    assert sorted(folder.list()) == [MANIFEST, "passages.jsonl"]  # the old rejects are gone
+    assert sorted(folder.list()) == [MANIFEST, "groups.jsonl", "passages.jsonl"]  # the old rejects are gone
 
 
 def test_corrupt_manifest_is_stale_and_force_repairs_it(local_root):
@@ -224,4 +224,4 @@ def test_killed_s3_step_publishes_nothing(tmp_path, s3_root, s3_endpoint):
     assert s3_root.child("ingest").list() == []
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert sorted(s3_root.child("ingest").list()) == [MANIFEST, "passages.jsonl"]
+    assert sorted(s3_root.child("ingest").list()) == [MANIFEST, "groups.jsonl", "passages.jsonl"]

@@ -106,7 +106,8 @@ def test_mix_takes_hard_from_the_top_and_semi_hard_from_the_middle():
 def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_filters(full_run):
     root, _ = full_run
     passages = {p.id: p for p in read_records(root.child("ingest"), "passages.jsonl", Passage)}
-    queries = {q.id: q for step in ("generate-queries", "generate-conceptual")
+    queries = {q.id: q for step in ("generate-queries", "generate-conceptual", "generate-exact")
+               if root.child(step).exists("queries.jsonl")
                for q in read_records(root.child(step), "queries.jsonl", Query)}
     from m3tune.corpus.neardup import body, read_groups
 
