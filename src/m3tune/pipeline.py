@@ -40,6 +40,10 @@ class Step:
     api_keys: bool = False
     # One process per GPU under `accelerate launch`, on one node or many (JobSet): the training step.
     distributed: bool = False
+    # Writes to the production Qdrant: only such steps' pods are given the Qdrant Secret (URL and API key).
+    qdrant: bool = False
+    # Not run unless asked (`m3tune run --publish`; on Argo, the workflow parameter of the step's name).
+    optional: bool = False
 
     def upstream(self, config: BaseModel) -> tuple[str, ...]:
         return self.needs_for(config) if self.needs_for else self.needs
@@ -57,6 +61,7 @@ def _steps() -> dict[str, Step]:
     from m3tune.index.step import IndexConfig, index
     from m3tune.mining.filter_existing import FilterConfig, filter_inputs, filter_negatives
     from m3tune.mining.mine import MineConfig, mine_negatives, plan_mining
+    from m3tune.publish.step import PublishConfig, publish, publish_needs, show_published
     from m3tune.training.config import TrainConfig
     from m3tune.training.step import train
 
@@ -99,6 +104,9 @@ def _steps() -> dict[str, Step]:
              # analyze is the gate, not an input: train must not start before it passed (on Argo a task starts
              # as soon as its needs finish), but its report is not among train's input digests.
              needs_for=lambda config: ("combine", "ingest") if config.validation_corpus == "all" else ("combine",)),
+        Step("publish", publish, PublishConfig, "put the evaluated model into production search: re-encode the "
+             "corpus into a new Qdrant collection, verify it, pass the gate, move the alias atomically (optional)",
+             needs=("evaluate",), needs_for=publish_needs, show=show_published, qdrant=True, optional=True),
     ]
     return {s.name: s for s in steps}
 
@@ -108,6 +116,8 @@ STEPS: dict[str, Step] = _steps()
 # What `m3tune run` runs, in order.
 PIPELINE: list[str] = ["ingest", "generate-queries", "generate-conceptual", "generate-exact", "index",
                        "mine-negatives", "combine", "analyze", "train", "evaluate"]
+# Optional steps after it, run only when asked (`m3tune run --publish`, an Argo parameter).
+OPTIONAL: list[str] = [name for name, step in STEPS.items() if step.optional]
 
 
 def get_step(name: str) -> Step:
