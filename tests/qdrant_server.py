@@ -16,6 +16,7 @@ import json
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 from pydantic import BaseModel
 
 _COLLECTION = r"/collections/(?P<c>[^/]+)"
+# The engine searches exactly anyway; a server is asked for exact search, as publish's verification does.
+warnings.filterwarnings("ignore", message="Local mode performs exact", category=UserWarning)
 
 
 class QdrantRestServer:

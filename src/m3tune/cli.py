@@ -7,6 +7,7 @@
     m3tune evaluate compare models on the gold standard (the evaluate step's code)
     m3tune render  the Argo WorkflowTemplate / a single-step Job, from the pipeline definition
     m3tune submit  the pipeline on Kubernetes; m3tune rerun: one step as a Job; m3tune runs: recent workflows
+    m3tune published / rollback  what each production alias serves and why; move an alias back
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ def run(
                       help="YAML with per-step options, e.g. 'ingest: {limit: 100}'. Defaults otherwise.")] = None,
     force: Annotated[list[str], typer.Option("--force", help="Rerun this step even if done (repeatable).")] = [],
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after this step.")] = None,
+    publish: Annotated[bool, typer.Option("--publish", help="Then publish the evaluated model to production "
+                                          "search (the config's publish: section; off by default).")] = False,
     s3_endpoint: EndpointOpt = None,
     verbose: VerboseOpt = False,
 ):
@@ -203,16 +206,24 @@ def run(
     _setup(verbose, s3_endpoint)
     store = _root(root, runs, run_id)
     configs = load_run_config(config)
-    unknown = [f for f in force if f not in PIPELINE]
+    from m3tune.pipeline import OPTIONAL
+
+    unknown = [f for f in force if f not in PIPELINE + (OPTIONAL if publish else [])]
     if unknown:
         raise ConfigError(f"--force {unknown[0]!r} is not a pipeline step; steps: {', '.join(PIPELINE)}")
+    if publish and until is not None:
+        raise ConfigError("--publish runs after evaluate: it does not go with --until")
     ran = run_pipeline(store, configs, force=set(force), until=until)
+    if publish:  # optional, and last: it changes production search
+        from m3tune.executor import run_step
+
+        ran.append(("publish", run_step(store, "publish", configs.get("publish"), force="publish" in force)[1]))
     for name, did_run in ran:
         _print_manifest(read_manifest(store.child(name)), did_run)
     from m3tune.pipeline import STEPS
 
     done = dict(ran)
-    for name in ("combine", "analyze", "evaluate"):  # the data's balance, its gate, and the models' scores
+    for name in ("combine", "analyze", "evaluate", "publish"):  # the data's balance, its gate, the scores, production
         if name in done and STEPS[name].show is not None:
             Console().print(STEPS[name].show(store))
     if "evaluate" in done:
@@ -473,6 +484,82 @@ def runs(
         table.add_column(col)
     for r in found:
         table.add_row(r.name, r.phase, r.started, r.root, ", ".join(f"{k}: {v}" for k, v in r.steps.items()))
+    Console().print(table)
+
+
+QdrantUrlOpt = Annotated[Optional[str], typer.Option(
+    "--qdrant-url", envvar="QDRANT_URL", show_envvar=True,
+    help="Production Qdrant server URL (without it: local mode in --qdrant-path).")]
+QdrantPathOpt = Annotated[Optional[str], typer.Option(
+    "--qdrant-path", help="Local-mode Qdrant folder (default: the m3tune cache's qdrant/production, as publish's).")]
+QdrantKeyOpt = Annotated[str, typer.Option(
+    "--qdrant-api-key-env", help="Variable holding the Qdrant API key, if any.")]
+
+
+def _production(url: Optional[str], path: Optional[str], key_env: str):
+    from m3tune.publish.step import open_production
+    from m3tune.redact import check_key_env
+
+    return open_production(url, "QDRANT_URL", path, check_key_env(key_env), 60.0)
+
+
+@app.command()
+@_errors
+def rollback(
+    alias: Annotated[str, typer.Option("--alias", help="The production alias to move back.")],
+    qdrant_url: QdrantUrlOpt = None,
+    qdrant_path: QdrantPathOpt = None,
+    qdrant_api_key_env: QdrantKeyOpt = "QDRANT_API_KEY",
+    verbose: VerboseOpt = False,
+):
+    """Point ALIAS back at the collection its current one replaced (publish keeps it: --keep), atomically."""
+    from m3tune.publish.production import rollback as roll_back
+
+    _setup(verbose, None)
+    prod = _production(qdrant_url, qdrant_path, qdrant_api_key_env)
+    try:
+        was, now = roll_back(prod, alias)
+    finally:
+        prod.close()
+    typer.echo(f"{alias}: {was} -> {now}")
+
+
+@app.command()
+@_errors
+def published(
+    qdrant_url: QdrantUrlOpt = None,
+    qdrant_path: QdrantPathOpt = None,
+    qdrant_api_key_env: QdrantKeyOpt = "QDRANT_API_KEY",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    verbose: VerboseOpt = False,
+):
+    """List each alias of the production Qdrant, the collection it points to and why: the run, model, gate
+    and metrics m3tune recorded when it published it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from m3tune.publish.production import published as list_published
+
+    _setup(verbose, None)
+    prod = _production(qdrant_url, qdrant_path, qdrant_api_key_env)
+    try:
+        rows = list_published(prod)
+    finally:
+        prod.close()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    table = Table(title=f"aliases at {prod.where}", title_justify="left")
+    for col in ("alias", "collection", "points", "published", "model", "gate", "previous"):
+        table.add_column(col)
+    for r in rows:
+        gate = r["gate"] or {}
+        table.add_row(r["alias"], r["collection"], f"{r['points']:,}",
+                      f"{r['published_at']} (run {r['run_id']})" if r["made_by_m3tune"] else "not by m3tune",
+                      f"{r['model']['name']} {r['model']['fingerprint']} at {r['dim']} dims" if r["model"] else "",
+                      (f"{gate['metric']} {gate['new']:.4f} vs {gate['current']:.4f} (Δ {gate['delta']:+.4f}, "
+                       f"p {gate['p_value']:.3g}){' FORCED' if r['forced'] else ''}") if gate else "",
+                      r["previous"] or "")
     Console().print(table)
 
 

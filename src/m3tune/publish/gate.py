@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from m3tune.errors import BadInput
-from m3tune.evaluation.metrics import PerQuery, mean, paired_test
+from m3tune.evaluation.metrics import PerQuery, paired_test
 
 
 class GateFailed(BadInput):
@@ -29,7 +29,8 @@ def judge(new: PerQuery, current: PerQuery, *, new_name: str, current_name: str,
     test = paired_test({q: new[q] for q in ids}, {q: current[q] for q in ids}, resamples=resamples)
     delta, p = test[metric]["delta"], test[metric]["p_value"]
     return {"metric": metric, "model": new_name, "vs": current_name, "queries": len(ids),
-            "new": mean({q: new[q] for q in ids})[metric], "current": mean({q: current[q] for q in ids})[metric],
+            "new": sum(new[q][metric] for q in ids) / len(ids),
+            "current": sum(current[q][metric] for q in ids) / len(ids),
             "delta": delta, "p_value": p, "min_delta": min_delta, "max_p": max_p, "test": test["test"],
             "resamples": resamples, "passed": bool(delta > min_delta and p <= max_p)}
 

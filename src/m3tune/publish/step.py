@@ -87,6 +87,10 @@ def open_production(url: str | None, url_env: str, path: str | None, key_env: st
     from m3tune.publish.production import Production
 
     url = url or os.environ.get(url_env) or None
+    if not url and not path and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # in a pod, the default local folder is its scratch disk: a publish there would reach no one
+        raise UserError(f"no Qdrant URL: set qdrant_url or {url_env} (on Kubernetes, the Qdrant Secret's "
+                        "QDRANT_URL); local mode in a pod would publish into its scratch disk")
     path = None if url else (path or str(cache_dir() / "qdrant" / "production"))
     return Production(url=url, path=path, api_key=os.environ.get(key_env) or None, timeout=timeout)
 
