@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from m3tune.cli import app
 from m3tune.deploy.argo import jobset_manifest, render_files, render_workflow_template
 from m3tune.deploy.images import CPU, CUDA, ENTRYPOINT, HOME_DIR, IMAGES
-from m3tune.pipeline import PIPELINE, STEPS
+from m3tune.pipeline import OPTIONAL, PIPELINE, STEPS
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = {  # committed file -> the `m3tune render job` arguments that produce it (as in `make render`)
@@ -52,10 +52,12 @@ def test_the_dag_is_the_pipeline_definition():
     template = render_workflow_template()
     tasks = dag(template)
     by_name = {t["name"]: t for t in template["spec"]["templates"]}
-    # one final task per step, in the pipeline's order (a distributed step's multi-node twin beside it)
+    # one final task per step, in the pipeline's order (a distributed step's multi-node twin beside it), then
+    # the optional steps (publish), each run only when its parameter says so
     finals = [n for n in tasks if not n.endswith(("-shard", "-multinode"))]
-    assert finals == PIPELINE
-    for name in PIPELINE:
+    assert finals == PIPELINE + OPTIONAL
+    assert all(tasks[n]["when"] == "{{workflow.parameters.%s}} == true" % n for n in OPTIONAL)
+    for name in PIPELINE + OPTIONAL:
         step, task = STEPS[name], tasks[name]
         if step.shardable:
             shard = tasks[f"{name}-shard"]

@@ -20,6 +20,10 @@ appears after a re-render (`m3tune render argo --output argo/`).
   folder, and a deadline (`deadline` / `gpu-deadline` seconds).
 - The LLM key Secret reaches only the steps that call an API (`api_keys`);
   only the task that creates a JobSet runs as the ServiceAccount allowed to.
+  The Qdrant Secret (production URL and API key) reaches only the steps that
+  write to production Qdrant (`qdrant`: publish).
+- An optional step (`optional`: publish) runs only when the parameter of its
+  name is `true`; it is skipped otherwise, and its needs are the same.
 - A distributed step (training) runs under `accelerate launch`: in one pod
   when `NAME-nodes` is 1, else as a JobSet of that many pods created by a
   resource template that waits for its terminal state (`NAME-multinode`).
@@ -41,7 +45,7 @@ import yaml
 from m3tune.deploy import pod
 from m3tune.deploy.images import CPU, CUDA, DEFAULT_REGISTRY, USER_ID
 from m3tune.errors import ConfigError
-from m3tune.pipeline import PIPELINE, STEPS, Step
+from m3tune.pipeline import OPTIONAL, PIPELINE, STEPS, Step
 
 NAME = "m3tune"
 TEMPLATE_FILE = "workflowtemplate.yaml"
@@ -49,6 +53,8 @@ EXAMPLE_FILE = "workflow.yaml"
 EXAMPLE_ROOT = "s3://m3tune-runs/runs/exp-01"
 NO_RETRY_EXIT_CODES = (2, 3, 4)
 DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+QDRANT_SECRET = "m3tune-qdrant"  # keys QDRANT_URL (required) and QDRANT_API_KEY (optional)
+QDRANT_KEYS = {"QDRANT_URL": False, "QDRANT_API_KEY": True}  # key -> optional in the Secret
 
 
 def param(name: str) -> str:
@@ -98,12 +104,24 @@ def parameters(steps: list[Step], *, registry: str) -> list[dict[str, str]]:
         if step.distributed:
             out.append({"name": f"{step.name}-nodes", "value": "1",
                         "description": f"Nodes {step.name} runs on: 1 = one pod, more = a JobSet."})
+    for step in steps:
+        if step.optional:
+            out.append({"name": step.name, "value": "false",
+                        "description": f"true: run the optional step {step.name} after its needs."})
+    if any(s.qdrant for s in steps):
+        out.append({"name": "qdrant-secret", "value": QDRANT_SECRET,
+                    "description": "Secret with QDRANT_URL and QDRANT_API_KEY (optional) of the production Qdrant."})
     return out
 
 
 def _env(step: Step) -> list[dict[str, Any]]:
-    return pod.env(s3_endpoint=param("s3-endpoint"), aws_region=param("aws-region"), s3_secret=param("s3-secret"),
-                   llm_secret=param("llm-secret") if step.api_keys else None)
+    out = pod.env(s3_endpoint=param("s3-endpoint"), aws_region=param("aws-region"), s3_secret=param("s3-secret"),
+                  llm_secret=param("llm-secret") if step.api_keys else None)
+    if step.qdrant:  # production search's URL and key: only the step that writes to it holds them
+        out += [{"name": key, "valueFrom": {"secretKeyRef": {"name": param("qdrant-secret"), "key": key,
+                                                             **({"optional": True} if optional else {})}}}
+                for key, optional in QDRANT_KEYS.items()]
+    return out
 
 
 def expr_param(name: str) -> str:
@@ -330,7 +348,8 @@ def _tasks_and_templates(steps: list[Step]) -> tuple[list[dict[str, Any]], list[
         else:
             templates.append(_container_template(step.name, step, args=pod.step_args(step.name, root=root,
                                                                                       config=config)))
-            tasks.append({"name": step.name, "template": step.name, "dependencies": deps})
+            tasks.append({"name": step.name, "template": step.name, "dependencies": deps,
+                          **({"when": f"{param(step.name)} == true"} if step.optional else {})})
             finals[step.name] = [step.name]
     for task in tasks:
         if not task["dependencies"]:
@@ -345,7 +364,7 @@ def render_workflow_template(steps: dict[str, Step] | None = None, pipeline: lis
     from hera.workflows import models as m
 
     steps = steps if steps is not None else STEPS
-    order = [steps[name] for name in (pipeline if pipeline is not None else PIPELINE)]
+    order = [steps[name] for name in (pipeline if pipeline is not None else PIPELINE + OPTIONAL)]
     tasks, templates = _tasks_and_templates(order)
     dag = {"name": "pipeline", "dag": {"tasks": tasks}}
     wt = WorkflowTemplate(
