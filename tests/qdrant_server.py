@@ -6,6 +6,9 @@ Requests are parsed with the client's own REST models and answered with the engi
 envelope (`{"result", "status", "time"}`). One lock serialises the engine (local mode is single-threaded);
 the HTTP side is threaded, so a reader and a parallel upload really overlap on the wire.
 
+`latency` seconds are spent on each request outside the engine's lock, standing in for a network round
+trip (benchmarks/bench_publish.py).
+
 `hook(method, path)` runs before each request is handled: it may block (to hold a request while a test
 kills the client), and a status code it returns is sent instead of handling the request (503 mid-upload).
 """
@@ -16,7 +19,6 @@ import json
 import re
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,16 +26,16 @@ from typing import Any
 from pydantic import BaseModel
 
 _COLLECTION = r"/collections/(?P<c>[^/]+)"
-# The engine searches exactly anyway; a server is asked for exact search, as publish's verification does.
-warnings.filterwarnings("ignore", message="Local mode performs exact", category=UserWarning)
+
 
 
 class QdrantRestServer:
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, *, latency: float = 0.0):
         from qdrant_client import QdrantClient
 
         self.engine = QdrantClient(path=path) if path else QdrantClient(":memory:")
         self.lock = threading.Lock()
+        self.latency = latency
         self.hook: Callable[[str, str], int | None] | None = None
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status) of each answered request
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -73,7 +75,8 @@ class QdrantRestServer:
             ("POST", _COLLECTION + r"/points/count", lambda c: self._count(c, m.CountRequest.model_validate(body))),
             ("POST", _COLLECTION + r"/points/scroll", lambda c: self._scroll(c, m.ScrollRequest.model_validate(body))),
             ("POST", _COLLECTION + r"/points/query/batch", lambda c: e.query_batch_points(
-                c, requests=m.QueryRequestBatch.model_validate(body).searches)),
+                c, requests=[r.model_copy(update={"params": None})  # the engine is exact: it warns of params
+                             for r in m.QueryRequestBatch.model_validate(body).searches])),
             ("POST", _COLLECTION + r"/points/query", lambda c: self._query(c, m.QueryRequest.model_validate(body))),
         ]
         for verb, pattern, fn in routes:
@@ -108,7 +111,7 @@ class QdrantRestServer:
 
     def _query(self, c: str, body) -> Any:
         return self.engine.query_points(c, query=body.query, limit=body.limit or 10, with_payload=body.with_payload
-                                        or False, search_params=body.params)
+                                        or False)  # the engine is exact: search params mean nothing to it
 
     # ------------------------------------------------------------------------------------------- HTTP
 
@@ -138,6 +141,8 @@ class QdrantRestServer:
                     server.requests.append((self.command, path, refuse))
                     self._answer(refuse, {"status": {"error": "Service Unavailable (test server)"}, "time": 0.0})
                     return
+                if server.latency:
+                    time.sleep(server.latency)
                 t0 = time.perf_counter()
                 try:
                     with server.lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from typing import Any
 
 from m3tune.errors import ConfigError, UserError
@@ -22,6 +23,9 @@ log = logging.getLogger("m3tune.publish")
 MADE_BY = "m3tune"
 RECORD = "m3tune"  # the metadata key of m3tune's record
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+# Local mode warns past 20,000 points (our corpus has 21,176): it serves tests and laptops; production is a
+# server (qdrant_url). Its cost is in docs/benchmarks.md.
+warnings.filterwarnings("ignore", message="Local mode is not recommended", category=UserWarning)
 
 
 def check_alias(alias: str) -> str:

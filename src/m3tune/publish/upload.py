@@ -94,8 +94,9 @@ def upload(prod, collection: str, vectors: np.ndarray, payloads: Sequence[dict[s
                         other.cancel()
                     raise future.exception()  # type: ignore[misc]
                 retries += future.result()
-                done += n
-            log.info("uploaded %s of %s points", f"{done:,}", f"{len(ids):,}")
+                before, done = done, done + n
+                if done == len(ids) or done * 10 // len(ids) > before * 10 // len(ids):  # every tenth
+                    log.info("uploaded %s of %s points", f"{done:,}", f"{len(ids):,}")
     seconds = time.perf_counter() - t0
     return {"points": len(ids), "batches": len(batches), "retries": retries, "seconds": round(seconds, 3),
             "points_per_second": round(len(ids) / seconds, 1) if ids and seconds else 0.0}
