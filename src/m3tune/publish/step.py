@@ -213,8 +213,8 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
         held = {g.id for g in gold if g.held_out}
         if not held:
             raise BadInput("publish: the gold set has no held-out query (held_out: true): the gate measures on them")
-        if current == target and current_record is not None:
-            verdict = current_record.get("gate")  # a rerun after the switch: this model is the published one
+        if current == target and current_record is not None and current_record.get("gate"):
+            verdict = current_record["gate"]  # a rerun after the switch: this model is the published one
         else:
             verdict = _gate(current, current_record, rows, results, mine, held, model=entry["name"],
                             current_model=current_model, metric=gate_metric, min_delta=gate_min_delta,
