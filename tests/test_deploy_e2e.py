@@ -47,8 +47,9 @@ def pod_commands(template: dict, values: dict[str, str]) -> list[tuple[str, list
     (dag,) = [t for t in spec["templates"] if t["name"] == spec["entrypoint"]]
     pods = []
     for task in topological(dag["dag"]["tasks"]):
-        if "when" in task and not eval(sub(task["when"], {}), {}):  # noqa: S307 — "1 == 1", "1 > 1": our own
-            continue  # the multi-node twin of a distributed step, with one node (the default)
+        # Argo's govaluate reads the bare words true/false as booleans; Python needs them named
+        if "when" in task and not eval(sub(task["when"], {}), {"true": True, "false": False}):  # noqa: S307 — our own
+            continue  # the multi-node twin of a distributed step with one node, or publish when not asked for
         container = templates[task["template"]]["container"]
         # CPU tasks run the image's entrypoint, `m3tune`; a distributed step runs `accelerate launch ... -m
         # m3tune.cli` (the argv after it is the same `step NAME ...`)

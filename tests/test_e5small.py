@@ -212,7 +212,7 @@ def test_fine_tuned_model_gives_m3tunes_vectors_in_sentence_transformers(tmp_pat
     result = train(StepContext(root=root, name="train"), model="local:e5-small", dims=[384, 128], batch_size=4,
                    gradient_accumulation=1, max_steps=2, negatives=1, query_max_length=32, passage_max_length=32,
                    freeze_embeddings=True, eval_every=1, checkpoint_every=100, patience=None,
-                   workdir=str(tmp_path / "work"))
+                   validation_corpus="validation", workdir=str(tmp_path / "work"))
     assert result["counts"]["steps"] == 2
     folder = str(root.child("train").child("model").path)  # type: ignore[attr-defined]
 

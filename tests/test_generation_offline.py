@@ -98,12 +98,17 @@ def test_offline_conceptual_queries_hold_all_their_positives(small_root):
 
 
 def test_demo_pipeline_meets_the_arabic_and_conceptual_targets(full_run):
-    """`make demo-tiny` (offline): >= 50% Arabic, >= 20% conceptual, over Quran and Hadith, gated by analyze."""
+    """`make demo-tiny` (offline): 50% Arabic, 20% conceptual, 25% Quran, 15% exact quotes, each within the gate's
+    tolerance (combine balances the whole within a narrower band; the split can move a theme's group of queries
+    to validation, so train's share may sit just under its target), over Quran and Hadith, gated by analyze."""
     root, ran = full_run
     from m3tune.pipeline import PIPELINE
 
     assert ran == PIPELINE
     report = json.loads(root.child("analyze").read_bytes("report.json"))
-    shares = {t["name"]: t["share"] for t in report["targets"]}
-    assert shares["arabic"] >= 0.50 and shares["conceptual"] >= 0.20 and shares["quran"] >= 0.25
+    targets = {t["name"]: t for t in report["targets"]}
+    assert {n: t["target"] for n, t in targets.items()} == {"arabic": 0.5, "conceptual": 0.2, "quran": 0.25,
+                                                              "exact": 0.15}
+    for t in targets.values():
+        assert abs(t["share"] - t["target"]) <= t["tolerance"] and t["met"], t
     assert report["counts"]["source"]["hadith"] > 0 and report["ok"]

@@ -242,7 +242,7 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
     client.close()
 
     other = open_root(str(tmp_path / "runs" / "prod"))
-    for name in ("passages.jsonl", "_manifest.json"):
+    for name in ("passages.jsonl", "groups.jsonl", "_manifest.json"):
         other.child("ingest").write_bytes(name, root.child("ingest").read_bytes(name))
     tiny = EncoderSettings(**{k: info[k] for k in EncoderSettings.model_fields})
     with pytest.raises(UserError, match="was not made by m3tune: refusing to replace it"):
@@ -312,3 +312,24 @@ def test_empty_corpus_is_a_clear_error(local_root):
     with pytest.raises(RecordError, match="passages.jsonl: file is empty"):
         run_step(local_root, "index", IndexConfig(encoder=EncoderSettings(model="local:tiny-xlmr"), backend="exact"))
     assert local_root.child("index").list() == []
+
+
+def test_a_themes_weakest_positive_does_not_empty_its_negative_pool():
+    """NV-Retriever's positive-aware rule has one positive; a theme has tens, the weakest ranked thousands deep.
+    Compared with that one, every candidate looks like an answer; compared with the median, only those that
+    score like the theme's typical answer do."""
+    from m3tune.mining.filters import FalseNegativeFilter, reference_score
+
+    positive_scores = [0.90, 0.86, 0.84, 0.80, 0.31]  # the last: a verse of the theme the encoder barely finds
+    candidates = [(0.83, "near-answer"), (0.70, "hard"), (0.55, "semi"), (0.35, "random")]
+
+    def kept(how: str) -> list[str]:
+        rules = FalseNegativeFilter(threshold=0.95, jaccard=0.6, tokens=lambda _: frozenset())
+        return [pid for _, pid in rules.keep(candidates, set(), [], reference_score(positive_scores, how))]
+
+    assert kept("lowest") == []
+    assert kept("median") == ["hard", "semi", "random"]  # 0.95 x 0.84 = 0.798: the near-answer goes
+    assert kept("highest") == ["near-answer", "hard", "semi", "random"]  # 0.95 x 0.90 = 0.855
+    assert reference_score([0.5], "median") == reference_score([0.5], "lowest") == 0.5  # one positive: as before
+    with pytest.raises(ValueError, match="positive_reference must be one of"):
+        reference_score([0.5], "mean")

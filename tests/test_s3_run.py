@@ -14,7 +14,7 @@ def m3tune(*args, env):
     return subprocess.run([sys.executable, "-m", "m3tune.cli", *args], env=env, capture_output=True, text=True)
 
 
-TIMINGS = ("seconds", "examples_per_s", "queries_per_second")
+TIMINGS = ("seconds", "examples_per_s", "tokens_per_s", "queries_per_second")
 
 
 def untimed(data: bytes, name: str) -> bytes:

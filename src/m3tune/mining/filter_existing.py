@@ -4,7 +4,8 @@ Reads a FlagEmbedding-style JSONL (query, pos, neg; scores and ids optional,
 extra fields kept), rescores every query against its positives and negatives
 with the encoder, and drops each negative that the rules of
 `mining/filters.py` reject: the same passage as a positive (same id, or same
-normalized text), scored above `threshold` × the lowest positive score, or
+normalized text), scored above `threshold` × the positives' score (their
+median by default, `positive_reference`), or
 sharing `jaccard` of its tokens with a positive. Positives are never
 touched. An example left with fewer than `min_negatives` negatives is
 dropped (0 keeps them all). Counts per reason go to the manifest; the guide
@@ -14,12 +15,13 @@ expects about 70% of an old file's hard negatives to go.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from m3tune.context import StepContext
 from m3tune.errors import UserError
+from m3tune.records import Example
 from m3tune.index.step import EncoderSettings
 from m3tune.storage import absolute_uri
 
@@ -30,8 +32,10 @@ class FilterConfig(BaseModel):
     input: str | None = Field(default=None, description="training JSONL to filter (FlagEmbedding format: query, "
                               "pos, neg; path or URI)")
     encoder: EncoderSettings = Field(default_factory=EncoderSettings, description="the encoder that rescores")
-    threshold: float = Field(default=0.95, gt=0, description="drop a negative scored above this × the lowest "
-                             "positive score")
+    threshold: float = Field(default=0.95, gt=0, description="drop a negative scored above this × the "
+                             "positives' score (see positive_reference)")
+    positive_reference: Literal["lowest", "median", "highest"] = Field(
+        default="median", description="with several positives, which of their scores the threshold multiplies")
     jaccard: float = Field(default=0.6, gt=0, le=1, description="drop a negative sharing this share of tokens "
                            "(Jaccard) with a positive")
     min_negatives: int = Field(default=1, ge=0, description="drop examples left with fewer negatives (0: keep all)")
@@ -54,15 +58,24 @@ def filter_inputs(config: FilterConfig) -> dict[str, str]:
     return {f"input:{config.input}": "sha256:" + file_digest(store, name)}
 
 
+class OldExample(Example):
+    """A line of the file to filter. A positive id among the negatives is refused everywhere else (records.py);
+    here it is the false negative this step exists to remove, so the line is read and repaired, not lost."""
+
+    @field_validator("neg_ids")
+    @classmethod
+    def _no_positive_negative(cls, values: list | None, info: ValidationInfo) -> list | None:
+        return values
+
+
 def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, Any], threshold: float,
-                     jaccard: float, min_negatives: int, skip_invalid: bool,
+                     positive_reference: str = "median", jaccard: float, min_negatives: int, skip_invalid: bool,
                      embeddings_cache: str | None) -> dict[str, Any]:
     from m3tune.arabic import normalize, tokens
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.index.step import cache_store
     from m3tune.jsonl import Rejects, read_jsonl
-    from m3tune.mining.filters import FalseNegativeFilter
-    from m3tune.records import Example
+    from m3tune.mining.filters import FalseNegativeFilter, reference_score
     from m3tune.storage import split_uri
 
     if not input:
@@ -70,7 +83,7 @@ def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, 
     rejects = Rejects() if skip_invalid else None
     store, name = split_uri(input)
     with store.open_read(name) as f:
-        examples = list(read_jsonl(f, Example, name=input, rejects=rejects))
+        examples = list(read_jsonl(f, OldExample, name=input, rejects=rejects))
     settings = EncoderSettings.model_validate(encoder)
     model = settings.load()
     cache = EmbeddingCache(cache_store(embeddings_cache), model.fingerprint)
@@ -92,7 +105,8 @@ def filter_negatives(ctx: StepContext, *, input: str | None, encoder: dict[str, 
         keep = []
         for i, t in enumerate(ex.neg):
             score = float(vectors[row[t]] @ qv)
-            why = rules.reason(t, score, same, [word_sets[p] for p in ex.pos], min(pos_scores))
+            why = rules.reason(t, score, same, [word_sets[p] for p in ex.pos],
+                               reference_score(pos_scores, positive_reference))
             counts["negatives_in"] += 1
             if why is None:
                 keep.append(i)

@@ -44,7 +44,9 @@ class MineConfig(BaseModel):
     start_rank: int = Field(default=10, ge=0, description="first rank of the candidate window")
     end_rank: int = Field(default=200, ge=1, description="end of the candidate window (exclusive)")
     threshold: float = Field(default=0.95, gt=0, description="drop a candidate scored above this × the query's "
-                             "lowest positive score")
+                             "positive score (see positive_reference)")
+    positive_reference: Literal["lowest", "median", "highest"] = Field(
+        default="median", description="with several positives, which of their scores the threshold multiplies")
     jaccard: float = Field(default=0.6, gt=0, le=1, description="drop a candidate sharing this share of tokens "
                            "(Jaccard) with a positive")
     hard: int = Field(default=16, ge=0, description="hard negatives in each query's pool (top of the window)")
@@ -99,7 +101,7 @@ def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], q
 
 
 def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int, end_rank: int, threshold: float,
-         jaccard: float, hard: int, semi_hard: int, random: int, source: str,
+         positive_reference: str = "median", jaccard: float, hard: int, semi_hard: int, random: int, source: str,
          seed: int, consistency_k: int | None = None, consistency_judge: str = "encoder", min_negatives: int = 0,
          dry_run: bool = False) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
     """(examples, counts, rejects) for QUERIES against the index published in ROOT/index."""
@@ -110,7 +112,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     from m3tune.encoder.model import load_encoder
     from m3tune.corpus.neardup import body, read_groups
     from m3tune.index.step import cache_store
-    from m3tune.mining.filters import FalseNegativeFilter, pick_mix
+    from m3tune.mining.filters import FalseNegativeFilter, pick_mix, reference_score
 
     folder = root.child("index")
     info = json.loads(folder.read_bytes("index.json"))
@@ -191,13 +193,14 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
         pos_rows = [row_of[pid] for pid in q.positive_ids]
         pos_scores = vectors[pos_rows] @ qv
         min_pos = float(pos_scores.min())
+        ref = reference_score([float(s) for s in pos_scores], positive_reference)
         pos_tokens = [toks(pid) for pid in q.positive_ids]
         window = ranked[start_rank:end_rank]
         counts["candidates"] += len(window)
         if len(window) != len(known := [(s, p) for s, p in window if p in by_id]):
             counts["candidates_not_in_corpus"] += len(window) - len(known)  # an existing collection may hold more
             window = known
-        survivors = rules.keep(window, positives, pos_tokens, min_pos)
+        survivors = rules.keep(window, positives, pos_tokens, ref)
         hard_picks, semi_picks = pick_mix(survivors, hard=hard, semi_hard=semi_hard)
         chosen = {pid for _, pid in hard_picks + semi_picks}
         top_ranks = {pid for _, pid in ranked[:start_rank]}  # where unlabelled answers sit: not even at random
@@ -214,7 +217,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
                 counts["random_dropped_top_ranks"] += 1
                 continue
             score = float(vectors[row_of[pid]] @ qv)
-            why = rules.reason(pid, score, positives, pos_tokens, min_pos)
+            why = rules.reason(pid, score, positives, pos_tokens, ref)
             if why is None:
                 random_picks.append((score, pid))
                 chosen.add(pid)

@@ -120,9 +120,10 @@ class TrainConfig(ProfileFields):
 # Fields that do not change the model's path: a resume may change them (RESUME_FREE), as may the memory knobs
 # (after an out-of-memory error the fix is to change one and resume; GradCache and checkpointing give the same
 # gradients). Every other field, and the data, key the checkpoints. max_steps: the run stops there, but the
-# cosine schedule's length is the one fixed when the run started (recorded in the checkpoint).
+# cosine schedule's length is the one fixed when the run started (recorded in the checkpoint). max_drop_share
+# only decides whether to fail: the batches are the same whatever its value, so raising it and resuming is the fix.
 RESUME_FREE = ("max_steps", "patience", "eval_every", "checkpoint_every", "keep_checkpoints", "workdir", "restart",
-               "gradcache_chunk", "gradient_checkpointing")
+               "gradcache_chunk", "gradient_checkpointing", "max_drop_share")
 
 
 def deepspeed_config(name: str) -> dict:

@@ -232,6 +232,11 @@ def _validation_data(cfg, root, combine, val_examples):
     manifest = read_manifest(combine)
     held_uri = manifest.config.get("held_out", "packaged") if manifest else "packaged"
     held = heldout.load(held_uri)
+    if read_manifest(root.child("ingest")) is None:
+        from m3tune.errors import UserError
+
+        raise UserError(f"train: validation_corpus 'all' searches the corpus ingested in {root.uri}, and ingest has "
+                        "not finished there; run ingest, or set train.validation_corpus: validation")
     positives = {k for ex in val_examples for k in ex.pos_keys}
     candidates = [p for p in read_passages(root) if p.id not in held and p.id not in positives]
     n = cfg.validation_corpus_sample
