@@ -301,25 +301,31 @@ def test_pods_write_only_to_size_limited_emptydirs_and_have_a_deadline(rendered)
         assert job["spec"]["activeDeadlineSeconds"] > 0
 
 
-def _llm_keys(container: dict) -> set[str]:
-    return {e["name"] for e in container.get("env", []) if e["name"] in pod_defs.LLM_KEYS}
+def _keys(container: dict, names) -> set[str]:
+    return {e["name"] for e in container.get("env", []) if e["name"] in names}
 
 
-def test_llm_keys_reach_only_the_steps_that_call_an_api():
-    callers = {n for n, s in STEPS.items() if s.api_keys}
-    assert callers == {"generate-queries", "generate-conceptual", "evaluate"}
+@pytest.mark.parametrize("keys, flag, expected", [
+    (pod_defs.LLM_KEYS, "api_keys", {"generate-queries", "generate-conceptual", "evaluate"}),
+    (tuple(pod_defs.QDRANT_KEYS), "qdrant", {"publish"}),
+], ids=["llm", "qdrant"])
+def test_secret_keys_reach_only_the_steps_that_need_them(keys, flag, expected):
+    """LLM keys only where a step calls an API; production Qdrant's URL and key only in publish: in the Argo
+    pods and in the Jobs of `m3tune rerun` alike."""
+    callers = {n for n, s in STEPS.items() if getattr(s, flag)}
+    assert callers == expected
     template = render_workflow_template()
     seen = set()
     for name, spec, metadata in workflow_pods(template):
         step = metadata["labels"][pod_defs.STEP_LABEL]
         (container,) = spec["containers"]
-        assert _llm_keys(container) == (set(pod_defs.LLM_KEYS) if step in callers else set()), name
+        assert _keys(container, keys) == (set(keys) if step in callers else set()), name
         seen.add(step)
     assert callers <= seen
     for job in rerun_jobs():
         step = job["metadata"]["labels"][pod_defs.STEP_LABEL]
         (container,) = job["spec"]["template"]["spec"]["containers"]
-        assert _llm_keys(container) == (set(pod_defs.LLM_KEYS) if step in callers else set()), step
+        assert _keys(container, keys) == (set(keys) if step in callers else set()), step
 
 
 def _rules(objects: list[dict], role: str) -> set[tuple[str, str, str]]:

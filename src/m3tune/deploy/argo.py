@@ -53,8 +53,6 @@ EXAMPLE_FILE = "workflow.yaml"
 EXAMPLE_ROOT = "s3://m3tune-runs/runs/exp-01"
 NO_RETRY_EXIT_CODES = (2, 3, 4)
 DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-QDRANT_SECRET = "m3tune-qdrant"  # keys QDRANT_URL (required) and QDRANT_API_KEY (optional)
-QDRANT_KEYS = {"QDRANT_URL": False, "QDRANT_API_KEY": True}  # key -> optional in the Secret
 
 
 def param(name: str) -> str:
@@ -109,19 +107,15 @@ def parameters(steps: list[Step], *, registry: str) -> list[dict[str, str]]:
             out.append({"name": step.name, "value": "false",
                         "description": f"true: run the optional step {step.name} after its needs."})
     if any(s.qdrant for s in steps):
-        out.append({"name": "qdrant-secret", "value": QDRANT_SECRET,
+        out.append({"name": "qdrant-secret", "value": pod.QDRANT_SECRET,
                     "description": "Secret with QDRANT_URL and QDRANT_API_KEY (optional) of the production Qdrant."})
     return out
 
 
 def _env(step: Step) -> list[dict[str, Any]]:
-    out = pod.env(s3_endpoint=param("s3-endpoint"), aws_region=param("aws-region"), s3_secret=param("s3-secret"),
-                  llm_secret=param("llm-secret") if step.api_keys else None)
-    if step.qdrant:  # production search's URL and key: only the step that writes to it holds them
-        out += [{"name": key, "valueFrom": {"secretKeyRef": {"name": param("qdrant-secret"), "key": key,
-                                                             **({"optional": True} if optional else {})}}}
-                for key, optional in QDRANT_KEYS.items()]
-    return out
+    return pod.env(s3_endpoint=param("s3-endpoint"), aws_region=param("aws-region"), s3_secret=param("s3-secret"),
+                   llm_secret=param("llm-secret") if step.api_keys else None,
+                   qdrant_secret=param("qdrant-secret") if step.qdrant else None)
 
 
 def expr_param(name: str) -> str:

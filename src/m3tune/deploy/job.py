@@ -36,6 +36,7 @@ def job_name(step: str, run_id: str, suffix: str = "") -> str:
 def render_job(step_name: str, *, root: str, config: str = "run.yaml", namespace: str | None = None,
                registry: str = DEFAULT_REGISTRY, image: str | None = None, s3_endpoint: str = "",
                aws_region: str = "us-east-1", s3_secret: str = pod.S3_SECRET, llm_secret: str = pod.LLM_SECRET,
+               qdrant_secret: str = pod.QDRANT_SECRET,
                rank: int | None = None, world_size: int | None = None, merge_shards: int | None = None,
                gpus: int = 1, cpu: str | None = None, memory: str | None = None, force: bool = False,
                backoff_limit: int = 2) -> dict[str, Any]:
@@ -60,7 +61,8 @@ def render_job(step_name: str, *, root: str, config: str = "run.yaml", namespace
         "name": "main",
         "image": image or (CUDA if step.gpu else CPU).ref(registry),
         "env": pod.env(s3_endpoint=s3_endpoint, aws_region=aws_region, s3_secret=s3_secret,
-                       llm_secret=llm_secret if step.api_keys else None),
+                       llm_secret=llm_secret if step.api_keys else None,
+                       qdrant_secret=qdrant_secret if step.qdrant else None),
         "securityContext": pod.container_security_context(),
         "volumeMounts": pod.volume_mounts(gpu=step.gpu),
     }

@@ -20,6 +20,8 @@ S3_SECRET = "m3tune-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 LLM_SECRET = "m3tune-llm"  # keys OPENROUTER_API_KEY and/or OPENAI_API_KEY (optional)
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 LLM_KEYS = ("OPENROUTER_API_KEY", "OPENAI_API_KEY")
+QDRANT_SECRET = "m3tune-qdrant"  # keys QDRANT_URL (required) and QDRANT_API_KEY (optional)
+QDRANT_KEYS = {"QDRANT_URL": False, "QDRANT_API_KEY": True}  # key -> optional in the Secret
 LABELS = {"app.kubernetes.io/name": "m3tune", "app.kubernetes.io/part-of": "m3tune"}
 STEP_LABEL = "m3tune.dev/step"
 HOME_SIZE = "1Gi"  # the home folder holds small tool state (matplotlib, torch extensions); caches go to /cache
@@ -53,9 +55,11 @@ def accelerate_command(args: list[str], *, processes: str, machines: str = "1", 
     return command + ["-m", "m3tune.cli", *args]
 
 
-def env(*, s3_endpoint: str, aws_region: str, s3_secret: str, llm_secret: str | None = None) -> list[dict[str, Any]]:
+def env(*, s3_endpoint: str, aws_region: str, s3_secret: str, llm_secret: str | None = None,
+        qdrant_secret: str | None = None) -> list[dict[str, Any]]:
     """Storage settings as values, credentials as references to Secrets. The LLM keys (optional in their
-    Secret) only where LLM_SECRET is given: a step that calls no API never holds them."""
+    Secret) only where LLM_SECRET is given: a step that calls no API never holds them; production Qdrant's URL
+    and key only where QDRANT_SECRET is (publish, the one step that writes to it)."""
     out: list[dict[str, Any]] = [
         {"name": "M3TUNE_S3_ENDPOINT", "value": s3_endpoint},
         {"name": "AWS_DEFAULT_REGION", "value": aws_region},
@@ -66,6 +70,10 @@ def env(*, s3_endpoint: str, aws_region: str, s3_secret: str, llm_secret: str | 
     if llm_secret is not None:
         out += [{"name": key, "valueFrom": {"secretKeyRef": {"name": llm_secret, "key": key, "optional": True}}}
                 for key in LLM_KEYS]
+    if qdrant_secret is not None:
+        out += [{"name": key, "valueFrom": {"secretKeyRef": {"name": qdrant_secret, "key": key,
+                                                             **({"optional": True} if optional else {})}}}
+                for key, optional in QDRANT_KEYS.items()]
     return out
 
 
