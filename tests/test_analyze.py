@@ -83,6 +83,14 @@ def test_exact_quotes_are_reported_and_checked_only_where_the_data_has_them(loca
         "exact": "no exact-quote row"}
     assert "exact" not in [t["name"] for t in analyze_files([write(tmp_path / "q.jsonl", rows)], **TARGETS,
                                                             exact_target=None)["targets"]]
+    # the CLI takes the same target: the file is 20% exact, a floor of 30% (± 5%) is missed, exit 3
+    from typer.testing import CliRunner
+
+    from m3tune.cli import app
+
+    cli = ["analyze", str(tmp_path / "q.jsonl"), "--fail-on-miss"]
+    assert CliRunner().invoke(app, cli).exit_code == 0
+    assert CliRunner().invoke(app, [*cli, "--exact-target", "0.3"]).exit_code == 3
 
 
 def test_bad_line_is_named(tmp_path):

@@ -282,6 +282,8 @@ def _default(model: str, field: str):
 ArabicOpt = Annotated[float, typer.Option(help="Target share of Arabic queries (a floor).")]
 ConceptualOpt = Annotated[float, typer.Option(help="Target share of conceptual queries (a floor).")]
 QuranOpt = Annotated[float, typer.Option(help="Target share of queries with Quran positives (a floor).")]
+ExactOpt = Annotated[float, typer.Option(help="Target share of exact-quote queries (a floor; checked only where "
+                                               "the input holds one).")]
 ToleranceOpt = Annotated[float, typer.Option(help="A share of at least target - tolerance is met.")]
 FailOnMissOpt = Annotated[bool, typer.Option(help="Exit 3 when a target is missed.")]
 SkipInvalidOpt = Annotated[bool, typer.Option(help="Skip invalid lines (reported with file, line, reason).")]
@@ -295,6 +297,7 @@ def analyze(
     arabic_target: ArabicOpt = _default("analyze", "arabic_target"),
     conceptual_target: ConceptualOpt = _default("analyze", "conceptual_target"),
     quran_target: QuranOpt = _default("analyze", "quran_target"),
+    exact_target: ExactOpt = _default("analyze", "exact_target"),
     tolerance: ToleranceOpt = _default("analyze", "tolerance"),
     fail_on_miss: FailOnMissOpt = False,
     skip_invalid: SkipInvalidOpt = False,
@@ -310,7 +313,7 @@ def analyze(
     _setup(verbose, s3_endpoint)
     rejects = Rejects() if skip_invalid else None
     report = analyze_files(inputs, rejects=rejects, arabic_target=arabic_target, conceptual_target=conceptual_target,
-                           quran_target=quran_target, tolerance=tolerance)
+                           quran_target=quran_target, exact_target=exact_target, tolerance=tolerance)
     Console().print(render_report(report))
     for r in (rejects.rows if rejects else []):
         typer.secho(f"skipped {r['file']}:{r['line']}: {r['error']}", fg=typer.colors.YELLOW, err=True)
