@@ -585,6 +585,13 @@ def test_validation_samples_the_corpus_without_held_out_passages(tmp_path, quran
     assert sampled and not sampled & held
     assert len(sampled) == sum(1 for p in read_passages(root) if p.id not in held and p.id not in positives)
     assert set(data) == {"combine/train.jsonl", "combine/validation.jsonl", "ingest/passages.jsonl", "held-out list"}
+    # a near-duplicate of a positive is no wrong answer: never in the sample
+    import dataclasses
+
+    twin = next(k for k in sorted(sampled) if k.startswith("quran:"))
+    val = [dataclasses.replace(val[0], related_keys=(twin,)), *val[1:]]
+    with_twin, _ = _validation_data(TrainConfig(validation_corpus_sample=0), root, combine, val)
+    assert set(with_twin.corpus_keys) == set(whole.corpus_keys) - {twin}
 
 
 def test_selection_on_a_named_dim_or_the_mean():

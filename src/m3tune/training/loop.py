@@ -237,7 +237,9 @@ def _validation_data(cfg, root, combine, val_examples):
 
         raise UserError(f"train: validation_corpus 'all' searches the corpus ingested in {root.uri}, and ingest has "
                         "not finished there; run ingest, or set train.validation_corpus: validation")
-    positives = {k for ex in val_examples for k in ex.pos_keys}
+    # a near-duplicate of a positive (a twin, the same body under another chain) is no wrong answer: it is left
+    # out of the sample rather than counted against the model
+    positives = {k for ex in val_examples for k in ex.masked_keys}
     candidates = [p for p in read_passages(root) if p.id not in held and p.id not in positives]
     n = cfg.validation_corpus_sample
     sample = random.Random(f"{cfg.seed}:validation-corpus").sample(candidates, n) if 0 < n < len(candidates) \
