@@ -10,6 +10,22 @@ import pytest
 
 from m3tune.storage import LocalStore, S3Store, open_root
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest-xdist) on a 2-core machine: one thread each, in the workers and in
+    # the m3tune processes they start, rather than four threads fighting over two cores. Every process of a
+    # test then computes with the same thread count, so results that must match bit for bit still do.
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the tests that read the session's demo run go to one worker, which builds it once
+    (a session fixture is built per worker)."""
+    for item in items:
+        if {"full_run", "full_ingest"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("full_run"))
+
+
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
