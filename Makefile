@@ -25,8 +25,9 @@ demo-tiny: $(STAMP)
 	$(BIN)/m3tune run --root runs/demo-tiny --config configs/demo.yaml
 	@echo "outputs: $(CURDIR)/runs/demo-tiny  (status: $(BIN)/m3tune status --root runs/demo-tiny)"
 
+# two workers (pytest-xdist), one thread each; the tests reading the shared demo run stay on one of them
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_io.py

@@ -18,6 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_name, "1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks to name the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist, the tests that read the session's demo run go to one worker, which builds it once
     (a session fixture is built per worker)."""

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -133,10 +134,13 @@ def test_mined_examples_on_the_real_corpus_never_use_a_positive_and_pass_both_fi
         min_pos = ex.model_extra["min_pos_score"]  # over all positives, thematic queries included
         assert min_pos <= min(ex.pos_scores) + 1e-6
         assert len(ex.neg_ids) >= config["min_negatives"]
+        # the positive-aware rule's reference: the median of every positive's score, by default
+        assert config["positive_reference"] == "median"
+        reference = statistics.median(ex.pos_scores)
         pos_tokens = [frozenset(tokens(body(passages[p]))) for p in q.positive_ids]
         for nid, score in zip(ex.neg_ids, ex.neg_scores):
             negatives += 1
-            assert score <= config["threshold"] * min_pos + 1e-6
+            assert score <= config["threshold"] * reference + 1e-6
             neg_tokens = frozenset(tokens(body(passages[nid])))
             assert all(jaccard(neg_tokens, p) < config["jaccard"] for p in pos_tokens)
         assert ex.pos == [passages[p].text for p in ex.pos_ids]
