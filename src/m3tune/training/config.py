@@ -27,7 +27,7 @@ class TrainConfig(ProfileFields):
     temperature: float = Field(default=0.02, gt=0, description="InfoNCE temperature (BGE-M3's 0.02)")
     negatives: int = Field(default=7, ge=0, description="hard negatives per query in a batch (fewer when an "
                            "example has fewer; never repeated)")
-    # --- [3/7] data: the negative pool's shares and the sampler's drop limit (m3tune.training.data) ---
+    # the negative pool's shares and the sampler's drop limit (m3tune.training.data)
     hard_share: float = Field(default=0.6, ge=0, description="share of each example's negatives drawn, anew each "
                               "epoch, from the hard ones of its mined pool")
     semi_hard_share: float = Field(default=0.3, ge=0, description="share drawn from the semi-hard ones")
@@ -35,7 +35,6 @@ class TrainConfig(ProfileFields):
                                 "its share is filled from the others)")
     max_drop_share: float = Field(default=0.25, ge=0, le=1, description="fail when an epoch's sampler leaves more "
                                   "than this share of one query type's examples out (shared positives conflict)")
-    # --- end [3/7] data ---
     cross_device_negatives: bool = Field(default=True, description="score each query against the passages of "
                                          "every process's batch (all-gather), not only its own")
     query_max_length: int = Field(default=128, ge=8, description="tokens per query")
