@@ -30,6 +30,16 @@ def test_clitic_forms_share_a_stem_and_stop_words_only_leave_the_single_words():
     assert arabic_terms("إِنَّمَا الْأَعْمَالُ بِالنِّيَّاتِ") == arabic_terms("انما الاعمال بالنيات")  # marks do not count
 
 
+def test_two_derivations_of_one_root_meet_only_through_the_root():
+    # a tafsir paraphrase rewords a verse with other derivations of its roots: مكتوب for كاتب, يكتب
+    written, writer = set(arabic_terms("مكتوب")), set(arabic_terms("كاتب"))
+    assert written & writer == {"r:كتب"}  # not as words, not as Snowball stems
+    passages = [_passage("quran:1:1", "وَلَا يَأْبَ كَاتِبٌ أَنْ يَكْتُبَ"), _passage("quran:1:2", "قال الرجل للنبي خيرا")]
+    query = [_query("q", "المكتوب")]
+    assert list(BM25(passages).rank(query, 10)["q"]) == ["quran:1:1"]
+    assert BM25(passages, "plain").rank(query, 10)["q"] == {}
+
+
 def test_english_terms_are_stemmed_without_stop_words():
     assert english_terms("The Mercies of the Lord") == english_terms("mercy lord")
 
@@ -52,10 +62,11 @@ def test_english_queries_search_the_translations_and_the_plain_one_returns_nothi
     assert BM25(passages[2:]).rank(query, 10)["q"] == {}  # a corpus with no translation at all
 
 
-def test_tafsir_boilerplate_leaves_a_query_words_and_stems_but_not_its_pairs():
+def test_tafsir_boilerplate_leaves_a_query_words_stems_and_roots_but_not_its_pairs():
     terms = arabic_query_terms("قال سبحانه وتعالى الكتاب")
     assert "w:الكتاب" in terms and "p:سبحانه_وتعالي" in terms  # the phrase still matches a quote
-    assert not {t for t in terms if t.startswith(("w:", "s:")) and t[2:] in ("سبحانه", "وتعالي")}
+    assert not {t for t in terms if t.startswith(("w:", "s:")) and t[2:] in ("سبحانه", "وتعالي", "تعالي")}
+    assert [t for t in terms if t.startswith("r:")] == ["r:كتب"]  # no root of سبحانه or وتعالى either
     passages = [_passage("quran:1:1", "ذلك الكتاب لا ريب فيه"), _passage("quran:1:2", "سبحانه عما يشركون سبحانه"),
                 _passage("quran:1:3", "والشمس وضحاها")]
     ranked = BM25(passages).rank([_query("q", "قال سبحانه الكتاب")], 10)["q"]
