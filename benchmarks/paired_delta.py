@@ -1,6 +1,9 @@
 """The fine-tuned model of two quality runs, query by query: mean change of a metric per category.
 
-    .venv/bin/python benchmarks/paired_delta.py BEFORE/evaluate/per_query.jsonl AFTER/evaluate/per_query.jsonl [ndcg@10]
+    .venv/bin/python benchmarks/paired_delta.py BEFORE/evaluate/per_query.jsonl AFTER/evaluate/per_query.jsonl [ndcg@10 [MODEL_BEFORE [MODEL_AFTER]]]
+
+MODEL_BEFORE and MODEL_AFTER (default `run:train` both) pair two models instead, e.g. `bm25-plain bm25` with the
+same file twice.
 
 Both runs must have evaluated the same gold set. Pairs each query's `run:train` score, on the held-out part and
 on all, and prints the mean change with a bootstrap 95% interval (5,000 resamples, seed 0).
@@ -11,13 +14,17 @@ import random
 import sys
 
 
-def load(path: str) -> dict[str, dict]:
+def load(path: str, model: str) -> dict[str, dict]:
     with open(path, encoding="utf-8") as f:
-        return {r["query_id"]: r for r in map(json.loads, f) if r["model"] == "run:train"}
+        rows = {r["query_id"]: r for r in map(json.loads, f) if r["model"] == model}
+    if not rows:
+        sys.exit(f"{path}: no query evaluated for model {model!r}")
+    return rows
 
 
-def main(before_path: str, after_path: str, metric: str = "ndcg@10") -> None:
-    before, after = load(before_path), load(after_path)
+def main(before_path: str, after_path: str, metric: str = "ndcg@10", before_model: str = "run:train",
+         after_model: str | None = None) -> None:
+    before, after = load(before_path, before_model), load(after_path, after_model or before_model)
     if set(before) != set(after):
         sys.exit("the two runs evaluated different gold queries: no pairing")
     for part in ("held_out", "all"):
@@ -35,6 +42,6 @@ def main(before_path: str, after_path: str, metric: str = "ndcg@10") -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
+    if len(sys.argv) not in (3, 4, 5, 6):
         sys.exit(__doc__)
     main(*sys.argv[1:])
