@@ -318,3 +318,61 @@ def test_unified_refuses_a_tokenizer_that_does_not_match_the_heads_before_traini
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with pytest.raises(ConfigError, match="does not belong to this encoder"):
         heads.check_vocabulary(tokenizer, embedding_rows=config["vocab_size"] - 100, folder=str(folder), model="m")
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+def test_each_head_retrieves_on_its_own_and_the_ensemble_reranks(unified_one, tmp_path):
+    """sparse:, colbert: and m3: specs of the exported model: each run's scores are the training scores of
+    the pair (encoded alone), and each run is the best K of what its head scores."""
+    import torch
+
+    from m3tune.encoder.model import load_encoder
+    from m3tune.evaluation import m3
+    from m3tune.evaluation.models import parse_model
+    from m3tune.training.data import read_examples
+    from m3tune.training.loss import colbert_scores, dense_scores, encode_unified, sparse_scores
+
+    assert [parse_model(t, "B").kind for t in ("sparse:run:train", "colbert:x", "m3:base", "x")] == \
+        ["sparse", "colbert", "m3", "dense"]
+    assert parse_model("m3:base", "B").target == "B"
+    folder = str(_export(unified_one, tmp_path))
+    examples = read_examples(unified_one.child("combine"), "validation.jsonl")[:12]
+    queries = [e.query for e in examples]
+    passages = list(dict.fromkeys([e.pos[0] for e in examples] + [n for e in examples for n in e.negs]))[:40]
+    qids, pids = [f"q{i}" for i in range(len(queries))], [f"p{j}" for j in range(len(passages))]
+    encoder = load_encoder(folder, batch_size=7)
+    model = m3.M3Model(encoder, folder)
+    q, p = m3.encoded(model, folder, queries, passages)
+    runs = {head: m3.rank(head, q, p, qids, pids, k=5, dims=[16], rerank_k=30) for head in ("sparse", "colbert", "m3")}
+
+    _, unified = _unified(folder)
+    unified.eval()
+    special = model.special
+
+    def one(text, queries_):
+        tokens = encoder.tokenizer([encoder.profile.prepare(text, queries=queries_)], truncation=True,
+                                   max_length=encoder.max_length, return_tensors="pt")
+        with torch.no_grad():
+            return tokens, encode_unified(unified, tokens)
+
+    qs, ps = [one(t, True) for t in queries], [one(t, False) for t in passages]
+    for i in range(len(queries)):
+        (qt, (qd, qw, qc)) = qs[i]
+        exact = {}
+        for j, (pt, (pd, pw, pc)) in enumerate(ps):
+            exact[pids[j]] = (dense_scores(qd, pd, 32).item(),
+                              sparse_scores(qw, qt["input_ids"], qt["attention_mask"], pw, pt["input_ids"],
+                                            pt["attention_mask"], special).item(),
+                              colbert_scores(qc, qt["attention_mask"], pc, pt["attention_mask"]).item())
+        for head, pick in (("sparse", lambda s: s[1]), ("colbert", lambda s: s[2]),
+                           ("m3", lambda s: s[0] + 0.3 * s[1] + s[2])):
+            run = runs[head][None][qids[i]]
+            for pid, score in run.items():
+                assert score == pytest.approx(pick(exact[pid]), abs=2e-3), (head, i, pid)  # float16 token vectors
+            dense_top = sorted(exact, key=lambda x: -exact[x][0])[:30]
+            pool = dense_top if head == "colbert" else (list(exact) if head == "sparse" else
+                                                        set(dense_top) | set(sorted(exact, key=lambda x: -exact[x][1])[:30]))
+            best = sorted((pick(exact[x]) for x in pool), reverse=True)[:5]
+            np.testing.assert_allclose(sorted(run.values(), reverse=True), best, atol=2e-3)
+    assert set(runs["colbert"]) == {None, 16} and set(runs["sparse"]) == {None}

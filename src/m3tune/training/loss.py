@@ -1,5 +1,5 @@
 """InfoNCE over positives, hard negatives and in-batch negatives, Matryoshka over dims; cross-device
-negatives; GradCache.
+negatives; BGE-M3's unified loss; GradCache.
 
 One encoder pass gives full-width embeddings; for each Matryoshka dim they
 are truncated and re-normalised, and each query is scored against every
@@ -10,6 +10,10 @@ positives, or a near-duplicate of one (`pos_keys` carries both: another
 query's positive or hard negative can be either), is masked out, on this
 process's columns and the gathered ones alike, and so is an empty negative
 slot.
+
+Unified BGE-M3 training (unified_info_nce) adds the sparse and multi-vector
+heads' scores over the same columns and masks, their ensemble and
+self-distillation from it; GradCache then caches all three heads' outputs.
 """
 
 from __future__ import annotations
