@@ -376,3 +376,87 @@ def test_each_head_retrieves_on_its_own_and_the_ensemble_reranks(unified_one, tm
             best = sorted((pick(exact[x]) for x in pool), reverse=True)[:5]
             np.testing.assert_allclose(sorted(run.values(), reverse=True), best, atol=2e-3)
     assert set(runs["colbert"]) == {None, 16} and set(runs["sparse"]) == {None}
+
+
+def ddp_inputs(B=2, k=2, H=8):
+    """Two ranks' (queries, passages, tokens, keys): random outputs of the three heads, passages of different
+    padded lengths per rank, and a passage of rank 1 that is rank 0's query 0's positive again (masked)."""
+    import torch
+
+    from m3tune.training.data import key_hash
+
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for r, (lq, lp) in enumerate(((5, 6), (4, 7))):
+        n = B * (1 + k)
+        q = (torch.randn(B, H, generator=g), torch.rand(B, lq, generator=g), torch.randn(B, lq - 1, H, generator=g))
+        p = (torch.randn(n, H, generator=g), torch.rand(n, lp, generator=g), torch.randn(n, lp - 1, H, generator=g))
+        q_tok = {"input_ids": torch.randint(0, 12, (B, lq), generator=g), "attention_mask": torch.ones(B, lq, dtype=torch.long)}
+        p_tok = {"input_ids": torch.randint(0, 12, (n, lp), generator=g), "attention_mask": torch.ones(n, lp, dtype=torch.long)}
+        p_tok["attention_mask"][1, lp - 2:] = 0
+        names = [f"pos{r}{i}" for i in range(B)] + [f"neg{r}{i}" for i in range(B * k)]
+        if r == 1:
+            names[B] = "pos00"
+        keys = dict(pos_keys=torch.tensor([[key_hash(f"pos{r}{i}")] for i in range(B)]),
+                    col_keys=torch.tensor([key_hash(x) for x in names]), col_valid=torch.ones(n, dtype=torch.bool))
+        out.append((q, p, q_tok, p_tok, keys))
+    return out
+
+
+def test_two_processes_gather_every_head_or_keep_colbert_local(tmp_path):
+    """Gathered: the two ranks' mean loss is one process's over both ranks' queries and passages. ColBERT
+    local: the ColBERT, ensemble and distillation terms are each rank's own batch alone; the dense and sparse
+    ones still see every rank's passages."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import torch.nn.functional as F
+
+    from m3tune.training.loss import Unified, unified_info_nce
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).parent / "unified_ddp.py"), str(tmp_path / "parts.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = torch.load(tmp_path / "parts.pt")
+    inputs = ddp_inputs()
+    settings = Unified(temperatures=(0.05, 0.1, 0.2), special_ids=(0, 1, 2, 3))
+
+    def run(q, p, q_tok, p_tok, keys):
+        loss, per = unified_info_nce(q, p, q_tokens=q_tok, p_tokens=p_tok, **keys, dims=[8, 4], weights=[1.0, 0.5],
+                                     settings=settings, cross_device=False)
+        return {"loss": loss.item(), **{str(k): v.item() for k, v in per.items()}}
+
+    def pad(t, length):
+        return F.pad(t, [0, 0] * (t.dim() - 2) + [0, length - t.shape[1]])
+
+    # one process, both ranks' queries; the passages as the positives first (its targets), then the negatives
+    (q0, p0, qt0, pt0, k0), (q1, p1, qt1, pt1, k1) = inputs
+    B = q0[0].shape[0]
+    lq, lp = max(qt0["input_ids"].shape[1], qt1["input_ids"].shape[1]), max(pt0["input_ids"].shape[1],
+                                                                               pt1["input_ids"].shape[1])
+
+    def both(a, b, length=None, positives_first=False):
+        a, b = (a, b) if length is None else (pad(a, length), pad(b, length))
+        return torch.cat([a[:B], b[:B], a[B:], b[B:]]) if positives_first else torch.cat([a, b])
+
+    q = tuple(both(x, y, None if i == 0 else lq - (i == 2)) for i, (x, y) in enumerate(zip(q0, q1)))
+    p = tuple(both(x, y, None if i == 0 else lp - (i == 2), True) for i, (x, y) in enumerate(zip(p0, p1)))
+    q_tok = {key: both(qt0[key], qt1[key], lq) for key in qt0}
+    p_tok = {key: both(pt0[key], pt1[key], lp, True) for key in pt0}
+    keys = dict(pos_keys=torch.cat([k0["pos_keys"], k1["pos_keys"]]),
+                col_keys=both(k0["col_keys"], k1["col_keys"], positives_first=True),
+                col_valid=both(k0["col_valid"], k1["col_valid"], positives_first=True))
+    single = run(q, p, q_tok, p_tok, keys)
+    for name in single:
+        assert (ranks[0]["gathered"][name] + ranks[1]["gathered"][name]) / 2 == pytest.approx(single[name], rel=1e-5), name
+    for r in range(2):
+        alone = run(*inputs[r])  # the rank's own batch, no other rank's passages
+        for name in ("colbert", "ensemble", "distill"):
+            assert ranks[r]["local"][name] == pytest.approx(alone[name], rel=1e-5), (r, name)
+        for name in ("sparse", "8", "4"):
+            assert ranks[r]["local"][name] == pytest.approx(ranks[r]["gathered"][name], rel=1e-6), (r, name)
+        assert ranks[r]["local"]["colbert"] != pytest.approx(ranks[r]["gathered"]["colbert"], rel=1e-3)
