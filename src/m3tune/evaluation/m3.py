@@ -149,7 +149,8 @@ def encoded(model: M3Model, path: str, queries: Sequence[str], passages: Sequenc
     """(queries', passages' M3Vectors), computed once per process for the three specs of one folder."""
     import hashlib
 
-    key = (path, model.encoder.fingerprint, hashlib.sha256("\x00".join([*queries, "\x01", *passages]).encode()).hexdigest())
+    texts = "\x00".join([*queries, "\x01", *passages]).encode()
+    key = (path, model.encoder.fingerprint, hashlib.sha256(texts).hexdigest())
     if key not in _ENCODED:
         _ENCODED.clear()  # one folder's vectors at a time: they are large
         _ENCODED[key] = (model.encode(queries, queries=True), model.encode(passages, queries=False))

@@ -135,8 +135,9 @@ def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best:
         heads_note = (f"\nBGE-M3's sparse (`sparse_linear.pt`) and multi-vector (`colbert_linear.pt`) heads "
                       f"({'from the base model' if trained_heads == 'loaded' else 'created fresh'}) were trained "
                       "with the encoder (unified loss with self-distillation, weights in the config below); "
-                      "`FlagEmbedding.BGEM3FlagModel(PATH)` loads all three heads. Matryoshka truncation applies "
-                      "to the dense head only.\n")
+                      f"`FlagEmbedding.BGEM3FlagModel(PATH, pooling_method=\"{profile.pooling}\")` loads all three "
+                      "heads (give it the texts as prepared above). Matryoshka truncation applies to the dense "
+                      "head only.\n")
     pooling_text = "CLS pooling" if profile.pooling == "cls" else "Mean pooling"
     pool_how = "take `last_hidden_state[:, 0]`" if profile.pooling == "cls" else \
         "average `last_hidden_state` over the attention mask"

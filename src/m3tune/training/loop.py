@@ -742,7 +742,8 @@ def save(s: Session) -> dict[str, Any] | None:
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         for row in s.history:
             f.write(json.dumps(row) + "\n")
-    result = {"counts": {**data, "stopped_early": s.stopped_early, "heads_copied": heads},
+    result = {"counts": {**data, "stopped_early": s.stopped_early, "heads_copied": heads,
+                         "heads_trained": s.heads_source},
               "metrics": {"before": s.before, "best": s.best,
                           "final_loss": next((h["loss"] for h in reversed(s.history) if h["kind"] == "train"), None)}}
     (out / "result.json").write_text(json.dumps(result))
