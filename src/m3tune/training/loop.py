@@ -96,13 +96,13 @@ def _precision(cfg) -> str:
 
 
 def setup(cfg, *, root_uri: str, work: Path) -> Session:
+    from dataclasses import replace
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, set_seed
     from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
     from transformers.utils import logging as hf_logging
-
-    from dataclasses import replace
 
     from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.profiles import profile_of, resolve
