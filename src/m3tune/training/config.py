@@ -37,6 +37,27 @@ class TrainConfig(ProfileFields):
                                   "than this share of one query type's examples out (shared positives conflict)")
     cross_device_negatives: bool = Field(default=True, description="score each query against the passages of "
                                          "every process's batch (all-gather), not only its own")
+    # unified BGE-M3 training (m3tune.training.loss.unified_info_nce; defaults: FlagEmbedding 1.4's M3 model)
+    unified: bool = Field(default=False, description="train BGE-M3's three heads together: dense (Matryoshka "
+                          "dims), sparse and multi-vector (ColBERT), with self-distillation from their ensemble; "
+                          "the heads come from the base model's sparse_linear.pt / colbert_linear.pt, else "
+                          "fresh (seeded)")
+    ensemble_weights: list[float] = Field(default=[1.0, 0.3, 1.0], description="unified: weights of the dense, "
+                                          "sparse and ColBERT scores in the ensemble score", json_schema_extra={
+                                              "cli": "ensemble-weight"})
+    head_loss_weights: list[float] = Field(default=[1.0, 0.1, 1.0], description="unified: weights of the dense, "
+                                           "sparse and ColBERT InfoNCE (and distillation) losses",
+                                           json_schema_extra={"cli": "head-loss-weight"})
+    self_distill: bool = Field(default=True, description="unified: the ensemble's score distribution teaches each "
+                               "head (self-knowledge distillation)")
+    sparse_temperature: float | None = Field(default=None, gt=0, description="unified: temperature of the sparse "
+                                             "scores (default: temperature)")
+    colbert_temperature: float | None = Field(default=None, gt=0, description="unified: temperature of the "
+                                              "ColBERT scores (default: temperature)")
+    colbert_gather_mb: int = Field(default=2048, ge=0, description="unified, several processes: gather every "
+                                   "process's passage token vectors for the ColBERT loss while they take at most "
+                                   "this many MB; beyond, the ColBERT loss, the ensemble and the distillation use "
+                                   "this process's passages only")
     query_max_length: int = Field(default=128, ge=8, description="tokens per query")
     passage_max_length: int = Field(default=512, ge=8, description="tokens per passage")
     batch_size: int = Field(default=32, ge=1, description="examples per process per micro-batch")
@@ -107,6 +128,10 @@ class TrainConfig(ProfileFields):
             raise ValueError(f"dims must be distinct positive integers, got {self.dims}")
         if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
             raise ValueError(f"dim_weights has {len(self.dim_weights)} values but dims has {len(self.dims)}")
+        for name in ("ensemble_weights", "head_loss_weights"):
+            values = getattr(self, name)
+            if len(values) != 3 or any(v < 0 for v in values):
+                raise ValueError(f"{name}: give 3 weights >= 0 (dense, sparse, colbert), got {values}")
         if self.select_dim not in (None, "mean") and self.select_dim not in self.dims:
             raise ValueError(f"select_dim {self.select_dim} is not one of dims {self.dims} (or give mean)")
         if self.deepspeed is not None and self.gradcache_chunk:

@@ -114,7 +114,8 @@ def plot_curves(history: list[dict[str, Any]], dims: list[int], out: Path,
 
 
 def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best: dict[str, Any] | None,
-               before: dict[str, Any] | None, heads: list[str], hidden: int, dims: list[int], profile) -> str:
+               before: dict[str, Any] | None, heads: list[str], hidden: int, dims: list[int], profile,
+               trained_heads: str | None = None) -> str:
     rows = []
     for dim in dims:
         b = (before or {}).get(str(dim), {})
@@ -130,6 +131,13 @@ def model_card(*, base: str, config: dict[str, Any], data: dict[str, Any], best:
     heads_note = (f"\nThe base model's {', '.join(heads)} (BGE-M3's sparse and ColBERT heads) were copied "
                   "unchanged: **they were not retrained** and do not match the fine-tuned encoder's hidden "
                   "states as well as they matched the base model's.\n" if heads else "")
+    if trained_heads:  # unified training: "loaded" (from the base model) or "fresh" (seeded)
+        heads_note = (f"\nBGE-M3's sparse (`sparse_linear.pt`) and multi-vector (`colbert_linear.pt`) heads "
+                      f"({'from the base model' if trained_heads == 'loaded' else 'created fresh'}) were trained "
+                      "with the encoder (unified loss with self-distillation, weights in the config below); "
+                      f"`FlagEmbedding.BGEM3FlagModel(PATH, pooling_method=\"{profile.pooling}\")` loads all three "
+                      "heads (give it the texts as prepared above). Matryoshka truncation applies to the dense "
+                      "head only.\n")
     pooling_text = "CLS pooling" if profile.pooling == "cls" else "Mean pooling"
     pool_how = "take `last_hidden_state[:, 0]`" if profile.pooling == "cls" else \
         "average `last_hidden_state` over the attention mask"

@@ -96,6 +96,8 @@ def _precision(cfg) -> str:
 
 
 def setup(cfg, *, root_uri: str, work: Path) -> Session:
+    from dataclasses import replace
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, set_seed
@@ -150,6 +152,10 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     dims = sorted(cfg.dims, reverse=True)
     weights = cfg.dim_weights or [1.0] * len(cfg.dims)
     weights = [weights[cfg.dims.index(d)] for d in dims]
+    unified, heads_source = None, None
+    if cfg.unified:
+        model, unified, heads_source = _unified_model(cfg, model, tokenizer, path)
+        profile = replace(profile, heads=("dense", "sparse", "colbert"))
     if cfg.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else _on_cuda()
@@ -196,6 +202,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
                 plans=plans, steps_in=steps_in, total_steps=total_steps, horizon=horizon, dims=dims,
                 weights=weights, hidden=hidden, profile=profile, precision=precision, checkpointing=checkpointing,
                 chunk=chunk, memory_line=memory_line, base_path=path, key=key, digest=_key_digest(key), step=0,
+                unified=unified, heads_source=heads_source,
                 history=[], best=None, bad_evals=0, before=None, stopped_early=False, started=time.time(),
                 examples_seen=0)
     if latest:
@@ -207,6 +214,26 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
                  f"; resumed at step {s.step}" if s.step else "")
         log.info("train: %s", memory_line)
     return s
+
+
+def _unified_model(cfg, model, tokenizer, path: str):
+    """(the encoder with BGE-M3's sparse and ColBERT heads as one module, the unified loss's settings, "loaded"
+    or "fresh"): the tokenizer is checked against the heads' vocabulary before any training."""
+    from m3tune.training import heads
+    from m3tune.training.loss import Unified
+
+    folder = heads.locate(path)
+    heads.check_vocabulary(tokenizer, embedding_rows=model.get_input_embeddings().num_embeddings, folder=folder,
+                           model=cfg.model)
+    sparse, colbert, source = heads.load_or_create(folder, int(model.config.hidden_size), seed=cfg.seed)
+    log.info("train: unified: %s sparse and ColBERT heads%s", source, f" from {folder}" if source == "loaded" else "")
+    settings = Unified(ensemble_weights=tuple(cfg.ensemble_weights), loss_weights=tuple(cfg.head_loss_weights),
+                       temperatures=(cfg.temperature, cfg.sparse_temperature or cfg.temperature,
+                                     cfg.colbert_temperature or cfg.temperature),
+                       self_distill=cfg.self_distill, special_ids=tuple(heads.special_ids(tokenizer)),
+                       colbert_gather_bytes=cfg.colbert_gather_mb << 20)
+    wrapped = heads.UnifiedModel(model, sparse, colbert, vocabulary=heads.vocabulary_digest(tokenizer))
+    return wrapped, settings, source
 
 
 def _validation_data(cfg, root, combine, val_examples):
@@ -297,7 +324,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 def train(s: Session) -> None:
     import torch
 
-    from m3tune.training.loss import encode, gradcache_backward, matryoshka_info_nce
+    from m3tune.training.loss import encode, encode_unified, gradcache_backward, matryoshka_info_nce, unified_info_nce
 
     cfg, acc = s.cfg, s.accelerator
     if s.stopped_early:  # resumed after the early stop: nothing left to train
@@ -326,6 +353,10 @@ def train(s: Session) -> None:
                                 col_valid=batch.col_valid.to(acc.device))
 
                     def loss_fn(q, p):
+                        if s.unified:  # q, p: encode_unified's (dense, sparse weights, multi-vectors)
+                            return unified_info_nce(q, p, q_tokens=q_tok, p_tokens=p_tok, **keys, dims=s.dims,
+                                                    weights=s.weights, settings=s.unified,
+                                                    cross_device=cfg.cross_device_negatives)
                         return matryoshka_info_nce(q, p, **keys, dims=s.dims, weights=s.weights,
                                                    temperature=cfg.temperature,
                                                    cross_device=cfg.cross_device_negatives)
@@ -339,10 +370,11 @@ def train(s: Session) -> None:
                             loss, per_dim = gradcache_backward(
                                 s.model, q_tok, p_tok, chunk=s.chunk, loss_fn=loss_fn, backward=checked_backward,
                                 no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients,
-                                pooling=s.profile.pooling)
+                                pooling=s.profile.pooling, unified=s.unified is not None)
                         else:
                             pooling = s.profile.pooling
-                            loss, per_dim = loss_fn(encode(s.model, q_tok, pooling), encode(s.model, p_tok, pooling))
+                            embed = encode_unified if s.unified else encode
+                            loss, per_dim = loss_fn(embed(s.model, q_tok, pooling), embed(s.model, p_tok, pooling))
                             checked_backward(loss)
                         if acc.sync_gradients:
                             # the norm before clipping (DeepSpeed: its engine's global norm; None before its step)
@@ -688,7 +720,8 @@ def save(s: Session) -> dict[str, Any] | None:
     s.tokenizer.save_pretrained(model_dir)  # written once here: it never changes
     export.write_sentence_transformers_files(model_dir, hidden=s.hidden, max_seq_length=cfg.passage_max_length,
                                              profile=s.profile)
-    heads = export.copy_bge_m3_heads(s.base_path, model_dir)
+    # unified: the trained heads are in the saved weights' folder (heads.UnifiedModel.save_pretrained)
+    heads = [] if s.unified else export.copy_bge_m3_heads(s.base_path, model_dir)
     export.copy_notice(s.base_path, model_dir)
     export.plot_curves(s.history, s.dims, model_dir / export.CURVES, before=s.before)
     data = {"train_examples": len(s.train_examples),
@@ -703,12 +736,14 @@ def save(s: Session) -> dict[str, Any] | None:
             "mixed_precision": s.precision, "gradient_checkpointing": s.checkpointing,
             "gradcache_chunk": s.chunk or None, "memory_estimate": s.memory_line}
     card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
-                             before=s.before, heads=heads, hidden=s.hidden, dims=s.dims, profile=s.profile)
+                             before=s.before, heads=heads, hidden=s.hidden, dims=s.dims, profile=s.profile,
+                             trained_heads=s.heads_source)
     (model_dir / "README.md").write_text(card, encoding="utf-8")
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:
         for row in s.history:
             f.write(json.dumps(row) + "\n")
-    result = {"counts": {**data, "stopped_early": s.stopped_early, "heads_copied": heads},
+    result = {"counts": {**data, "stopped_early": s.stopped_early, "heads_copied": heads,
+                         "heads_trained": s.heads_source},
               "metrics": {"before": s.before, "best": s.best,
                           "final_loss": next((h["loss"] for h in reversed(s.history) if h["kind"] == "train"), None)}}
     (out / "result.json").write_text(json.dumps(result))
