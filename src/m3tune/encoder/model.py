@@ -22,6 +22,16 @@ from m3tune.errors import UserError
 log = logging.getLogger("m3tune.encoder")
 
 
+def pool(hidden, attention_mask, pooling: Pooling):
+    """The dense vector before normalisation: the first token's hidden state (CLS: BGE-M3), or the mean of
+    the unpadded tokens' (mean: e5). The encoder, the training loss and the BGE-M3 heads' evaluation all
+    pool through this one function, so they cannot drift apart."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 class Encoder:
     """A dense encoder with its profile (pooling, prompts, length: `m3tune.encoder.profiles`); the
     keyword arguments left None take the model's profile."""
@@ -107,12 +117,8 @@ class Encoder:
                 mask_t = torch.from_numpy(mask).to(self.device)
                 hidden = self.model(input_ids=torch.from_numpy(ids).to(self.device),
                                     attention_mask=mask_t).last_hidden_state
-                if self.pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    m = mask_t.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-                out[rows] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+                out[rows] = torch.nn.functional.normalize(pool(hidden, mask_t, self.pooling).float(),
+                                                          dim=-1).cpu().numpy()
         return out
 
     def _batches(self, texts: list[str]):

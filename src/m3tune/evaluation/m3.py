@@ -48,8 +48,9 @@ class M3Model:
             raise UserError(f"{path}: no {heads.SPARSE_FILE} / {heads.COLBERT_FILE}: not a BGE-M3 model with "
                             "sparse and multi-vector heads (train with unified: true, or use BAAI/bge-m3)")
         param = next(encoder.model.parameters())
-        self.sparse_linear = sparse.to(param.device, param.dtype).eval()
-        self.colbert_linear = colbert.to(param.device, param.dtype).eval()
+        # the very forward training used (heads.UnifiedModel): ReLU(sparse_linear), colbert_linear after CLS
+        self.model = heads.UnifiedModel(encoder.model, sparse.to(param.device, param.dtype),
+                                        colbert.to(param.device, param.dtype)).eval()
         self.special = heads.special_ids(encoder.tokenizer)
         self.vocabulary = int(encoder.model.get_input_embeddings().num_embeddings)
 
@@ -57,6 +58,8 @@ class M3Model:
         import torch
         import torch.nn.functional as F
         from scipy import sparse as sp
+
+        from m3tune.encoder.model import pool
 
         enc, n = self.encoder, len(texts)
         dense = np.zeros((n, enc.dim), dtype=np.float32)
@@ -66,16 +69,12 @@ class M3Model:
         with torch.inference_mode():
             for batch, ids, mask in enc._batches([enc.profile.prepare(t, queries=queries) for t in texts]):
                 ids_t, mask_t = torch.from_numpy(ids).to(enc.device), torch.from_numpy(mask).to(enc.device)
-                hidden = enc.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
-                if enc.pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    m = mask_t.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-                dense[batch] = F.normalize(pooled.float(), dim=-1).cpu().numpy()
-                weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1).float().cpu()
+                out = self.model(input_ids=ids_t, attention_mask=mask_t)
+                dense[batch] = F.normalize(pool(out.last_hidden_state, mask_t, enc.pooling).float(),
+                                           dim=-1).cpu().numpy()
+                weights = out.sparse.float().cpu()
                 weights = weights * (torch.from_numpy(mask).bool() & ~torch.isin(torch.from_numpy(ids), special))
-                vectors = F.normalize(self.colbert_linear(hidden[:, 1:]).float(), dim=-1).cpu().numpy()
+                vectors = F.normalize(out.colbert.float(), dim=-1).cpu().numpy()
                 for j, row in enumerate(batch):
                     length = int(mask[j].sum())
                     colbert[row] = vectors[j, :length - 1].astype(np.float16)

@@ -26,22 +26,19 @@ from dataclasses import dataclass
 def encode(model, tokens: dict, pooling: str = "cls"):
     """The dense vector before normalisation: the first token's hidden state (CLS: BGE-M3), or the mean of
     the unpadded tokens' (mean: e5), as m3tune's Encoder pools them."""
+    from m3tune.encoder.model import pool
+
     hidden = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-    return _pool(hidden, tokens["attention_mask"], pooling)
-
-
-def _pool(hidden, attention_mask, pooling: str):
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return pool(hidden, tokens["attention_mask"], pooling)
 
 
 def encode_unified(model, tokens: dict, pooling: str = "cls"):
     """(dense vector before normalisation, sparse weight of each token (N, L), multi-vector of each token after
     CLS before normalisation (N, L-1, H)) from a heads.UnifiedModel: what GradCache caches per text."""
+    from m3tune.encoder.model import pool
+
     out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    return _pool(out.last_hidden_state, tokens["attention_mask"], pooling), out.sparse, out.colbert
+    return pool(out.last_hidden_state, tokens["attention_mask"], pooling), out.sparse, out.colbert
 
 
 def gather(tensor, *, with_grad: bool):
