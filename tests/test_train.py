@@ -296,6 +296,18 @@ def test_gradcache_run_follows_the_plain_curve(tmp_path, quran_pairs, tiny_model
     np.testing.assert_allclose(_losses(_history(root)), _losses(reference), rtol=1e-4)
 
 
+def test_run_without_length_groups_follows_the_grouped_curve(tmp_path, quran_pairs, tiny_model, reference):
+    """length_group 0 (one pass over the batch padded to its longest text) gives the losses of the default
+    length-sorted groups: grouping changes only how much padding is encoded."""
+    from m3tune.context import StepContext
+    from m3tune.training.step import train
+
+    root = _root_with_data(str(tmp_path / "runs" / "ungrouped"), quran_pairs)
+    train(StepContext(root=root, name="train"), **{**SHORT, "batch_size": 8, "length_group": 0,
+                                                   "model": tiny_model, "workdir": str(tmp_path / "work")})
+    np.testing.assert_allclose(_losses(_history(root)), _losses(reference), rtol=1e-4)
+
+
 def test_killed_run_resumes_from_s3_checkpoint_with_the_same_curve(tmp_path, quran_pairs, tiny_model, reference,
                                                                     s3_bucket, s3_endpoint):
     """A pod killed mid-run (SIGKILL) and restarted elsewhere (an empty local folder) continues the curve."""
@@ -459,6 +471,43 @@ def test_gradcache_gives_the_full_batch_gradient(quran_pairs, tiny_model, tmp_pa
     assert full.keys() == gc.keys()
     for name in full:
         torch.testing.assert_close(gc[name], full[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_length_groups_give_the_one_pass_embeddings_and_gradient(quran_pairs, tiny_model, tmp_path, side):
+    """Texts encoded in length-sorted groups, each trimmed to its longest (whichever side the tokenizer pads),
+    come back in the batch's order with the one-pass embeddings, loss and gradient, and less padding."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from m3tune.training.data import collate, read_examples
+    from m3tune.training.lengths import encode_by_length, padding_share
+    from m3tune.training.loss import matryoshka_info_nce
+
+    root = _root_with_data(str(tmp_path / "runs" / "lengths"), quran_pairs)
+    examples = read_examples(root.child("combine"), "train.jsonl")[:8]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, padding_side=side)
+    batch = collate(examples, list(range(8)), tokenizer, negatives=3, seed=1, epoch=0, query_max_length=32,
+                    passage_max_length=64)
+    assert padding_share(batch.passages, 5) < padding_share(batch.passages, 0)
+    results = []
+    for group in (0, 5):
+        model = AutoModel.from_pretrained(tiny_model, add_pooling_layer=False).train()
+        q = encode_by_length(model, batch.queries, "cls", group=group)
+        p = encode_by_length(model, batch.passages, "mean", group=group)
+        loss, _ = matryoshka_info_nce(q, p, pos_keys=batch.pos_keys, col_keys=batch.col_keys,
+                                      col_valid=batch.col_valid, dims=DIMS, weights=[1, 1, 1], temperature=0.05,
+                                      cross_device=False)
+        loss.backward()
+        results.append((q.detach(), p.detach(), loss.item(),
+                        {n: w.grad.clone() for n, w in model.named_parameters() if w.grad is not None}))
+    (q0, p0, loss0, grads0), (q5, p5, loss5, grads5) = results
+    torch.testing.assert_close(q5, q0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p5, p0, rtol=1e-4, atol=1e-5)
+    assert loss5 == pytest.approx(loss0, rel=1e-5)
+    assert grads0.keys() == grads5.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads5[name], grads0[name], rtol=1e-3, atol=1e-5)  # summation order
 
 
 def test_shipped_deepspeed_configs_are_valid_and_cannot_replace_the_schedule(tmp_path):

@@ -297,7 +297,8 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 def train(s: Session) -> None:
     import torch
 
-    from m3tune.training.loss import encode, gradcache_backward, matryoshka_info_nce
+    from m3tune.training.lengths import encode_by_length
+    from m3tune.training.loss import gradcache_backward, matryoshka_info_nce
 
     cfg, acc = s.cfg, s.accelerator
     if s.stopped_early:  # resumed after the early stop: nothing left to train
@@ -341,8 +342,9 @@ def train(s: Session) -> None:
                                 no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients,
                                 pooling=s.profile.pooling)
                         else:
-                            pooling = s.profile.pooling
-                            loss, per_dim = loss_fn(encode(s.model, q_tok, pooling), encode(s.model, p_tok, pooling))
+                            pooling, group = s.profile.pooling, cfg.length_group
+                            loss, per_dim = loss_fn(encode_by_length(s.model, q_tok, pooling, group=group),
+                                                    encode_by_length(s.model, p_tok, pooling, group=group))
                             checked_backward(loss)
                         if acc.sync_gradients:
                             # the norm before clipping (DeepSpeed: its engine's global norm; None before its step)
