@@ -3,6 +3,7 @@ in MatryoshkaLoss), same model, real Quran and Bukhari pairs, texts, batch, leng
 
     .venv/bin/python benchmarks/bench_train.py [--model local:e5-small] [--batch 16] [--steps 10]
         [--max-length 256] [--rounds 2] [--threads 1] [--option length_group=0]
+        [--variant length_group=0]
 
 Each contender runs in a fresh process, in turn, ROUNDS times; see m3tune.training.bench for what is
 measured. The GPU counterpart is `m3tune bench train --gpu`.
@@ -30,16 +31,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in both processes")
     parser.add_argument("--option", action="append", default=[], metavar="FIELD=JSON",
                         help="a TrainConfig field for m3tune's run, e.g. length_group=0")
+    parser.add_argument("--variant", action="append", default=[], metavar="FIELD=JSON[,FIELD=JSON]",
+                        help="one more m3tune run in the rotation with these fields, e.g. freeze_embeddings=true")
     args = parser.parse_args()
     import sentence_transformers
     import torch
 
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}
+    variants = {v: {k: json.loads(x) for k, x in (f.split("=", 1) for f in v.split(","))} for v in args.variant}
     started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory(prefix="m3tune-bench-train-") as tmp:
         result = compare_cpu(workdir=Path(tmp), model=args.model, batch=args.batch, steps=args.steps,
                              max_length=args.max_length, rounds=args.rounds, options=options,
-                             threads=args.threads)
+                             variants=variants, threads=args.threads)
     result["started"] = started
     result["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                           "sentence-transformers": sentence_transformers.__version__}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -127,6 +128,9 @@ def run_m3tune(root_uri: str, *, model: str, batch: int, steps: int, dims: list[
     # Like the peer's clock (its model and dataset are built before it), ours starts once the model is
     # loaded; it still covers our validation before and after training and the final checkpoint.
     session = loop.setup(config, root_uri=root_uri, work=Path(workdir))
+    if session.step:
+        raise RuntimeError(f"{root_uri} holds checkpoints of an earlier run: this one would resume at step "
+                           f"{session.step}, not train {steps} steps")
     rss_loaded = _peak_rss_mb()
     t0 = time.perf_counter()
     loop.train(session)
@@ -213,11 +217,13 @@ def default_dims(model: str) -> tuple[int, ...]:
 def compare_cpu(*, workdir: Path, model: str = "local:e5-small", batch: int = 16, steps: int = 10,
                 dims: tuple[int, ...] | None = None, temperature: float = 0.05, max_length: int = 256,
                 negatives: int = 3, n_train: int = 1200, n_val: int = 32, rounds: int = 1,
-                options: dict | None = None, threads: int | None = None, log=print) -> dict[str, Any]:
+                options: dict | None = None, variants: dict[str, dict] | None = None, threads: int | None = None,
+                log=print) -> dict[str, Any]:
     """Both contenders, each in a fresh process, on the same data, ROUNDS times in turn (peer, m3tune, peer, ...:
     on shared cores the load drifts, so their figures alternate): every run's figures and the ratios of the
-    medians. OPTIONS: TrainConfig fields for m3tune's run (e.g. {"length_group": 0}). THREADS: torch's
-    threads in both processes (OMP_NUM_THREADS; default torch's own, one per core)."""
+    medians. OPTIONS: TrainConfig fields for m3tune's run (e.g. {"length_group": 0}); VARIANTS: more m3tune
+    runs in the same rotation, by name, each with its own fields (what one change gives). THREADS: torch's
+    threads in every process (OMP_NUM_THREADS; default torch's own, one per core)."""
     import os
 
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -226,12 +232,16 @@ def compare_cpu(*, workdir: Path, model: str = "local:e5-small", batch: int = 16
     prepare(root, n_train=n_train, n_val=n_val)
     common = dict(model=model, batch=batch, steps=steps, dims=list(dims), temperature=temperature,
                   max_length=max_length, negatives=negatives)
-    settings = dict(common, n_train=n_train, options=options or {}, threads=threads)
-    runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+    settings = dict(common, n_train=n_train, options=options or {}, variants=variants or {}, threads=threads)
+    contenders = [(name, function, options if name == "m3tune" else None) for name, function in CONTENDERS.items()]
+    contenders += [(f"m3tune {label}", CONTENDERS["m3tune"], {**(options or {}), **fields})
+                   for label, fields in (variants or {}).items()]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in contenders}
     for r in range(rounds):
-        for name, function in CONTENDERS.items():
-            args = dict(common, workdir=str(workdir / f"work-{name}-{r}"),
-                        options=options if name == "m3tune" else None)
+        for n, (name, function, fields) in enumerate(contenders):
+            # m3tune's checkpoints from the run before would make this one resume (nothing left to train)
+            shutil.rmtree(Path(root) / "train", ignore_errors=True)
+            args = dict(common, workdir=str(workdir / f"work-{n}-{r}"), options=fields)
             code = ("import json, sys; from m3tune.training import bench; "
                     f"print('RESULT ' + json.dumps(bench.{function}({root!r}, **json.loads(sys.argv[1]))))")
             out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
