@@ -296,14 +296,14 @@ def test_gradcache_run_follows_the_plain_curve(tmp_path, quran_pairs, tiny_model
     np.testing.assert_allclose(_losses(_history(root)), _losses(reference), rtol=1e-4)
 
 
-def test_run_without_length_groups_follows_the_grouped_curve(tmp_path, quran_pairs, tiny_model, reference):
-    """length_group 0 (one pass over the batch padded to its longest text) gives the losses of the default
-    length-sorted groups: grouping changes only how much padding is encoded."""
+def test_run_in_length_groups_follows_the_one_pass_curve(tmp_path, quran_pairs, tiny_model, reference):
+    """Texts encoded in length-sorted groups of 5 give the losses of one pass over the batch padded to its
+    longest text (the tiny model's default): grouping changes only how much padding is encoded."""
     from m3tune.context import StepContext
     from m3tune.training.step import train
 
-    root = _root_with_data(str(tmp_path / "runs" / "ungrouped"), quran_pairs)
-    train(StepContext(root=root, name="train"), **{**SHORT, "batch_size": 8, "length_group": 0,
+    root = _root_with_data(str(tmp_path / "runs" / "grouped"), quran_pairs)
+    train(StepContext(root=root, name="train"), **{**SHORT, "batch_size": 8, "length_group": 5,
                                                    "model": tiny_model, "workdir": str(tmp_path / "work")})
     np.testing.assert_allclose(_losses(_history(root)), _losses(reference), rtol=1e-4)
 
@@ -706,6 +706,7 @@ def test_cpu_defaults_stay_fp32_without_checkpointing_or_chunks(trained):
     counts = manifest.counts
     assert counts["mixed_precision"] == "no" and counts["gradient_checkpointing"] is False
     assert counts["gradcache_chunk"] is None and counts["memory_estimate"].startswith("memory estimate:")
+    assert counts["length_group"] == 0  # the 32-wide test model: one pass (groups of 16 from 256 wide)
 
 
 def test_gradcache_matches_the_full_batch_with_dropout_accumulation_and_ddp(quran_pairs, tmp_path):

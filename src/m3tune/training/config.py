@@ -42,11 +42,13 @@ class TrainConfig(ProfileFields):
     batch_size: int = Field(default=32, ge=1, description="examples per process per micro-batch")
     gradient_accumulation: int = Field(default=2, ge=1, description="micro-batches per optimizer step (adds no "
                                        "in-batch negatives: use --gradcache-chunk for a larger contrastive batch)")
-    length_group: int = Field(default=16, ge=0, description="encode a batch's queries and passages sorted by "
-                              "length in groups of this many texts, each group padded only to its own longest: "
-                              "the same loss and the same batches, less of the encoder's work spent on padding "
-                              "(real passages: ~65% padding at 256 tokens, ~25% in groups of 16); 0: one pass "
-                              "padded to the batch's longest text. Not used with GradCache, whose chunks are its own")
+    length_group: int | None = Field(default=None, ge=0, description="encode a batch's queries and passages "
+                                     "sorted by length in groups of this many texts, each group padded only to "
+                                     "its own longest: the same loss and the same batches, less of the encoder's "
+                                     "work spent on padding (real passages: ~40% padding at 128 tokens, ~15% in "
+                                     "groups of 16); 0: one pass padded to the batch's longest text; default: "
+                                     "16 for a model at least 256 wide, else 0 (a tiny model's extra forward "
+                                     "passes cost more than its padding). Not used with GradCache")
     gradcache_chunk: int | None = Field(default=None, ge=0, description="GradCache: encode the batch in chunks of "
                                         "this many texts, so a large contrastive batch fits in small memory (0: "
                                         "off; default: off on CPU, sized from the free memory on CUDA)")
