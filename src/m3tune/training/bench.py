@@ -136,12 +136,14 @@ def run_m3tune(root_uri: str, *, model: str, batch: int, steps: int, dims: list[
     loop.train(session)
     loop.save(session)
     seconds = time.perf_counter() - t0
+    attention = session.accelerator.unwrap_model(session.model).config._attn_implementation
     loop.cleanup(session)
     # each step's time runs from the end of the one before (tokenizing included), validation and saving left out
     step_seconds = [batch / h["examples_per_s"] for h in session.history if h["kind"] == "train"]
     return {"seconds": seconds, "examples_per_s": batch * steps / seconds, "peak_rss_mb": _peak_rss_mb(),
             "rss_before_clock_mb": rss_loaded, "steps_only_examples_per_s": batch * steps / sum(step_seconds),
-            "steady_examples_per_s": _steady(batch, step_seconds), "step_seconds": step_seconds}
+            "steady_examples_per_s": _steady(batch, step_seconds), "step_seconds": step_seconds,
+            "attn_implementation": attention, "length_group": session.length_group}
 
 
 def run_sentence_transformers(root_uri: str, *, model: str, batch: int, steps: int, dims: list[int],
