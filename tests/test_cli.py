@@ -66,6 +66,9 @@ def test_run_then_status(tmp_path):
     (("run", "--root", "RUNS/r", "--force", "nope"), "not a pipeline step"),
     (("step", "ingest", "--root", "RUNS/r", "--source", "quran", "--source", "quran"), "each source may be given once"),
     (("step", "ingest", "--root", "RUNS/r", "--no-packaged", "--user-file", "RUNS"), "cannot read"),
+    # a benchmark asked for an absent model fails at once, before any data is built or anything trains
+    (("bench", "train", "--model", "local:e5-large"), "unknown local model"),
+    (("bench", "train", "--model", "RUNS/no-model"), "no such folder"),
 ])
 def test_user_errors_are_one_clear_line(tmp_path, args, message):
     args = tuple(a.replace("RUNS", str(tmp_path)) for a in args)

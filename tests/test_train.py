@@ -271,12 +271,13 @@ def reference(tmp_path_factory, quran_pairs, tiny_model):
 
 
 def test_two_gloo_processes_give_the_one_process_curve(tmp_path, quran_pairs, tiny_model, reference):
-    """2 processes x 4 examples with cross-device negatives = 1 process x 8 examples: same losses, same metrics."""
+    """2 processes x 4 examples with cross-device negatives = 1 process x 8 examples: same losses, same metrics
+    (the two processes encode in length groups, several forward passes before DDP's backward; the one does not)."""
     from m3tune.context import StepContext
     from m3tune.training.step import train
 
     root = _root_with_data(str(tmp_path / "runs" / "two"), quran_pairs)
-    train(StepContext(root=root, name="train"), **{**SHORT, "processes": 2, "model": tiny_model,
+    train(StepContext(root=root, name="train"), **{**SHORT, "processes": 2, "length_group": 5, "model": tiny_model,
                                                    "workdir": str(tmp_path / "work")})
     history = _history(root)
     np.testing.assert_allclose(_losses(history), _losses(reference), rtol=2e-3)
@@ -294,6 +295,18 @@ def test_gradcache_run_follows_the_plain_curve(tmp_path, quran_pairs, tiny_model
 
     root = _root_with_data(str(tmp_path / "runs" / "gc"), quran_pairs)
     train(StepContext(root=root, name="train"), **{**SHORT, "batch_size": 8, "gradcache_chunk": 12,
+                                                   "model": tiny_model, "workdir": str(tmp_path / "work")})
+    np.testing.assert_allclose(_losses(_history(root)), _losses(reference), rtol=1e-4)
+
+
+def test_run_in_length_groups_follows_the_one_pass_curve(tmp_path, quran_pairs, tiny_model, reference):
+    """Texts encoded in length-sorted groups of 5 give the losses of one pass over the batch padded to its
+    longest text (the tiny model's default): grouping changes only how much padding is encoded."""
+    from m3tune.context import StepContext
+    from m3tune.training.step import train
+
+    root = _root_with_data(str(tmp_path / "runs" / "grouped"), quran_pairs)
+    train(StepContext(root=root, name="train"), **{**SHORT, "batch_size": 8, "length_group": 5,
                                                    "model": tiny_model, "workdir": str(tmp_path / "work")})
     np.testing.assert_allclose(_losses(_history(root)), _losses(reference), rtol=1e-4)
 
@@ -461,6 +474,43 @@ def test_gradcache_gives_the_full_batch_gradient(quran_pairs, tiny_model, tmp_pa
     assert full.keys() == gc.keys()
     for name in full:
         torch.testing.assert_close(gc[name], full[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_length_groups_give_the_one_pass_embeddings_and_gradient(quran_pairs, tiny_model, tmp_path, side):
+    """Texts encoded in length-sorted groups, each trimmed to its longest (whichever side the tokenizer pads),
+    come back in the batch's order with the one-pass embeddings, loss and gradient, and less padding."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from m3tune.training.data import collate, read_examples
+    from m3tune.training.lengths import encode_by_length, padding_share
+    from m3tune.training.loss import matryoshka_info_nce
+
+    root = _root_with_data(str(tmp_path / "runs" / "lengths"), quran_pairs)
+    examples = read_examples(root.child("combine"), "train.jsonl")[:8]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, padding_side=side)
+    batch = collate(examples, list(range(8)), tokenizer, negatives=3, seed=1, epoch=0, query_max_length=32,
+                    passage_max_length=64)
+    assert padding_share(batch.passages, 5) < padding_share(batch.passages, 0)
+    results = []
+    for group in (0, 5):
+        model = AutoModel.from_pretrained(tiny_model, add_pooling_layer=False).train()
+        q = encode_by_length(model, batch.queries, "cls", group=group)
+        p = encode_by_length(model, batch.passages, "mean", group=group)
+        loss, _ = matryoshka_info_nce(q, p, pos_keys=batch.pos_keys, col_keys=batch.col_keys,
+                                      col_valid=batch.col_valid, dims=DIMS, weights=[1, 1, 1], temperature=0.05,
+                                      cross_device=False)
+        loss.backward()
+        results.append((q.detach(), p.detach(), loss.item(),
+                        {n: w.grad.clone() for n, w in model.named_parameters() if w.grad is not None}))
+    (q0, p0, loss0, grads0), (q5, p5, loss5, grads5) = results
+    torch.testing.assert_close(q5, q0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p5, p0, rtol=1e-4, atol=1e-5)
+    assert loss5 == pytest.approx(loss0, rel=1e-5)
+    assert grads0.keys() == grads5.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads5[name], grads0[name], rtol=1e-3, atol=1e-5)  # summation order
 
 
 def test_shipped_deepspeed_configs_are_valid_and_cannot_replace_the_schedule(tmp_path):
@@ -659,6 +709,7 @@ def test_cpu_defaults_stay_fp32_without_checkpointing_or_chunks(trained):
     counts = manifest.counts
     assert counts["mixed_precision"] == "no" and counts["gradient_checkpointing"] is False
     assert counts["gradcache_chunk"] is None and counts["memory_estimate"].startswith("memory estimate:")
+    assert counts["length_group"] == 0  # the 32-wide test model: one pass (groups of 16 from 256 wide)
 
 
 def test_gradcache_matches_the_full_batch_with_dropout_accumulation_and_ddp(quran_pairs, tmp_path):

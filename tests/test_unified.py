@@ -182,6 +182,49 @@ def test_gradcache_gives_the_full_batch_gradient_for_all_three_heads(quran_pairs
         torch.testing.assert_close(gc[name], full[name], rtol=1e-4, atol=1e-6)
 
 
+def test_length_groups_give_the_one_pass_outputs_and_gradient_for_all_three_heads(quran_pairs, tiny_model, tmp_path):
+    """Encoded in length-sorted groups (training.lengths), the per-token sparse weights and multi-vectors come
+    back at their columns of the full width: the same three outputs, loss and gradient as one pass."""
+    import torch
+
+    from m3tune.training.lengths import encode_by_length, padding_share
+    from m3tune.training.loss import encode_unified, unified_info_nce
+
+    from m3tune.training.data import collate, read_examples
+
+    tokenizer = _unified(tiny_model)[0]
+    examples = read_examples(_root_with_data(str(tmp_path / "r"), quran_pairs).child("combine"), "train.jsonl")[:8]
+    batch = collate(examples, list(range(8)), tokenizer, negatives=2, seed=1, epoch=0, query_max_length=32,
+                    passage_max_length=160)
+    assert padding_share(batch.passages, 3) < padding_share(batch.passages, 0)
+    settings = _settings(tokenizer)
+    runs = []
+    for group in (0, 3):
+        model = _unified(tiny_model)[1].train()
+        q, p = (encode_by_length(model, t, "cls", group=group, encode=encode_unified)
+                for t in (batch.queries, batch.passages))
+        loss, _ = unified_info_nce(q, p, q_tokens=batch.queries, p_tokens=batch.passages, pos_keys=batch.pos_keys,
+                                   col_keys=batch.col_keys, col_valid=batch.col_valid, dims=DIMS,
+                                   weights=[1, 1, 1], settings=settings, cross_device=False)
+        loss.backward()
+        runs.append(([t.detach() for t in (*q, *p)], loss.item(),
+                     {n: w.grad.clone() for n, w in model.named_parameters() if w.grad is not None}))
+    (out0, loss0, grads0), (out3, loss3, grads3) = runs
+    # at padding one pass leaves what the heads make of a pad token and the groups zeros: both masked
+    q_mask, p_mask = batch.queries["attention_mask"], batch.passages["attention_mask"]
+    real = [None, q_mask, q_mask[:, 1:], None, p_mask, p_mask[:, 1:]]
+    for a, b, m in zip(out3, out0, real):
+        assert a.shape == b.shape
+        if m is not None:
+            m = m.bool() if a.dim() == 2 else m.bool()[..., None]
+            a, b = a * m, b * m
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert loss3 == pytest.approx(loss0, rel=1e-5)
+    assert {"sparse_linear.weight", "colbert_linear.weight"} <= grads0.keys() == grads3.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads3[name], grads0[name], rtol=1e-3, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ training runs
 
 @pytest.fixture(scope="module")

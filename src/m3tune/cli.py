@@ -656,11 +656,17 @@ app.add_typer(bench_app, name="bench")
 def bench_train(
     gpu: Annotated[bool, typer.Option("--gpu", help="BGE-M3's full architecture (random weights) on the GPU: "
                                       "tokens/s and MFU at sequence length 512. Without it: m3tune's loop against "
-                                      "sentence-transformers' trainer on CPU with the tiny model.")] = False,
+                                      "sentence-transformers' trainer on CPU.")] = False,
+    model: Annotated[str, typer.Option("--model", help="CPU: the model both trainers train (local:tiny-xlmr: "
+                                       "seconds; local:e5-small: minutes).")] = "local:e5-small",
     batch: Annotated[Optional[int], typer.Option(help="Examples per step (GPU default 8 queries + 8 passages; "
-                                                 "CPU default 32).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Timed steps (GPU default 10, CPU default 30).")] = None,
-    seq: Annotated[int, typer.Option(help="GPU: tokens per sequence.")] = 512,
+                                                 "CPU default 16).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Timed steps (GPU default 10, CPU default 10).")] = None,
+    seq: Annotated[Optional[int], typer.Option(help="Tokens per sequence (GPU default 512, CPU default 256).")]
+    = None,
+    rounds: Annotated[int, typer.Option(min=1, help="CPU: runs of each contender, in turn.")] = 1,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU: torch threads in both processes (default: "
+                                                   "one per core).")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(help="GPU: recompute activations.")] = False,
     peak_tflops: Annotated[Optional[float], typer.Option(help="GPU: the card's dense bf16 peak for MFU "
                                                          "(default: from its name).")] = None,
@@ -674,11 +680,14 @@ def bench_train(
 
     _setup(False, None)
     if gpu:
-        result = bench.gpu_throughput(batch=batch or 8, steps=steps or 10, seq=seq,
+        result = bench.gpu_throughput(batch=batch or 8, steps=steps or 10, seq=seq or 512,
                                       gradient_checkpointing=gradient_checkpointing, peak_tflops=peak_tflops)
     else:
+        dims = bench.default_dims(model)  # an absent model fails here, at once
         with tempfile.TemporaryDirectory(prefix="m3tune-bench-") as tmp:
-            result = bench.compare_cpu(workdir=workdir or Path(tmp), batch=batch or 32, steps=steps or 30)
+            result = bench.compare_cpu(workdir=workdir or Path(tmp), model=model, dims=dims, batch=batch or 16,
+                                       steps=steps or 10, max_length=seq or 256, rounds=rounds, threads=threads,
+                                       log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps(result, indent=2))
 
 

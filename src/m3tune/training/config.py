@@ -63,6 +63,13 @@ class TrainConfig(ProfileFields):
     batch_size: int = Field(default=32, ge=1, description="examples per process per micro-batch")
     gradient_accumulation: int = Field(default=2, ge=1, description="micro-batches per optimizer step (adds no "
                                        "in-batch negatives: use --gradcache-chunk for a larger contrastive batch)")
+    length_group: int | None = Field(default=None, ge=0, description="encode a batch's queries and passages "
+                                     "sorted by length in groups of this many texts, each group padded only to "
+                                     "its own longest: the same loss and the same batches, less of the encoder's "
+                                     "work spent on padding (real passages: ~40% padding at 128 tokens, ~15% in "
+                                     "groups of 16); 0: one pass padded to the batch's longest text; default: "
+                                     "16 for a model at least 256 wide, else 0 (a tiny model's extra forward "
+                                     "passes cost more than its padding). Not used with GradCache")
     gradcache_chunk: int | None = Field(default=None, ge=0, description="GradCache: encode the batch in chunks of "
                                         "this many texts, so a large contrastive batch fits in small memory (0: "
                                         "off; default: off on CPU, sized from the free memory on CUDA)")
@@ -143,11 +150,12 @@ class TrainConfig(ProfileFields):
 
 # Fields that do not change the model's path: a resume may change them (RESUME_FREE), as may the memory knobs
 # (after an out-of-memory error the fix is to change one and resume; GradCache and checkpointing give the same
-# gradients). Every other field, and the data, key the checkpoints. max_steps: the run stops there, but the
-# cosine schedule's length is the one fixed when the run started (recorded in the checkpoint). max_drop_share
-# only decides whether to fail: the batches are the same whatever its value, so raising it and resuming is the fix.
+# gradients, length_group the same loss). Every other field, and the data, key the checkpoints. max_steps: the
+# run stops there, but the cosine schedule's length is the one fixed when the run started (recorded in the
+# checkpoint). max_drop_share only decides whether to fail: the batches are the same whatever its value, so
+# raising it and resuming is the fix.
 RESUME_FREE = ("max_steps", "patience", "eval_every", "checkpoint_every", "keep_checkpoints", "workdir", "restart",
-               "gradcache_chunk", "gradient_checkpointing", "max_drop_share")
+               "gradcache_chunk", "gradient_checkpointing", "max_drop_share", "length_group")
 
 
 def deepspeed_config(name: str) -> dict:

@@ -162,6 +162,9 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     chunk, memory_line = _memory_plan(cfg, model, precision=precision, checkpointing=checkpointing)
+    # measured (docs/benchmarks.md): groups of 16 made e5-small (384 wide) 1.3x faster, the 32-wide test model
+    # 1.3x slower (its step is per-pass overhead, not padded tokens)
+    length_group = cfg.length_group if cfg.length_group is not None else (16 if hidden >= 256 else 0)
 
     # The epoch plans (a few ms per thousand examples) fix the number of steps for the schedule up front.
     world = accelerator.num_processes
@@ -201,8 +204,8 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
                 scheduler=scheduler, root=root, out=out, work=work, train_examples=train_examples, valset=valset,
                 plans=plans, steps_in=steps_in, total_steps=total_steps, horizon=horizon, dims=dims,
                 weights=weights, hidden=hidden, profile=profile, precision=precision, checkpointing=checkpointing,
-                chunk=chunk, memory_line=memory_line, base_path=path, key=key, digest=_key_digest(key), step=0,
-                unified=unified, heads_source=heads_source,
+                chunk=chunk, length_group=length_group, memory_line=memory_line, base_path=path, key=key,
+                digest=_key_digest(key), step=0, unified=unified, heads_source=heads_source,
                 history=[], best=None, bad_evals=0, before=None, stopped_early=False, started=time.time(),
                 examples_seen=0)
     if latest:
@@ -324,6 +327,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 def train(s: Session) -> None:
     import torch
 
+    from m3tune.training.lengths import encode_by_length
     from m3tune.training.loss import encode, encode_unified, gradcache_backward, matryoshka_info_nce, unified_info_nce
 
     cfg, acc = s.cfg, s.accelerator
@@ -372,9 +376,11 @@ def train(s: Session) -> None:
                                 no_sync=lambda: acc.no_sync(s.model), sync=acc.sync_gradients,
                                 pooling=s.profile.pooling, unified=s.unified is not None)
                         else:
-                            pooling = s.profile.pooling
+                            pooling, group = s.profile.pooling, s.length_group
                             embed = encode_unified if s.unified else encode
-                            loss, per_dim = loss_fn(embed(s.model, q_tok, pooling), embed(s.model, p_tok, pooling))
+                            q, p = (encode_by_length(s.model, t, pooling, group=group, encode=embed)
+                                    for t in (q_tok, p_tok))
+                            loss, per_dim = loss_fn(q, p)
                             checked_backward(loss)
                         if acc.sync_gradients:
                             # the norm before clipping (DeepSpeed: its engine's global norm; None before its step)
@@ -734,7 +740,8 @@ def save(s: Session) -> dict[str, Any] | None:
             "examples_left_out_of_epoch_1": len(s.train_examples) - sum(len(b) for b in s.plans[0]),
             "sampler_left_out": [p.report for p in s.plans],  # per epoch, by type, language and source
             "mixed_precision": s.precision, "gradient_checkpointing": s.checkpointing,
-            "gradcache_chunk": s.chunk or None, "memory_estimate": s.memory_line}
+            "gradcache_chunk": s.chunk or None, "length_group": None if s.chunk else s.length_group,
+            "memory_estimate": s.memory_line}
     card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
                              before=s.before, heads=heads, hidden=s.hidden, dims=s.dims, profile=s.profile,
                              trained_heads=s.heads_source)
