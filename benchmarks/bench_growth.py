@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 SCALES = (1, 5, 25)
-BASE_PASSAGES = 4000
+BASE_PASSAGES = 2000
 QUERY_EVERY = 8
 BASE_EXAMPLES = 100
 MAX_LENGTH = 256
