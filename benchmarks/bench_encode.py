@@ -20,7 +20,7 @@ Two workloads:
   what it does in every step; sentence-transformers encodes what it is given.
   This row is the pipeline-level cost, not the same computation.
 
-    .venv/bin/python benchmarks/bench_encode.py
+    .venv/bin/python benchmarks/bench_encode.py [--repeats 2] [--same-tokens-only]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def one(which: str, raw: bool, vectors_file: str) -> dict:
             "checksum": float(abs(vectors).sum())}
 
 
-def main() -> None:
+def main(repeats: int, workloads: tuple[bool, ...]) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         env = {**os.environ, "M3TUNE_CACHE": os.environ.get("M3TUNE_CACHE", f"{workdir}/cache")}
         # converted and exported once, outside the timings (the export is once per model, cached)
@@ -95,13 +95,13 @@ def main() -> None:
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         labels = {"sentence-transformers": "sentence-transformers encode (peer)",
                   "m3tune-torch": "m3tune Encoder, runtime torch", "m3tune": "m3tune Encoder (default: ONNX Runtime)"}
-        for raw in (False, True):
+        for raw in workloads:
             # the vocalized row is the pipeline's cost, not an engine comparison: the peer and m3tune's default
             contenders = ("sentence-transformers", "m3tune") if raw else ("sentence-transformers", "m3tune-torch",
                                                                           "m3tune")
             runs: dict[str, list[dict]] = {w: [] for w in contenders}
             # the vocalized row once each (a pipeline figure, not the engine comparison)
-            order = [w for i in range(1 if raw else REPEATS) for w in (contenders if i % 2 == 0 else contenders[::-1])]
+            order = [w for i in range(1 if raw else repeats) for w in (contenders if i % 2 == 0 else contenders[::-1])]
             for i, which in enumerate(order):
                 out = subprocess.run([sys.executable, __file__, "--one", which, "raw" if raw else "stripped",
                                       f"{workdir}/{which}-{i}.npy"], env=env, capture_output=True, text=True, check=True)
@@ -124,4 +124,10 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
         print(json.dumps(one(sys.argv[2], sys.argv[3] == "raw", sys.argv[4])))
     else:
-        main()
+        import argparse
+
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of each contender, same tokens")
+        parser.add_argument("--same-tokens-only", action="store_true", help="leave the vocalized workload out")
+        args = parser.parse_args()
+        main(args.repeats, (False,) if args.same_tokens_only else (False, True))
