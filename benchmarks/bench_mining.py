@@ -17,6 +17,8 @@ them): the whole corpus would take over 15 minutes a run on 2 shared CPU cores. 
 (the consistency rule too, with its default judge, the index's encoder); the tiny row keeps its earlier
 settings (consistency off: an untrained encoder would judge every query inconsistent). The ONNX export of
 the model (once per model, cached) is made before the timings, in the shared model cache.
+"""
+
 from __future__ import annotations
 
 import json
