@@ -21,6 +21,7 @@ Two workloads:
   This row is the pipeline-level cost, not the same computation.
 
     .venv/bin/python benchmarks/bench_encode.py [--repeats 2] [--same-tokens-only]
+    .venv/bin/python benchmarks/bench_encode.py --interleaved 2   # one process, turns on the same chunks
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ import time
 import numpy as np
 
 N, MAX_LENGTH, BATCH, REPEATS = 1000, 128, 32, 2
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (VmHWM): getrusage's ru_maxrss would also carry the RSS of the
+    parent it was forked from (Linux keeps the pre-exec high-water mark), here a process holding the corpus."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def texts(raw: bool) -> list[str]:
@@ -84,8 +92,44 @@ def one(which: str, raw: bool, vectors_file: str) -> dict:
     done = time.perf_counter()
     np.save(vectors_file, vectors)
     return {"seconds": done - loaded, "cpu_seconds": cpu_seconds() - cpu0, "load_seconds": loaded - t0, "passages_per_s": N / (done - loaded),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "checksum": float(abs(vectors).sum())}
+
+
+def interleaved(rounds: int) -> None:
+    """The three encoders in one process, taking turns on the same chunks of 100 passages, in a rotating order,
+    ROUNDS times over the 1,000: on a machine shared with other jobs every encoder meets the same load, so the
+    ratio holds where the fresh-process runs' best-of-N depends on which run found the machine quiet. Speed only
+    (memory is the fresh-process rows')."""
+    import torch  # noqa: F401
+    from sentence_transformers import SentenceTransformer, models
+
+    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.profiles import resolve
+
+    batch = texts(False)
+    transformer = models.Transformer(resolve("local:e5-small"), max_seq_length=MAX_LENGTH)
+    st = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), "mean"),
+                                      models.Normalize()], device="cpu")
+    ours = {r: Encoder("local:e5-small", max_length=MAX_LENGTH, batch_size=BATCH, runtime=r) for r in ("torch", "onnx")}
+    run = {"sentence-transformers": lambda t: st.encode(t, prompt="passage: ", batch_size=BATCH, convert_to_numpy=True),
+           "m3tune-torch": ours["torch"].encode, "m3tune": ours["onnx"].encode}
+    names = list(run)
+    seconds = {n: 0.0 for n in names}
+    chunks = [batch[i:i + 100] for i in range(0, len(batch), 100)]
+    for r in range(rounds):
+        for c, chunk in enumerate(chunks):
+            k = (r * len(chunks) + c) % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                run[name](chunk)
+                seconds[name] += time.perf_counter() - t0
+    total = rounds * len(batch)
+    print(f"interleaved: {rounds} x {len(batch)} passages, chunks of 100, rotating order\n")
+    print("| encoder | passages/s | ratio to peer |")
+    print("|---|---:|---:|")
+    for name in names:
+        print(f"| {name} | {total / seconds[name]:.1f} | {seconds['sentence-transformers'] / seconds[name]:.2f}x |")
 
 
 def main(repeats: int, workloads: tuple[bool, ...]) -> None:
@@ -139,5 +183,10 @@ if __name__ == "__main__":
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of each contender, same tokens")
         parser.add_argument("--same-tokens-only", action="store_true", help="leave the vocalized workload out")
+        parser.add_argument("--interleaved", type=int, metavar="ROUNDS", help="the encoders in one process, taking "
+                            "turns on the same chunks, ROUNDS times over the passages (speed on a shared machine)")
         args = parser.parse_args()
+        if args.interleaved:
+            interleaved(args.interleaved)
+            sys.exit()
         main(args.repeats, (False,) if args.same_tokens_only else (False, True))

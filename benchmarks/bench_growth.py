@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,10 @@ MAX_LENGTH = 256
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS since it started (VmHWM): getrusage's ru_maxrss would also carry the RSS of the
+    parent it was forked from (Linux keeps the pre-exec high-water mark), here a process holding the corpus."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def perturbed(text: str, rng: random.Random) -> str:
