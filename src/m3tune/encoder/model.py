@@ -81,9 +81,11 @@ class Encoder:
         self.fingerprint = _fingerprint(model, path, self.pooling, self.max_length,
                                         json.dumps(prep) if any(prep) else None,
                                         getattr(config, "_commit_hash", None))
+        if runtime == "onnx" and not onnxrt.installed():
+            raise UserError("encoder runtime onnx: onnxruntime and onnx are not installed (pip install 'm3tune[encode]')")
         # auto: ONNX Runtime on CPU wherever the model exports (onnxrt.py says why), PyTorch elsewhere
-        self.runtime = "onnx" if runtime == "onnx" or (runtime == "auto" and on_cpu_fp32
-                                                       and onnxrt.supported(config)) else "torch"
+        self.runtime = "onnx" if runtime == "onnx" or (runtime == "auto" and on_cpu_fp32 and onnxrt.supported(config)
+                                                       and onnxrt.installed()) else "torch"
         self.model = self._session = None
         try:
             if self.runtime == "onnx":  # the PyTorch model is never loaded: its weights would double the memory

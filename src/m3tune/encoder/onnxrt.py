@@ -4,7 +4,7 @@ Why: on CPU, PyTorch runs a BERT layer as separate kernels (bias add, erf GELU,
 softmax, LayerNorm, and copies around the attention reshapes: a quarter of a
 forward on e5-small beside the matrix products). ONNX Runtime fuses them
 (Attention, BiasGelu, SkipLayerNormalization) and runs the same fp32 matrix
-products: measured 1.3-1.6x the passages/s of the PyTorch path on e5-small,
+products: measured ~1.4x the passages/s of the PyTorch path on e5-small,
 vectors within 2e-6 of it (docs/benchmarks.md). Nothing is quantized and no
 weight changes: it is the same computation with fewer memory passes.
 
@@ -32,6 +32,14 @@ log = logging.getLogger("m3tune.encoder")
 MODEL_TYPES = ("bert", "xlm-roberta")
 # protobuf cannot hold a model above 2 GB in one file (BGE-M3 in fp32 is 2.3 GB): those stay on PyTorch
 MAX_BYTES = 1_900_000_000
+
+
+def installed() -> bool:
+    """Whether onnxruntime and onnx (the exporter's writer) are installed (the `encode` extra has both; an
+    environment without them encodes with PyTorch)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def supported(config) -> bool:
