@@ -117,3 +117,14 @@ def test_an_unknown_or_impossible_runtime_is_a_clear_error():
         Encoder(TINY, runtime="tensorrt")
     with pytest.raises(UserError, match="runtime onnx: .* in bf16 is not exported"):
         Encoder(TINY, runtime="onnx", dtype="bf16")
+
+
+def test_the_index_and_the_mining_settings_of_one_model_share_one_loaded_encoder():
+    from m3tune.encoder.model import load_encoder
+    from m3tune.encoder.tiny import TINY
+
+    index = load_encoder(TINY, max_length=16)  # the index step's config: None for the profile's values
+    # mine-negatives passes what index.json recorded: the same settings, resolved
+    assert load_encoder(TINY, pooling="cls", query_prompt="", passage_prompt="", max_length=16,
+                        strip_marks=True) is index
+    assert load_encoder(TINY, max_length=32) is not index

@@ -254,7 +254,12 @@ def load_encoder(model: str, *, pooling: Pooling | None = None, query_prompt: st
                  dtype: str = "auto", strip_marks: bool | None = None) -> Encoder:
     """An Encoder, loaded once per process for the same settings: `index` and `mine-negatives` in one
     `m3tune run` share it (loading XLM-R's tokenizer alone takes ~2 s)."""
-    key = (model, pooling, query_prompt, passage_prompt, max_length, batch_size, dtype, strip_marks)
+    # keyed by the settings as the profile resolves them: the index step passes its config's (None: the
+    # profile's), mine-negatives the resolved ones index.json records; keyed on the raw arguments, one `m3tune
+    # run` loaded the same model twice (e5-small: +1 GB peak memory and a second load)
+    resolved = profile_of(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
+                          max_length=max_length, strip_marks=strip_marks)
+    key = (model, resolved, batch_size, dtype)
     if key not in _LOADED:
         _LOADED[key] = Encoder(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
                                max_length=max_length, batch_size=batch_size, dtype=dtype, strip_marks=strip_marks)
