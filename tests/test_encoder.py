@@ -31,15 +31,19 @@ def reference(path: str, texts: list[str], max_length: int) -> np.ndarray:
     return np.stack(out)
 
 
+@pytest.mark.parametrize("runtime", ["auto", "torch"])
 @pytest.mark.parametrize("instruction", [None, "Represent this query: "])
-def test_vectors_match_a_plain_transformers_reference(instruction):
+def test_vectors_match_a_plain_transformers_reference(instruction, runtime):
     from m3tune.arabic import strip_marks
     from m3tune.encoder.model import Encoder
     from m3tune.encoder.profiles import resolve
     from m3tune.encoder.tiny import TINY
 
-    encoder = Encoder(TINY, max_length=16, batch_size=2, query_prompt=instruction)
+    encoder = Encoder(TINY, max_length=16, batch_size=2, query_prompt=instruction, runtime=runtime)
     assert encoder._rust is not None  # the fast path is the one under test
+    # on CPU the default runs the exported model in ONNX Runtime, the PyTorch model never loaded
+    assert encoder.runtime == ("onnx" if runtime == "auto" else "torch")
+    assert (encoder.model is None) == (runtime == "auto")
     got = encoder.encode(TEXTS, queries=True)
     # what the model sees: the prompt, then the text without Arabic marks (the profile's default)
     expected = reference(resolve(TINY), [(instruction or "") + strip_marks(t) for t in TEXTS], 16)
@@ -81,3 +85,46 @@ def test_fingerprint_is_the_same_model_anywhere_and_changes_with_its_weights(tmp
         model.encoder.layer[-1].output.dense.weight.add_(0.01)
     model.save_pretrained(b)
     assert fp(a) != fp(b)
+
+
+def test_the_onnx_export_is_cached_and_a_bad_cached_file_is_exported_again(tmp_path, monkeypatch, caplog):
+    from m3tune.encoder import onnxrt
+    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.profiles import resolve
+    from m3tune.encoder.tiny import TINY
+
+    resolve(TINY)  # the tiny model's folder is built in the session cache, before the cache moves
+    monkeypatch.setenv("M3TUNE_CACHE", str(tmp_path))
+    exports = []
+    real_export = onnxrt.export
+    monkeypatch.setattr(onnxrt, "export", lambda *a: exports.append(a) or real_export(*a))
+    first = Encoder(TINY, max_length=16).encode(TEXTS)
+    (file,) = (tmp_path / "onnx").glob("*.onnx")
+    assert not list((tmp_path / "onnx").glob(".*tmp-*"))  # written through a temporary file, renamed
+    assert np.allclose(Encoder(TINY, max_length=16).encode(TEXTS), first, atol=1e-6)
+    assert len(exports) == 1  # the second encoder loaded the cached file
+    file.write_bytes(b"not an onnx model")
+    assert np.allclose(Encoder(TINY, max_length=16).encode(TEXTS), first, atol=1e-6)
+    assert len(exports) == 2 and "exporting again" in caplog.text
+
+
+def test_an_unknown_or_impossible_runtime_is_a_clear_error():
+    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.tiny import TINY
+    from m3tune.errors import UserError
+
+    with pytest.raises(UserError, match="runtime 'tensorrt': expected auto, torch or onnx"):
+        Encoder(TINY, runtime="tensorrt")
+    with pytest.raises(UserError, match="runtime onnx: .* in bf16 is not exported"):
+        Encoder(TINY, runtime="onnx", dtype="bf16")
+
+
+def test_the_index_and_the_mining_settings_of_one_model_share_one_loaded_encoder():
+    from m3tune.encoder.model import load_encoder
+    from m3tune.encoder.tiny import TINY
+
+    index = load_encoder(TINY, max_length=16)  # the index step's config: None for the profile's values
+    # mine-negatives passes what index.json recorded: the same settings, resolved
+    assert load_encoder(TINY, pooling="cls", query_prompt="", passage_prompt="", max_length=16,
+                        strip_marks=True) is index
+    assert load_encoder(TINY, max_length=32) is not index

@@ -3,7 +3,9 @@
 BGE-M3's dense vector is the hidden state of the first token (CLS pooling),
 L2-normalised; `pooling="mean"` serves encoders trained that way. Batches are
 formed from texts sorted by length (less padding, the same result), run in
-bf16/fp16 on a GPU and fp32 on CPU, and returned in the input order.
+bf16/fp16 on a GPU and fp32 on CPU, and returned in the input order. On CPU
+the model runs in ONNX Runtime, exported once per model (`onnxrt.py`: the same
+fp32 computation with fused kernels); `runtime="torch"` keeps PyTorch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -20,6 +23,8 @@ from m3tune.encoder.profiles import Pooling, profile_of, resolve
 from m3tune.errors import UserError
 
 log = logging.getLogger("m3tune.encoder")
+
+Runtime = Literal["auto", "torch", "onnx"]
 
 
 def pool(hidden, attention_mask, pooling: Pooling):
@@ -38,10 +43,13 @@ class Encoder:
 
     def __init__(self, model: str, *, pooling: Pooling | None = None, query_prompt: str | None = None,
                  passage_prompt: str | None = None, max_length: int | None = None, batch_size: int = 32,
-                 device: str | None = None, dtype: str = "auto", strip_marks: bool | None = None):
+                 device: str | None = None, dtype: str = "auto", strip_marks: bool | None = None,
+                 runtime: Runtime = "auto"):
         import torch
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
+
+        from m3tune.encoder import onnxrt
 
         hf_logging.disable_progress_bar()  # our own progress bars and logs say what is happening
         hf_logging.set_verbosity_error()
@@ -61,19 +69,43 @@ class Encoder:
         self._path = path
         if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
             raise UserError(f"model {model!r}: {path} has no config.json: not a Hugging Face model folder")
+        if runtime not in ("auto", "torch", "onnx"):
+            raise UserError(f"encoder runtime {runtime!r}: expected auto, torch or onnx")
         try:
-            self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
-            self._tokenizer, self._rust = _tokenizers(path, self.max_length)
+            config = AutoConfig.from_pretrained(path)
         except OSError as e:
             raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
-        self.pad_id = int(self.model.config.pad_token_id or 0)
-        self.dim = int(self.model.config.hidden_size)
+        on_cpu_fp32 = self.device == "cpu" and torch_dtype == torch.float32
+        if runtime == "onnx" and not (on_cpu_fp32 and onnxrt.supported(config)):
+            raise UserError(f"encoder runtime onnx: model {model!r} ({config.model_type}) on {self.device} "
+                            f"in {dtype} is not exported (fp32 on CPU, {'/'.join(onnxrt.MODEL_TYPES)} under 2 GB)")
+        try:
+            self._tokenizer, self._rust = _tokenizers(path)
+        except OSError as e:
+            raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+        self.pad_id = int(config.pad_token_id or 0)
+        self.dim = int(config.hidden_size)
         # what the text goes through before tokenizing (the tiny model's fingerprint from before profiles
         # existed is the one with neither prompts nor marks stripped)
         prep = [self.profile.query_prompt, self.profile.passage_prompt] + (["strip_marks"] if self.profile.strip_marks else [])
         self.fingerprint = _fingerprint(model, path, self.pooling, self.max_length,
                                         json.dumps(prep) if any(prep) else None,
-                                        getattr(self.model.config, "_commit_hash", None))
+                                        getattr(config, "_commit_hash", None))
+        if runtime == "onnx" and not onnxrt.installed():
+            raise UserError("encoder runtime onnx: onnxruntime and onnx are not installed (pip install 'm3tune[encode]')")
+        # auto: ONNX Runtime on CPU wherever the model exports (onnxrt.py says why), PyTorch elsewhere
+        self.runtime = "onnx" if runtime == "onnx" or (runtime == "auto" and on_cpu_fp32 and onnxrt.supported(config)
+                                                       and onnxrt.installed()) else "torch"
+        self.model = self._session = None
+        try:
+            if self.runtime == "onnx":  # the PyTorch model is never loaded: its weights would double the memory
+                # cached under the weights' own fingerprint: pooling, prompts and length do not change the graph
+                weights = _fingerprint(model, path, "", 0, None, getattr(config, "_commit_hash", None))
+                self._session = onnxrt.load(path, weights, torch.get_num_threads())
+            else:
+                self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        except OSError as e:
+            raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
 
     def settings(self) -> dict:
         """What the vectors depend on besides the weights: recorded in index.json and manifests."""
@@ -115,8 +147,11 @@ class Encoder:
         with torch.inference_mode():
             for rows, ids, mask in track(batches(), description=desc, total=-(-len(texts) // self.batch_size)):
                 mask_t = torch.from_numpy(mask).to(self.device)
-                hidden = self.model(input_ids=torch.from_numpy(ids).to(self.device),
-                                    attention_mask=mask_t).last_hidden_state
+                if self._session is not None:  # ONNX Runtime's hidden states, pooled as PyTorch's below
+                    hidden = torch.from_numpy(self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0])
+                else:
+                    hidden = self.model(input_ids=torch.from_numpy(ids).to(self.device),
+                                        attention_mask=mask_t).last_hidden_state
                 out[rows] = torch.nn.functional.normalize(pool(hidden, mask_t, self.pooling).float(),
                                                           dim=-1).cpu().numpy()
         return out
@@ -126,7 +161,10 @@ class Encoder:
         if self._rust is not None:
             # The Rust tokenizer straight from tokenizer.json: one parallel call for the block, and
             # numpy arrays built from its ids (transformers' per-batch tensor conversion from Python
-            # lists cost ~10% of encoding a corpus with a small model).
+            # lists cost ~10% of encoding a corpus with a small model). The truncation is set on each call:
+            # this tokenizer is the transformers tokenizer's own, which sets its own when called.
+            self._rust.no_padding()
+            self._rust.enable_truncation(self.max_length)
             seqs = [e.ids for e in self._rust.encode_batch(texts)]
         else:
             seqs = self._tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
@@ -184,13 +222,13 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict:
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
 
-def _tokenizers(path: str, max_length: int):
-    """(the transformers tokenizer, a private copy of its Rust tokenizer truncating at MAX_LENGTH, or None for
-    a slow one). The Rust tokenizer is the one AutoTokenizer builds, not tokenizer.json read on its own:
-    transformers 5 rebuilds XLM-R's pipeline (WhitespaceSplit before Metaspace), so the file alone turns a
-    trailing space or U+200F into a final `▁` token that training, sentence-transformers and every
-    transformers user never see (cosine 0.98 on 'patience ' against 'patience')."""
-    from tokenizers import Tokenizer
+def _tokenizers(path: str):
+    """(the transformers tokenizer, its Rust tokenizer, or None for a slow one). The Rust tokenizer is the one
+    AutoTokenizer builds, not tokenizer.json read on its own: transformers 5 rebuilds XLM-R's pipeline
+    (WhitespaceSplit before Metaspace), so the file alone turns a trailing space or U+200F into a final `▁`
+    token that training, sentence-transformers and every transformers user never see (cosine 0.98 on
+    'patience ' against 'patience'). It is used in place, not copied: a second copy of XLM-R's vocabulary
+    raised the peak memory of encoding with e5-small by ~300 MB."""
     from transformers import AutoTokenizer
 
     try:
@@ -200,12 +238,7 @@ def _tokenizers(path: str, max_length: int):
     except Exception as e:  # noqa: BLE001 — a corrupt tokenizer file surfaces as whatever its parser raises
         where = Path(path) / "tokenizer.json" if Path(path).is_dir() else path
         raise UserError(f"{where}: not a tokenizer file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
-    if not getattr(auto, "is_fast", False):
-        return auto, None
-    tok = Tokenizer.from_str(auto.backend_tokenizer.to_str())
-    tok.no_padding()
-    tok.enable_truncation(max_length)
-    return auto, tok
+    return auto, (auto.backend_tokenizer if getattr(auto, "is_fast", False) else None)
 
 
 _LOADED: dict[tuple, Encoder] = {}
@@ -216,7 +249,12 @@ def load_encoder(model: str, *, pooling: Pooling | None = None, query_prompt: st
                  dtype: str = "auto", strip_marks: bool | None = None) -> Encoder:
     """An Encoder, loaded once per process for the same settings: `index` and `mine-negatives` in one
     `m3tune run` share it (loading XLM-R's tokenizer alone takes ~2 s)."""
-    key = (model, pooling, query_prompt, passage_prompt, max_length, batch_size, dtype, strip_marks)
+    # keyed by the settings as the profile resolves them: the index step passes its config's (None: the
+    # profile's), mine-negatives the resolved ones index.json records; keyed on the raw arguments, one `m3tune
+    # run` loaded the same model twice (e5-small: +1 GB peak memory and a second load)
+    resolved = profile_of(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
+                          max_length=max_length, strip_marks=strip_marks)
+    key = (model, resolved, batch_size, dtype)
     if key not in _LOADED:
         _LOADED[key] = Encoder(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
                                max_length=max_length, batch_size=batch_size, dtype=dtype, strip_marks=strip_marks)
