@@ -110,9 +110,10 @@ class EdgeIndex:
                 "graph": {"m": m, "ef_construct": ef_construct} if graph else None}
 
     def build(self, vectors: np.ndarray, ids: Sequence[str], *, graph: bool, m: int, ef_construct: int,
-              batch: int = 4096) -> dict:
+              batch: int = 4096, full_scan_kb: int = 10_000) -> dict:
         """(Re)build the shard: every row as point ROW; an HNSW graph (M, EF_CONSTRUCT) where GRAPH, else
-        none (exact search only). Built in a sibling folder, then swapped in."""
+        none (exact search only). Built in a sibling folder, then swapped in. As in Qdrant, vectors under
+        FULL_SCAN_KB (10 MB: 6,500 384-d vectors) get no graph: a full scan of them is faster and exact."""
         import qdrant_edge as qe
 
         if len(vectors) != len(ids):
@@ -125,9 +126,9 @@ class EdgeIndex:
         shutil.rmtree(tmp, ignore_errors=True)
         config = qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=int(vectors.shape[1]), distance=qe.Distance.Dot),
-            hnsw_config=qe.HnswIndexConfig(m=m, ef_construct=ef_construct, full_scan_threshold=10_000),
+            hnsw_config=qe.HnswIndexConfig(m=m, ef_construct=ef_construct, full_scan_threshold=full_scan_kb),
             # indexing_threshold 0: no graph is built; without a WAL, flush() is what makes the shard durable
-            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=None if graph else 0), wal_enabled=False)
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=full_scan_kb if graph else 0), wal_enabled=False)
         try:
             shard = qe.EdgeShard.create(os.path.join(tmp, "shard"), config)
             try:
@@ -137,6 +138,7 @@ class EdgeIndex:
                         [qe.Point(start + i, row) for i, row in enumerate(rows)]))
                 shard.optimize()  # builds the graph (where GRAPH) before the shard is published
                 shard.flush()
+                marker["indexed"] = int(shard.info().indexed_vectors_count)
             finally:
                 shard.close()
         except Exception as e:
@@ -150,6 +152,12 @@ class EdgeIndex:
             shutil.rmtree(old, ignore_errors=True)
         os.rename(tmp, self.path)
         return marker
+
+    def matches(self, vectors: np.ndarray, ids: Sequence[str], *, graph: bool, m: int, ef_construct: int) -> bool:
+        """Whether the shard at PATH was built from these rows with these graph settings."""
+        built = self.built() or {}
+        return {k: built.get(k) for k in ("rows", "dim", "ids_sha256", "graph")} == \
+            self.wanted(vectors, ids, graph=graph, m=m, ef_construct=ef_construct)
 
     def count(self) -> int:
         return int((self.built() or {}).get("rows", 0))

@@ -99,7 +99,7 @@ def _search(info: dict[str, Any], vectors, ids: list[str], query_vectors, k: int
         # (another machine, a cleared cache) or built otherwise (other rows, other graph settings)
         edge = EdgeIndex(local_edge_path(info["collection"]))
         settings = edge_settings(info)
-        if edge.built() != EdgeIndex.wanted(vectors, ids, **settings):
+        if not edge.matches(vectors, ids, **settings):
             edge.build(vectors, ids, **settings)
         return edge.search(query_vectors, k, ids, exact=exact, ef=ef or k)
     qdrant = open_qdrant(info["collection"], info.get("qdrant_url"), info.get("qdrant_api_key_env", "QDRANT_API_KEY"))
