@@ -43,6 +43,65 @@ def test_exact_and_qdrant_return_the_same_top_200(tmp_path):
         assert [s for s, _ in e] == sorted((s for s, _ in e), reverse=True)
 
 
+def test_qdrant_edge_exact_and_hnsw_against_the_exact_index(tmp_path):
+    """Edge's exact search returns the exact backend's top 200; its HNSW graph, at the index step's defaults,
+    finds >= 0.99 of it; a rebuild replaces the shard whole."""
+    from m3tune.index.search import EdgeIndex
+    from m3tune.index.step import IndexConfig
+
+    vectors, queries = unit_vectors(3000, 32, 0), unit_vectors(40, 32, 1)
+    ids = [f"hadith:{i}" for i in range(3000)]
+    exact = ExactIndex(vectors, ids).search(queries, 200)
+    edge = EdgeIndex(str(tmp_path / "edge"))
+    with pytest.raises(UserError, match="no Qdrant Edge shard at .*run the index step"):
+        edge.search(queries, 200, ids, exact=True, ef=200)
+    assert edge.build(vectors, ids, graph=False, m=16, ef_construct=100)["graph"] is None
+    same = edge.search(queries, 200, ids, exact=True, ef=200)
+    row = {pid: i for i, pid in enumerate(ids)}
+    for query, e, q in zip(queries, exact, same):
+        # the same ranking, up to two passages within float rounding of each other (Rust SIMD vs BLAS sums)
+        assert len(q) == 200 and len({pid for _, pid in q}) == 200
+        assert max(abs(a - b) for (a, _), (b, _) in zip(e, q)) < 1e-5
+        assert all(abs(float(vectors[row[pid]] @ query) - s) < 1e-5 for s, pid in q)
+        assert sum(a != b for (_, a), (_, b) in zip(e, q)) <= 4
+    with pytest.raises(UserError, match="has no HNSW graph"):
+        edge.search(queries, 200, ids, exact=False, ef=200)
+    with pytest.raises(UserError, match="holds 3,000 32-d vectors; the index has 3,000 rows and the queries 8 dims"):
+        edge.search(unit_vectors(2, 8, 0), 5, ids, exact=True, ef=5)
+
+    d = {name: field.default for name, field in IndexConfig.model_fields.items()}
+    # 3,000 32-d vectors are under Qdrant's 10 MB full-scan threshold: lowered, so the graph is built and searched
+    built = edge.build(vectors, ids, graph=True, m=d["hnsw_m"], ef_construct=d["hnsw_ef_construct"], full_scan_kb=1)
+    assert built["indexed"] == 3000
+    assert edge.matches(vectors, ids, graph=True, m=d["hnsw_m"], ef_construct=d["hnsw_ef_construct"])
+    assert not edge.matches(vectors, ids, graph=False, m=d["hnsw_m"], ef_construct=d["hnsw_ef_construct"])
+    approx = edge.search(queries, 200, ids, exact=False, ef=d["hnsw_ef"])
+    recall = np.mean([len({p for _, p in a} & {p for _, p in e}) / 200 for a, e in zip(approx, exact)])
+    assert recall >= 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge"]  # no build folder left beside it
+
+
+def test_a_killed_edge_build_is_never_taken_for_a_shard(tmp_path):
+    """A build killed before its rename leaves only NAME.tmp-PID, never NAME: the next build (or mining) sees no
+    shard, builds one, and clears what the dead process left."""
+    import subprocess
+    import sys
+
+    from m3tune.index.search import EdgeIndex
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f"edge.tmp-{int(dead.stdout)}"
+    (leftover / "shard").mkdir(parents=True)
+    (leftover / "shard" / "half-written").write_bytes(b"x")
+    edge = EdgeIndex(str(tmp_path / "edge"))
+    assert edge.built() is None and edge.count() == 0
+    vectors, ids = unit_vectors(50, 8, 0), [f"p{i}" for i in range(50)]
+    edge.build(vectors, ids, graph=False, m=16, ef_construct=100)
+    assert edge.count() == 50 and not leftover.exists()
+    (tmp_path / "edge" / EdgeIndex.MARKER).write_text("{not json")  # a damaged marker: rebuilt, not trusted
+    assert edge.built() is None
+
+
 def test_a_qdrant_server_that_refuses_is_a_clear_error():
     index = QdrantIndex("c", url="http://127.0.0.1:9", timeout=2)
     with pytest.raises(UserError, match="Qdrant collection_exists on collection 'c' at http://127.0.0.1:9 failed"):
@@ -250,7 +309,8 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
         other.child("ingest").write_bytes(name, root.child("ingest").read_bytes(name))
     tiny = EncoderSettings(**{k: info[k] for k in EncoderSettings.model_fields})
     with pytest.raises(UserError, match="was not made by m3tune: refusing to replace it"):
-        run_step(other, "index", IndexConfig(encoder=tiny, collection="prod-passages"))
+        QdrantIndex("prod-passages", path=local_qdrant_path("prod-passages")).build(vectors, [r["id"] for r in rows],
+                                                                                    [r["source"] for r in rows])
     wrong = EncoderSettings(**{**tiny.model_dump(), "pooling": "mean"})  # other vectors than the collection's
     with pytest.raises(UserError, match="is not this encoder's"):
         run_step(other, "index", IndexConfig(encoder=wrong, collection="prod-passages", existing=True))
@@ -264,6 +324,31 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
     theirs = mine(other, queries, passages, **config)[0]
     assert [e.neg_ids for e in ours] == [e.neg_ids for e in theirs] and any(e.neg_ids for e in ours)
     assert all(len(set(e.neg_ids)) == len(e.neg_ids) for e in theirs)  # two points per passage, counted once
+
+
+def test_mining_rebuilds_a_missing_edge_shard(full_run):
+    """The embedded default is a Qdrant Edge shard in the local cache: on another machine (or after the cache is
+    cleared) mine-negatives rebuilds it from the published vectors and finds the same negatives."""
+    import shutil
+    from pathlib import Path
+
+    from m3tune.index.search import EdgeIndex
+    from m3tune.index.step import local_edge_path
+    from m3tune.mining.mine import mine
+
+    root, _ = full_run
+    info = json.loads(root.child("index").read_bytes("index.json"))
+    path = Path(local_edge_path(info["collection"]))
+    assert info["backend"] == "qdrant" and info["qdrant_url"] is None and info["qdrant_exact"] is True
+    assert json.loads((path / EdgeIndex.MARKER).read_text())["rows"] == info["rows"]
+    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    queries = list(read_records(root.child("generate-conceptual"), "queries.jsonl", Query))[:40]
+    config = json.loads(root.child("mine-negatives").read_bytes("_manifest.json"))["config"]
+    before = mine(root, queries, passages, **config)[0]
+    shutil.rmtree(path)
+    after = mine(root, queries, passages, **config)[0]
+    assert (path / EdgeIndex.MARKER).exists()
+    assert [e.neg_ids for e in before] == [e.neg_ids for e in after] and any(e.neg_ids for e in after)
 
 
 def test_sharded_mining_merges_to_the_same_examples(full_run, tmp_path):

@@ -1,11 +1,16 @@
-"""One search interface, two backends.
+"""One search interface, three engines.
 
 - `ExactIndex`: chunked matrix product and a partial sort, in numpy: exact,
   no server, memory-bounded by the chunk size.
-- `QdrantIndex`: a Qdrant collection through `qdrant-client`, in local mode
-  (`QdrantClient(path=…)`, the default, built from the index step's vectors)
-  or on a server (`url`), where it can also be an existing production
-  collection whose points already hold the vectors and a `passage_id` payload.
+- `EdgeIndex`: Qdrant's own Rust engine in-process (`qdrant-edge-py`), a
+  shard folder on local disk built from the index step's vectors: the
+  embedded default of the qdrant backend (exact search, or HNSW).
+- `QdrantIndex`: a Qdrant collection through `qdrant-client`, on a server
+  (`url`), where it can also be an existing production collection whose
+  points already hold the vectors and a `passage_id` payload; or in
+  qdrant-client's local mode (`path`), kept only to search a collection made
+  that way (`existing: true` without a URL) and as the tests' in-process
+  stand-in for a server (the same client calls).
 
 Both return, per query, the K best (score, passage id) pairs, best first.
 Scores are inner products of L2-normalised vectors, i.e. cosine similarity.
@@ -13,7 +18,10 @@ Scores are inner products of L2-normalised vectors, i.e. cosine similarity.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 
@@ -65,6 +73,145 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
     values, indices = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=True)
     return values.numpy(), indices.numpy()
+
+
+class EdgeIndex:
+    """A Qdrant Edge shard at PATH whose point ids are row numbers of the index step's vectors.
+
+    The shard is m3tune's own cache, rebuilt from `vectors.npy` wherever it is missing, so it keeps no
+    payload: ids.jsonl maps rows to passage ids. `m3tune.json` beside the shard says what was built
+    (rows, dimension, ids digest, graph settings); it is written last and the folder is published by
+    rename, so a killed build leaves no shard that looks complete.
+    """
+
+    MARKER = "m3tune.json"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.where = path
+
+    def built(self) -> dict | None:
+        """What the shard at PATH holds (its marker), or None where there is none."""
+        try:
+            with open(os.path.join(self.path, self.MARKER)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("unreadable %s: %s (the shard will be rebuilt)", os.path.join(self.path, self.MARKER), e)
+            return None
+
+    @staticmethod
+    def wanted(vectors: np.ndarray, ids: Sequence[str], *, graph: bool, m: int, ef_construct: int) -> dict:
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+        return {"rows": int(len(vectors)), "dim": int(vectors.shape[1]), "ids_sha256": digest,
+                "graph": {"m": m, "ef_construct": ef_construct} if graph else None}
+
+    def build(self, vectors: np.ndarray, ids: Sequence[str], *, graph: bool, m: int, ef_construct: int,
+              batch: int = 4096, full_scan_kb: int = 10_000) -> dict:
+        """(Re)build the shard: every row as point ROW; an HNSW graph (M, EF_CONSTRUCT) where GRAPH, else
+        none (exact search only). Built in a sibling folder, then swapped in. As in Qdrant, vectors under
+        FULL_SCAN_KB (10 MB: 6,500 384-d vectors) get no graph: a full scan of them is faster and exact."""
+        import qdrant_edge as qe
+
+        if len(vectors) != len(ids):
+            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
+        marker = self.wanted(vectors, ids, graph=graph, m=m, ef_construct=ef_construct)
+        parent, name = os.path.split(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        _remove_leftovers(parent, name)
+        tmp = os.path.join(parent, f"{name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        config = qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=int(vectors.shape[1]), distance=qe.Distance.Dot),
+            hnsw_config=qe.HnswIndexConfig(m=m, ef_construct=ef_construct, full_scan_threshold=full_scan_kb),
+            # indexing_threshold 0: no graph is built; without a WAL, flush() is what makes the shard durable
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=full_scan_kb if graph else 0), wal_enabled=False)
+        try:
+            shard = qe.EdgeShard.create(os.path.join(tmp, "shard"), config)
+            try:
+                for start in range(0, len(vectors), batch):
+                    rows = vectors[start:start + batch].tolist()
+                    shard.update(qe.UpdateOperation.upsert_points(
+                        [qe.Point(start + i, row) for i, row in enumerate(rows)]))
+                shard.optimize()  # builds the graph (where GRAPH) before the shard is published
+                shard.flush()
+                marker["indexed"] = int(shard.info().indexed_vectors_count)
+            finally:
+                shard.close()
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"Qdrant Edge: building the shard in {tmp} failed: {type(e).__name__}: {str(e)[:300]}") from None
+        with open(os.path.join(tmp, self.MARKER), "w") as f:
+            json.dump(marker, f)
+        if os.path.exists(self.path):
+            old = os.path.join(parent, f"{name}.old-{os.getpid()}")
+            os.rename(self.path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, self.path)
+        return marker
+
+    def matches(self, vectors: np.ndarray, ids: Sequence[str], *, graph: bool, m: int, ef_construct: int) -> bool:
+        """Whether the shard at PATH was built from these rows with these graph settings."""
+        built = self.built() or {}
+        return {k: built.get(k) for k in ("rows", "dim", "ids_sha256", "graph")} == \
+            self.wanted(vectors, ids, graph=graph, m=m, ef_construct=ef_construct)
+
+    def count(self) -> int:
+        return int((self.built() or {}).get("rows", 0))
+
+    def search(self, queries: np.ndarray, k: int, ids: Sequence[str], *, exact: bool, ef: int,
+               batch: int = 256) -> Hits:
+        """Top K rows per query as (score, IDS[row]); EXACT: brute force in the engine, else HNSW with EF
+        candidates (at least K: Qdrant takes the larger)."""
+        import qdrant_edge as qe
+
+        marker = self.built()
+        if marker is None:
+            raise UserError(f"no Qdrant Edge shard at {self.path}: run the index step")
+        if marker["rows"] != len(ids) or marker["dim"] != queries.shape[1]:
+            raise UserError(f"the Qdrant Edge shard at {self.path} holds {marker['rows']:,} {marker['dim']}-d "
+                            f"vectors; the index has {len(ids):,} rows and the queries {queries.shape[1]} dims")
+        if not exact and marker["graph"] is None:
+            raise UserError(f"the Qdrant Edge shard at {self.path} has no HNSW graph (built for exact search)")
+        try:
+            shard = qe.EdgeShard.load(os.path.join(self.path, "shard"))
+        except Exception as e:
+            raise UserError(f"cannot open the Qdrant Edge shard at {self.path}: {str(e)[:300]} "
+                            "(delete the folder; the next run rebuilds it)") from None
+        params = qe.SearchParams(exact=True) if exact else qe.SearchParams(hnsw_ef=ef)
+        out: Hits = []
+        try:
+            for start in range(0, len(queries), batch):
+                requests = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q), params=params)
+                            for q in queries[start:start + batch].tolist()]
+                for points in shard.query_batch(qe.QueryBatchRequest(requests)):
+                    out.append([(float(p.score), ids[int(p.id)]) for p in points])
+        except Exception as e:
+            raise UserError(f"Qdrant Edge search in {self.path} failed: {type(e).__name__}: {str(e)[:300]}") from None
+        finally:
+            shard.close()
+        return out
+
+
+def _remove_leftovers(parent: str, name: str) -> None:
+    """Folders a killed build left beside NAME (NAME.tmp-PID, NAME.old-PID) whose process is gone."""
+    for entry in os.listdir(parent):
+        stem, _, pid = entry.rpartition("-")
+        if stem in (f"{name}.tmp", f"{name}.old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class QdrantIndex:
@@ -127,8 +274,10 @@ class QdrantIndex:
                 raise UserError(f"Qdrant collection {self.collection!r}: the vector of {point.payload['passage_id']} "
                                 "is not this encoder's: index it with the same model, or name another collection")
 
-    def build(self, vectors: np.ndarray, ids: Sequence[str], sources: Sequence[str]) -> None:
-        """(Re)create the collection with VECTORS; payload: passage id and source. Marked as made by m3tune."""
+    def build(self, vectors: np.ndarray, ids: Sequence[str], sources: Sequence[str], *, m: int | None = None,
+              ef_construct: int | None = None) -> None:
+        """(Re)create the collection with VECTORS; payload: passage id and source. Marked as made by m3tune.
+        M, EF_CONSTRUCT: the collection's HNSW graph (None: the server's defaults)."""
         from qdrant_client import models
 
         if self.exists():
@@ -138,20 +287,24 @@ class QdrantIndex:
             self._call("delete_collection", self.client.delete_collection, self.collection)
         self._call("create_collection", self.client.create_collection, self.collection,
                    vectors_config=models.VectorParams(size=int(vectors.shape[1]), distance=models.Distance.DOT),
+                   hnsw_config=models.HnswConfigDiff(m=m, ef_construct=ef_construct) if m or ef_construct else None,
                    metadata={"created_by": "m3tune"})
         self._call("upload_collection", self.client.upload_collection, self.collection, vectors=vectors,
                    payload=[{"passage_id": i, "source": s} for i, s in zip(ids, sources)],
                    ids=list(range(len(ids))), batch_size=256, wait=True)
 
-    def search(self, queries: np.ndarray, k: int, *, batch: int = 64, exact: bool = True) -> Hits:
-        """Top K passages per query. EXACT asks a server for exact search rather than HNSW's approximation;
-        a passage stored as several points (chunks) counts once, at its best score."""
+    def search(self, queries: np.ndarray, k: int, *, batch: int = 64, exact: bool = True,
+               ef: int | None = None) -> Hits:
+        """Top K passages per query. EXACT asks a server for exact search rather than HNSW's approximation
+        (with EF candidates; None: the server's default); a passage stored as several points (chunks) counts
+        once, at its best score."""
         from qdrant_client import models
 
         if not self.exists():
             raise UserError(f"Qdrant collection {self.collection!r} does not exist at {self.where}")
         out: Hits = []
-        params = models.SearchParams(exact=exact) if self.remote else None  # local mode is always exact
+        # local mode is always exact
+        params = models.SearchParams(exact=exact, hnsw_ef=None if exact else ef) if self.remote else None
         for start in range(0, len(queries), batch):
             requests = [models.QueryRequest(query=q.tolist(), limit=k, with_payload=["passage_id"], params=params)
                         for q in queries[start:start + batch]]

@@ -4,10 +4,12 @@ Outputs: `vectors.npy` (float32, one row per passage), `ids.jsonl` (passage
 id and source, in row order) and `index.json` (the encoder settings, its
 fingerprint, the backend and the collection), which `mine-negatives` reads so
 that queries are encoded exactly as the passages were. With the Qdrant
-backend the collection is uploaded to the server (`qdrant_url`) or, in local
-mode, built under the local cache folder; either way it is named after the
-encoder fingerprint and the corpus digest, so a new model or corpus never
-searches an old collection.
+backend the collection is uploaded to the server (`qdrant_url`) or, embedded,
+built as a Qdrant Edge shard (Qdrant's Rust engine in-process) under the
+local cache folder; either way it is named after the encoder fingerprint and
+the corpus digest, so a new model or corpus never searches an old collection.
+The Edge shard is a cache, not an output: mine-negatives rebuilds it from
+`vectors.npy` wherever it is missing or was built otherwise.
 """
 
 from __future__ import annotations
@@ -47,12 +49,17 @@ class IndexConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     encoder: EncoderSettings = Field(default_factory=EncoderSettings, description="the encoder")
-    backend: Literal["qdrant", "exact"] = Field(default="qdrant", description="qdrant (local mode, or a server "
-                                                "with qdrant_url) or exact (numpy matrix product)")
-    qdrant_url: str | None = Field(default=None, description="Qdrant server URL; none: local mode")
+    backend: Literal["qdrant", "exact"] = Field(default="qdrant", description="qdrant (embedded Qdrant Edge, or a "
+                                                "server with qdrant_url) or exact (matrix product and top k)")
+    qdrant_url: str | None = Field(default=None, description="Qdrant server URL; none: embedded (Qdrant Edge)")
     qdrant_api_key_env: str = Field(default="QDRANT_API_KEY", description="variable holding the Qdrant API key, if any")
-    qdrant_exact: bool = Field(default=True, description="ask a Qdrant server for exact search (the same top k as "
-                               "the exact backend) rather than HNSW's approximation")
+    qdrant_exact: bool = Field(default=True, description="exact search (the same top k as the exact backend; "
+                               "embedded, no HNSW graph is built) rather than HNSW's approximation")
+    hnsw_m: int = Field(default=32, ge=4, description="HNSW edges per node (with qdrant_exact false; on a server: "
+                        "for collections m3tune creates)")
+    hnsw_ef_construct: int = Field(default=200, ge=4, description="HNSW candidates while building the graph")
+    hnsw_ef: int = Field(default=600, ge=1, description="HNSW candidates per search (Qdrant takes at least the "
+                         "top k asked): 32/200/600 gave recall@200 >= 0.99 against exact, docs/benchmarks.md")
     collection: str | None = Field(default=None, description="collection name (default: m3tune- plus the encoder "
                                    "and corpus digests)")
     existing: bool = Field(default=False, description="search an existing collection (named by collection) whose "
@@ -76,7 +83,15 @@ def local_qdrant_path(collection: str) -> str:
     return str(cache_dir() / "qdrant" / collection)
 
 
+def local_edge_path(collection: str) -> str:
+    from m3tune.encoder.tiny import cache_dir
+
+    return str(cache_dir() / "qdrant-edge" / collection)
+
+
 def open_qdrant(collection: str, url: str | None, api_key_env: str):
+    """The collection on the server at URL, or (no URL) in qdrant-client's local mode under the cache folder:
+    only where `existing: true` names a collection made that way."""
     import os
 
     from m3tune.index.search import QdrantIndex
@@ -86,9 +101,17 @@ def open_qdrant(collection: str, url: str | None, api_key_env: str):
     return QdrantIndex(collection, path=local_qdrant_path(collection))
 
 
+def edge_settings(info: dict[str, Any]) -> dict[str, Any]:
+    """The embedded shard's graph settings from index.json (an older one lacks them: the defaults)."""
+    defaults = IndexConfig.model_fields
+    return {"graph": not info.get("qdrant_exact", True),
+            "m": info.get("hnsw_m", defaults["hnsw_m"].default),
+            "ef_construct": info.get("hnsw_ef_construct", defaults["hnsw_ef_construct"].default)}
+
+
 def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url: str | None,
-          qdrant_api_key_env: str, qdrant_exact: bool, collection: str | None, existing: bool,
-          embeddings_cache: str | None) -> dict[str, Any]:
+          qdrant_api_key_env: str, qdrant_exact: bool, hnsw_m: int, hnsw_ef_construct: int, hnsw_ef: int,
+          collection: str | None, existing: bool, embeddings_cache: str | None) -> dict[str, Any]:
     import numpy as np
 
     from m3tune.encoder.cache import EmbeddingCache
@@ -117,12 +140,19 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     # the profile as resolved: mine-negatives encodes queries exactly as these passages were
     info = {**settings.model_dump(), **model.settings(), "fingerprint": model.fingerprint, "dim": model.dim, "rows": len(passages),
             "corpus_sha256": corpus_digest, "backend": backend, "collection": name, "qdrant_url": qdrant_url,
-            "qdrant_api_key_env": qdrant_api_key_env, "qdrant_exact": qdrant_exact,
-            "embeddings_cache": embeddings_cache, "existing": existing}
+            "qdrant_api_key_env": qdrant_api_key_env, "qdrant_exact": qdrant_exact, "hnsw_m": hnsw_m,
+            "hnsw_ef_construct": hnsw_ef_construct, "hnsw_ef": hnsw_ef, "embeddings_cache": embeddings_cache, "existing": existing}
     ctx.write_bytes("index.json", json.dumps(info, indent=2).encode() + b"\n")
     if model.notice:  # the model's licence travels with the vectors made from it
         ctx.write_bytes("NOTICE.md", model.notice.encode())
-    if backend == "qdrant":
+    if backend == "qdrant" and not qdrant_url and not existing:
+        from m3tune.index.search import EdgeIndex
+
+        edge = EdgeIndex(local_edge_path(name))
+        edge.build(vectors, [p.id for p in passages], **edge_settings(info))
+        ctx.log.info("Qdrant Edge shard %s: %s points%s at %s", name, f"{edge.count():,}",
+                     "" if qdrant_exact else f", HNSW m {hnsw_m} ef_construct {hnsw_ef_construct}", edge.where)
+    elif backend == "qdrant":
         qdrant = open_qdrant(name, qdrant_url, qdrant_api_key_env)
         try:
             if existing:
@@ -130,7 +160,8 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
                     raise UserError(f"Qdrant collection {name!r} does not exist at {qdrant.where}")
                 qdrant.check_matches(vectors, [p.id for p in passages])
             else:
-                qdrant.build(vectors, [p.id for p in passages], [p.source for p in passages])
+                qdrant.build(vectors, [p.id for p in passages], [p.source for p in passages], m=hnsw_m,
+                             ef_construct=hnsw_ef_construct)
             ctx.log.info("Qdrant collection %s: %s points at %s", name, f"{qdrant.count():,}", qdrant.where)
         finally:
             qdrant.close()

@@ -81,21 +81,30 @@ def load_queries(root) -> list[Query]:
     return out
 
 
-def _search(info: dict[str, Any], vectors, ids: list[str], sources: list[str], query_vectors, k: int,
+def _search(info: dict[str, Any], vectors, ids: list[str], query_vectors, k: int,
             dry_run: bool = False):
     from m3tune.index.search import ExactIndex
 
     if info["backend"] == "exact" or (dry_run and not info.get("existing") and not info.get("qdrant_url")):
         # a dry run does not build a local collection: exact search returns the same top k
         return ExactIndex(vectors, ids).search(query_vectors, k)
-    from m3tune.index.step import open_qdrant
+    from m3tune.index.step import edge_settings, local_edge_path, open_qdrant
 
+    exact = info.get("qdrant_exact", True)
+    ef = info.get("hnsw_ef")
+    if not info.get("qdrant_url") and not info.get("existing"):
+        from m3tune.index.search import EdgeIndex
+
+        # the embedded shard lives on this machine's disk: rebuilt from the published vectors where missing
+        # (another machine, a cleared cache) or built otherwise (other rows, other graph settings)
+        edge = EdgeIndex(local_edge_path(info["collection"]))
+        settings = edge_settings(info)
+        if not edge.matches(vectors, ids, **settings):
+            edge.build(vectors, ids, **settings)
+        return edge.search(query_vectors, k, ids, exact=exact, ef=ef or k)
     qdrant = open_qdrant(info["collection"], info.get("qdrant_url"), info.get("qdrant_api_key_env", "QDRANT_API_KEY"))
     try:
-        if not info.get("qdrant_url") and not info.get("existing") and (not qdrant.exists() or qdrant.count() != len(ids)):
-            # local mode lives on this machine's disk: rebuilt from the published vectors where missing
-            qdrant.build(vectors, ids, sources)
-        return qdrant.search(query_vectors, k, exact=info.get("qdrant_exact", True))
+        return qdrant.search(query_vectors, k, exact=exact, ef=ef)
     finally:
         qdrant.close()
 
@@ -147,7 +156,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
                         f"{encoder.fingerprint} != {info['fingerprint']}): rerun the index step")
     query_vectors = EmbeddingCache(cache_store(info.get("embeddings_cache")), encoder.fingerprint).encode(
         encoder, [q.query for q in kept_queries], queries=True, desc="encode queries")
-    hits = _search(info, vectors, ids, [r["source"] for r in rows], query_vectors, end_rank, dry_run)
+    hits = _search(info, vectors, ids, query_vectors, end_rank, dry_run)
     near = read_groups(root)
     if consistency_k:
         if consistency_judge == "bm25":
