@@ -81,6 +81,24 @@ def test_qdrant_edge_exact_and_hnsw_against_the_exact_index(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edge"]  # no build folder left beside it
 
 
+def test_twin_passages_tie_the_same_way_in_every_build_and_backend(tmp_path):
+    """Passages repeated word for word have one vector, so equal scores: the engine returns them in an order
+    that changed from build to build (an S3 run's negatives differed from a local run's). Both backends break
+    ties by row, including a tie that runs past the top K."""
+    from m3tune.index.search import EdgeIndex
+
+    vectors = unit_vectors(3000, 32, 0)
+    vectors[1000:1040] = vectors[5]  # forty twins of row 5: a tie wider than the 16 extra asked for
+    ids = [f"hadith:{i}" for i in range(3000)]
+    query = vectors[[5]] + 0.01
+    expected = ["hadith:5"] + [f"hadith:{i}" for i in range(1000, 1029)]
+    assert [pid for _, pid in ExactIndex(vectors, ids).search(query, 30)[0]] == expected
+    for build in range(3):
+        edge = EdgeIndex(str(tmp_path / f"edge{build}"))
+        edge.build(vectors, ids, graph=False, m=16, ef_construct=100)
+        assert [pid for _, pid in edge.search(query, 30, ids, exact=True, ef=30)[0]] == expected
+
+
 def test_a_killed_edge_build_is_never_taken_for_a_shard(tmp_path):
     """A build killed before its rename leaves only NAME.tmp-PID, never NAME: the next build (or mining) sees no
     shard, builds one, and clears what the dead process left."""

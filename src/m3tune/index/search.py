@@ -69,10 +69,12 @@ def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
             np.tile(np.arange(scores.shape[1]), (len(scores), 1))
         top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
-    values, indices = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=True)
-    return values.numpy(), indices.numpy()
+    else:
+        values, indices = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=True)
+        top_scores, top = values.numpy(), indices.numpy()
+    # best first, equal scores (twin passages) by row: neither topk nor argpartition orders ties
+    order = np.lexsort((top, -top_scores), axis=1)
+    return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
 
 
 class EdgeIndex:
@@ -182,13 +184,33 @@ class EdgeIndex:
             raise UserError(f"cannot open the Qdrant Edge shard at {self.path}: {str(e)[:300]} "
                             "(delete the folder; the next run rebuilds it)") from None
         params = qe.SearchParams(exact=True) if exact else qe.SearchParams(hnsw_ef=ef)
+
+        def query(vectors: list, limit: int) -> list[list[tuple[float, int]]]:
+            requests = [qe.QueryRequest(limit=limit, query=qe.Query.Nearest(q), params=params) for q in vectors]
+            return [[(p.score, int(p.id)) for p in points]
+                    for points in shard.query_batch(qe.QueryBatchRequest(requests))]
+
+        # Equal scores (a hadith repeated word for word: the same vector) come back from the engine in an
+        # order that changes from one build to the next, so which twins make the top K would too (an S3 run
+        # and a local one differed so). Ties are broken by row, as the exact backend orders them: each query
+        # asks for more than K until the tie at its K-th score is wholly inside what came back.
         out: Hits = []
         try:
             for start in range(0, len(queries), batch):
-                requests = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q), params=params)
-                            for q in queries[start:start + batch].tolist()]
-                for points in shard.query_batch(qe.QueryBatchRequest(requests)):
-                    out.append([(float(p.score), ids[int(p.id)]) for p in points])
+                vectors = queries[start:start + batch].tolist()
+                limit = min(k + 16, len(ids))
+                found = query(vectors, limit)
+                while True:
+                    open_ties = [i for i, points in enumerate(found)
+                                 if len(points) == limit < len(ids) and k <= len(points)
+                                 and points[-1][0] >= sorted(points, key=lambda p: -p[0])[k - 1][0]]
+                    if not open_ties:
+                        break
+                    limit = min(limit * 4, len(ids))
+                    for i, points in zip(open_ties, query([vectors[i] for i in open_ties], limit)):
+                        found[i] = points
+                for points in found:
+                    out.append([(float(score), ids[row]) for score, row in sorted(points, key=lambda p: (-p[0], p[1]))[:k]])
         except Exception as e:
             raise UserError(f"Qdrant Edge search in {self.path} failed: {type(e).__name__}: {str(e)[:300]}") from None
         finally:
