@@ -123,7 +123,7 @@ def test_an_unknown_quality_key_names_the_file_and_key(tmp_path):
     assert "q.yaml" in result.output and "hadith_sampel" in result.output
 
 
-@pytest.mark.parametrize("name", ["demo-e5.yaml", "quality-cpu.yaml", "quality-gpu.yaml"])
+@pytest.mark.parametrize("name", ["demo-e5.yaml", "quality-cpu.yaml", "quality-cpu-unified.yaml", "quality-gpu.yaml"])
 def test_shipped_quality_configs_load_and_compare_a_model_with_its_own_base(name):
     import yaml
 
