@@ -72,7 +72,7 @@ def peer(root_uri: str, model_key: str) -> dict:
                for q in read_records(root.child(step), "queries.jsonl", Query)]
     name, pooling = MODELS[model_key][:2]
     profile = profile_of(name)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     transformer = models.Transformer(resolve(name), max_seq_length=MAX_LENGTH)
     model = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling),
                                          models.Normalize()], device="cpu")
@@ -84,9 +84,9 @@ def peer(root_uri: str, model_key: str) -> dict:
     mined = mine_hard_negatives(pairs, model, corpus=corpus, range_min=10, range_max=200,
                                 relative_margin=0.05, num_negatives=7, sampling_strategy="top", batch_size=64,
                                 output_format="n-tuple", verbose=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     negatives = sum(1 for row in mined for k, v in row.items() if k.startswith("negative") and v)
-    return {"seconds": seconds, "rows": len(mined), "negatives": negatives}
+    return {"seconds": seconds, "cpu_s": cpu, "rows": len(mined), "negatives": negatives}
 
 
 def ours(root_uri: str, backend: str, model_key: str) -> dict:
@@ -99,15 +99,16 @@ def ours(root_uri: str, backend: str, model_key: str) -> dict:
     from m3tune.storage import open_root
 
     root = open_root(root_uri)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     name, _, _, consistency, _ = MODELS[model_key]
     run_step(root, "index", IndexConfig(encoder=EncoderSettings(model=name, max_length=MAX_LENGTH,
                                                                 batch_size=64), backend=backend), force=True)
     manifest, _ = run_step(root, "mine-negatives", MineConfig() if consistency else MineConfig(consistency_k=None),
                            force=True)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     c = manifest.counts
-    return {"seconds": seconds, "rows": c["examples"], "negatives": c["hard"] + c["semi_hard"] + c["random"]}
+    return {"seconds": seconds, "cpu_s": cpu, "rows": c["examples"],
+            "negatives": c["hard"] + c["semi_hard"] + c["random"]}
 
 
 def one(which: str, root_uri: str, model_key: str) -> None:
@@ -133,8 +134,10 @@ def main(model_key: str) -> None:
         n = sum(1 for _ in read_records(open_root(root_uri).child("ingest"), "passages.jsonl", Passage))
         print(f"python {sys.version.split()[0]}, 2 cores; corpus {n:,} passages; {name}, {pooling}, "
               f"max_length {MAX_LENGTH}; m3tune consistency rule {'on' if consistency else 'off'}\n")
-        print("| miner | wall s (best of runs) | all runs s | peak RSS MB | examples | negatives |")
-        print("|---|---:|---:|---:|---:|---:|")
+        # CPU s: the process's CPU time (all its threads) over the timed part of the best run; the load: the
+        # 1-minute load average as each run started (the machine is shared)
+        print("| miner | wall s (best of runs) | all runs s | CPU s (best run) | peak RSS MB | examples | negatives |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         # The peer and the exact backend alternate, REPEATS times each (the machine is shared and noisy: the best
         # of each is the figure, all runs are shown); Qdrant local mode, much slower, runs once (tiny only).
         runs: dict[str, list[dict]] = {"sentence-transformers": [], "exact": [], "qdrant": []}
@@ -146,6 +149,7 @@ def main(model_key: str) -> None:
             run_cache = f"{workdir}/cache-{which}-{i}"
             os.makedirs(run_cache)
             os.symlink(f"{models_cache}/models", f"{run_cache}/models")
+            load = os.getloadavg()[0]
             if os.path.isdir(f"{models_cache}/onnx"):
                 os.symlink(f"{models_cache}/onnx", f"{run_cache}/onnx")
             out = subprocess.run([sys.executable, __file__, "--one", which, root_uri, model_key],
@@ -153,7 +157,8 @@ def main(model_key: str) -> None:
             if out.returncode:
                 sys.exit(f"{which} failed: {out.stderr[-2000:]}")
             runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  {which}: {runs[which][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+            print(f"  {which}: {runs[which][-1]['seconds']:.1f} s, CPU {runs[which][-1]['cpu_s']:.1f} s, load "
+                  f"{load:.1f} at start", file=sys.stderr, flush=True)
         for which, results in runs.items():
             if not results:
                 continue
@@ -161,7 +166,7 @@ def main(model_key: str) -> None:
             label = {"sentence-transformers": "sentence-transformers mine_hard_negatives (peer)",
                      "exact": "m3tune index + mine-negatives, exact", "qdrant": "m3tune index + mine-negatives, Qdrant local"}[which]
             print(f"| {label} | {best['seconds']:.1f} | {', '.join('%.1f' % r['seconds'] for r in results)} | "
-                  f"{max(r['peak_rss_mb'] for r in results):,.0f} | {best['rows']:,} | {best['negatives']:,} |")
+                  f"{best['cpu_s']:.1f} | {max(r['peak_rss_mb'] for r in results):,.0f} | {best['rows']:,} | {best['negatives']:,} |")
 
 
 if __name__ == "__main__":

@@ -99,13 +99,15 @@ def test_the_onnx_export_is_cached_and_a_bad_cached_file_is_exported_again(tmp_p
     real_export = onnxrt.export
     monkeypatch.setattr(onnxrt, "export", lambda *a: exports.append(a) or real_export(*a))
     first = Encoder(TINY, max_length=16).encode(TEXTS)
-    (file,) = (tmp_path / "onnx").glob("*.onnx")
-    assert not list((tmp_path / "onnx").glob(".*tmp-*"))  # written through a temporary file, renamed
+    (file,) = (tmp_path / "onnx").glob("*/model.onnx")
+    assert (file.parent / "model.onnx.data").stat().st_size > file.stat().st_size  # the weights beside the graph
+    assert not list((tmp_path / "onnx").glob(".*"))  # written in a temporary folder, renamed
     assert np.allclose(Encoder(TINY, max_length=16).encode(TEXTS), first, atol=1e-6)
     assert len(exports) == 1  # the second encoder loaded the cached file
     file.write_bytes(b"not an onnx model")
     assert np.allclose(Encoder(TINY, max_length=16).encode(TEXTS), first, atol=1e-6)
     assert len(exports) == 2 and "exporting again" in caplog.text
+    assert not list((tmp_path / "onnx").glob(".*"))  # the bad export replaced, nothing left beside it
 
 
 def test_an_unknown_or_impossible_runtime_is_a_clear_error():
