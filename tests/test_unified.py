@@ -384,7 +384,7 @@ def test_each_head_retrieves_on_its_own_and_the_ensemble_reranks(unified_one, tm
     queries = [e.query for e in examples]
     passages = list(dict.fromkeys([e.pos[0] for e in examples] + [n for e in examples for n in e.negs]))[:40]
     qids, pids = [f"q{i}" for i in range(len(queries))], [f"p{j}" for j in range(len(passages))]
-    encoder = load_encoder(folder, batch_size=7)
+    encoder = load_encoder(folder, batch_size=7, runtime="torch")
     model = m3.M3Model(encoder, folder)
     q, p = m3.encoded(model, folder, queries, passages)
     runs = {head: m3.rank(head, q, p, qids, pids, k=5, dims=[16], rerank_k=30) for head in ("sparse", "colbert", "m3")}

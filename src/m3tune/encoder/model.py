@@ -246,18 +246,20 @@ _LOADED: dict[tuple, Encoder] = {}
 
 def load_encoder(model: str, *, pooling: Pooling | None = None, query_prompt: str | None = None,
                  passage_prompt: str | None = None, max_length: int | None = None, batch_size: int = 32,
-                 dtype: str = "auto", strip_marks: bool | None = None) -> Encoder:
+                 dtype: str = "auto", strip_marks: bool | None = None, runtime: Runtime = "auto") -> Encoder:
     """An Encoder, loaded once per process for the same settings: `index` and `mine-negatives` in one
-    `m3tune run` share it (loading XLM-R's tokenizer alone takes ~2 s)."""
+    `m3tune run` share it (loading XLM-R's tokenizer alone takes ~2 s). RUNTIME "torch": the PyTorch model
+    itself is needed (BGE-M3's heads run on its hidden states)."""
     # keyed by the settings as the profile resolves them: the index step passes its config's (None: the
     # profile's), mine-negatives the resolved ones index.json records; keyed on the raw arguments, one `m3tune
     # run` loaded the same model twice (e5-small: +1 GB peak memory and a second load)
     resolved = profile_of(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
                           max_length=max_length, strip_marks=strip_marks)
-    key = (model, resolved, batch_size, dtype)
+    key = (model, resolved, batch_size, dtype, runtime)
     if key not in _LOADED:
         _LOADED[key] = Encoder(model, pooling=pooling, query_prompt=query_prompt, passage_prompt=passage_prompt,
-                               max_length=max_length, batch_size=batch_size, dtype=dtype, strip_marks=strip_marks)
+                               max_length=max_length, batch_size=batch_size, dtype=dtype, strip_marks=strip_marks,
+                               runtime=runtime)
     return _LOADED[key]
 
 

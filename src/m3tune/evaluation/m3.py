@@ -42,6 +42,8 @@ class M3Model:
         from m3tune.training import heads
 
         self.encoder = encoder
+        if encoder.model is None:
+            raise ValueError("M3Model needs the encoder's PyTorch model: load it with runtime='torch'")
         hidden = int(encoder.model.config.hidden_size)
         sparse, colbert, source = heads.load_or_create(path, hidden, seed=0)
         if source != "loaded":

@@ -236,14 +236,16 @@ def rrf(runs: Sequence[Run], *, k: int, constant: int = 60) -> Run:
 
 def load_dense(spec: ModelSpec, root, options: EncodeOptions):
     """SPEC's Encoder with its own profile (registry, or its folder's files), and the overrides the config
-    gives for SPEC's name: each model is prompted and pooled as it was trained, not by one global setting."""
+    gives for SPEC's name: each model is prompted and pooled as it was trained, not by one global setting.
+    The heads of sparse:, colbert: and m3: specs run on the PyTorch model's hidden states (no ONNX export)."""
     from m3tune.encoder.model import load_encoder
 
     own = options.profiles.get(spec.name, {})
     return load_encoder(model_path(spec.target, root), pooling=own.get("pooling"),
                         query_prompt=own.get("query_prompt"), passage_prompt=own.get("passage_prompt"),
                         strip_marks=own.get("strip_marks"),
-                        max_length=options.max_length, batch_size=options.batch_size, dtype=options.dtype)
+                        max_length=options.max_length, batch_size=options.batch_size, dtype=options.dtype,
+                        runtime="torch" if spec.kind in M3_KINDS else "auto")
 
 
 def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
