@@ -201,9 +201,9 @@ class EdgeIndex:
                 limit = min(k + 16, len(ids))
                 found = query(vectors, limit)
                 while True:
+                    # the engine returns best first: the tie is open where the last returned equals the K-th
                     open_ties = [i for i, points in enumerate(found)
-                                 if len(points) == limit < len(ids) and k <= len(points)
-                                 and points[-1][0] >= sorted(points, key=lambda p: -p[0])[k - 1][0]]
+                                 if len(points) == limit < len(ids) and points[-1][0] == points[k - 1][0]]
                     if not open_ties:
                         break
                     limit = min(limit * 4, len(ids))
