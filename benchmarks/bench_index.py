@@ -19,7 +19,7 @@ about 25 s per 21k points in pure Python (docs/benchmarks.md, [3/7]). Nothing is
 the user: everything lives in a temporary folder. Run:
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_index.py [--sizes real,e5,1m] [--repeats 3] \
-        [--e5-vectors RUN/index/vectors.npy]
+        [--e5-vectors RUN/index/vectors.npy] [--contenders edge-hnsw]
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="real,1m")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--contenders", default=None, help="a comma-separated subset of exact, edge-hnsw, "
+                        "edge-exact, local (default: all that run at each size), e.g. to add one row")
     parser.add_argument("--e5-vectors", default=None, help="vectors.npy of an e5-small index step (384-d), for "
                         "--sizes e5")
     args = parser.parse_args()
@@ -172,6 +174,8 @@ def main() -> None:
                     ["exact", "edge-hnsw", "edge-exact", "local"]
             else:
                 folder, repeats, order = prepare_synthetic(workdir), 1, ["exact", "edge-hnsw", "edge-exact"]
+            if args.contenders:
+                order = [w for w in order if w in args.contenders.split(",")]
             subprocess.run([sys.executable, __file__, "--truth", folder], env=env, check=True)
             n, q = len(np.load(f"{folder}/vectors.npy", mmap_mode="r")), len(np.load(f"{folder}/queries.npy"))
             runs: dict[str, list[dict]] = {w: [] for w in order}
