@@ -10,6 +10,7 @@ in a fresh process with an empty embeddings cache, so wall time and peak memory 
 
     .venv/bin/python benchmarks/bench_mining.py                     # tiny local XLM-R, the whole corpus
     .venv/bin/python benchmarks/bench_mining.py --model e5-small    # e5-small, 300 passages a source
+    .venv/bin/python benchmarks/bench_mining.py --model e5-small --int8    # and m3tune with an int8 encoder
 
 `--model e5-small` mines with multilingual-e5-small (mean pooling) on a deterministic subset (ingest's
 `limit 300`: the first 300 passages of each packaged source, 900 in all, and the queries generated from
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,7 +91,7 @@ def peer(root_uri: str, model_key: str) -> dict:
     return {"seconds": seconds, "cpu_s": cpu, "rows": len(mined), "negatives": negatives}
 
 
-def ours(root_uri: str, backend: str, model_key: str) -> dict:
+def ours(root_uri: str, which: str, model_key: str) -> dict:
     import torch  # noqa: F401  imported before the clock starts, as the peer's are
     import transformers  # noqa: F401
 
@@ -101,8 +103,10 @@ def ours(root_uri: str, backend: str, model_key: str) -> dict:
     root = open_root(root_uri)
     t0, c0 = time.perf_counter(), time.process_time()
     name, _, _, consistency, _ = MODELS[model_key]
-    run_step(root, "index", IndexConfig(encoder=EncoderSettings(model=name, max_length=MAX_LENGTH,
-                                                                batch_size=64), backend=backend), force=True)
+    # exact-int8: the same, the encoder's matrix products in int8 (`dtype: int8`: another computation, stated)
+    backend, dtype = ("exact", "int8") if which == "exact-int8" else (which, "auto")
+    run_step(root, "index", IndexConfig(encoder=EncoderSettings(model=name, max_length=MAX_LENGTH, batch_size=64,
+                                                                dtype=dtype), backend=backend), force=True)
     manifest, _ = run_step(root, "mine-negatives", MineConfig() if consistency else MineConfig(consistency_k=None),
                            force=True)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -117,7 +121,7 @@ def one(which: str, root_uri: str, model_key: str) -> None:
     print(json.dumps(result))
 
 
-def main(model_key: str) -> None:
+def main(model_key: str, int8: bool) -> None:
     name, pooling, limit, consistency, repeats = MODELS[model_key]
     with tempfile.TemporaryDirectory() as workdir:
         # the models (converted, exported) in one cache shared by every run; the embeddings in a fresh one each
@@ -127,6 +131,8 @@ def main(model_key: str) -> None:
         from m3tune.encoder.model import Encoder
 
         Encoder(name)  # built / converted and exported once, outside the timings
+        if int8:
+            Encoder(name, dtype="int8")  # quantized once, outside the timings
         from m3tune.jsonl import read_records
         from m3tune.records import Passage
         from m3tune.storage import open_root
@@ -140,9 +146,9 @@ def main(model_key: str) -> None:
         print("|---|---:|---:|---:|---:|---:|---:|")
         # The peer and the exact backend alternate, REPEATS times each (the machine is shared and noisy: the best
         # of each is the figure, all runs are shown); Qdrant local mode, much slower, runs once (tiny only).
-        runs: dict[str, list[dict]] = {"sentence-transformers": [], "exact": [], "qdrant": []}
-        order = [w for i in range(repeats) for w in (("sentence-transformers", "exact") if i % 2 == 0
-                                                     else ("exact", "sentence-transformers"))]
+        runs: dict[str, list[dict]] = {"sentence-transformers": [], "exact": [], "exact-int8": [], "qdrant": []}
+        contenders = ("sentence-transformers", "exact") + (("exact-int8",) if int8 else ())
+        order = [w for i in range(repeats) for w in (contenders if i % 2 == 0 else contenders[::-1])]
         order += ["qdrant"] if model_key == "tiny" else []
         for i, which in enumerate(order):
             # a fresh embeddings cache for each (everyone encodes everything), the model from the shared one
@@ -157,6 +163,9 @@ def main(model_key: str) -> None:
             if out.returncode:
                 sys.exit(f"{which} failed: {out.stderr[-2000:]}")
             runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if which.startswith("exact"):  # kept for the fp32 / int8 comparison below
+                shutil.copy(f"{root_uri.removeprefix('file://')}/mine-negatives/examples.jsonl",
+                            f"{workdir}/examples-{which}.jsonl")
             print(f"  {which}: {runs[which][-1]['seconds']:.1f} s, CPU {runs[which][-1]['cpu_s']:.1f} s, load "
                   f"{load:.1f} at start", file=sys.stderr, flush=True)
         for which, results in runs.items():
@@ -164,9 +173,34 @@ def main(model_key: str) -> None:
                 continue
             best = min(results, key=lambda r: r["seconds"])
             label = {"sentence-transformers": "sentence-transformers mine_hard_negatives (peer)",
-                     "exact": "m3tune index + mine-negatives, exact", "qdrant": "m3tune index + mine-negatives, Qdrant local"}[which]
+                     "exact": "m3tune index + mine-negatives, exact",
+                     "exact-int8": "m3tune index + mine-negatives, exact, encoder dtype int8",
+                     "qdrant": "m3tune index + mine-negatives, Qdrant local"}[which]
             print(f"| {label} | {best['seconds']:.1f} | {', '.join('%.1f' % r['seconds'] for r in results)} | "
                   f"{best['cpu_s']:.1f} | {max(r['peak_rss_mb'] for r in results):,.0f} | {best['rows']:,} | {best['negatives']:,} |")
+        if int8:
+            print("\n" + agreement(f"{workdir}/examples-exact.jsonl", f"{workdir}/examples-exact-int8.jsonl"))
+
+
+def agreement(fp32: str, int8: str) -> str:
+    """How far int8 mining's output is from fp32's: the queries both keep, and per query the overlap of the
+    negatives (Jaccard of the passage ids) and of the positives' scores."""
+    def read(path):
+        with open(path, encoding="utf-8") as f:
+            return {e["query_id"]: e for e in map(json.loads, f)}
+
+    a, b = read(fp32), read(int8)
+    both = a.keys() & b.keys()
+    jaccard = [len(set(a[q]["neg_ids"]) & set(b[q]["neg_ids"])) / max(1, len(set(a[q]["neg_ids"]) | set(b[q]["neg_ids"])))
+               for q in both]
+    hard = [len({n for n, k in zip(a[q]["neg_ids"], a[q]["neg_kinds"]) if k == "hard"}
+                & {n for n, k in zip(b[q]["neg_ids"], b[q]["neg_kinds"]) if k == "hard"}) for q in both]
+    hard_a = sum(k == "hard" for q in both for k in a[q]["neg_kinds"])
+    gap = [abs(x - y) for q in both for x, y in zip(a[q]["pos_scores"], b[q]["pos_scores"])]
+    return (f"int8 against fp32: examples {len(b):,} vs {len(a):,} ({len(both):,} queries in both); negatives per "
+            f"query, Jaccard of the ids: mean {sum(jaccard) / len(jaccard):.3f}; hard negatives also chosen by int8: "
+            f"{sum(hard) / max(1, hard_a):.1%}; positive scores: mean |difference| {sum(gap) / len(gap):.4f}, "
+            f"max {max(gap):.4f}")
 
 
 if __name__ == "__main__":
@@ -177,4 +211,7 @@ if __name__ == "__main__":
 
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
-        main(parser.parse_args().model)
+        parser.add_argument("--int8", action="store_true", help="a third contender: m3tune with the encoder's "
+                            "matrix products in int8 (index dtype int8), and how its output differs from fp32's")
+        args = parser.parse_args()
+        main(args.model, args.int8)

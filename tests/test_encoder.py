@@ -110,6 +110,36 @@ def test_the_onnx_export_is_cached_and_a_bad_cached_file_is_exported_again(tmp_p
     assert not list((tmp_path / "onnx").glob(".*"))  # the bad export replaced, nothing left beside it
 
 
+def test_int8_runs_a_quantized_export_cached_beside_the_fp32_one(tmp_path, monkeypatch):
+    import onnx
+
+    from m3tune.encoder import onnxrt
+    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.profiles import resolve
+    from m3tune.encoder.tiny import TINY
+
+    resolve(TINY)
+    monkeypatch.setenv("M3TUNE_CACHE", str(tmp_path))
+    fp32 = Encoder(TINY, max_length=16)
+    quantized = []
+    real_quantize = onnxrt.quantize
+    monkeypatch.setattr(onnxrt, "quantize", lambda *a: quantized.append(a) or real_quantize(*a))
+    int8 = Encoder(TINY, max_length=16, dtype="int8")
+    assert int8.runtime == "onnx" and int8.model is None
+    # its own fingerprint: int8 vectors are never served from the cache as fp32 ones, nor the reverse
+    assert int8.fingerprint != fp32.fingerprint
+    (folder,) = (tmp_path / "onnx").glob("*-int8")
+    assert (folder.with_name(folder.name.removesuffix("-int8")) / "model.onnx").is_file()
+    ops = {node.op_type for node in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops  # the matrix products run in int8
+    a, b = fp32.encode(TEXTS), int8.encode(TEXTS)
+    cosine = (a * b).sum(axis=1)
+    assert not np.allclose(a, b, atol=1e-5) and cosine.min() > 0.95, cosine  # near the fp32 vectors, not them
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(Encoder(TINY, max_length=16, dtype="int8").encode(TEXTS), b, atol=1e-6)
+    assert len(quantized) == 1 and not list((tmp_path / "onnx").glob(".*"))  # cached, written atomically
+
+
 def test_an_unknown_or_impossible_runtime_is_a_clear_error():
     from m3tune.encoder.model import Encoder
     from m3tune.encoder.tiny import TINY
@@ -119,6 +149,10 @@ def test_an_unknown_or_impossible_runtime_is_a_clear_error():
         Encoder(TINY, runtime="tensorrt")
     with pytest.raises(UserError, match="runtime onnx: .* in bf16 is not exported"):
         Encoder(TINY, runtime="onnx", dtype="bf16")
+    with pytest.raises(UserError, match="dtype int8: .* with runtime torch: int8 runs through ONNX Runtime on CPU"):
+        Encoder(TINY, runtime="torch", dtype="int8")
+    with pytest.raises(UserError, match="dtype 'int4': expected auto, fp32, fp16, bf16 or int8"):
+        Encoder(TINY, dtype="int4")
 
 
 def test_the_index_and_the_mining_settings_of_one_model_share_one_loaded_encoder():

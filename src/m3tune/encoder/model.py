@@ -62,7 +62,12 @@ class Encoder:
         self.name, self.batch_size = model, batch_size
         self.pooling, self.max_length = self.profile.pooling, self.profile.max_length
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        if dtype not in ("auto", "fp32", "fp16", "bf16", "int8"):
+            raise UserError(f"encoder dtype {dtype!r}: expected auto, fp32, fp16, bf16 or int8")
+        # int8: the fp32 model's ONNX export with its matrix products quantized (onnxrt.quantize), CPU only
+        int8 = dtype == "int8"
+        torch_dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                       "int8": torch.float32}[dtype]
         if torch_dtype is None:
             torch_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
                 if self.device.startswith("cuda") else torch.float32
@@ -76,6 +81,10 @@ class Encoder:
         except OSError as e:
             raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
         on_cpu_fp32 = self.device == "cpu" and torch_dtype == torch.float32
+        if int8 and (runtime == "torch" or self.device != "cpu" or not onnxrt.supported(config)):
+            raise UserError(f"encoder dtype int8: model {model!r} ({config.model_type}) on {self.device} with runtime "
+                            f"{runtime}: int8 runs through ONNX Runtime on CPU only ({'/'.join(onnxrt.MODEL_TYPES)} "
+                            "under 2 GB in fp32)")
         if runtime == "onnx" and not (on_cpu_fp32 and onnxrt.supported(config)):
             raise UserError(f"encoder runtime onnx: model {model!r} ({config.model_type}) on {self.device} "
                             f"in {dtype} is not exported (fp32 on CPU, {'/'.join(onnxrt.MODEL_TYPES)} under 2 GB)")
@@ -90,18 +99,18 @@ class Encoder:
         prep = [self.profile.query_prompt, self.profile.passage_prompt] + (["strip_marks"] if self.profile.strip_marks else [])
         self.fingerprint = _fingerprint(model, path, self.pooling, self.max_length,
                                         json.dumps(prep) if any(prep) else None,
-                                        getattr(config, "_commit_hash", None))
-        if runtime == "onnx" and not onnxrt.installed():
-            raise UserError("encoder runtime onnx: onnxruntime and onnx are not installed (pip install 'm3tune[encode]')")
+                                        getattr(config, "_commit_hash", None), int8=int8)
+        if (runtime == "onnx" or int8) and not onnxrt.installed():
+            raise UserError(f"encoder {'dtype int8' if int8 else 'runtime onnx'}: onnxruntime and onnx are not installed (pip install 'm3tune[encode]')")
         # auto: ONNX Runtime on CPU wherever the model exports (onnxrt.py says why), PyTorch elsewhere
-        self.runtime = "onnx" if runtime == "onnx" or (runtime == "auto" and on_cpu_fp32 and onnxrt.supported(config)
+        self.runtime = "onnx" if runtime == "onnx" or int8 or (runtime == "auto" and on_cpu_fp32 and onnxrt.supported(config)
                                                        and onnxrt.installed()) else "torch"
         self.model = self._session = None
         try:
             if self.runtime == "onnx":  # the PyTorch model is never loaded: its weights would double the memory
                 # cached under the weights' own fingerprint: pooling, prompts and length do not change the graph
                 weights = _fingerprint(model, path, "", 0, None, getattr(config, "_commit_hash", None))
-                self._session = onnxrt.load(path, weights, torch.get_num_threads())
+                self._session = onnxrt.load(path, weights, torch.get_num_threads(), int8=int8)
             else:
                 self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
         except OSError as e:
@@ -264,7 +273,7 @@ def load_encoder(model: str, *, pooling: Pooling | None = None, query_prompt: st
 
 
 def _fingerprint(model: str, path: str, pooling: str, max_length: int, instruction: str | None,
-                 revision: str | None) -> str:
+                 revision: str | None, *, int8: bool = False) -> str:
     """Identifies what the vectors depend on: a hub model's revision, or a local folder's files.
 
     For a local folder: the config and tokenizer files whole, and for each
@@ -278,6 +287,8 @@ def _fingerprint(model: str, path: str, pooling: str, max_length: int, instructi
     # trailing space, so they must not be found under the same fingerprint)
     parts: dict = {"model": model, "pooling": pooling, "max_length": max_length, "instruction": instruction,
                    "revision": revision, "tokenizer": "transformers-auto"}
+    if int8:  # int8 vectors differ from the fp32 ones: never found in the cache under their fingerprint
+        parts["precision"] = "int8"
     folder = Path(path)
     if folder.is_dir():
         for f in sorted(folder.iterdir()):
