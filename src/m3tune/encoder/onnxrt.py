@@ -75,8 +75,8 @@ def load(path: str, fingerprint: str, threads: int, *, int8: bool = False):
         try:
             return session(wanted / MODEL, threads)
         except Exception as e:  # noqa: BLE001 — whatever ONNX Runtime raises on a bad file, export it again
-            log.warning("%s: ONNX Runtime cannot load it (%s); exporting again", wanted / MODEL,
-                        str(e).splitlines()[0][:200])
+            log.warning("%s: ONNX Runtime cannot load it (%s); %s again", wanted / MODEL,
+                        str(e).splitlines()[0][:200], "quantizing" if int8 else "exporting")
     if not int8:
         return session(export(path, folder) / MODEL, threads)
     if not (folder / MODEL).is_file():
