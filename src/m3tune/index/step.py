@@ -36,7 +36,7 @@ class EncoderSettings(ProfileFields):
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass (sorted by length)")
     dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
         default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU; int8: the matrix products in int8 "
-        "through ONNX Runtime (CPU only; ~1.4x faster on e5-small, vectors within ~0.99 cosine of fp32: "
+        "through ONNX Runtime (CPU only; ~1.4-1.6x faster on e5-small, vectors at ~0.997 cosine of fp32: "
         "docs/benchmarks.md)")
 
     def load(self):
