@@ -137,8 +137,8 @@ def quantize(source: Path, out: Path) -> Path:
     channel), written to the folder OUT, atomically; activations are quantized per batch as it runs (ONNX
     Runtime's dynamic quantization). Why: on CPU the fp32 matrix products are ~80% of a forward at 256
     tokens (onnxrt's note above) and both sides of a comparison run the same ones; int8 ones are ~1.4-1.6x
-    faster on e5-small. It changes the vectors (cosine ~0.997 to the fp32 ones on real text, the top 10 ~72% shared;
-    docs/benchmarks.md), so it is an explicit choice (`dtype: int8`), never the default.
+    faster on e5-small. It changes the vectors (cosine ~0.997 to the fp32 ones on real text, a query's top 10
+    ~72% the same; docs/benchmarks.md), so it is an explicit choice (`dtype: int8`), never the default.
 
     reduce_range: weights in 7 bits. x86 CPUs without VNNI (AVX2 only, like this project's CI machine)
     multiply u8 x s8 pairs into saturating int16 sums, which 8-bit weights can overflow; ONNX Runtime's
