@@ -191,8 +191,8 @@ def agreement(fp32: str, int8: str) -> str:
 
     a, b = read(fp32), read(int8)
     both = a.keys() & b.keys()
-    jaccard = [len(set(a[q]["neg_ids"]) & set(b[q]["neg_ids"])) / max(1, len(set(a[q]["neg_ids"]) | set(b[q]["neg_ids"])))
-               for q in both]
+    jaccard = [len(set(a[q]["neg_ids"]) & set(b[q]["neg_ids"]))
+               / max(1, len(set(a[q]["neg_ids"]) | set(b[q]["neg_ids"]))) for q in both]
     hard = [len({n for n, k in zip(a[q]["neg_ids"], a[q]["neg_kinds"]) if k == "hard"}
                 & {n for n, k in zip(b[q]["neg_ids"], b[q]["neg_kinds"]) if k == "hard"}) for q in both]
     hard_a = sum(k == "hard" for q in both for k in a[q]["neg_kinds"])

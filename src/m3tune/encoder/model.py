@@ -101,7 +101,8 @@ class Encoder:
                                         json.dumps(prep) if any(prep) else None,
                                         getattr(config, "_commit_hash", None), int8=int8)
         if (runtime == "onnx" or int8) and not onnxrt.installed():
-            raise UserError(f"encoder {'dtype int8' if int8 else 'runtime onnx'}: onnxruntime and onnx are not installed (pip install 'm3tune[encode]')")
+            raise UserError(f"encoder {'dtype int8' if int8 else 'runtime onnx'}: onnxruntime and onnx are not "
+                            "installed (pip install 'm3tune[encode]')")
         # auto: ONNX Runtime on CPU wherever the model exports (onnxrt.py says why), PyTorch elsewhere
         self.runtime = "onnx" if runtime == "onnx" or int8 or (runtime == "auto" and on_cpu_fp32 and onnxrt.supported(config)
                                                        and onnxrt.installed()) else "torch"
