@@ -440,3 +440,43 @@ def test_a_themes_weakest_positive_does_not_empty_its_negative_pool():
     assert reference_score([0.5], "median") == reference_score([0.5], "lowest") == 0.5  # one positive: as before
     with pytest.raises(ValueError, match="positive_reference must be one of"):
         reference_score([0.5], "mean")
+
+
+def test_an_index_folder_that_does_not_hold_together_is_named_before_mining(tmp_path):
+    import io
+    import json
+
+    from m3tune.errors import UserError
+    from m3tune.index.step import read_index
+    from m3tune.storage import open_root
+
+    folder = open_root(str(tmp_path / "run")).child("index")
+    info = {"model": "local:tiny-xlmr", "pooling": "cls", "query_prompt": None, "passage_prompt": None,
+            "max_length": 64, "batch_size": 8, "dtype": "int8", "strip_marks": True, "fingerprint": "f" * 16,
+            "dim": 4, "rows": 2, "backend": "exact", "collection": "c", "qdrant_url": None}
+
+    def publish(info=info, vectors=np.eye(2, 4, dtype=np.float32), ids=b'{"id": "a"}\n{"id": "b"}\n'):
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        folder.write_bytes("index.json", json.dumps(info).encode())
+        folder.write_bytes("vectors.npy", buffer.getvalue())
+        folder.write_bytes("ids.jsonl", ids)
+
+    publish()
+    got, vectors, ids = read_index(folder)
+    assert (got["dtype"], got["qdrant_url"], ids, vectors.shape) == ("int8", None, ["a", "b"], (2, 4))
+    publish({**info, "dtype": "int4"})
+    with pytest.raises(UserError, match=r"index/index.json: field dtype: .*rerun the index step"):
+        read_index(folder)
+    publish({k: v for k, v in info.items() if k != "fingerprint"})
+    with pytest.raises(UserError, match=r"index/index.json: field fingerprint: Field required"):
+        read_index(folder)
+    publish(vectors=np.eye(3, 4, dtype=np.float32))
+    with pytest.raises(UserError, match=r"index/vectors.npy: float32 array of shape \(3, 4\), index.json says"):
+        read_index(folder)
+    publish(ids=b'{"id": "a"}\n{"passage": "b"}\n')
+    with pytest.raises(UserError, match=r"index/ids.jsonl line 2: field id"):
+        read_index(folder)
+    publish(ids=b'{"id": "a"}\n')
+    with pytest.raises(UserError, match=r"index/ids.jsonl: 1 ids, index.json says 2 rows"):
+        read_index(folder)

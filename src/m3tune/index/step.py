@@ -73,6 +73,63 @@ class IndexConfig(BaseModel):
                                          "URI; default: the local m3tune cache folder)")
 
 
+class IndexInfo(BaseModel):
+    """index.json as mine-negatives needs it (the index step writes more: extra fields pass)."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    pooling: str
+    query_prompt: str | None
+    passage_prompt: str | None
+    max_length: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"]
+    strip_marks: bool
+    fingerprint: str
+    dim: int = Field(ge=1)
+    rows: int = Field(ge=0)
+    backend: Literal["qdrant", "exact"]
+    collection: str
+
+
+def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
+    """(index.json's fields, the vectors, the passage ids in row order) of the index step's output FOLDER (a
+    Store), each checked before use: a field missing or of the wrong type, vectors of another shape than
+    index.json says, an ids.jsonl line without an id or a count that differs are errors naming file, line
+    and field."""
+    import numpy as np
+    from pydantic import ValidationError
+
+    where = f"{folder.uri}/index.json"
+    try:
+        info = IndexInfo.model_validate_json(folder.read_bytes("index.json")).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(the whole file)"
+        raise UserError(f"{where}: field {field}: {err['msg']} (rerun the index step)") from None
+    try:
+        vectors = np.load(io.BytesIO(folder.read_bytes("vectors.npy")))  # np.load needs a seekable file
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{folder.uri}/vectors.npy: not a numpy array file ({e}; rerun the index step)") from None
+    if vectors.ndim != 2 or vectors.shape != (info["rows"], info["dim"]) or vectors.dtype != np.float32:
+        raise UserError(f"{folder.uri}/vectors.npy: {vectors.dtype} array of shape {vectors.shape}, index.json says "
+                        f"float32 ({info['rows']}, {info['dim']}) (rerun the index step)")
+    ids = []
+    for n, line in enumerate(folder.read_bytes("ids.jsonl").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise UserError(f"{folder.uri}/ids.jsonl line {n}: field id: expected an object with a string id "
+                            "(rerun the index step)")
+        ids.append(row["id"])
+    if len(ids) != info["rows"]:
+        raise UserError(f"{folder.uri}/ids.jsonl: {len(ids):,} ids, index.json says {info['rows']:,} rows "
+                        "(rerun the index step)")
+    return info, vectors, ids
+
+
 def cache_store(uri: str | None):
     from m3tune.encoder.tiny import cache_dir
     from m3tune.storage import LocalStore, open_store

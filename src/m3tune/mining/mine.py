@@ -22,7 +22,6 @@ kinds, related ids, query id, language, type, source), one per query.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from collections import Counter
@@ -114,20 +113,14 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
          seed: int, consistency_k: int | None = None, consistency_judge: str = "encoder", min_negatives: int = 0,
          dry_run: bool = False) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
     """(examples, counts, rejects) for QUERIES against the index published in ROOT/index."""
-    import numpy as np
-
     from m3tune.arabic import tokens
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.encoder.model import load_encoder
     from m3tune.corpus.neardup import body, read_groups
-    from m3tune.index.step import cache_store
+    from m3tune.index.step import cache_store, read_index
     from m3tune.mining.filters import FalseNegativeFilter, pick_mix, reference_score
 
-    folder = root.child("index")
-    info = json.loads(folder.read_bytes("index.json"))
-    vectors = np.load(io.BytesIO(folder.read_bytes("vectors.npy")))  # np.load needs a seekable file
-    rows = [json.loads(line) for line in folder.read_bytes("ids.jsonl").splitlines()]
-    ids = [r["id"] for r in rows]
+    info, vectors, ids = read_index(root.child("index"))
     row_of = {pid: i for i, pid in enumerate(ids)}
     by_id = {p.id: p for p in passages}
     if set(by_id) != set(row_of):
