@@ -108,7 +108,9 @@ def truth(folder: str) -> None:
     np.save(f"{folder}/truth.npy", np.array([[int(i) for _, i in row] for row in hits], dtype=np.int64))
 
 
-def one(which: str, folder: str, scratch: str) -> dict:
+def one(which: str, folder: str, scratch: str, efs: list[int]) -> list[dict]:
+    """One contender's rows: one row, or for edge-hnsw a row per search ef over the same graph (ef is a
+    search-time parameter: sweeping it needs no rebuild, so one 1M build answers every ef)."""
     from m3tune.index.search import EdgeIndex, ExactIndex, QdrantIndex
 
     vectors, queries = np.load(f"{folder}/vectors.npy"), np.load(f"{folder}/queries.npy")
@@ -123,17 +125,27 @@ def one(which: str, folder: str, scratch: str) -> dict:
         index = EdgeIndex(f"{scratch}/edge")
         index.build(vectors, ids, graph=which == "edge-hnsw", m=M, ef_construct=EF_CONSTRUCT)
         t1 = time.perf_counter()
-        hits = index.search(queries, K, ids, exact=which == "edge-exact", ef=EF)
+        if which == "edge-hnsw":
+            rows = []
+            for ef in efs:
+                t2 = time.perf_counter()
+                hits = index.search(queries, K, ids, exact=False, ef=ef)
+                rows.append({**_scored(hits, folder, t1 - t0, time.perf_counter() - t2, loaded_mb), "ef": ef})
+            return rows
+        hits = index.search(queries, K, ids, exact=True, ef=EF)
     else:
         index = QdrantIndex("bench", path=f"{scratch}/local")
         index.build(vectors, ids, ["bench"] * len(ids))
         t1 = time.perf_counter()
         hits = index.search(queries, K)
         index.close()
-    t2 = time.perf_counter()
+    return [_scored(hits, folder, t1 - t0, time.perf_counter() - t1, loaded_mb)]
+
+
+def _scored(hits, folder: str, build_s: float, search_s: float, loaded_mb: float) -> dict:
     exact = np.load(f"{folder}/truth.npy")
     recall = float(np.mean([len({int(i) for _, i in row} & set(gold.tolist())) / K for row, gold in zip(hits, exact)]))
-    return {"build_s": t1 - t0, "search_s": t2 - t1, "recall": recall, "loaded_mb": loaded_mb,
+    return {"build_s": build_s, "search_s": search_s, "recall": recall, "loaded_mb": loaded_mb,
             "peak_mb": _rss_now_mb("VmHWM:")}
 
 
@@ -150,6 +162,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--contenders", default=None, help="a comma-separated subset of exact, edge-hnsw, "
                         "edge-exact, local (default: all that run at each size), e.g. to add one row")
+    parser.add_argument("--ef", default=str(EF), help="HNSW search ef, comma-separated to sweep several over "
+                        f"one build (default {EF}, the index step's)")
     parser.add_argument("--e5-vectors", default=None, help="vectors.npy of an e5-small index step (384-d), for "
                         "--sizes e5")
     args = parser.parse_args()
@@ -159,7 +173,7 @@ def main() -> None:
 
     print(f"python {sys.version.split()[0]}, qdrant-edge-py {version('qdrant-edge-py')}, qdrant-client "
           f"{version('qdrant-client')}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"HNSW m {M}, ef_construct {EF_CONSTRUCT}, search ef {EF}; top {K}\n")
+          f"HNSW m {M}, ef_construct {EF_CONSTRUCT}, search ef {args.ef}; top {K}\n")
     del qdrant_client
     print("| data | index | build s | search s | build + search s (all runs) | recall@200 | RSS after load MB | peak RSS MB |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
@@ -178,17 +192,19 @@ def main() -> None:
                 order = [w for w in order if w in args.contenders.split(",")]
             subprocess.run([sys.executable, __file__, "--truth", folder], env=env, check=True)
             n, q = len(np.load(f"{folder}/vectors.npy", mmap_mode="r")), len(np.load(f"{folder}/queries.npy"))
-            runs: dict[str, list[dict]] = {w: [] for w in order}
+            runs: dict[str, list[dict]] = {}
             for r in range(repeats):
                 for which in order if r % 2 == 0 else order[::-1]:
                     if which == "local" and r:  # local mode, far slower, once
                         continue
                     scratch = tempfile.mkdtemp(dir=workdir)
-                    out = subprocess.run([sys.executable, __file__, "--one", which, folder, scratch], env=env,
-                                         capture_output=True, text=True)
+                    out = subprocess.run([sys.executable, __file__, "--one", which, folder, scratch, args.ef],
+                                         env=env, capture_output=True, text=True)
                     if out.returncode:
                         sys.exit(f"{which} on {size} failed:\n{out.stderr[-2000:]}")
-                    runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    for row in json.loads(out.stdout.strip().splitlines()[-1]):
+                        name = f"{which} ef {row['ef']}" if "ef" in row else which
+                        runs.setdefault(name, []).append(row)
                     subprocess.run(["rm", "-rf", scratch], check=True)
             for which, results in runs.items():
                 best = min(results, key=lambda x: x["build_s"] + x["search_s"])
@@ -200,7 +216,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(one(sys.argv[2], sys.argv[3], sys.argv[4])))
+        print(json.dumps(one(sys.argv[2], sys.argv[3], sys.argv[4], [int(e) for e in sys.argv[5].split(",")])))
     elif len(sys.argv) > 1 and sys.argv[1] == "--truth":
         truth(sys.argv[2])
     else:
