@@ -151,7 +151,7 @@ def test_an_unknown_or_impossible_runtime_is_a_clear_error():
         Encoder(TINY, runtime="onnx", dtype="bf16")
     with pytest.raises(UserError, match="dtype int8: .* with runtime torch: int8 runs through ONNX Runtime on CPU"):
         Encoder(TINY, runtime="torch", dtype="int8")
-    with pytest.raises(UserError, match="dtype 'int4': expected auto, fp32, fp16, bf16 or int8"):
+    with pytest.raises(UserError, match="dtype 'int4': expected one of auto, fp32, fp16, bf16, int8"):
         Encoder(TINY, dtype="int4")
 
 

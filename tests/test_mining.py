@@ -475,7 +475,7 @@ def test_an_index_folder_that_does_not_hold_together_is_named_before_mining(tmp_
     with pytest.raises(UserError, match=r"index/vectors.npy: float32 array of shape \(3, 4\), index.json says"):
         read_index(folder)
     publish(ids=b'{"id": "a"}\n{"passage": "b"}\n')
-    with pytest.raises(UserError, match=r"index/ids.jsonl line 2: field id"):
+    with pytest.raises(UserError, match=r"index/ids.jsonl:2: field 'id': missing required field"):
         read_index(folder)
     publish(ids=b'{"id": "a"}\n')
     with pytest.raises(UserError, match=r"index/ids.jsonl: 1 ids, index.json says 2 rows"):

@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from m3tune.errors import UserError
 log = logging.getLogger("m3tune.encoder")
 
 Runtime = Literal["auto", "torch", "onnx"]
+# the encoder's precisions, named once: the index step's settings and index.json's check use this alias
+Dtype = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 
 
 def pool(hidden, attention_mask, pooling: Pooling):
@@ -62,8 +64,8 @@ class Encoder:
         self.name, self.batch_size = model, batch_size
         self.pooling, self.max_length = self.profile.pooling, self.profile.max_length
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype not in ("auto", "fp32", "fp16", "bf16", "int8"):
-            raise UserError(f"encoder dtype {dtype!r}: expected auto, fp32, fp16, bf16 or int8")
+        if dtype not in get_args(Dtype):
+            raise UserError(f"encoder dtype {dtype!r}: expected one of {', '.join(get_args(Dtype))}")
         # int8: the fp32 model's ONNX export with its matrix products quantized (onnxrt.quantize), CPU only
         int8 = dtype == "int8"
         torch_dtype = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,

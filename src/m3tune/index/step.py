@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.context import StepContext
+from m3tune.encoder.model import Dtype
 from m3tune.encoder.profiles import ProfileFields
 from m3tune.errors import UserError
 
@@ -34,7 +35,7 @@ class EncoderSettings(ProfileFields):
     max_length: int | None = Field(default=None, ge=8, description="tokens per text, longer ones truncated; "
                                    "none: the model's profile (512)")
     batch_size: int = Field(default=32, ge=1, description="texts per forward pass (sorted by length)")
-    dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+    dtype: Dtype = Field(
         default="auto", description="auto: bf16/fp16 on GPU, fp32 on CPU; int8: the matrix products in int8 "
         "through ONNX Runtime (CPU only; ~1.4-1.6x faster on e5-small, vectors at ~0.997 cosine of fp32: "
         "docs/benchmarks.md)")
@@ -84,13 +85,20 @@ class IndexInfo(BaseModel):
     passage_prompt: str | None
     max_length: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"]
+    dtype: Dtype
     strip_marks: bool
     fingerprint: str
     dim: int = Field(ge=1)
     rows: int = Field(ge=0)
     backend: Literal["qdrant", "exact"]
     collection: str
+
+
+class IndexRow(BaseModel):
+    """A line of ids.jsonl as mine-negatives needs it (its source passes unchecked)."""
+    model_config = ConfigDict(extra="allow")
+
+    id: str
 
 
 def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
@@ -100,6 +108,8 @@ def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
     and field."""
     import numpy as np
     from pydantic import ValidationError
+
+    from m3tune.jsonl import read_records
 
     where = f"{folder.uri}/index.json"
     try:
@@ -115,16 +125,7 @@ def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
     if vectors.ndim != 2 or vectors.shape != (info["rows"], info["dim"]) or vectors.dtype != np.float32:
         raise UserError(f"{folder.uri}/vectors.npy: {vectors.dtype} array of shape {vectors.shape}, index.json says "
                         f"float32 ({info['rows']}, {info['dim']}) (rerun the index step)")
-    ids = []
-    for n, line in enumerate(folder.read_bytes("ids.jsonl").splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-            raise UserError(f"{folder.uri}/ids.jsonl line {n}: field id: expected an object with a string id "
-                            "(rerun the index step)")
-        ids.append(row["id"])
+    ids = [row.id for row in read_records(folder, "ids.jsonl", IndexRow)]
     if len(ids) != info["rows"]:
         raise UserError(f"{folder.uri}/ids.jsonl: {len(ids):,} ids, index.json says {info['rows']:,} rows "
                         "(rerun the index step)")
