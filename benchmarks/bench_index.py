@@ -19,7 +19,9 @@ about 25 s per 21k points in pure Python (docs/benchmarks.md, [3/7]). Nothing is
 the user: everything lives in a temporary folder. Run:
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_index.py [--sizes real,e5,1m] [--repeats 3] \
-        [--e5-vectors RUN/index/vectors.npy] [--contenders edge-hnsw]
+        [--e5-vectors RUN/index/vectors.npy] [--contenders edge-hnsw] [--ef 600,1000,2000]
+
+--ef sweeps HNSW's search-time ef over one graph: edge-hnsw gets a row per value, each with the same build.
 """
 
 from __future__ import annotations
