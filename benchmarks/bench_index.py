@@ -37,7 +37,17 @@ import time
 import numpy as np
 
 K = 200
-M, EF_CONSTRUCT, EF = 32, 200, 600  # the index step's defaults (IndexConfig)
+
+
+def _defaults() -> tuple[int, int, int]:
+    """The index step's HNSW defaults, read from IndexConfig so that the benchmark measures what ships."""
+    from m3tune.index.step import IndexConfig
+
+    fields = IndexConfig.model_fields
+    return fields["hnsw_m"].default, fields["hnsw_ef_construct"].default, fields["hnsw_ef"].default
+
+
+M, EF_CONSTRUCT, EF = _defaults()
 
 
 def prepare_real(workdir: str) -> str:
