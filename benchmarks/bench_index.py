@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--e5-vectors", default=None, help="vectors.npy of an e5-small index step (384-d), for "
                         "--sizes e5")
     args = parser.parse_args()
+    if not all(e.strip().isdigit() and int(e) > 0 for e in args.ef.split(",")):
+        parser.error(f"--ef {args.ef!r}: expected positive integers separated by commas, e.g. 600,1500")
     import qdrant_client
     import qdrant_edge  # noqa: F401
     from importlib.metadata import version
