@@ -21,6 +21,27 @@ def _commands(group: typer.Typer, prefix=()):
         yield from _commands(sub.typer_instance, (*prefix, sub.name))
 
 
+def test_the_command_loads_without_the_heavy_extras():
+    """The core install has no numpy, torch or transformers (they come with the extras): `m3tune --help`
+    must load without them, as every step imports them only when it runs."""
+    import subprocess
+    import sys
+
+    blocker = ("import builtins, sys\n"
+               "real = builtins.__import__\n"
+               "def refuse(name, *a, **k):\n"
+               "    if name.split('.')[0] in ('numpy', 'torch', 'transformers'):\n"
+               "        raise ModuleNotFoundError(f'No module named {name!r} (blocked)')\n"
+               "    return real(name, *a, **k)\n"
+               "builtins.__import__ = refuse\n"
+               "sys.argv = ['m3tune', '--help']\n"
+               "from m3tune.cli import app\n"
+               "app()\n")
+    out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Usage: m3tune" in " ".join(out.stdout.split())
+
+
 @pytest.mark.parametrize("command", sorted(set(_commands(app))), ids=" ".join)
 def test_every_command_explains_itself(command):
     result = invoke(*command, "--help")

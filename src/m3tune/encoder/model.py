@@ -19,14 +19,12 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from m3tune.encoder.profiles import Pooling, profile_of, resolve
+from m3tune.encoder.profiles import Dtype, Pooling, profile_of, resolve
 from m3tune.errors import UserError
 
 log = logging.getLogger("m3tune.encoder")
 
 Runtime = Literal["auto", "torch", "onnx"]
-# the encoder's precisions, named once: the index step's settings and index.json's check use this alias
-Dtype = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 
 
 def pool(hidden, attention_mask, pooling: Pooling):

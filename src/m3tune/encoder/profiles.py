@@ -25,6 +25,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Pooling = Literal["cls", "mean"]
+# the encoder's precisions, named once (Encoder's check, the index step's settings, index.json's check)
+Dtype = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 
 
 class ProfileFields(BaseModel):

@@ -21,8 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.context import StepContext
-from m3tune.encoder.model import Dtype
-from m3tune.encoder.profiles import ProfileFields
+from m3tune.encoder.profiles import Dtype, ProfileFields
 from m3tune.errors import UserError
 
 
@@ -95,8 +94,8 @@ class IndexInfo(BaseModel):
 
 
 class IndexRow(BaseModel):
-    """A line of ids.jsonl as mine-negatives needs it (its source passes unchecked)."""
-    model_config = ConfigDict(extra="allow")
+    """A line of ids.jsonl as mine-negatives needs it (its source is not read)."""
+    model_config = ConfigDict(extra="ignore")
 
     id: str
 
@@ -109,7 +108,7 @@ def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
     import numpy as np
     from pydantic import ValidationError
 
-    from m3tune.jsonl import read_records
+    from m3tune.jsonl import RecordError, read_records
 
     where = f"{folder.uri}/index.json"
     try:
@@ -125,7 +124,10 @@ def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
     if vectors.ndim != 2 or vectors.shape != (info["rows"], info["dim"]) or vectors.dtype != np.float32:
         raise UserError(f"{folder.uri}/vectors.npy: {vectors.dtype} array of shape {vectors.shape}, index.json says "
                         f"float32 ({info['rows']}, {info['dim']}) (rerun the index step)")
-    ids = [row.id for row in read_records(folder, "ids.jsonl", IndexRow)]
+    try:
+        ids = [row.id for row in read_records(folder, "ids.jsonl", IndexRow)]
+    except RecordError as e:
+        raise UserError(f"{e} (rerun the index step)") from None
     if len(ids) != info["rows"]:
         raise UserError(f"{folder.uri}/ids.jsonl: {len(ids):,} ids, index.json says {info['rows']:,} rows "
                         "(rerun the index step)")
