@@ -126,6 +126,7 @@ def one(which: str, folder: str, scratch: str, efs: list[int]) -> list[dict]:
     from m3tune.index.search import EdgeIndex, ExactIndex, QdrantIndex
 
     vectors, queries = np.load(f"{folder}/vectors.npy"), np.load(f"{folder}/queries.npy")
+    truth_rows = np.load(f"{folder}/truth.npy")  # read once: every ef row of a sweep is scored against it
     ids = [str(i) for i in range(len(vectors))]
     loaded_mb = _rss_now_mb()
     t0 = time.perf_counter()
@@ -142,7 +143,7 @@ def one(which: str, folder: str, scratch: str, efs: list[int]) -> list[dict]:
             for ef in efs:
                 t2 = time.perf_counter()
                 hits = index.search(queries, K, ids, exact=False, ef=ef)
-                rows.append({**_scored(hits, folder, t1 - t0, time.perf_counter() - t2, loaded_mb), "ef": ef})
+                rows.append({**_scored(hits, truth_rows, t1 - t0, time.perf_counter() - t2, loaded_mb), "ef": ef})
             return rows
         hits = index.search(queries, K, ids, exact=True, ef=EF)
     else:
@@ -151,11 +152,10 @@ def one(which: str, folder: str, scratch: str, efs: list[int]) -> list[dict]:
         t1 = time.perf_counter()
         hits = index.search(queries, K)
         index.close()
-    return [_scored(hits, folder, t1 - t0, time.perf_counter() - t1, loaded_mb)]
+    return [_scored(hits, truth_rows, t1 - t0, time.perf_counter() - t1, loaded_mb)]
 
 
-def _scored(hits, folder: str, build_s: float, search_s: float, loaded_mb: float) -> dict:
-    exact = np.load(f"{folder}/truth.npy")
+def _scored(hits, exact: np.ndarray, build_s: float, search_s: float, loaded_mb: float) -> dict:
     recall = float(np.mean([len({int(i) for _, i in row} & set(gold.tolist())) / K for row, gold in zip(hits, exact)]))
     return {"build_s": build_s, "search_s": search_s, "recall": recall, "loaded_mb": loaded_mb,
             "peak_mb": _rss_now_mb("VmHWM:")}
