@@ -476,6 +476,20 @@ def test_an_index_folder_that_does_not_hold_together_is_named_before_mining(tmp_
     publish(vectors=np.eye(3, 4, dtype=np.float32))
     with pytest.raises(UserError, match=r"index/vectors.npy: float32 array of shape \(3, 4\), index.json says"):
         read_index(folder)
+    publish(vectors=np.eye(2, 4, dtype=np.float64))
+    with pytest.raises(UserError, match=r"index/vectors.npy: float64 array of shape \(2, 4\), index.json says"):
+        read_index(folder)
+    buffer = io.BytesIO()
+    np.save(buffer, np.eye(2, 4, dtype=np.float32))
+    folder.write_bytes("vectors.npy", buffer.getvalue()[:-5])
+    with pytest.raises(UserError, match=r"index/vectors.npy: ends after 27 of its 32 data bytes \(rerun the index"):
+        read_index(folder)
+    folder.write_bytes("vectors.npy", buffer.getvalue() + b"x")
+    with pytest.raises(UserError, match=r"index/vectors.npy: holds more than the 32 data bytes its header gives"):
+        read_index(folder)
+    folder.write_bytes("vectors.npy", b'{"id": "a"}')
+    with pytest.raises(UserError, match=r"index/vectors.npy: not a numpy array file"):
+        read_index(folder)
     publish(ids=b'{"id": "a"}\n{"passage": "b"}\n')
     with pytest.raises(UserError, match=r"index/ids.jsonl:2: field 'id': missing required field \(rerun the index"):
         read_index(folder)

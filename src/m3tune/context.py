@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import IO
 
 from m3tune.jsonl import JsonlWriter, Rejects, write_jsonl
 from m3tune.storage import Store, WrittenFile
@@ -47,6 +48,14 @@ class StepContext:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self.outputs[rel] = self.out.write_bytes(rel, data)
+
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
+        """Publish REL atomically from what the block writes to a binary stream (no copy of it held in memory)
+        and record it as an output."""
+        with self.out.open_write(rel) as w:
+            yield w
+        self.outputs[rel] = w.result  # type: ignore[attr-defined]
 
     def write_rejects(self, rejects: Rejects, rel: str = "rejects.jsonl") -> None:
         """Publish the invalid input lines (with file, line, field and reason) as REL."""

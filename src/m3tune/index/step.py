@@ -14,7 +14,6 @@ The Edge shard is a cache, not an output: mine-negatives rebuilds it from
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any, Literal
 
@@ -117,13 +116,7 @@ def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"]) or "(the whole file)"
         raise UserError(f"{where}: field {field}: {err['msg']} (rerun the index step)") from None
-    try:
-        vectors = np.load(io.BytesIO(folder.read_bytes("vectors.npy")))  # np.load needs a seekable file
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"{folder.uri}/vectors.npy: not a numpy array file ({e}; rerun the index step)") from None
-    if vectors.ndim != 2 or vectors.shape != (info["rows"], info["dim"]) or vectors.dtype != np.float32:
-        raise UserError(f"{folder.uri}/vectors.npy: {vectors.dtype} array of shape {vectors.shape}, index.json says "
-                        f"float32 ({info['rows']}, {info['dim']}) (rerun the index step)")
+    vectors = read_vectors(folder, rows=info["rows"], dim=info["dim"])
     try:
         ids = [row.id for row in read_records(folder, "ids.jsonl", IndexRow)]
     except RecordError as e:
@@ -132,6 +125,45 @@ def read_index(folder) -> tuple[dict[str, Any], Any, list[str]]:
         raise UserError(f"{folder.uri}/ids.jsonl: {len(ids):,} ids, index.json says {info['rows']:,} rows "
                         "(rerun the index step)")
     return info, vectors, ids
+
+
+def read_vectors(folder, *, rows: int, dim: int):
+    """vectors.npy of FOLDER as a float32 (ROWS, DIM) array, streamed from the store into the array.
+
+    Own code rather than np.load: np.load needs a seekable file, and the store's streams (an S3 body) are not,
+    so it took the whole file as bytes first, twice the matrix at peak (8 GB for 1M x 1,024). Reading the
+    header first also refuses a wrong shape or dtype before anything is allocated."""
+    import numpy as np
+
+    fmt = np.lib.format
+    where = f"{folder.uri}/vectors.npy"
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"{where}: {why} (rerun the index step)")
+
+    with folder.open_read("vectors.npy") as f:
+        try:
+            version = fmt.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"numpy format version {version[0]}.{version[1]}")
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+        except (ValueError, OSError, EOFError, SyntaxError) as e:
+            raise refuse(f"not a numpy array file ({e})") from None
+        if shape != (rows, dim) or dtype != np.float32 or fortran:
+            raise refuse(f"{dtype} array of shape {shape}{' (Fortran order)' if fortran else ''}, index.json says "
+                         f"float32 ({rows}, {dim})")
+        vectors = np.empty(shape, np.float32)
+        target, filled = memoryview(vectors).cast("B"), 0
+        while filled < len(target):
+            chunk = f.read(min(1 << 22, len(target) - filled))
+            if not chunk:
+                raise refuse(f"ends after {filled:,} of its {len(target):,} data bytes")
+            target[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        if f.read(1):
+            raise refuse(f"holds more than the {len(target):,} data bytes its header gives")
+    return vectors
 
 
 def cache_store(uri: str | None):
@@ -196,9 +228,8 @@ def index(ctx: StepContext, *, encoder: dict[str, Any], backend: str, qdrant_url
     corpus_digest = read_manifest(ctx.root.child("ingest")).outputs["passages.jsonl"].sha256
     name = collection or f"m3tune-{model.fingerprint}-{corpus_digest[:12]}"
 
-    buffer = io.BytesIO()
-    np.save(buffer, vectors)
-    ctx.write_bytes("vectors.npy", buffer.getvalue())
+    with ctx.open_write("vectors.npy") as f:
+        np.save(f, vectors)  # streamed in chunks to the store (a bytes copy would double the peak at 1M rows)
     with ctx.write_jsonl("ids.jsonl") as out:
         out.write_all({"id": p.id, "source": p.source} for p in passages)
     # the profile as resolved: mine-negatives encodes queries exactly as these passages were
