@@ -115,6 +115,18 @@ def test_collate_draws_the_same_for_the_same_seed_and_epoch(tmp_path):
     assert len(seen) > 1 and seen <= {key_hash(p) for p in THEME}
 
 
+def test_positive_pool_shows_only_the_first_positives_and_still_masks_them_all(tmp_path):
+    tok = _tokenizer(tmp_path)
+    examples = [thematic()] + others(3)
+    shown = set()
+    for epoch in range(40):
+        b = collate(examples, list(range(4)), tok, negatives=5, seed=11, epoch=epoch, query_max_length=16,
+                    passage_max_length=16, positive_pool=3)
+        shown.add(b.col_keys[0].item())
+        assert {key_hash(p) for p in THEME} <= set(b.pos_keys[0].tolist())  # all 40 masked, whichever is shown
+    assert shown == {key_hash(p) for p in THEME[:3]}  # the three listed first, each some epoch
+
+
 def test_the_sampler_keeps_what_it_can_and_reports_and_limits_its_drops():
     # 10 thematic queries of one theme share positives: at most one per batch
     theme = [to_train_example(Example(query=f"موضوع {i}", pos=["نص"], pos_ids=["bukhari:1"], type="conceptual",

@@ -264,8 +264,12 @@ def theme_queries(theme: Theme, positives: dict[str, list[str]], generator: Gene
                   ar_templates=AR_THEME_TEMPLATES, en_templates=EN_THEME_TEMPLATES) -> list[Query]:
     """Thematic queries for THEME; POSITIVES maps 'quran'/'hadith' to the passage ids assigned to it."""
     out: list[Query] = []
-    scopes = {"quran": positives.get("quran", []), "hadith": positives.get("hadith", []),
-              "mixed": positives.get("quran", []) + positives.get("hadith", [])}
+    from itertools import chain, zip_longest
+
+    quran, hadith = positives.get("quran", []), positives.get("hadith", [])
+    # best first in both sources, taken in turn: a list is read best first (training's positive_pool)
+    mixed = [pid for pid in chain.from_iterable(zip_longest(quran, hadith)) if pid is not None]
+    scopes = {"quran": quran, "hadith": hadith, "mixed": mixed}
     for scope, ids in scopes.items():
         if not ids or (scope == "mixed" and not (positives.get("quran") and positives.get("hadith"))):
             continue

@@ -33,6 +33,10 @@ class TrainConfig(ProfileFields):
     semi_hard_share: float = Field(default=0.3, ge=0, description="share drawn from the semi-hard ones")
     random_share: float = Field(default=0.1, ge=0, description="share drawn from the random ones (a kind short of "
                                 "its share is filled from the others)")
+    positive_pool: int | None = Field(default=None, ge=1, description="draw each step's positive from the first "
+                                      "N of an example's positives, which generators list best first (a theme's "
+                                      "passages with the most lexicon hits); every positive stays masked as a "
+                                      "non-negative. None: from all of them")
     max_drop_share: float = Field(default=0.25, ge=0, le=1, description="fail when an epoch's sampler leaves more "
                                   "than this share of one query type's examples out (shared positives conflict)")
     cross_device_negatives: bool = Field(default=True, description="score each query against the passages of "

@@ -201,11 +201,12 @@ def draw_negatives(ex: TrainExample, n: int, rng: random.Random,
 
 def collate(examples: Iterable[TrainExample], indices: list[int], tokenizer, *, negatives: int, seed: int, epoch: int,
             query_max_length: int, passage_max_length: int, profile=None,
-            negative_mix: tuple[float, float, float] = (0.6, 0.3, 0.1)) -> Batch:
+            negative_mix: tuple[float, float, float] = (0.6, 0.3, 0.1), positive_pool: int | None = None) -> Batch:
     """Tokenize one process's examples. Each query gets one of its positives and up to NEGATIVES distinct
     negatives of its pool (NEGATIVE_MIX: hard / semi-hard / random shares), chosen per (seed, epoch, example)
     so that any process count picks the same ones; slots an example cannot fill hold an empty text masked
-    out of the loss (fixed shapes for the all-gather). Every positive and near-duplicate of a query is
+    out of the loss (fixed shapes for the all-gather). The positive is drawn from the first POSITIVE_POOL
+    (None: all), as generators list them best first; every positive and near-duplicate of a query is
     masked in its row. Texts get the model's prompts, as the Encoder gives them at index and evaluation
     time."""
     import torch
@@ -217,7 +218,7 @@ def collate(examples: Iterable[TrainExample], indices: list[int], tokenizer, *, 
     queries, positives, negs, pos_keys, pos_cols, neg_cols, valid = [], [], [], [], [], [], []
     for idx, ex in zip(indices, examples):
         rng = random.Random(f"{seed}:{epoch}:{idx}")
-        p = rng.randrange(len(ex.pos))
+        p = rng.randrange(min(len(ex.pos), positive_pool or len(ex.pos)))
         queries.append(profile.prepare(ex.query, queries=True))
         positives.append(profile.prepare(ex.pos[p], queries=False))
         pos_cols.append(key_hash(ex.pos_keys[p]))

@@ -457,7 +457,8 @@ def _micro_batches(s: Session, epoch: int, plan: list[list[int]], start: int, ra
         return collate([s.train_examples[i] for i in indices], indices, s.fast_tokenize, negatives=cfg.negatives,
                        seed=cfg.seed, epoch=epoch, query_max_length=cfg.query_max_length,
                        passage_max_length=cfg.passage_max_length, profile=s.profile,
-                       negative_mix=(cfg.hard_share, cfg.semi_hard_share, cfg.random_share))
+                       negative_mix=(cfg.hard_share, cfg.semi_hard_share, cfg.random_share),
+                       positive_pool=cfg.positive_pool)
 
     with ThreadPoolExecutor(1, thread_name_prefix="m3tune-collate") as pool:
         upcoming = pool.submit(make, start) if start < len(plan) else None
