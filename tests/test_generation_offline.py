@@ -111,7 +111,7 @@ def test_tafsir_questions_are_al_muyassar_clauses_that_share_few_of_the_verse_wo
 def test_offline_conceptual_queries_hold_all_their_positives(small_root):
     manifest, _ = run_step(small_root, "generate-conceptual", GenerateConceptualConfig(max_positives=10))
     rows = list(read_records(small_root.child("generate-conceptual"), "queries.jsonl", Query))
-    assert rows and manifest.counts["themes"] == 28
+    assert rows and manifest.counts["themes"] == 57
     assert {r.type for r in rows} == {"conceptual"}
     for r in rows:
         assert 1 <= len(r.positive_ids) <= 20
@@ -126,6 +126,18 @@ def test_offline_conceptual_queries_hold_all_their_positives(small_root):
             assert r.positive_ids[0].startswith("quran:") and not r.positive_ids[1].startswith("quran:")
     verses = {r.query: r for r in rows}
     assert "آيات عن الصبر" in verses and "verses about patience" in verses
+    # a story is its verse range, whatever words they use: the cow of Banu Israil is 2:67-73
+    assert verses["آيات عن بقرة بني إسرائيل"].positive_ids == [f"quran:2:{v}" for v in range(67, 74)]
+
+
+def test_a_story_theme_with_a_bad_verse_range_names_the_file_and_theme(tmp_path):
+    from m3tune.errors import ConfigError
+
+    bad = tmp_path / "themes.yaml"
+    bad.write_text("version: t1\nthemes:\n  - id: cow\n    ar: [البقرة]\n    en: [the cow]\n"
+                   "    verses: [2:73-67]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"themes.yaml: theme 'cow': verses entry '2:73-67'"):
+        load_themes(str(bad))
 
 
 def test_demo_pipeline_meets_the_arabic_and_conceptual_targets(full_run):

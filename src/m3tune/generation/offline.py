@@ -210,6 +210,7 @@ class Theme:
     en: list[str]
     lexicon: list[str]
     held_out: bool = False
+    verses: tuple[str, ...] = ()  # a story's passages, given by verse range: they are its positives, not the lexicon
 
     @cached_property
     def words(self) -> frozenset[str]:
@@ -241,18 +242,34 @@ def load_themes(path: str | None = None, *, held_out: bool = False) -> tuple[str
     data = yaml.safe_load(raw)
     where = path or "themes.yaml"
     try:
-        themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]), lexicon=list(t["lexicon"]),
-                        held_out=bool(t.get("held_out", False))) for t in data["themes"]]
+        themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]),
+                        lexicon=list(t["lexicon"] if "verses" not in t else t.get("lexicon") or []),
+                        held_out=bool(t.get("held_out", False)),
+                        verses=tuple(v for r in t.get("verses") or () for v in _verse_range(r, where, t["id"])))
+                  for t in data["themes"]]
         version = str(data["version"])
     except (KeyError, TypeError) as e:
-        raise ConfigError(f"{where}: each theme needs id, ar, en, lexicon and the file a version ({e})") from None
+        raise ConfigError(f"{where}: each theme needs id, ar, en, lexicon (or verses) and the file a version "
+                          f"({e})") from None
     if len({t.id for t in themes}) != len(themes):
         raise ConfigError(f"{where}: theme ids must be unique")
     return version, [t for t in themes if held_out or not t.held_out]
 
 
+def _verse_range(spec: object, where: str, theme: str) -> list[str]:
+    """'S:A-B' (or 'S:A') as passage ids quran:S:A .. quran:S:B."""
+    m = re.fullmatch(r"(\d+):(\d+)(?:-(\d+))?", str(spec).strip())
+    if not m or (m[3] and int(m[3]) < int(m[2])):
+        raise ConfigError(f"{where}: theme {theme!r}: verses entry {spec!r} is not SURAH:FIRST-LAST (e.g. 2:67-73)")
+    surah, first = int(m[1]), int(m[2])
+    return [f"quran:{surah}:{v}" for v in range(first, int(m[3] or first) + 1)]
+
+
 def theme_candidates(corpus: Corpus, theme: Theme, source: str, *, limit: int, min_hits: int) -> list[str]:
-    """Passage ids of SOURCE most about THEME: most lexicon hits first, then the shorter (more focused)."""
+    """Passage ids of SOURCE most about THEME: most lexicon hits first, then the shorter (more focused). A story
+    (a theme with verses) is its verses, in order: a narrative's verses need not name it."""
+    if theme.verses:
+        return [pid for pid in theme.verses if pid in corpus.by_id and source == "quran"][:limit]
     scored = [(theme.hits(d.ar_words), len(d.ar_words), i, d.passage.id) for i, d in enumerate(corpus.docs)
               if d.passage.source == source]
     scored = [s for s in scored if s[0] >= min_hits]
