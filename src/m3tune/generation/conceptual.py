@@ -94,15 +94,11 @@ def theme_items(themes, candidates: dict[str, dict[str, list[str]]], passage_of,
     return items
 
 
-def _scopes(quran: list[str], hadith: list[str]) -> dict[str, list[str]]:
-    return {"quran": quran, "hadith": hadith, "mixed": quran + hadith if quran and hadith else []}
-
-
 def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], themes_file: str | None,
                         sources: list[str], max_positives: int, min_hits_quran: int, min_hits_hadith: int,
                         queries_per_theme: int, arabic_share: float, prompt: str, min_chars: int,
                         max_words: int, max_copy_words: int) -> dict[str, Any]:
-    from m3tune.generation.offline import theme_queries
+    from m3tune.generation.offline import theme_queries, theme_scopes
 
     passages = read_passages(ctx.root)
     corpus, version, themes, candidates = prepare(passages, themes_file=themes_file, sources=sources,
@@ -144,7 +140,7 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
                 dropped.append({"kind": "item", "key": f"theme:{t.id}", "reason": "unknown_relevant_ids",
                                 "ids": sorted(chosen - offered)})
             relevant = {s: with_twins([p for p in candidates[t.id].get(s, []) if p in chosen]) for s in ("quran", "hadith")}
-            scopes = _scopes(relevant["quran"], relevant["hadith"])
+            scopes = theme_scopes(relevant["quran"], relevant["hadith"])
             for n, q in enumerate(answer.queries):
                 if not scopes[q.scope]:
                     dropped.append({"kind": "query", "key": f"theme:{t.id}", "reason": "no_positives_in_scope",

@@ -243,7 +243,7 @@ def load_themes(path: str | None = None, *, held_out: bool = False) -> tuple[str
     where = path or "themes.yaml"
     try:
         themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]),
-                        lexicon=list(t["lexicon"] if "verses" not in t else t.get("lexicon") or []),
+                        lexicon=list(t.get("lexicon") or []) if "verses" in t else list(t["lexicon"]),
                         held_out=bool(t.get("held_out", False)),
                         verses=tuple(v for r in t.get("verses") or () for v in _verse_range(r, where, t["id"])))
                   for t in data["themes"]]
@@ -268,8 +268,8 @@ def _verse_range(spec: object, where: str, theme: str) -> list[str]:
 def theme_candidates(corpus: Corpus, theme: Theme, source: str, *, limit: int, min_hits: int) -> list[str]:
     """Passage ids of SOURCE most about THEME: most lexicon hits first, then the shorter (more focused). A story
     (a theme with verses) is its verses, in order: a narrative's verses need not name it."""
-    if theme.verses:
-        return [pid for pid in theme.verses if pid in corpus.by_id and source == "quran"][:limit]
+    if theme.verses:  # a story holds verses only; those the corpus lacks (an ingest --limit) are left out
+        return [pid for pid in theme.verses if pid in corpus.by_id][:limit] if source == "quran" else []
     scored = [(theme.hits(d.ar_words), len(d.ar_words), i, d.passage.id) for i, d in enumerate(corpus.docs)
               if d.passage.source == source]
     scored = [s for s in scored if s[0] >= min_hits]
@@ -277,18 +277,21 @@ def theme_candidates(corpus: Corpus, theme: Theme, source: str, *, limit: int, m
     return [s[3] for s in scored[:limit]]
 
 
+def theme_scopes(quran: list[str], hadith: list[str]) -> dict[str, list[str]]:
+    """A theme's positives per query scope. 'mixed' (only when both sources have some) takes the two lists in
+    turn, so that it stays best first as each is (training's positive_pool reads the first N)."""
+    from itertools import chain, zip_longest
+
+    mixed = [pid for pid in chain.from_iterable(zip_longest(quran, hadith)) if pid is not None]
+    return {"quran": quran, "hadith": hadith, "mixed": mixed if quran and hadith else []}
+
+
 def theme_queries(theme: Theme, positives: dict[str, list[str]], generator: Generator = GENERATOR,
                   ar_templates=AR_THEME_TEMPLATES, en_templates=EN_THEME_TEMPLATES) -> list[Query]:
     """Thematic queries for THEME; POSITIVES maps 'quran'/'hadith' to the passage ids assigned to it."""
     out: list[Query] = []
-    from itertools import chain, zip_longest
-
-    quran, hadith = positives.get("quran", []), positives.get("hadith", [])
-    # best first in both sources, taken in turn: a list is read best first (training's positive_pool)
-    mixed = [pid for pid in chain.from_iterable(zip_longest(quran, hadith)) if pid is not None]
-    scopes = {"quran": quran, "hadith": hadith, "mixed": mixed}
-    for scope, ids in scopes.items():
-        if not ids or (scope == "mixed" and not (positives.get("quran") and positives.get("hadith"))):
+    for scope, ids in theme_scopes(positives.get("quran", []), positives.get("hadith", [])).items():
+        if not ids:
             continue
         for language, names, templates in (("ar", theme.ar, ar_templates), ("en", theme.en, en_templates)):
             for n, (name, template) in enumerate((nm, tp) for nm in names for tp in templates[scope]):

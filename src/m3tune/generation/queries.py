@@ -161,13 +161,10 @@ def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pil
     # Arabic queries must not copy the Arabic text, English ones the translation.
     pairs = [(q, [by_id[q.positive_ids[0]].text] if q.language == "ar" else [by_id[q.positive_ids[0]].translation_en or ""])
              for q in generated]
-    extra: dict[str, Any] = {"passages": len(selected)}
-    if tafsir:
-        from m3tune.generation.offline import TAFSIR_GENERATOR
-
-        extra["tafsir_questions"] = sum(q.generator == TAFSIR_GENERATOR for q in generated)
-    result, _ = check_and_publish(ctx, pairs, min_chars=min_chars, max_words=max_words,
-                                  max_copy_words=max_copy_words, outcome=outcome, extra=extra)
+    result, kept = check_and_publish(ctx, pairs, min_chars=min_chars, max_words=max_words,
+                                     max_copy_words=max_copy_words, outcome=outcome, extra={"passages": len(selected)})
+    if tafsir:  # those the validator kept (a clause al-Muyassar repeats across verses goes as a duplicate)
+        result["counts"]["tafsir_questions"] = sum(q.generator.backend == "reference" for q in kept)
     return result
 
 
@@ -182,13 +179,14 @@ def _tafsir_clauses(selected: list[Passage]) -> dict[str, list[str]]:
 
 
 def generate_queries_inputs(config: GenerateQueriesConfig) -> dict[str, str]:
+    inputs: dict[str, str] = {}
     if config.tafsir:  # the explanations are data the step reads: another version is another input
         from m3tune.corpus.tafsir import version
 
-        return {"tafsir": version()}
+        inputs["tafsir"] = version()
     if config.backend == "openai" and config.prompt.endswith(".txt"):
         from m3tune.storage import file_digest, split_uri
 
         store, name = split_uri(config.prompt)
-        return {f"prompt:{config.prompt}": "sha256:" + file_digest(store, name)}
-    return {}
+        inputs[f"prompt:{config.prompt}"] = "sha256:" + file_digest(store, name)
+    return inputs
