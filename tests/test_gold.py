@@ -106,3 +106,27 @@ def test_the_development_set_is_rebuilt_by_its_rules_and_stays_apart_from_the_te
     assert not dev_sources & (test_sources | {pid for e in test for pid in e.rule.ids})
     rebuilt = [g.model_dump() for g in build(corpus, entries=dev_entries(corpus, partition, test))]
     assert rebuilt == [g.model_dump() for g in dev]
+
+
+def test_the_confirmation_set_is_held_out_rebuilt_by_its_rules_and_apart_from_test_and_development(corpus):
+    """It checks once a choice made on the test set: every query held out (so load_gold's check of the tags
+    against the partition passes), none a test or development query, none drawn from a passage either drew from,
+    every category there, and the file what its rules build."""
+    from m3tune.arabic import normalize
+    from m3tune.corpus import heldout
+    from m3tune.evaluation.build_gold import all_entries, confirm_entries, dev_entries
+
+    partition = heldout.load()
+    confirm = load_gold(str(PACKAGED.parent / "gold_confirm_v3.jsonl"), {p.id for p in corpus}, held_out=partition)
+    assert all(g.held_out for g in confirm)
+    by = Counter(g.category for g in confirm)
+    assert all(by[c] >= 25 for c in ("exact", "thematic", "cross_lingual", "paraphrase")), by
+    test = all_entries(corpus, partition)
+    dev = dev_entries(corpus, partition, test)
+    earlier = test + dev
+    assert not {normalize(g.query) for g in confirm} & {normalize(e.query) for e in earlier}
+    entries = confirm_entries(corpus, partition, test, dev)
+    earlier_sources = {e.note.removeprefix("from ") for e in earlier if e.note.startswith("from ")}
+    sources = {e.note.removeprefix("from ") for e in entries if e.note.startswith("from ")}
+    assert len(sources) >= 100 and not sources & (earlier_sources | {pid for e in earlier for pid in e.rule.ids})
+    assert [g.model_dump() for g in build(corpus, entries=entries)] == [g.model_dump() for g in confirm]
