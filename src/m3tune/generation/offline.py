@@ -286,6 +286,30 @@ def theme_scopes(quran: list[str], hadith: list[str]) -> dict[str, list[str]]:
     return {"quran": quran, "hadith": hadith, "mixed": mixed if quran and hadith else []}
 
 
+EPISODE_GENERATOR = Generator(backend="reference", model="al-muyassar", prompt_version="episode-v1")
+
+
+def episode_queries(theme: Theme, verses: list[str], size: int, stop: frozenset[str],
+                    with_twins=lambda ids: ids) -> list[Query]:
+    """One Arabic query for each run of SIZE consecutive verses of a story (VERSES: the theme's, in order; each
+    start a new run): what al-Muyassar's explanations of the run tell (m3tune.corpus.tafsir.episode_summary),
+    with every verse of the run (and their twins) as positives. A story's name finds the whole story; a user
+    more often asks for one episode of it, a few verses long (the gold's held-out topics)."""
+    from m3tune.corpus.tafsir import episode_summary
+
+    if not theme.verses or len(verses) < size:
+        return []
+    out = []
+    for start in range(len(verses) - size + 1):
+        run = verses[start:start + size]
+        text = episode_summary(run, stop)
+        if text:
+            out.append(Query(id=f"episode:{theme.id}/{run[0].split(':', 1)[1]}+{size}", query=text, language="ar",
+                             type="conceptual", positive_ids=with_twins(run), source="quran",
+                             generator=EPISODE_GENERATOR))
+    return out
+
+
 def theme_queries(theme: Theme, positives: dict[str, list[str]], generator: Generator = GENERATOR,
                   ar_templates=AR_THEME_TEMPLATES, en_templates=EN_THEME_TEMPLATES) -> list[Query]:
     """Thematic queries for THEME; POSITIVES maps 'quran'/'hadith' to the passage ids assigned to it."""
