@@ -221,8 +221,9 @@ def _verses(surah: int, first: int, last: int) -> tuple[str, ...]:
     return tuple(f"quran:{surah}:{a}" for a in range(first, last + 1))
 
 
-def _held(n: int, query: str, theme: str, rule: Rule, note: str = "", difficulty: str = "medium") -> Entry:
-    return Entry(f"topic-{n:02d}", query, "thematic", difficulty, rule, note, origin="held-out-theme", theme=theme)
+def _held(n: int, query: str, theme: str, rule: Rule, note: str = "", difficulty: str = "medium",
+          prefix: str = "topic") -> Entry:
+    return Entry(f"{prefix}-{n:02d}", query, "thematic", difficulty, rule, note, origin="held-out-theme", theme=theme)
 
 
 # v3: thematic queries about the held-out themes (themes.yaml `held_out: true`), over the held-out surahs and
@@ -299,8 +300,7 @@ HELD_THEMATIC = [
 
 
 def _confirm(n: int, query: str, theme: str, rule: Rule, note: str = "") -> Entry:
-    return Entry(f"confirm-topic-{n:02d}", query, "thematic", "medium", rule, note, origin="held-out-theme",
-                 theme=theme)
+    return _held(n, query, theme, rule, note, prefix="confirm-topic")
 
 
 # The confirmation set (`gold_confirm_v3.jsonl`), written on 2026-12-06, after issue [3/7]'s training
