@@ -139,7 +139,9 @@ def test_episodes_are_runs_of_a_story_s_verses_named_by_what_their_explanations_
     rows = [r for r in read_records(small_root.child("generate-conceptual"), "queries.jsonl", Query)
             if r.id.startswith("episode:")]
     assert manifest.counts["episode_queries"] == len(rows) >= 20
-    assert manifest.counts["themes_with_queries"] <= 57  # an episode is not a theme
+    themes = {r.id.split("/")[0] for r in read_records(small_root.child("generate-conceptual"), "queries.jsonl", Query)
+              if r.id.startswith("theme:")}
+    assert manifest.counts["themes_with_queries"] == len(themes)  # an episode is not a theme
     explained = explanations()
     for r in rows:
         surah, first = map(int, r.positive_ids[0].split(":")[1:])
@@ -152,6 +154,25 @@ def test_episodes_are_runs_of_a_story_s_verses_named_by_what_their_explanations_
     cow = {r.positive_ids[0]: r.query for r in rows if r.id.startswith("episode:story-cow/")}
     assert sorted(cow, key=lambda pid: int(pid.rsplit(":", 1)[1])) == [f"quran:2:{v}" for v in range(67, 72)]
     assert "بقرة" in cow["quran:2:67"].split()
+
+
+def test_an_episode_never_spans_two_ranges_of_a_story_or_a_verse_the_corpus_lacks():
+    from m3tune.evaluation.build_gold import _stop_ar
+    from m3tune.generation.offline import episode_queries
+
+    stories = {t.id: t for t in load_themes()[1]}
+    yunus = stories["story-yunus"]  # verses: [37:139-148, 21:87-88]
+    every = set(yunus.verses)
+    runs = [q.positive_ids for q in episode_queries(yunus, every, 3, _stop_ar())]
+    assert [r[0] for r in runs] == [f"quran:37:{v}" for v in range(139, 147)]  # 21:87-88 is too short for three
+    # the corpus lacks 37:143: no window holds it or joins 37:142 to 37:144
+    runs = [q.positive_ids for q in episode_queries(yunus, every - {"quran:37:143"}, 3, _stop_ar())]
+    assert [r[0] for r in runs] == ["quran:37:139", "quran:37:140", "quran:37:144", "quran:37:145", "quran:37:146"]
+    # twins come after the run's own verses: 55:13 «فبأي آلاء ربكما تكذبان» has 30 copies in its surah
+    rahman = type(yunus)(id="t", ar=["x"], en=["x"], lexicon=[], verses=("quran:55:12", "quran:55:13", "quran:55:14"))
+    twins = {"quran:55:13": ["quran:55:13", "quran:55:16"]}
+    (q,) = episode_queries(rahman, set(rahman.verses), 3, _stop_ar(), lambda ids: [t for i in ids for t in twins.get(i, [i])])
+    assert q.positive_ids == ["quran:55:12", "quran:55:13", "quran:55:14", "quran:55:16"]
 
 
 def test_a_story_theme_with_a_bad_verse_range_names_the_file_and_theme(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -88,22 +89,21 @@ def _content_words(explanation: str, stop: frozenset[str]) -> list[tuple[str, st
 
 @lru_cache(maxsize=1)
 def _document_frequency(stop: frozenset[str]) -> dict[str, int]:
-    from collections import Counter
-
     return Counter(w for text in explanations().values() for w in {p for p, _ in _content_words(text, stop)})
 
 
 def episode_summary(verse_ids: list[str], stop: frozenset[str], *, words: int = 5) -> str | None:
-    """A few words that say what a run of consecutive verses (VERSE_IDS) is about, from their al-Muyassar
-    explanations: the content words the most of the run's explanations use and the fewest others do (explanations
-    holding it × its inverse document frequency over al-Muyassar: a story's names and events, not its formulas),
-    in the order they are first written. None when there are
-    fewer than 3. No template: what holds the verses together is what several of them are said to
-    tell, which is what a person asking for the episode names."""
+    """A few words (3 to WORDS) that say what a run of consecutive verses (VERSE_IDS) is about, from their
+    al-Muyassar explanations: the content words the most of the run's explanations use and the fewest others do
+    (explanations holding it × its inverse document frequency over al-Muyassar: a story's names and events, not
+    its formulas), in the order they are first written. None when fewer than 3 words qualify, or when a verse
+    of the run has no explanation (a summary of part of the run is not the run's). No template: what holds the
+    verses together is what several of them are said to tell, which is what a person asking for the episode
+    names."""
     text = explanations()
-    per_verse = [_content_words(text[v], stop) for v in verse_ids if text.get(v)]
-    if not per_verse:
+    if not verse_ids or not all(text.get(v) for v in verse_ids):
         return None
+    per_verse = [_content_words(text[v], stop) for v in verse_ids]
     df = _document_frequency(stop)
     spread: dict[str, int] = {}
     written: dict[str, str] = {}

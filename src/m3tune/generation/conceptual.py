@@ -100,7 +100,7 @@ def theme_items(themes, candidates: dict[str, dict[str, list[str]]], passage_of,
 def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], themes_file: str | None,
                         sources: list[str], max_positives: int, min_hits_quran: int, min_hits_hadith: int,
                         queries_per_theme: int, arabic_share: float, prompt: str, min_chars: int,
-                        max_words: int, max_copy_words: int, episodes: int = 0) -> dict[str, Any]:
+                        max_words: int, max_copy_words: int, episodes: int) -> dict[str, Any]:
     from m3tune.generation.offline import episode_queries, theme_queries, theme_scopes
 
     passages = read_passages(ctx.root)
@@ -157,8 +157,8 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
         from m3tune.evaluation.build_gold import _stop_ar
 
         stop = _stop_ar()
-        generated += [q for t in themes if t.verses
-                      for q in episode_queries(t, candidates[t.id].get("quran", []), episodes, stop, with_twins)]
+        present = {d.passage.id for d in corpus.docs}
+        generated += [q for t in themes if t.verses for q in episode_queries(t, present, episodes, stop, with_twins)]
     result, kept = check_and_publish(ctx, [(q, []) for q in generated], min_chars=min_chars, max_words=max_words,
                                max_copy_words=max_copy_words, outcome=outcome, extra_rejects=dropped,
                                extra={"themes": len(themes)})  # no copy check: a theme has many passages

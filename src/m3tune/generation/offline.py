@@ -289,24 +289,39 @@ def theme_scopes(quran: list[str], hadith: list[str]) -> dict[str, list[str]]:
 EPISODE_GENERATOR = Generator(backend="reference", model="al-muyassar", prompt_version="episode-v1")
 
 
-def episode_queries(theme: Theme, verses: list[str], size: int, stop: frozenset[str],
+def _ranges(verses: Sequence[str]) -> list[list[str]]:
+    """VERSES (passage ids quran:S:V, in order) split where the next is not the following verse of the same surah:
+    a story told in two places (Yunus in 37:139-148 and 21:87-88) is two runs of text, not one."""
+    out: list[list[str]] = []
+    previous = None
+    for pid in verses:
+        surah, verse = (int(x) for x in pid.split(":")[1:])
+        if previous != (surah, verse - 1):
+            out.append([])
+        out[-1].append(pid)
+        previous = (surah, verse)
+    return out
+
+
+def episode_queries(theme: Theme, present: set[str], size: int, stop: frozenset[str],
                     with_twins=lambda ids: ids) -> list[Query]:
-    """One Arabic query for each run of SIZE consecutive verses of a story (VERSES: the theme's, in order; each
-    start a new run): what al-Muyassar's explanations of the run tell (m3tune.corpus.tafsir.episode_summary),
-    with every verse of the run (and their twins) as positives. A story's name finds the whole story; a user
-    more often asks for one episode of it, a few verses long (the gold's held-out topics)."""
+    """One Arabic query for each SIZE consecutive verses of a story (a window starting at each verse of each of
+    its ranges that leaves room for SIZE; verses the corpus lacks, PRESENT being its ids, end a range): what
+    al-Muyassar's explanations of them tell (m3tune.corpus.tafsir.episode_summary), with the verses (first) and
+    their twins as positives. A story's name finds the whole story; a user more often asks for one episode of
+    it, a few verses long (the gold's held-out topics)."""
     from m3tune.corpus.tafsir import episode_summary
 
-    if not theme.verses or len(verses) < size:
-        return []
     out = []
-    for start in range(len(verses) - size + 1):
-        run = verses[start:start + size]
-        text = episode_summary(run, stop)
-        if text:
-            out.append(Query(id=f"episode:{theme.id}/{run[0].split(':', 1)[1]}+{size}", query=text, language="ar",
-                             type="conceptual", positive_ids=with_twins(run), source="quran",
-                             generator=EPISODE_GENERATOR))
+    for verses in _ranges([pid for pid in theme.verses if pid in present]):
+        for start in range(len(verses) - size + 1):
+            run = verses[start:start + size]
+            text = episode_summary(run, stop)
+            if text:
+                positives = list(dict.fromkeys(run + with_twins(run)))  # the run first: positive_pool reads it so
+                out.append(Query(id=f"episode:{theme.id}/{run[0].split(':', 1)[1]}+{size}", query=text,
+                                 language="ar", type="conceptual", positive_ids=positives, source="quran",
+                                 generator=EPISODE_GENERATOR))
     return out
 
 
