@@ -157,7 +157,7 @@ def test_episodes_are_runs_of_a_story_s_verses_named_by_what_their_explanations_
 
 
 def test_an_episode_never_spans_two_ranges_of_a_story_or_a_verse_the_corpus_lacks():
-    from m3tune.evaluation.build_gold import _stop_ar
+    from m3tune.arabic import stop_words_ar as _stop_ar
     from m3tune.generation.offline import episode_queries
 
     stories = {t.id: t for t in load_themes()[1]}

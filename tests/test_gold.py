@@ -11,6 +11,7 @@ from m3tune.corpus.passages import read_passages
 from m3tune.evaluation.build_gold import build
 from m3tune.evaluation.gold import PACKAGED, load_gold
 from m3tune.jsonl import RecordError
+from m3tune.records import GoldQuery
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_packaged_set_has_the_issue_s_queries_all_found_in_the_corpus(corpus):
 def test_packaged_set_is_what_its_rules_compute_on_the_corpus(corpus):
     """Relevance is computed, not typed: rebuilding from the corpus gives the packaged file exactly."""
     rebuilt = [g.model_dump() for g in build(corpus)]
-    packaged = [json.loads(line) for line in PACKAGED.read_text(encoding="utf-8").splitlines()]
+    packaged = [GoldQuery.model_validate_json(line).model_dump()
+                for line in PACKAGED.read_text(encoding="utf-8").splitlines()]
     assert rebuilt == packaged
 
 

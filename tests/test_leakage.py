@@ -130,6 +130,7 @@ def test_the_held_out_partition_never_reaches_train_or_validation(full_run):
             r = json.loads(line)
             ids = (r.get("pos_ids") or []) + (r.get("neg_ids") or [])
             assert ids and partition.isdisjoint(ids), r["query"]
+            assert not {heldout.split_of(i) for i in ids} - {None}, r["query"]  # neither dev nor test
             seen += len(ids)
     stats = json.loads(folder.read_bytes("stats.json"))["input"]
     assert seen > 100 and stats["held_out"]["passages"] == len(partition)
@@ -151,6 +152,13 @@ def test_the_packaged_partition_is_what_its_definition_computes(full_ingest):
     units = {p.id for p in passages if heldout.in_units(p)}
     assert units < set(ids)  # twins join their units: quran:2:1 (الم) is 3:1's twin, and so on
     assert {"quran:12:4", "quran:18:10", "bukhari:5678", "muslim:5385"} <= units
+    # its two parts: held-out-test by whole surahs and books with their near-duplicates, the rest held-out-dev
+    test = heldout.resolve_test(passages, heldout.load())
+    assert frozenset(test) == heldout.load_test() < heldout.load()
+    assert {"quran:12:4", "quran:36:1", "bukhari:5373", "muslim:5274"} <= set(test)
+    assert {"quran:19:16", "quran:27:18", "quran:31:13", "bukhari:5678"}.isdisjoint(test)
+    assert {heldout.split_of(i) for i in ("quran:12:4", "quran:19:16", "quran:1:1")} == {
+        heldout.TEST, heldout.DEV, None}
 
 
 def test_a_bad_held_out_list_names_file_and_line(tmp_path):

@@ -18,6 +18,8 @@ from m3tune.corpus.packaged import hadith_passages, quran_passages
 from m3tune.evaluation.gold import load_gold
 from m3tune.quality import markdown, subset_passages, summarize
 
+from conftest import demo_configs
+
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -145,3 +147,74 @@ def test_an_api_server_needs_evaluate_to_point_at_it(tmp_path):
     result = runner.invoke(app, ["bench", "quality", "--config", str(config), "--root", str(tmp_path / "r")])
     assert result.exit_code == 1
     assert "http://127.0.0.1:18999/v1" in result.output and "api_base_url" in result.output
+
+
+def _gold(qid: str, category: str, independent: bool, passage: str):
+    from m3tune.records import GoldQuery
+
+    return GoldQuery(id=qid, query="q " + qid, relevant_ids=[passage], category=category, language="ar",
+                     source="quran", difficulty="medium", held_out=True, split="held-out-test",
+                     independent=independent, shares=[] if independent else ["rule"])
+
+
+def test_held_out_test_tables_average_seeds_and_report_independent_rows_apart():
+    from m3tune.quality_tables import markdown as lines_of
+    from m3tune.quality_tables import seed_mean, tables
+
+    gold = [_gold(f"i{n}", ("exact", "thematic")[n % 2], True, f"quran:{12 + n % 4}:{n + 1}") for n in range(12)]
+    gold += [_gold("r0", "exact", False, "quran:12:50"), _gold("r1", "exact", False, "quran:18:50")]
+    clusters = {g.id: g.relevant_ids[0].rsplit(":", 1)[0] for g in gold}
+    zero = {m: 0.0 for m in ("ndcg@10", "recall@10", "mrr@10")}
+    base = {g.id: dict(zero) for g in gold}
+    seeds = {42: {g.id: {m: 1.0 for m in zero} for g in gold},  # every query found at rank 1
+             1: {g.id: {m: 0.5 if g.category == "exact" else 1.0 for m in zero} for g in gold}}
+    values = {"base": base, "run:train": seed_mean(list(seeds.values()))}
+    report = tables(gold, clusters, values, {"run:train": seeds}, base="base", tuned="run:train", bm25=None,
+                    hybrid=None, alpha=0.05, resamples=2000)
+    head = report["parts"]["independent"]
+    assert head["queries"] == 12 and report["parts"]["rule-shared"]["queries"] == 2 and head["clusters"] == 4
+    tuned = head["models"]["run:train"]
+    assert tuned["by_category"] == {"exact": 0.75, "thematic": 1.0}  # the mean of the two seeds
+    assert tuned["per_seed"][1]["by_category"]["exact"] == 0.5 and tuned["per_seed"][42]["ndcg@10"] == 1.0
+    gain = head["comparisons"]["run:train − base"]["overall"]["ndcg@10"]
+    assert gain["delta"] == 0.875 and gain["ci95"][0] > 0 and gain["p_cluster"] < 0.01
+    assert report["goal_met"] and report["categories_worse"] == []
+    text = "\n".join(lines_of(report, base="base", tuned="run:train"))
+    assert text.index("independent queries (the headline)") < text.index("rule-shared queries")
+    assert "| run:train, seed 1 | 0.500 | 1.000 |" in text and text.rstrip().endswith("MET")
+    # a category lower than the base fails the goal, whatever the overall gain
+    worse = {**values, "run:train": {**values["run:train"], **{g.id: dict(zero, **{"ndcg@10": -0.0})
+                                                                for g in gold if g.category == "thematic"}}}
+    worse["base"] = {**base, **{g.id: {m: 0.2 for m in zero} for g in gold if g.category == "thematic"}}
+    report = tables(gold, clusters, worse, {"run:train": seeds}, base="base", tuned="run:train", bm25=None,
+                    hybrid=None, alpha=0.05, resamples=2000)
+    assert report["categories_worse"] == ["thematic"] and not report["goal_met"]
+
+
+def test_a_second_training_seed_trains_on_the_same_data_in_its_own_run_root(full_run, tmp_path):
+    """The steps before train are copied (and so skipped), train runs with the new seed, and the seed roots'
+    evaluations feed the summary's seed means."""
+    import logging
+    import shutil
+
+    from m3tune.executor import run_pipeline
+    from m3tune.manifest import read_manifest
+    from m3tune.quality import SHARED_STEPS, copy_steps, seed_root
+    from m3tune.storage import open_root
+
+    source, _ = full_run
+    main = tmp_path / "runs" / "main"
+    shutil.copytree(source.path, main, ignore=shutil.ignore_patterns("checkpoints"))
+    root = open_root(str(main))
+    sub = seed_root(root, 7)
+    assert sub.uri.endswith("main-seed7")
+    copy_steps(root, sub, SHARED_STEPS, logging.getLogger("test"))
+    configs = demo_configs()
+    ran = dict(run_pipeline(sub, {**configs, "train": configs["train"].model_copy(update={"seed": 7})}))
+    assert not any(ran[s] for s in SHARED_STEPS) and ran["train"] and ran["evaluate"]
+    assert read_manifest(sub.child("train")).config["seed"] == 7
+    assert read_manifest(root.child("train")).config["seed"] != 7
+    # a step the source has not finished cannot be shared
+    with pytest.raises(Exception, match="has not finished"):
+        copy_steps(open_root(str(tmp_path / "runs" / "empty")), open_root(str(tmp_path / "runs" / "x")),
+                   ("ingest",), logging.getLogger("test"))

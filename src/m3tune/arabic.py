@@ -17,6 +17,7 @@ skipped when its character is absent (see benchmarks/bench_io.py).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import pyarabic.araby as araby
 
@@ -184,3 +185,32 @@ def detect_language(text: str) -> str:
             else:
                 latin += 1
     return "ar" if arabic and arabic >= latin else "en"
+
+
+# Word rules that query generation and the gold builder both use. They live here, below both, so that no
+# generator imports the gold's builder (the training rules and the test rules must stay two things).
+WORD = re.compile(r"\w+")
+# Words of a chain of narrators or of a blessing formula: a span holding one is not what anyone quotes.
+CHAIN_WORDS = frozenset(normalize(w) for w in (
+    "عن", "بن", "ابن", "ابي", "أبو", "بنت", "حدثنا", "حدثني", "حدثه", "أخبرنا", "أخبرني", "أخبره", "سمعت", "سمع",
+    "صلى", "وسلم", "رضي", "عنه", "عنها", "عنهما", "يعني", "وحدثنا", "وحدثني"))
+
+
+@lru_cache(maxsize=1)
+def stop_words_ar() -> frozenset[str]:
+    """stopwords-iso's Arabic list, normalized."""
+    import stopwordsiso
+
+    return frozenset(normalize(w) for w in stopwordsiso.stopwords("ar"))
+
+
+@lru_cache(maxsize=1)
+def stop_words_en() -> frozenset[str]:
+    import stopwordsiso
+
+    return frozenset(stopwordsiso.stopwords("en"))
+
+
+def content_words(words: list[str], stop: frozenset[str]) -> list[str]:
+    """WORDS that carry meaning: three letters or more, and not a stop-word."""
+    return [w for w in words if len(w) >= 3 and w not in stop]

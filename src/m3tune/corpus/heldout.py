@@ -56,20 +56,70 @@ def in_units(p: Passage) -> bool:
     return bool(rule) and any(p.meta.get(field) in values for field, values in rule.items())
 
 
+def _groups(passages: list[Passage], kinds: tuple[str, ...]) -> dict[str, list[str]]:
+    from m3tune.corpus.neardup import NearDuplicates, compute_groups
+
+    near = NearDuplicates(compute_groups(passages, kinds))
+    return {p.id: near.related(p.id, kinds) for p in passages}
+
+
 def resolve(passages: list[Passage]) -> list[str]:
     """Ids of the partition in PASSAGES: the units' passages and their twins, in corpus order."""
-    from m3tune.generation.base import twins
-
     # v1 is defined by word-for-word twins only, so the shipped list stays valid; the other near-duplicate
     # kinds (m3tune.corpus.neardup) would add 44 passages: combine drops those from training instead.
-    same = twins(passages, ("twin",))
+    same = _groups(passages, ("twin",))
     chosen = {t for p in passages if in_units(p) for t in same[p.id]}
     return [p.id for p in passages if p.id in chosen]
 
 
-def write(ids: list[str], path: Path) -> None:
-    header = (f"# {VERSION}: {len(ids)} passage ids held out from training (m3tune.corpus.heldout); "
-              "one id a line\n")
+# held-out-v1 split in two (issue [1/6]), by whole units and by subject, so that a choice made on held-out-dev
+# cannot have seen a held-out-test passage or topic. Test: the stories of Yusuf, al-Kahf, an-Nur, Ya-Sin; food,
+# drink and dress. Dev: Maryam, an-Naml, Luqman; aqiqa, hunting, sacrifice, the sick, medicine, greetings.
+TEST_UNITS = {
+    "quran": {"surah": (12, 18, 24, 36)},  # 368 verses
+    "bukhari": {"book_number": (70, 74, 77)},  # Food, Drinks, Dress
+    "muslim": {"book_number": (36, 37)},  # Drinks, Clothes and adornment
+}
+DEV, TEST = "held-out-dev", "held-out-test"
+PACKAGED_TEST = DATA / "held_out_test_v1.txt"
+
+
+def in_test_units(p: Passage) -> bool:
+    rule = TEST_UNITS.get(p.collection)
+    return bool(rule) and any(p.meta.get(field) in values for field, values in rule.items())
+
+
+def resolve_test(passages: list[Passage], partition: frozenset[str]) -> list[str]:
+    """Ids of held-out-test in PASSAGES: the partition's passages in TEST_UNITS, with every passage of the
+    partition that shares a near-duplicate group (any kind: twin, same body, verse quoted) with one of them, so
+    that a report and its repetitions never sit on both sides. The rest of the partition is held-out-dev."""
+    from m3tune.corpus.neardup import KINDS
+
+    same = _groups(passages, tuple(KINDS))
+    seeds = [p.id for p in passages if p.id in partition and in_test_units(p)]
+    chosen, todo = set(seeds), list(seeds)
+    while todo:  # the closure: a group can join a test passage to a dev one, and that one to another
+        for other in same.get(todo.pop(), ()):
+            if other in partition and other not in chosen:
+                chosen.add(other)
+                todo.append(other)
+    return [p.id for p in passages if p.id in chosen]
+
+
+def split_of(pid: str) -> str | None:
+    """held-out-test, held-out-dev, or None (not held out) for the passage PID (the packaged lists)."""
+    if pid in load_test():
+        return TEST
+    return DEV if pid in load() else None
+
+
+def load_test() -> frozenset[str]:
+    """The held-out-test ids (data/held_out_test_v1.txt), a subset of the packaged partition."""
+    return _read(PACKAGED_TEST.read_text(encoding="utf-8"), str(PACKAGED_TEST))
+
+
+def write(ids: list[str], path: Path, what: str = "held out from training") -> None:
+    header = f"# {VERSION}: {len(ids)} passage ids {what} (m3tune.corpus.heldout); one id a line\n"
     path.write_text(header + "".join(i + "\n" for i in ids), encoding="utf-8")
 
 
@@ -121,7 +171,11 @@ def main() -> None:
         passages = list(read_jsonl(f, Passage, name=args.corpus))
     ids = resolve(passages)
     write(ids, Path(args.out))
-    print(f"{len(ids)} of {len(passages)} passages held out -> {args.out}")
+    test = resolve_test(passages, frozenset(ids))
+    test_out = Path(args.out).with_name(PACKAGED_TEST.name)
+    write(test, test_out, "of the held-out partition in held-out-test (the rest is held-out-dev)")
+    print(f"{len(ids)} of {len(passages)} passages held out -> {args.out}; {len(test)} of them held-out-test "
+          f"-> {test_out}")
 
 
 if __name__ == "__main__":

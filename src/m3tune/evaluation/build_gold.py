@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from m3tune.arabic import normalize
+from m3tune.arabic import CHAIN_WORDS, WORD, content_words, normalize, stop_words_ar, stop_words_en
 from m3tune.errors import UserError
 from m3tune.records import GoldQuery, Passage
 
@@ -402,37 +402,12 @@ QUOTAS = {  # (held out, seen) queries per rule
     "tafsir-paraphrase": (45, 10),
 }
 SEED = "gold-v3"
-_WORD = re.compile(r"\w+")
-# Words of a chain of narrators or of a blessing formula: a span holding one is not what anyone quotes.
-_CHAIN = frozenset(normalize(w) for w in (
-    "عن", "بن", "ابن", "ابي", "أبو", "بنت", "حدثنا", "حدثني", "حدثه", "أخبرنا", "أخبرني", "أخبره", "سمعت", "سمع",
-    "صلى", "وسلم", "رضي", "عنه", "عنها", "عنهما", "يعني", "وحدثنا", "وحدثني"))
-
-
-@lru_cache(maxsize=1)
-def _stop_ar() -> frozenset[str]:
-    import stopwordsiso
-
-    return frozenset(normalize(w) for w in stopwordsiso.stopwords("ar"))
-
-
-@lru_cache(maxsize=1)
-def _stop_en() -> frozenset[str]:
-    import stopwordsiso
-
-    return frozenset(stopwordsiso.stopwords("en"))
-
-
-def _content(words: list[str], stop: frozenset[str]) -> list[str]:
-    return [w for w in words if len(w) >= 3 and w not in stop]
-
-
 def _exact_span(p: Passage, rng) -> tuple[str, Rule] | None:
     """A 4-9 word span of P as a reader types it (marks stripped); for a hadith, from the last third of its
     words, past the chain of narrators, and holding no word of a chain or a formula. Rule: the span, normalized (as an exact query's)."""
     from m3tune.arabic import strip_marks
 
-    words = _WORD.findall(strip_marks(p.text)) if p.source == "hadith" else p.text_plain.split()
+    words = WORD.findall(strip_marks(p.text)) if p.source == "hadith" else p.text_plain.split()
     if [normalize(w) for w in words] != p.text_plain.split():
         return None  # the typed words do not line up with text_plain's: no span can be checked
     n = rng.randint(4, 9)
@@ -442,7 +417,7 @@ def _exact_span(p: Passage, rng) -> tuple[str, Rule] | None:
     i = rng.randint(low, len(words) - n)
     span = " ".join(words[i:i + n])
     plain = normalize(span).split()
-    if not _CHAIN.isdisjoint(plain) or len(_content(plain, _stop_ar())) < 3:
+    if not CHAIN_WORDS.isdisjoint(plain) or len(content_words(plain, stop_words_ar())) < 3:
         return None
     return span, Rule(ar=(span,))
 
@@ -461,7 +436,7 @@ def _english_span(p: Passage, rng) -> tuple[str, Rule] | None:
     query = re.sub(r"[\[\](){}\"“”]", "", raw).strip(" ,.;:!?'")
     if re.search(r"[.;!?]", query):  # one sentence, as a remembered quote is
         return None
-    if len(_content(re.findall(r"[a-z]+", query.lower()), _stop_en())) < 3:
+    if len(content_words(re.findall(r"[a-z]+", query.lower()), stop_words_en())) < 3:
         return None
     return query, Rule(en=(raw,))
 
@@ -479,7 +454,7 @@ def _tafsir_paraphrase(p: Passage, explanation: str | None) -> tuple[str, Rule] 
     verse and its word-for-word twins."""
     from m3tune.corpus.tafsir import paraphrases
 
-    clause = next(paraphrases(p.text_plain, explanation, _stop_ar()), None)
+    clause = next(paraphrases(p.text_plain, explanation, stop_words_ar()), None)
     return None if clause is None else (clause, Rule(ids=(p.id,)))
 
 

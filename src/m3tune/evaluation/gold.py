@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from m3tune.corpus.heldout import DEV, TEST
 from m3tune.errors import UserError
 from m3tune.jsonl import RecordError, read_jsonl_numbered
 from m3tune.records import GoldQuery
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "gold_standard_v3.jsonl"
+# Gold v4 (build_gold_v4): held-out-test, read once per reported result, and held-out-dev, where choices are made.
+V4_TEST, V4_DEV = "packaged:gold_v4_test.jsonl", "packaged:gold_v4_dev.jsonl"
+PACKAGED_NAMES = ("gold_standard_v3.jsonl", "gold_dev_v3.jsonl", "gold_confirm_v3.jsonl", "gold_v4_test.jsonl",
+                  "gold_v4_dev.jsonl")
 
 
 def gold_location(test_set: str | None) -> tuple:
@@ -25,6 +30,11 @@ def gold_location(test_set: str | None) -> tuple:
 
     if test_set is None:
         return LocalStore(PACKAGED.parent), PACKAGED.name, str(PACKAGED)
+    if test_set.startswith("packaged:"):  # a gold file shipped with m3tune, by name: packaged:gold_v4_test.jsonl
+        name = test_set.removeprefix("packaged:")
+        if name not in PACKAGED_NAMES:
+            raise UserError(f"test set {test_set!r}: no such packaged gold; packaged: {', '.join(PACKAGED_NAMES)}")
+        return LocalStore(PACKAGED.parent), name, str(PACKAGED.parent / name)
     store, name = split_uri(test_set)
     return store, name, test_set
 
@@ -37,9 +47,9 @@ def gold_digest(test_set: str | None) -> str:
 
 
 def load_gold(test_set: str | None, passage_ids: set[str] | None = None, *,
-              held_out: frozenset[str] | None = None) -> list[GoldQuery]:
-    """The gold queries of TEST_SET, each relevant id checked against PASSAGE_IDS, and each held_out tag
-    against the partition HELD_OUT, when given."""
+              held_out: frozenset[str] | None = None, purpose: str = "report") -> list[GoldQuery]:
+    """The gold queries of TEST_SET, each relevant id checked against PASSAGE_IDS, and each held_out and split
+    tag against the partition HELD_OUT, when given. PURPOSE 'select' refuses any row not in held-out-dev."""
     store, name, shown = gold_location(test_set)
     if not store.exists(name):
         raise UserError(f"test set not found: {shown}")
@@ -57,8 +67,33 @@ def load_gold(test_set: str | None, passage_ids: set[str] | None = None, *,
                                       f"({len(passage_ids):,} passages): wrong corpus, or a wrong id")
             if held_out is not None and g.held_out is not None:
                 _check_tag(g, held_out, shown, line)
+            if held_out is not None and g.split in (TEST, DEV):
+                _check_split(g, shown, line)
+            if purpose == "select" and g.split != DEV:
+                raise RecordError(shown, line, "split", f"query {g.id!r} is {g.split or 'untagged'}: choices "
+                                  f"(configs, weights, thresholds) are made on {DEV} queries only "
+                                  f"(packaged: {V4_DEV}); the test set is read once per reported result")
             out.append(g)
     return out
+
+
+def load_for_selection(test_set: str | None, passage_ids: set[str] | None = None) -> list[GoldQuery]:
+    """The gold queries of TEST_SET for a script that chooses something on them (BM25's k1 and b, fusion
+    weights, a recipe): every row must be tagged held-out-dev, so no choice can be made on the test set."""
+    from m3tune.corpus import heldout
+
+    return load_gold(test_set, passage_ids, held_out=heldout.load(), purpose="select")
+
+
+def _check_split(g: GoldQuery, shown: str, line: int) -> None:
+    """split: held-out-test / held-out-dev needs every relevant passage in that part of the partition."""
+    from m3tune.corpus.heldout import split_of
+
+    wrong = [pid for pid in g.relevant_ids if split_of(pid) != g.split]
+    if wrong:
+        raise RecordError(shown, line, "split", f"query {g.id!r} is tagged {g.split}, but {len(wrong)} of its "
+                          f"{len(g.relevant_ids)} relevant passages ({', '.join(wrong[:3])}) lie outside that "
+                          "part of the held-out partition")
 
 
 def _check_tag(g: GoldQuery, held_out: frozenset[str], shown: str, line: int) -> None:

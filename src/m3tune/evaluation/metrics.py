@@ -190,3 +190,66 @@ def parts(gold: Sequence[GoldQuery], values_of: dict[str, PerQuery], *, resample
             models[name] = entry
         out[part] = {"queries": len(ids), "models": models, "pairwise": pairwise(values, resamples=resamples)}
     return out
+
+
+def passage_units(passages) -> dict[str, str]:
+    """Each passage's cluster for the bootstrap: its surah (`quran:12`) or its book (`bukhari:book70`)."""
+    out = {}
+    for p in passages:
+        if p.source == "quran":
+            out[p.id] = f"quran:{p.meta.get('surah', p.id.split(':')[1])}"
+        else:
+            out[p.id] = f"{p.collection}:book{p.meta.get('book_number', '?')}"
+    return out
+
+
+def query_clusters(gold: Sequence[GoldQuery], units: dict[str, str]) -> dict[str, str]:
+    """Each query's cluster: the unit most of its relevant passages lie in (the first such, on a tie)."""
+    from collections import Counter
+
+    out = {}
+    for g in gold:
+        counts = Counter(units.get(pid, pid) for pid in g.relevant_ids)
+        out[g.id] = max(counts, key=lambda u: (counts[u], -g.relevant_ids.index(
+            next(p for p in g.relevant_ids if units.get(p, p) == u))))
+    return out
+
+
+def cluster_bootstrap(values: Sequence[float], clusters: Sequence[str], *, resamples: int = 10_000, seed: int = 0,
+                      level: float = 0.95) -> dict[str, Any]:
+    """The mean of VALUES with a percentile interval from resampling whole CLUSTERS (surahs, books) with
+    replacement, and a two-sided bootstrap p-value of "the mean is 0" (for paired differences).
+
+    Queries about one surah or one book are not independent draws: they share its wording, its length, its
+    topic. Resampling queries alone makes the interval too narrow; resampling their clusters does not
+    (Field & Welsh 2007). Written here because scipy.stats.bootstrap and ranx resample observations only.
+    The p-value is twice the share of resampled means on the far side of 0, floored at 1/(resamples+1):
+    `p_floor` says when it sits at the floor (then write "p <= 1/(resamples+1)")."""
+    import numpy as np
+
+    if len(values) != len(clusters):
+        raise ValueError(f"{len(values)} values but {len(clusters)} clusters")
+    data = np.asarray(values, dtype=float)
+    if not len(data):
+        return {"mean": 0.0, "ci95": [0.0, 0.0], "p_value": 1.0, "p_floor": False, "clusters": 0}
+    names = sorted(set(clusters))
+    index = {c: i for i, c in enumerate(names)}
+    which = np.array([index[c] for c in clusters])
+    sums = np.bincount(which, weights=data, minlength=len(names))
+    sizes = np.bincount(which, minlength=len(names)).astype(float)
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
+    means = sums[draws].sum(axis=1) / sizes[draws].sum(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    floor = 1 / (resamples + 1)
+    tail = min(np.mean(means <= 0), np.mean(means >= 0)) if not np.allclose(data, 0) else 0.5
+    p = min(1.0, max(floor, 2 * float(tail)))
+    return {"mean": float(data.mean()), "ci95": [float(low), float(high)], "p_value": p,
+            "p_floor": p <= floor + 1e-15, "clusters": len(names), "resamples": resamples}
+
+
+def p_text(p: float, resamples: int) -> str:
+    """P as written in a report: "p <= 1/(R+1)" at the resolution floor of R resamples, else its value."""
+    if p <= 1 / (resamples + 1) + 1e-12:
+        return f"p ≤ 1/{resamples + 1}"
+    return f"p = {p:.4f}"

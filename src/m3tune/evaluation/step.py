@@ -30,7 +30,8 @@ class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     test_set: str | None = Field(default=None, description="gold standard JSONL (path or URI; default: the "
-                                 "packaged gold_standard_v3.jsonl)")
+                                 "packaged gold_standard_v3.jsonl; packaged:NAME names another packaged gold, "
+                                 "e.g. packaged:gold_v4_test.jsonl)")
     held_out: str | None = Field(default="packaged", description="the held-out partition the gold's held_out tags "
                                  "are checked against (as combine's: 'packaged', a path or URI, or null: "
                                  "unchecked); the report gives held-out and seen queries apart")
@@ -74,8 +75,8 @@ class EvaluateConfig(BaseModel):
     @field_validator("test_set", "embeddings_cache")
     @classmethod
     def _absolute(cls, uri: str | None) -> str | None:
-        # recorded in the manifest and compared later, from any folder
-        return absolute_uri(uri) if uri else uri
+        # recorded in the manifest and compared later, from any folder; a packaged gold is named, not a path
+        return absolute_uri(uri) if uri and not uri.startswith("packaged:") else uri
 
 
 def options_of(config: dict[str, Any]) -> EncodeOptions:

@@ -154,7 +154,7 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
                                        source=q.scope, generator=generator))
 
     if episodes:  # words from a reference work, whichever backend wrote the theme queries
-        from m3tune.evaluation.build_gold import _stop_ar
+        from m3tune.arabic import stop_words_ar as _stop_ar
 
         stop = _stop_ar()
         present = {d.passage.id for d in corpus.docs}

@@ -166,7 +166,9 @@ def candidate_spans(p: Passage, rng: random.Random, rejected: Counter[str], *, m
                     min_content_words: int, tries: int) -> Iterator[tuple[int, int]]:
     """Drawn (start, length) spans of P's words that pass the word rules, lazily, at most TRIES draws; a
     rejected draw is counted in REJECTED by reason. Spans may overlap here."""
-    from m3tune.evaluation.build_gold import _CHAIN, _content, _stop_ar
+    from m3tune.arabic import CHAIN_WORDS as _CHAIN
+    from m3tune.arabic import content_words as _content
+    from m3tune.arabic import stop_words_ar as _stop_ar
 
     words = p.text_plain.split()
     low = 2 * len(words) // 3 if p.source == "hadith" else 0  # a hadith's body: past its chain of narrators
@@ -192,7 +194,7 @@ def passage_spans(p: Passage, index: PhraseIndex, held: frozenset[str], taken: s
     """Up to COUNT exact queries from P (TAKEN: normalized spans already used, updated), and the rejected
     candidates by reason."""
     from m3tune.arabic import normalize, strip_marks
-    from m3tune.evaluation.build_gold import _WORD
+    from m3tune.arabic import WORD as _WORD
 
     rng = random.Random(f"{seed}/exact/{p.id}")
     rejected: Counter[str] = Counter()

@@ -171,7 +171,7 @@ def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pil
 def _tafsir_clauses(selected: list[Passage]) -> dict[str, list[str]]:
     """{verse id: its al-Muyassar clauses that paraphrase it} for the selected verses that have one."""
     from m3tune.corpus.tafsir import explanations, paraphrases
-    from m3tune.evaluation.build_gold import _stop_ar
+    from m3tune.arabic import stop_words_ar as _stop_ar
 
     text, stop = explanations(), _stop_ar()
     out = {p.id: list(paraphrases(p.text_plain, text.get(p.id), stop)) for p in selected if p.source == "quran"}

@@ -1,0 +1,158 @@
+"""The held-out-test tables of `m3tune bench quality` on a gold tagged with `split` and `independent` (gold v4).
+
+Read this way (issue [1/6]):
+
+- only held-out-test rows count; the independent ones (no training generator shares their construction rule,
+  lexicon or source text) are the headline, the rule-shared ones a "learns the task" figure, reported apart;
+- a fine-tuned model's figure is the per-query mean over its training seeds (each seed's own figure beside
+  it), because one run's category means move 0.01-0.04 with the seed alone;
+- intervals come from resampling whole surahs and books (metrics.cluster_bootstrap), and a difference also
+  gets the paired randomization test over queries; a p-value at the resolution floor is written as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from m3tune.errors import ConfigError
+from m3tune.jsonl import RecordError
+
+METRICS = ("ndcg@10", "recall@10", "mrr@10")
+PARTS = {"independent": True, "rule-shared": False}
+
+
+def read_per_query(folder, models: set[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {query id: metrics}} of FOLDER/per_query.jsonl (rows checked, a repeated row refused)."""
+    from m3tune.jsonl import read_jsonl_numbered
+    from m3tune.quality import _PerQuery
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    with folder.open_read("per_query.jsonl") as f:
+        for line, _, row in read_jsonl_numbered(f, _PerQuery, name=folder.uri_of("per_query.jsonl")):
+            if models is not None and row.model not in models:
+                continue
+            got = out.setdefault(row.model, {})
+            if row.query_id in got:
+                raise RecordError(folder.uri_of("per_query.jsonl"), line, "query_id",
+                                  f"a second row for query {row.query_id!r} of model {row.model!r}")
+            got[row.query_id] = row.values()
+    return out
+
+
+def seed_mean(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each query's metrics averaged over RUNS (one {query: metrics} per training seed, the same queries)."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.keys() != first.keys():
+            raise ConfigError("quality: the training seeds' evaluations hold different queries")
+    return {q: {m: sum(run[q][m] for run in runs) / len(runs) for m in METRICS} for q in first}
+
+
+def compare(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], ids: list[str], clusters: dict[str, str],
+            *, resamples: int) -> dict[str, Any]:
+    """A - B on the queries IDS, per metric: mean, cluster-bootstrap interval and p, randomization p."""
+    from m3tune.evaluation.metrics import cluster_bootstrap, paired_test
+
+    perm = paired_test({q: a[q] for q in ids}, {q: b[q] for q in ids}, resamples=resamples)
+    out = {}
+    for m in METRICS:
+        boot = cluster_bootstrap([a[q][m] - b[q][m] for q in ids], [clusters[q] for q in ids], resamples=resamples)
+        out[m] = {"delta": round(boot["mean"], 4), "ci95": [round(x, 4) for x in boot["ci95"]],
+                  "p_cluster": boot["p_value"], "p_randomization": perm[m]["p_value"]}
+    return out
+
+
+def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[str, float]]],
+           per_seed: dict[str, dict[int, dict[str, dict[str, float]]]], *, base: str, tuned: str,
+           bm25: str | None, hybrid: str | None, alpha: float, resamples: int) -> dict[str, Any]:
+    """The report: per part (independent, rule-shared) of held-out-test, every model's means with cluster
+    intervals, per category, per seed, and the comparisons; and the verdict on the independent part."""
+    from m3tune.corpus.heldout import TEST
+    from m3tune.evaluation.metrics import cluster_bootstrap
+
+    out: dict[str, Any] = {"split": TEST, "resamples": resamples, "seeds": sorted(next(iter(per_seed.values()), {})),
+                           "parts": {}}
+    pairs = [(tuned, base)] + [(tuned, bm25)] * bool(bm25) + [(hybrid, bm25)] * bool(hybrid and bm25)
+    for part, flag in PARTS.items():
+        rows = [g for g in gold if g.split == TEST and g.independent is flag]
+        if not rows:
+            continue
+        ids = [g.id for g in rows]
+        cats = sorted({g.category for g in rows})
+        by_cat = {c: [g.id for g in rows if g.category == c] for c in cats}
+        models = {}
+        for name, values in values_of.items():
+            entry = {}
+            for m in METRICS:
+                boot = cluster_bootstrap([values[q][m] for q in ids], [clusters[q] for q in ids], resamples=resamples)
+                entry[m] = {"mean": round(boot["mean"], 4), "ci95": [round(x, 4) for x in boot["ci95"]]}
+            entry["by_category"] = {c: round(sum(values[q]["ndcg@10"] for q in q_ids) / len(q_ids), 4)
+                                    for c, q_ids in by_cat.items()}
+            if name in per_seed:
+                entry["per_seed"] = {seed: {"ndcg@10": round(sum(v[q]["ndcg@10"] for q in ids) / len(ids), 4),
+                                            "by_category": {c: round(sum(v[q]["ndcg@10"] for q in q_ids)
+                                                                     / len(q_ids), 4) for c, q_ids in by_cat.items()}}
+                                     for seed, v in per_seed[name].items()}
+            models[name] = entry
+        comparisons = {}
+        for a, b in pairs:
+            comparisons[f"{a} − {b}"] = {
+                "overall": compare(values_of[a], values_of[b], ids, clusters, resamples=resamples),
+                "by_category": {c: {"n": len(q_ids), **compare(values_of[a], values_of[b], q_ids, clusters,
+                                                               resamples=resamples)}
+                                for c, q_ids in by_cat.items()}}
+        out["parts"][part] = {"queries": len(ids), "clusters": len({clusters[q] for q in ids}),
+                              "by_category_n": {c: len(q) for c, q in by_cat.items()}, "models": models,
+                              "comparisons": comparisons}
+    head = out["parts"].get("independent")
+    if head is None:
+        raise ConfigError("quality: the gold has no independent held-out-test query to report on")
+    gain = head["comparisons"][f"{tuned} − {base}"]
+    goal = {f"{m} (independent held-out-test)": gain["overall"][m]["delta"] > 0
+            and gain["overall"][m]["p_randomization"] < alpha and gain["overall"][m]["ci95"][0] > 0
+            for m in ("ndcg@10", "recall@10")}
+    worse = [c for c, row in gain["by_category"].items() if row["ndcg@10"]["delta"] < 0]
+    goal["no_category_worse"] = not worse
+    out |= {"goal": goal, "goal_met": all(goal.values()), "categories_worse": worse}
+    return out
+
+
+def markdown(report: dict[str, Any], *, base: str, tuned: str) -> list[str]:
+    """The report as markdown lines: each part's table, categories, comparisons; the verdict."""
+    from m3tune.evaluation.metrics import p_text
+
+    r = report["resamples"]
+    seeds = report["seeds"]
+    lines = []
+    for part, p in report["parts"].items():
+        title = ("Held-out-test, independent queries (the headline)" if part == "independent"
+                 else "Held-out-test, rule-shared queries (a training generator shares their rule: 'learns the task')")
+        lines += [f"**{title}**: {p['queries']} queries in {p['clusters']} surahs and books; "
+                  f"fine-tuned rows are means over {len(seeds)} training seed(s) {seeds}; intervals: 95%, "
+                  f"resampling surahs and books", "",
+                  "| model | " + " | ".join(f"{m} [95%]" for m in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+        for name, e in p["models"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{e[m]['mean']:.3f} [{e[m]['ci95'][0]:.3f}, {e[m]['ci95'][1]:.3f}]" for m in METRICS) + " |")
+        cats = list(p["by_category_n"])
+        lines += ["", "| nDCG@10 by category | " + " | ".join(f"{c} (n={p['by_category_n'][c]})" for c in cats)
+                  + " |", "|---|" + "---:|" * len(cats)]
+        for name, e in p["models"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{e['by_category'][c]:.3f}" for c in cats) + " |")
+            for seed, s in e.get("per_seed", {}).items():
+                lines.append(f"| {name}, seed {seed} | " + " | ".join(f"{s['by_category'][c]:.3f}" for c in cats)
+                             + " |")
+        lines += ["", "| difference (nDCG@10) | all | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]
+        for label, comp in p["comparisons"].items():
+            cells = [comp["overall"]["ndcg@10"]] + [comp["by_category"][c]["ndcg@10"] for c in cats]
+            lines.append(f"| {label} | " + " | ".join(
+                f"{x['delta']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}] {p_text(x['p_randomization'], r)}"
+                for x in cells) + " |")
+        lines.append("")
+    goal = report["goal"]
+    lines.append(f"Goal ({tuned} beats {base} on independent held-out-test queries, nDCG@10 and Recall@10: "
+                 "randomization p < alpha and the surah/book interval above 0; no category lower): "
+                 + ("MET" if report["goal_met"] else "NOT MET: " + ", ".join(k for k, ok in goal.items() if not ok)
+                    + (f" (lower: {', '.join(report['categories_worse'])})" if report["categories_worse"] else "")))
+    return lines + [""]
