@@ -264,3 +264,31 @@ def test_cli_evaluate_writes_report_and_output_json(small_corpus_file, tmp_path)
     assert "report:" in result.output and (tmp_path / "out" / "report.md").is_file()
     bad = CliRunner().invoke(app, ["evaluate", "--corpus", str(path)])
     assert bad.exit_code != 0 and "--compare-all" in bad.output
+
+
+def test_bilingual_scores_each_passage_by_the_better_of_its_text_and_its_translation(tmp_path):
+    """Equal inputs: the dense model reads the translation BM25 reads for English queries; a passage appears
+    once, with the better of its two scores, and a passage without a translation keeps its one vector."""
+    import numpy as np
+
+    from m3tune.encoder.model import load_encoder
+    from m3tune.evaluation.models import dense_rank
+    from m3tune.records import GoldQuery, Passage
+
+    encoder = load_encoder("local:tiny-xlmr", max_length=64, batch_size=8)
+    passages = [Passage(id=f"quran:1:{i}", source="quran", collection="quran", text=t, text_plain=t, meta={},
+                        translation_en=e)
+                for i, (t, e) in enumerate([("الحمد لله رب العالمين", "All praise is due to Allah"),
+                                            ("الرحمن الرحيم", "The Entirely Merciful"),
+                                            ("مالك يوم الدين", None)], start=1)]
+    queries = [GoldQuery(id="q", query="praise be to God", relevant_ids=["quran:1:1"], category="cross_lingual",
+                         language="en", source="quran", difficulty="easy")]
+    one = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None).runs[None]["q"]
+    two = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, translations=True).runs[None]["q"]
+    assert sorted(one) == sorted(two) == [p.id for p in passages]  # each passage once
+    q = encoder.encode(["praise be to God"], queries=True)[0]
+    for p in passages:
+        own = float(np.dot(q, encoder.encode([p.text], queries=False)[0]))
+        best = max(own, float(np.dot(q, encoder.encode([p.translation_en], queries=False)[0]))) \
+            if p.translation_en else own
+        assert one[p.id] == pytest.approx(own, abs=1e-5) and two[p.id] == pytest.approx(best, abs=1e-5)

@@ -188,7 +188,9 @@ def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any
     units = passage_units(read_records(root.child("ingest"), "passages.jsonl", Passage))
     clusters = query_clusters(gold, units)
     names = list(specs)
-    tuned = next(n for n in names if specs[n].endswith("run:train") and not specs[n].startswith("hybrid:"))
+    tuned = next((n for n in names if specs[n].split("=")[-1] == "run:train"), None)
+    if tuned is None:
+        raise ConfigError("quality: evaluate must compare the fine-tuned model itself (run:train)")
     hybrid = next((n for n in names if specs[n].startswith("hybrid:") and specs[n].endswith("run:train")), None)
     bm25 = "bm25" if "bm25" in specs else None
     return tables(gold, clusters, values_of, per_seed, base=names[0], tuned=tuned, bm25=bm25, hybrid=hybrid,

