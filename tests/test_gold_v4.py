@@ -167,3 +167,39 @@ def test_the_cluster_bootstrap_matches_a_hand_computed_case():
     apart = cluster_bootstrap(values, [str(i) for i in range(20)], resamples=5000)
     halves = cluster_bootstrap(values, ["a"] * 10 + ["b"] * 10, resamples=5000)
     assert halves["ci95"][1] - halves["ci95"][0] > apart["ci95"][1] - apart["ci95"][0]
+
+
+def test_a_judgment_of_a_passage_outside_the_pool_is_named(tmp_path):
+    pools = v4.read_pools(v4.POOL)
+    qid, pool = next(iter(pools.items()))
+    assert pool.depth == 10 and len(pool.systems) >= 4  # the depth and the systems the README states
+    outside = next(f"quran:2:{v}" for v in range(1, 287) if f"quran:2:{v}" not in pool.pooled)
+    path = tmp_path / "judgments.jsonl"
+    rows = [{"query_id": qid, "passage_id": pool.pooled[0], "relevant": True, "note": "answers it"},
+            {"query_id": qid, "passage_id": outside, "relevant": False}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(RecordError) as e:
+        v4.read_judgments(path, pools)
+    assert f"{path}:2" in str(e.value) and "passage_id" in str(e.value) and "not in the pool" in str(e.value)
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[0], "relevant": False}) + "\n", encoding="utf-8")
+    with pytest.raises(RecordError, match="judged twice"):
+        v4.read_judgments(path, pools)
+    path.write_text(json.dumps({**rows[0], "query_id": "no-such-query"}) + "\n", encoding="utf-8")
+    with pytest.raises(RecordError, match="has no pool"):
+        v4.read_judgments(path, pools)
+
+
+def test_a_query_that_judged_passages_take_out_of_its_part_is_dropped(corpus):
+    """A pooled passage outside held-out-test judged relevant means the query is not held out after all."""
+    from m3tune.generation.base import twins
+
+    source = v4.Source(id="tq-x", query="قصة اصحاب الكهف", category="thematic", kind="topic",
+                       relevant=v4.Relevant(verses=["18:9-12"]))
+    args = ([("f", 1, source)], corpus, twins(corpus), heldout.load(), heldout.load_test(), {})
+    (kept,) = v4.resolve(*args, judged={"tq-x": {"quran:18:13": True, "quran:18:30": False}})
+    assert kept.relevant_ids == [f"quran:18:{v}" for v in range(9, 14)] and kept.split == "held-out-test"
+    dropped: list[dict] = []
+    assert v4.resolve(*args, judged={"tq-x": {"quran:2:3": True}}, dropped=dropped) == []
+    assert dropped == [{"id": "tq-x", "query": "قصة اصحاب الكهف", "part": "held-out-test", "outside": ["quran:2:3"]}]
+    with pytest.raises(RecordError, match="outside held-out-test"):
+        v4.resolve(*args, judged={"tq-x": {"quran:2:3": True}})

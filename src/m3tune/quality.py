@@ -252,6 +252,7 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    from m3tune.evaluation.metrics import p_text
     models = list(summary["overall"])
     metrics = list(next(iter(summary["overall"].values())))
     from m3tune.quality_tables import markdown as heldout_lines
@@ -271,7 +272,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {c} | {v['n']} | " + " | ".join(cells) + " |")
     sig = summary["significance"]
     lines += ["", f"{summary['fine_tuned']} − {summary['baseline']}: " + ", ".join(
-        f"{k} {summary['gains'][k]:+.3f} (p = {sig[k]['p_value']:.4f})" for k in ("ndcg@10", "recall@10", "mrr@10")
+        f"{k} {summary['gains'][k]:+.3f} ({p_text(sig[k]['p_value'], sig['resamples'])})"
+        for k in ("ndcg@10", "recall@10", "mrr@10")
         if k in sig), "",
         *_part_lines(summary),
         *_unseen_lines(summary),
@@ -286,6 +288,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def _part_lines(summary: dict[str, Any]) -> list[str]:
+    from m3tune.evaluation.metrics import p_text
     lines: list[str] = []
     base, tuned = summary["baseline"], summary["fine_tuned"]
     for part, p in summary.get("parts", {}).items():
@@ -299,18 +302,20 @@ def _part_lines(summary: dict[str, Any]) -> list[str]:
                                    if k in p["intervals"][m] else "") for k in metrics) + " |")
         sig = p["significance"]
         lines += ["", f"{tuned} − {base} ({part}): " + ", ".join(
-            f"{k} {p['gains'][k]:+.3f} (p = {sig[k]['p_value']:.4f})" for k in ("ndcg@10", "recall@10") if k in sig), ""]
+            f"{k} {p['gains'][k]:+.3f} ({p_text(sig[k]['p_value'], sig['resamples'])})"
+            for k in ("ndcg@10", "recall@10") if k in sig), ""]
     return lines
 
 
 def _unseen_lines(summary: dict[str, Any]) -> list[str]:
+    from m3tune.evaluation.metrics import p_text
     unseen, base, tuned = summary["unseen_passages"], summary["baseline"], summary["fine_tuned"]
     if not unseen["queries"]:
         return ["Every gold query has a relevant passage in the training data.", ""]
     sig = unseen["significance"]
     return [f"On the {unseen['queries']} of {unseen['of']} gold queries none of whose relevant passages the "
             f"training data holds (as positive, negative or validation passage): " + ", ".join(
-                f"{k} {unseen[base][k]:.3f} → {unseen[tuned][k]:.3f} (p = {sig[k]['p_value']:.4f})"
+                f"{k} {unseen[base][k]:.3f} → {unseen[tuned][k]:.3f} ({p_text(sig[k]['p_value'], sig['resamples'])})"
                 for k in ("ndcg@10", "recall@10")), ""]
 
 

@@ -43,6 +43,14 @@ def _mark(ok: bool) -> str:
     return "✅" if ok else "❌"
 
 
+def _p(p: float, resamples: int) -> str:
+    """A p-value as printed: at the resolution floor of RESAMPLES (0: none) as "≤ 1/(R+1)", which is all a
+    randomization test with R resamples can say."""
+    if resamples and p <= 1 / (resamples + 1) + 1e-12:
+        return f"≤ 1/{resamples + 1}"
+    return f"{p:.3g}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     models = results["models"]
     t = results["targets"]
@@ -68,7 +76,7 @@ def markdown(results: dict[str, Any]) -> str:
         for m in sig:
             s = m["significance"]
             lines.append(f"| {m['name']} | " + " | ".join(
-                f"{s[n]['delta']:+.3f} ({s[n]['p_value']:.3g}{' *' if s[n]['p_value'] < 0.05 else ''})"
+                f"{s[n]['delta']:+.3f} ({_p(s[n]['p_value'], s['resamples'])}{' *' if s[n]['p_value'] < 0.05 else ''})"
                 for n in TESTED) + " |")
         lines.append("\n`*`: p < 0.05.")
     if all(m.get("intervals") for m in models):
@@ -88,7 +96,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "|---|---|" + "---|" * len(TESTED)]
         for row in pairs:
             lines.append(f"| {row['a']} | {row['b']} | " + " | ".join(
-                f"{row[n]['delta']:+.3f} ({row[n]['p_holm']:.3g}{' *' if row[n]['p_holm'] < 0.05 else ''})"
+                f"{row[n]['delta']:+.3f} ({_p(row[n]['p_holm'], 0)}{' *' if row[n]['p_holm'] < 0.05 else ''})"
                 for n in TESTED) + " |")
         lines.append("\n`*`: Holm-adjusted p < 0.05.")
     deltas = [m for m in models if m.get("category_deltas")]
@@ -147,7 +155,8 @@ def _parts(results: dict[str, Any]) -> list[str]:
             cells = [f"{m['overall'][n]:.3f} [{m['intervals'][n][0]:.3f}, {m['intervals'][n][1]:.3f}]"
                      for n in HEADLINE]
             sig = m.get("significance")
-            cells += [f"{sig[n]['delta']:+.3f} ({sig[n]['p_value']:.3g})" if sig else "—" for n in TESTED]
+            cells += [f"{sig[n]['delta']:+.3f} ({_p(sig[n]['p_value'], sig['resamples'])})" if sig else "—"
+                      for n in TESTED]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         deltas = [(name, m) for name, m in p["models"].items() if m.get("category_deltas")]
         if deltas:
