@@ -161,7 +161,8 @@ def test_the_cluster_bootstrap_matches_a_hand_computed_case():
     # one cluster always positive: every resample is above 0, so p sits at the floor 1/(R+1)
     floor = cluster_bootstrap([0.2, 0.4, 0.1], ["A", "B", "C"], resamples=999)
     assert floor["p_floor"] and floor["p_value"] == pytest.approx(1 / 1000)
-    assert p_text(floor["p_value"], 999) == "p ≤ 1/1000" and p_text(0.0312, 999) == "p = 0.0312"
+    assert p_text(floor["p_value"], 999, sides=1) == "p ≤ 1/1000" and p_text(0.0312, 999) == "p = 0.0312"
+    assert p_text(2 / 10_001, 10_000) == "p ≤ 2/10001"  # a two-sided randomization test's floor
     # clusters widen the interval: the same values, one cluster per value vs one cluster per half
     values = [1.0] * 10 + [0.0] * 10
     apart = cluster_bootstrap(values, [str(i) for i in range(20)], resamples=5000)

@@ -140,7 +140,7 @@ def markdown(report: dict[str, Any], *, base: str, tuned: str) -> list[str]:
                   + " |", "|---|" + "---:|" * len(cats)]
         for name, e in p["models"].items():
             lines.append(f"| {name} | " + " | ".join(f"{e['by_category'][c]:.3f}" for c in cats) + " |")
-            for seed, s in e.get("per_seed", {}).items():
+            for seed, s in (e.get("per_seed", {}) if len(seeds) > 1 else {}).items():
                 lines.append(f"| {name}, seed {seed} | " + " | ".join(f"{s['by_category'][c]:.3f}" for c in cats)
                              + " |")
         lines += ["", "| difference (nDCG@10) | all | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]

@@ -248,8 +248,10 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[str], *, resam
             "p_floor": p <= floor + 1e-15, "clusters": len(names), "resamples": resamples}
 
 
-def p_text(p: float, resamples: int) -> str:
-    """P as written in a report: "p <= 1/(R+1)" at the resolution floor of R resamples, else its value."""
-    if p <= 1 / (resamples + 1) + 1e-12:
-        return f"p ≤ 1/{resamples + 1}"
+def p_text(p: float, resamples: int, *, sides: int = 2) -> str:
+    """P as written in a report: at the resolution floor of R resamples, "p ≤ SIDES/(R+1)" (a two-sided
+    randomization test's smallest p is 2/(R+1): scipy counts the observed statistic as one resample and
+    doubles the smaller tail), else its value."""
+    if p <= sides / (resamples + 1) + 1e-12:
+        return f"p ≤ {sides}/{resamples + 1}"
     return f"p = {p:.4f}"

@@ -44,10 +44,10 @@ def _mark(ok: bool) -> str:
 
 
 def _p(p: float, resamples: int) -> str:
-    """A p-value as printed: at the resolution floor of RESAMPLES (0: none) as "≤ 1/(R+1)", which is all a
-    randomization test with R resamples can say."""
-    if resamples and p <= 1 / (resamples + 1) + 1e-12:
-        return f"≤ 1/{resamples + 1}"
+    """A p-value as printed: at the resolution floor of a two-sided randomization test with RESAMPLES (0:
+    none) as "≤ 2/(R+1)", which is all such a test can say."""
+    if resamples and p <= 2 / (resamples + 1) + 1e-12:
+        return f"≤ 2/{resamples + 1}"
     return f"{p:.3g}"
 
 
