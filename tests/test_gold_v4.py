@@ -204,3 +204,16 @@ def test_a_query_that_judged_passages_take_out_of_its_part_is_dropped(corpus):
     assert dropped == [{"id": "tq-x", "query": "قصة اصحاب الكهف", "part": "held-out-test", "outside": ["quran:2:3"]}]
     with pytest.raises(RecordError, match="outside held-out-test"):
         v4.resolve(*args, judged={"tq-x": {"quran:2:3": True}})
+
+
+def test_a_query_s_cluster_is_its_held_out_unit_not_a_twin_elsewhere():
+    from m3tune.errors import UserError
+    from m3tune.evaluation.metrics import query_clusters
+
+    g = GoldQuery(id="q", query="q", relevant_ids=["quran:10:48", "quran:36:48", "bukhari:9"], category="exact",
+                  language="ar", source="mixed", difficulty="easy")
+    units = {"quran:10:48": "quran:10", "quran:36:48": "quran:36", "bukhari:9": None}
+    assert query_clusters([g], units) == {"q": "quran:10"}  # a tie: the unit named first
+    assert query_clusters([g], units, frozenset({"quran:36:48"})) == {"q": "quran:36"}  # the held-out unit wins
+    with pytest.raises(UserError, match="quran:36:48 is not in the corpus"):
+        query_clusters([g], {"quran:10:48": "quran:10", "bukhari:9": None})

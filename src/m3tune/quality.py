@@ -52,7 +52,7 @@ class QualitySettings(BaseModel):
         "compare an api: model; evaluate's api_base_url must be its address")
     api_port: int = Field(default=18765, ge=1024, le=65535, description="the server's port on 127.0.0.1")
     train_seeds: list[int] = Field(default=[42], min_length=1, description="training seeds: the first trains in "
-                                   "the run root, each other one in ROOT/seeds/SEED on the same data (the steps "
+                                   "the run root, each other one in its own run root ROOT-seedSEED on the same data (the steps "
                                    "before train are copied, so they are skipped); the fine-tuned models' "
                                    "per-query figures are averaged over the seeds (one run's category means "
                                    "move 0.01-0.04 with the seed alone)")
@@ -164,6 +164,14 @@ def unseen_passages(root, gold, *, base: str, tuned: str, resamples: int) -> dic
     return out
 
 
+def model_named(specs: dict[str, str], spec: str, *, required: bool = True) -> str | None:
+    """The name of the evaluated model whose spec is SPEC (written `SPEC` or `NAME=SPEC`)."""
+    found = next((name for name, written in specs.items() if written.split("=", 1)[-1].strip() == spec), None)
+    if found is None and required:
+        raise ConfigError(f"quality: evaluate must compare {spec} (its models: {', '.join(specs.values())})")
+    return found
+
+
 def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any], gold, *, alpha: float
                         ) -> dict[str, Any]:
     """quality_tables' report for a gold tagged with split and independent: the trained models (run:train and
@@ -185,13 +193,13 @@ def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any
             per_seed[name][seed] = got[name]
     for name in trained:
         values_of[name] = seed_mean(list(per_seed[name].values()))
-    units = passage_units(read_records(root.child("ingest"), "passages.jsonl", Passage))
-    clusters = query_clusters(gold, units)
+    from m3tune.corpus.heldout import in_units
+
+    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
+    clusters = query_clusters(gold, passage_units(passages), frozenset(p.id for p in passages if in_units(p)))
     names = list(specs)
-    tuned = next((n for n in names if specs[n].split("=")[-1] == "run:train"), None)
-    if tuned is None:
-        raise ConfigError("quality: evaluate must compare the fine-tuned model itself (run:train)")
-    hybrid = next((n for n in names if specs[n].startswith("hybrid:") and specs[n].endswith("run:train")), None)
+    tuned = model_named(specs, "run:train")
+    hybrid = model_named(specs, "hybrid:run:train", required=False)
     bm25 = "bm25" if "bm25" in specs else None
     return tables(gold, clusters, values_of, per_seed, base=names[0], tuned=tuned, bm25=bm25, hybrid=hybrid,
                   alpha=alpha, resamples=results["models"][1].get("significance", {}).get("resamples", 10_000))
@@ -210,9 +218,8 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
             phases[name] = round(manifest.seconds, 1)
     results = json.loads(root.child("evaluate").read_bytes("results.json"))
     models = {m["name"]: m for m in results["models"]}
-    base, tuned = results["models"][0], next((m for m in results["models"] if m["spec"].endswith("run:train")), None)
-    if tuned is None:
-        raise ConfigError("quality: evaluate must compare the fine-tuned model (run:train) with its base")
+    base, tuned = results["models"][0], models[model_named({m["name"]: m["spec"] for m in results["models"]},
+                                                           "run:train")]
     metrics = tuple(k for k in ("recall@10", "capped_recall@10", "ndcg@10", "mrr@10", "recall@100")
                     if k in results["metrics"])  # capped recall: evaluations since it was added
     table = {name: {k: round(m["overall"][k], 4) for k in metrics} for name, m in models.items()}
@@ -418,6 +425,9 @@ def run_quality(root, configs: dict[str, BaseModel], settings: QualitySettings, 
     if train is None and (first != 42 or others):
         raise ConfigError("quality: train_seeds needs a train section")
     if train is not None:
+        if "seed" in train.model_fields_set and train.seed != first:
+            raise ConfigError(f"quality: train.seed {train.seed} and train_seeds {settings.train_seeds}: the first "
+                              "training seed is train_seeds[0]; set it there and remove train.seed")
         configs = {**configs, "train": train.model_copy(update={"seed": first})}
     with api_server(settings, configs, log):
         run_pipeline(root, configs)

@@ -71,7 +71,11 @@ def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[s
     from m3tune.corpus.heldout import TEST
     from m3tune.evaluation.metrics import cluster_bootstrap
 
-    out: dict[str, Any] = {"split": TEST, "resamples": resamples, "seeds": sorted(next(iter(per_seed.values()), {})),
+    untagged = [g.id for g in gold if g.split == TEST and g.independent is None]
+    if untagged:
+        raise ConfigError(f"quality: held-out-test queries without an independent tag ({', '.join(untagged[:3])}): "
+                          "tag every test row independent true or false (build_gold_v4 does)")
+    out: dict[str, Any] = {"split": TEST, "resamples": resamples, "seeds": list(next(iter(per_seed.values()), {})),
                            "parts": {}}
     pairs = [(tuned, base)] + [(tuned, bm25)] * bool(bm25) + [(hybrid, bm25)] * bool(hybrid and bm25)
     for part, flag in PARTS.items():
@@ -103,7 +107,9 @@ def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[s
                                                                resamples=resamples)}
                                 for c, q_ids in by_cat.items()}}
         out["parts"][part] = {"queries": len(ids), "clusters": len({clusters[q] for q in ids}),
-                              "by_category_n": {c: len(q) for c, q in by_cat.items()}, "models": models,
+                              "by_category_n": {c: len(q) for c, q in by_cat.items()},
+                              "by_category_clusters": {c: len({clusters[q] for q in q_ids})
+                                                       for c, q_ids in by_cat.items()}, "models": models,
                               "comparisons": comparisons}
     head = out["parts"].get("independent")
     if head is None:
@@ -112,7 +118,8 @@ def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[s
     goal = {f"{m} (independent held-out-test)": gain["overall"][m]["delta"] > 0
             and gain["overall"][m]["p_randomization"] < alpha and gain["overall"][m]["ci95"][0] > 0
             for m in ("ndcg@10", "recall@10")}
-    worse = [c for c, row in gain["by_category"].items() if row["ndcg@10"]["delta"] < 0]
+    worse = [c for c, row in gain["by_category"].items()
+             if row["ndcg@10"]["delta"] < 0 or row["recall@10"]["delta"] < 0]
     goal["no_category_worse"] = not worse
     out |= {"goal": goal, "goal_met": all(goal.values()), "categories_worse": worse}
     return out
@@ -136,23 +143,25 @@ def markdown(report: dict[str, Any], *, base: str, tuned: str) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(
                 f"{e[m]['mean']:.3f} [{e[m]['ci95'][0]:.3f}, {e[m]['ci95'][1]:.3f}]" for m in METRICS) + " |")
         cats = list(p["by_category_n"])
-        lines += ["", "| nDCG@10 by category | " + " | ".join(f"{c} (n={p['by_category_n'][c]})" for c in cats)
+        lines += ["", "| nDCG@10 by category | " + " | ".join(
+            f"{c} (n={p['by_category_n'][c]}, {p['by_category_clusters'][c]} clusters)" for c in cats)
                   + " |", "|---|" + "---:|" * len(cats)]
         for name, e in p["models"].items():
             lines.append(f"| {name} | " + " | ".join(f"{e['by_category'][c]:.3f}" for c in cats) + " |")
             for seed, s in (e.get("per_seed", {}) if len(seeds) > 1 else {}).items():
                 lines.append(f"| {name}, seed {seed} | " + " | ".join(f"{s['by_category'][c]:.3f}" for c in cats)
                              + " |")
-        lines += ["", "| difference (nDCG@10) | all | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]
+        lines += ["", "| difference (nDCG@10): Δ [95% over clusters] randomization p over queries / cluster "
+                  "bootstrap p | all | " + " | ".join(cats) + " |", "|---|---:|" + "---:|" * len(cats)]
         for label, comp in p["comparisons"].items():
             cells = [comp["overall"]["ndcg@10"]] + [comp["by_category"][c]["ndcg@10"] for c in cats]
             lines.append(f"| {label} | " + " | ".join(
                 f"{x['delta']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}] {p_text(x['p_randomization'], r)}"
-                for x in cells) + " |")
+                f" / {p_text(x['p_cluster'], r, sides=1)}" for x in cells) + " |")
         lines.append("")
     goal = report["goal"]
     lines.append(f"Goal ({tuned} beats {base} on independent held-out-test queries, nDCG@10 and Recall@10: "
-                 "randomization p < alpha and the surah/book interval above 0; no category lower): "
+                 "randomization p < alpha and the surah/book interval above 0; no category lower on either): "
                  + ("MET" if report["goal_met"] else "NOT MET: " + ", ".join(k for k, ok in goal.items() if not ok)
                     + (f" (lower: {', '.join(report['categories_worse'])})" if report["categories_worse"] else "")))
     return lines + [""]

@@ -11,6 +11,7 @@ lower every score.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from m3tune.corpus.heldout import DEV, TEST
 from m3tune.errors import UserError
@@ -47,9 +48,12 @@ def gold_digest(test_set: str | None) -> str:
 
 
 def load_gold(test_set: str | None, passage_ids: set[str] | None = None, *,
-              held_out: frozenset[str] | None = None, purpose: str = "report") -> list[GoldQuery]:
+              held_out: frozenset[str] | None = None, purpose: Literal["report", "select"] = "report"
+              ) -> list[GoldQuery]:
     """The gold queries of TEST_SET, each relevant id checked against PASSAGE_IDS, and each held_out and split
     tag against the partition HELD_OUT, when given. PURPOSE 'select' refuses any row not in held-out-dev."""
+    if purpose not in ("report", "select"):
+        raise ValueError(f"purpose {purpose!r}: expected 'report' or 'select'")
     store, name, shown = gold_location(test_set)
     if not store.exists(name):
         raise UserError(f"test set not found: {shown}")

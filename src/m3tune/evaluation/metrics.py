@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from m3tune.errors import UserError
 from m3tune.records import GoldQuery
 
 # Our names (results.json, report.md) and the ir-measures measure each one is.
@@ -192,26 +193,36 @@ def parts(gold: Sequence[GoldQuery], values_of: dict[str, PerQuery], *, resample
     return out
 
 
-def passage_units(passages) -> dict[str, str]:
-    """Each passage's cluster for the bootstrap: its surah (`quran:12`) or its book (`bukhari:book70`)."""
-    out = {}
+def passage_units(passages) -> dict[str, str | None]:
+    """Each passage's cluster for the bootstrap: its surah (`quran:12`) or its book (`bukhari:book70`); None for
+    a hadith whose book is unknown (book 0 in the packaged records)."""
+    out: dict[str, str | None] = {}
     for p in passages:
         if p.source == "quran":
             out[p.id] = f"quran:{p.meta.get('surah', p.id.split(':')[1])}"
         else:
-            out[p.id] = f"{p.collection}:book{p.meta.get('book_number', '?')}"
+            book = p.meta.get("book_number")
+            out[p.id] = f"{p.collection}:book{book}" if book else None
     return out
 
 
-def query_clusters(gold: Sequence[GoldQuery], units: dict[str, str]) -> dict[str, str]:
-    """Each query's cluster: the unit most of its relevant passages lie in (the first such, on a tie)."""
+def query_clusters(gold: Sequence[GoldQuery], units: dict[str, str | None], prefer: frozenset[str] = frozenset()
+                   ) -> dict[str, str]:
+    """Each query's cluster: the unit most of its relevant passages lie in, counting only the passages of
+    PREFER (the held-out units' own passages, not their twins elsewhere) when it holds any, then the units
+    known; ties go to the unit named first. A relevant passage missing from UNITS is an error."""
     from collections import Counter
 
     out = {}
     for g in gold:
-        counts = Counter(units.get(pid, pid) for pid in g.relevant_ids)
-        out[g.id] = max(counts, key=lambda u: (counts[u], -g.relevant_ids.index(
-            next(p for p in g.relevant_ids if units.get(p, p) == u))))
+        missing = [pid for pid in g.relevant_ids if pid not in units]
+        if missing:
+            raise UserError(f"gold query {g.id!r}: relevant passage {missing[0]} is not in the corpus")
+        ids = [pid for pid in g.relevant_ids if pid in prefer] or [pid for pid in g.relevant_ids if units[pid]] \
+            or g.relevant_ids
+        counts = Counter(units[pid] or pid for pid in ids)
+        first = {u: i for i, u in reversed(list(enumerate(units[pid] or pid for pid in ids)))}
+        out[g.id] = max(counts, key=lambda u: (counts[u], -first[u]))
     return out
 
 
@@ -221,8 +232,10 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[str], *, resam
     replacement, and a two-sided bootstrap p-value of "the mean is 0" (for paired differences).
 
     Queries about one surah or one book are not independent draws: they share its wording, its length, its
-    topic. Resampling queries alone makes the interval too narrow; resampling their clusters does not
-    (Field & Welsh 2007). Written here because scipy.stats.bootstrap and ranx resample observations only.
+    topic, and resampling queries alone ignores that (Field & Welsh 2007). With few clusters of uneven size
+    (gold v4's test has 9) the percentile interval can itself under-cover, so reports print the cluster
+    count and read it beside the randomization test over queries. Written here because
+    scipy.stats.bootstrap and ranx resample observations only.
     The p-value is twice the share of resampled means on the far side of 0, floored at 1/(resamples+1):
     `p_floor` says when it sits at the floor (then write "p <= 1/(resamples+1)")."""
     import numpy as np
