@@ -214,6 +214,11 @@ def test_a_second_training_seed_trains_on_the_same_data_in_its_own_run_root(full
     assert not any(ran[s] for s in SHARED_STEPS) and ran["train"] and ran["evaluate"]
     assert read_manifest(sub.child("train")).config["seed"] == 7
     assert read_manifest(root.child("train")).config["seed"] != 7
+    # a rerun copies nothing; a step the main root has since rerun is copied again (no stale data)
+    copy_steps(root, sub, SHARED_STEPS, logging.getLogger("test"))
+    (main / "combine" / "_manifest.json").write_bytes((main / "combine" / "_manifest.json").read_bytes() + b"\n")
+    copy_steps(root, sub, SHARED_STEPS, logging.getLogger("test"))
+    assert sub.child("combine").read_bytes("_manifest.json") == root.child("combine").read_bytes("_manifest.json")
     # a step the source has not finished cannot be shared
     with pytest.raises(Exception, match="has not finished"):
         copy_steps(open_root(str(tmp_path / "runs" / "empty")), open_root(str(tmp_path / "runs" / "x")),

@@ -176,6 +176,7 @@ def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any
                         ) -> dict[str, Any]:
     """quality_tables' report for a gold tagged with split and independent: the trained models (run:train and
     its hybrids) averaged over SEED_ROOTS' evaluations ({seed: run root}), the others from ROOT's."""
+    from m3tune.corpus.heldout import in_units
     from m3tune.evaluation.metrics import passage_units, query_clusters
     from m3tune.jsonl import read_records
     from m3tune.quality_tables import read_per_query, seed_mean, tables
@@ -193,8 +194,6 @@ def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any
             per_seed[name][seed] = got[name]
     for name in trained:
         values_of[name] = seed_mean(list(per_seed[name].values()))
-    from m3tune.corpus.heldout import in_units
-
     passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
     clusters = query_clusters(gold, passage_units(passages), frozenset(p.id for p in passages if in_units(p)))
     names = list(specs)
@@ -260,10 +259,10 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
 
 def markdown(summary: dict[str, Any]) -> str:
     from m3tune.evaluation.metrics import p_text
-    models = list(summary["overall"])
-    metrics = list(next(iter(summary["overall"].values())))
     from m3tune.quality_tables import markdown as heldout_lines
 
+    models = list(summary["overall"])
+    metrics = list(next(iter(summary["overall"].values())))
     head = []
     if summary.get("heldout_test"):
         head = [*heldout_lines(summary["heldout_test"], base=summary["baseline"], tuned=summary["fine_tuned"]),
@@ -396,16 +395,17 @@ def seed_root(root, seed: int):
 
 def copy_steps(source, target, steps: tuple[str, ...], log) -> None:
     """STEPS' published files from run root SOURCE to TARGET, each step's manifest last, so that TARGET's
-    run skips them (their manifests match: the same inputs, the same config). A step TARGET has already
-    finished is left alone; one SOURCE has not finished is an error."""
+    run skips them (their manifests match: the same inputs, the same config). A step TARGET holds with the
+    same manifest as SOURCE is left alone (a rerun copies nothing); one whose SOURCE has since rerun is copied
+    again, so a seed never trains on stale data; one SOURCE has not finished is an error."""
     from m3tune.manifest import MANIFEST, read_manifest
 
     for step in steps:
-        if read_manifest(target.child(step)) is not None:
-            continue
-        if read_manifest(source.child(step)) is None:
-            raise ConfigError(f"quality: step {step} has not finished in {source.uri}: nothing to share")
         src, dst = source.child(step), target.child(step)
+        if read_manifest(src) is None:
+            raise ConfigError(f"quality: step {step} has not finished in {source.uri}: nothing to share")
+        if read_manifest(dst) is not None and dst.read_bytes(MANIFEST) == src.read_bytes(MANIFEST):
+            continue
         names = sorted(n for n in src.list() if n != MANIFEST)
         for name in [*names, MANIFEST]:
             with src.open_read(name) as f, dst.open_write(name) as w:
