@@ -118,6 +118,23 @@ class _PerQuery(BaseModel):
         return {"recall@10": self.recall10, "mrr@10": self.mrr10, "ndcg@10": self.ndcg10}
 
 
+def read_per_query(folder, models: set[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{model: {query id: metrics}} of FOLDER/per_query.jsonl (rows checked, a repeated row refused)."""
+    from m3tune.jsonl import read_jsonl_numbered
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    with folder.open_read("per_query.jsonl") as f:
+        for line, _, row in read_jsonl_numbered(f, _PerQuery, name=folder.uri_of("per_query.jsonl")):
+            if models is not None and row.model not in models:
+                continue
+            got = out.setdefault(row.model, {})
+            if row.query_id in got:
+                raise RecordError(folder.uri_of("per_query.jsonl"), line, "query_id",
+                                  f"a second row for query {row.query_id!r} of model {row.model!r}")
+            got[row.query_id] = row.values()
+    return out
+
+
 def trained_passages(root) -> set[str]:
     """Every passage id the training data holds: train's positives and negatives, validation's positives."""
     from m3tune.jsonl import read_records
@@ -139,19 +156,12 @@ def unseen_passages(root, gold, *, base: str, tuned: str, resamples: int) -> dic
     subset it cannot be.
     """
     from m3tune.evaluation.metrics import paired_test
-    from m3tune.jsonl import read_jsonl_numbered
 
     seen = trained_passages(root)
     ids = {g.id for g in gold if not seen.intersection(g.relevant_ids)}
-    per: dict[str, dict[str, dict[str, float]]] = {base: {}, tuned: {}}
     folder = root.child("evaluate")
-    with folder.open_read("per_query.jsonl") as f:
-        for line, _, row in read_jsonl_numbered(f, _PerQuery, name=folder.uri_of("per_query.jsonl")):
-            if row.model in per and row.query_id in ids:
-                if row.query_id in per[row.model]:
-                    raise RecordError(folder.uri_of("per_query.jsonl"), line, "query_id",
-                                      f"a second row for query {row.query_id!r} of model {row.model!r}")
-                per[row.model][row.query_id] = row.values()
+    every = read_per_query(folder, {base, tuned})
+    per = {m: {q: v for q, v in every.get(m, {}).items() if q in ids} for m in (base, tuned)}
     for model in (base, tuned):
         if missing := sorted(ids - per[model].keys()):
             raise RecordError(folder.uri_of("per_query.jsonl"), 0, "query_id",
@@ -179,7 +189,7 @@ def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any
     from m3tune.corpus.heldout import in_units
     from m3tune.evaluation.metrics import passage_units, query_clusters
     from m3tune.jsonl import read_records
-    from m3tune.quality_tables import read_per_query, seed_mean, tables
+    from m3tune.quality_tables import seed_mean, tables
     from m3tune.records import Passage
 
     specs = {m["name"]: m["spec"] for m in results["models"]}

@@ -16,28 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from m3tune.errors import ConfigError
-from m3tune.jsonl import RecordError
 
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
 PARTS = {"independent": True, "rule-shared": False}
-
-
-def read_per_query(folder, models: set[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """{model: {query id: metrics}} of FOLDER/per_query.jsonl (rows checked, a repeated row refused)."""
-    from m3tune.jsonl import read_jsonl_numbered
-    from m3tune.quality import _PerQuery
-
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    with folder.open_read("per_query.jsonl") as f:
-        for line, _, row in read_jsonl_numbered(f, _PerQuery, name=folder.uri_of("per_query.jsonl")):
-            if models is not None and row.model not in models:
-                continue
-            got = out.setdefault(row.model, {})
-            if row.query_id in got:
-                raise RecordError(folder.uri_of("per_query.jsonl"), line, "query_id",
-                                  f"a second row for query {row.query_id!r} of model {row.model!r}")
-            got[row.query_id] = row.values()
-    return out
 
 
 def seed_mean(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
