@@ -86,7 +86,8 @@ class QdrantRestServer:
         raise LookupError(f"{method} {path}: not served by this test server")
 
     def _create(self, c: str, body) -> bool:
-        return self.engine.create_collection(c, vectors_config=body.vectors, metadata=body.metadata)
+        return self.engine.create_collection(c, vectors_config=body.vectors, metadata=body.metadata,
+                                             sparse_vectors_config=body.sparse_vectors)
 
     def _upsert(self, c: str, body: dict[str, Any]) -> dict[str, Any]:
         from qdrant_client.http import models as m

@@ -529,6 +529,50 @@ def rollback(
 
 @app.command()
 @_errors
+def search(
+    query: Annotated[str, typer.Argument(help="The query, Arabic or English.")],
+    alias: Annotated[str, typer.Option("--alias", help="The production alias of a fused system publish served.")],
+    k: Annotated[int, typer.Option("--k", min=1, max=1000, help="Passages to show.")] = 10,
+    language: Annotated[Optional[str], typer.Option(
+        "--language", help="ar or en: picks the recipe's weights and BM25's index (default: from the script).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Read the encoder from this folder or hub id instead of the published run's; it must be "
+        "the published model (same fingerprint).")] = None,
+    qdrant_url: QdrantUrlOpt = None,
+    qdrant_path: QdrantPathOpt = None,
+    qdrant_api_key_env: QdrantKeyOpt = "QDRANT_API_KEY",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    verbose: VerboseOpt = False,
+):
+    """Search the fused system behind ALIAS exactly as evaluate measured it: its dense, translation and BM25
+    lists through Qdrant's Query API, fused client-side by the recipe recorded in the collection
+    (normalization, per-language weights, depth). Python: m3tune.publish.served.search_alias."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from m3tune.publish.served import search_alias
+
+    _setup(verbose, None)
+    prod = _production(qdrant_url, qdrant_path, qdrant_api_key_env)
+    try:
+        hits = search_alias(prod, alias, query, k=k, language=language, model=model)
+    finally:
+        prod.close()
+    if as_json:
+        typer.echo(json.dumps([{"passage_id": pid, "score": score, "text": p.get("text"),
+                                "translation_en": p.get("translation_en")} for pid, score, p in hits],
+                              indent=2, ensure_ascii=False))
+        return
+    table = Table(title=f"{alias}: {query}", title_justify="left")
+    for col in ("rank", "passage", "score", "text"):
+        table.add_column(col)
+    for rank, (pid, score, p) in enumerate(hits, start=1):
+        table.add_row(str(rank), pid, f"{score:.4f}", str(p.get("text") or "")[:120])
+    Console().print(table)
+
+
+@app.command()
+@_errors
 def published(
     qdrant_url: QdrantUrlOpt = None,
     qdrant_path: QdrantPathOpt = None,

@@ -19,6 +19,15 @@ from m3tune.errors import ConfigError
 
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
 PARTS = {"independent": True, "rule-shared": False}
+# issue [2/6]: the system publish serves must beat BM25 by this much on independent held-out-test nDCG@10 (its
+# cluster interval above 0), and be no more than CATEGORY_SLACK below BM25 in any category
+SHIPPED_MIN_GAIN, CATEGORY_SLACK = 0.05, 0.01
+
+
+def oracle(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The per-query best of A and B (each query takes the system with the higher nDCG@10, all its metrics):
+    the ceiling a perfect per-query choice between them would reach."""
+    return {q: dict(a[q] if a[q]["ndcg@10"] >= b[q]["ndcg@10"] else b[q]) for q in a}
 
 
 def seed_mean(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -46,7 +55,8 @@ def compare(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], ids:
 
 def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[str, float]]],
            per_seed: dict[str, dict[int, dict[str, dict[str, float]]]], *, base: str, tuned: str,
-           bm25: str | None, hybrid: str | None, alpha: float, resamples: int) -> dict[str, Any]:
+           bm25: str | None, hybrid: str | None, alpha: float, resamples: int, shipped: str | None = None
+           ) -> dict[str, Any]:
     """The report: per part (independent, rule-shared) of held-out-test, every model's means with cluster
     intervals, per category, per seed, and the comparisons; and the verdict on the independent part."""
     from m3tune.corpus.heldout import TEST
@@ -58,7 +68,8 @@ def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[s
                           "tag every test row independent true or false (build_gold_v4 does)")
     out: dict[str, Any] = {"split": TEST, "resamples": resamples, "seeds": list(next(iter(per_seed.values()), {})),
                            "parts": {}}
-    pairs = [(tuned, base)] + [(tuned, bm25)] * bool(bm25) + [(hybrid, bm25)] * bool(hybrid and bm25)
+    pairs = [(tuned, base)] + [(tuned, bm25)] * bool(bm25) + [(hybrid, bm25)] * bool(hybrid and bm25) \
+        + [(shipped, bm25)] * bool(shipped and bm25)
     for part, flag in PARTS.items():
         rows = [g for g in gold if g.split == TEST and g.independent is flag]
         if not rows:
@@ -103,6 +114,15 @@ def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[s
              if row["ndcg@10"]["delta"] < 0 or row["recall@10"]["delta"] < 0]
     goal["no_category_worse"] = not worse
     out |= {"goal": goal, "goal_met": all(goal.values()), "categories_worse": worse}
+    if shipped and bm25:
+        win = head["comparisons"][f"{shipped} − {bm25}"]
+        below = [c for c, row in win["by_category"].items() if row["ndcg@10"]["delta"] < -CATEGORY_SLACK]
+        shipped_goal = {f"{shipped} ≥ {bm25} + {SHIPPED_MIN_GAIN} nDCG@10, interval above 0":
+                        win["overall"]["ndcg@10"]["delta"] >= SHIPPED_MIN_GAIN
+                        and win["overall"]["ndcg@10"]["ci95"][0] > 0,
+                        f"no category more than {CATEGORY_SLACK} below {bm25}": not below}
+        out |= {"shipped": shipped, "shipped_goal": shipped_goal, "shipped_goal_met": all(shipped_goal.values()),
+                "shipped_categories_below": below}
     return out
 
 
@@ -145,4 +165,11 @@ def markdown(report: dict[str, Any], *, base: str, tuned: str) -> list[str]:
                  "randomization p < alpha and the surah/book interval above 0; no category lower on either): "
                  + ("MET" if report["goal_met"] else "NOT MET: " + ", ".join(k for k, ok in goal.items() if not ok)
                     + (f" (lower: {', '.join(report['categories_worse'])})" if report["categories_worse"] else "")))
+    if "shipped_goal" in report:
+        lines += ["", f"Goal of the served system ({report['shipped']}: beats BM25 by ≥ {SHIPPED_MIN_GAIN} nDCG@10 on "
+                  f"independent held-out-test queries with the surah/book interval above 0, no category more than "
+                  f"{CATEGORY_SLACK} below it): " + ("MET" if report["shipped_goal_met"] else "NOT MET: " + ", ".join(
+                      k for k, ok in report["shipped_goal"].items() if not ok) + (
+                      f" (below: {', '.join(report['shipped_categories_below'])})"
+                      if report["shipped_categories_below"] else ""))]
     return lines + [""]

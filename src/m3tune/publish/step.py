@@ -120,8 +120,9 @@ def _evaluated(root, model: str) -> tuple[Any, dict[str, Any], dict[str, Any], l
         if recorded != current:
             raise UserError(f"publish: {step} changed since evaluate measured {model!r} (its model is not the one "
                             "evaluated): rerun evaluate")
-    if entry.get("kind") != "dense":
-        raise UserError(f"publish: model {model!r} is {entry.get('kind')}, not a dense encoder: nothing to publish")
+    if entry.get("kind") not in ("dense", "fusion"):
+        raise UserError(f"publish: model {model!r} is {entry.get('kind')}: publish serves a dense encoder or a "
+                        "fusion: system evaluate measured")
     rows = [json.loads(line) for line in folder.read_bytes("per_query.jsonl").splitlines() if line.strip()]
     return EvaluateConfig.model_validate(manifest.config), entry, results, rows
 
@@ -164,6 +165,15 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     # 1. what evaluate measured, and the model as evaluate loaded it
     ev_config, entry, results, rows = _evaluated(ctx.root, model)
+    if entry["kind"] == "fusion":
+        from m3tune.publish.fused import publish_fused
+
+        return publish_fused(ctx, ev_config, entry, results, rows, alias=alias, dim=dim, started=started,
+                             production=(qdrant_url, qdrant_url_env, qdrant_path, qdrant_api_key_env, timeout),
+                             payload_key=payload_key, batch_size=batch_size, parallel=parallel,
+                             max_retries=max_retries, retry_backoff=retry_backoff, keep=keep, gate_metric=gate_metric,
+                             gate_min_delta=gate_min_delta, gate_max_p=gate_max_p, current_model=current_model,
+                             force_gate=force_gate, verify_tolerance=verify_tolerance)
     passages = read_passages(ctx.root)
     if not passages:
         raise UserError("the corpus is empty: nothing to publish")

@@ -66,8 +66,10 @@ def _with_retries(send: Callable[[], Any], *, what: str, max_retries: int, backo
 
 
 def upload(prod, collection: str, vectors: np.ndarray, payloads: Sequence[dict[str, Any]], ids: Sequence[int], *,
-           batch_size: int, parallel: int, max_retries: int, backoff: float) -> dict[str, Any]:
-    """Upsert points IDS (rows of VECTORS and PAYLOADS) into COLLECTION; {points, batches, retries, seconds}."""
+           batch_size: int, parallel: int, max_retries: int, backoff: float,
+           points: Callable[[list[int]], Any] | None = None) -> dict[str, Any]:
+    """Upsert points IDS (rows of VECTORS and PAYLOADS) into COLLECTION; {points, batches, retries, seconds}.
+    POINTS: builds a batch's points itself (named dense and sparse vectors); VECTORS and PAYLOADS are unused."""
     from qdrant_client import models
 
     batches = [list(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
@@ -76,8 +78,9 @@ def upload(prod, collection: str, vectors: np.ndarray, payloads: Sequence[dict[s
     t0 = time.perf_counter()
 
     def send(batch: list[int]) -> int:
-        points = models.Batch(ids=batch, vectors=vectors[batch].tolist(), payloads=[payloads[i] for i in batch])
-        return _with_retries(lambda: prod.client.upsert(collection, points=points, wait=True),
+        sent = points(batch) if points is not None else models.Batch(
+            ids=batch, vectors=vectors[batch].tolist(), payloads=[payloads[i] for i in batch])
+        return _with_retries(lambda: prod.client.upsert(collection, points=sent, wait=True),
                              what=f"upload of points {batch[0]}-{batch[-1]} to {collection!r} at {prod.where}",
                              max_retries=max_retries, backoff=backoff)
 
