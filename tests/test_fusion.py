@@ -138,3 +138,19 @@ def test_evaluate_refuses_a_dev_set_with_test_rows_and_a_fusion_without_dev(tmp_
         run_evaluation(passages, config.model_copy(update={"dev_set": None}))
     with pytest.raises(ValueError, match="fusion normalization 'l2'"):
         EvaluateConfig(fusion_normalizations=["l2"])
+
+
+def test_a_quote_takes_the_lexical_list_alone_when_the_recipe_routes_it():
+    pairs = ["p:a_b", "p:b_c"]
+    assert fusion.is_quote(pairs, [{"p:x_y"}, {"p:a_b", "p:b_c", "p:c_d"}])
+    assert not fusion.is_quote(pairs, [{"p:a_b"}, {"p:b_c"}])  # in two passages, not one
+    assert not fusion.is_quote(["p:a_b"], [{"p:a_b"}])  # one pair (two words) is not a quote
+    # in the top QUOTE_DEPTH passages only
+    assert not fusion.is_quote(pairs, [set()] * fusion.QUOTE_DEPTH + [{"p:a_b", "p:b_c"}])
+    bm25 = {"q": {"a": 10.0, "b": 4.0}}
+    dense = {"q": {"b": 0.9, "a": 0.1}}
+    routed = Recipe(("bm25", "d"), ("bm25", "dense"), "minmax", {"default": (0.2, 0.8)}, quote_route=True)
+    assert list(fusion.fuse(routed, [bm25, dense], {"q": "ar"}, {"q"})["q"]) == ["a", "b"]  # BM25 alone
+    assert list(fusion.fuse(routed, [bm25, dense], {"q": "ar"}, set())["q"]) == ["b", "a"]  # not a quote: fused
+    with pytest.raises(ConfigError, match="no member is bm25"):
+        Recipe(("d", "e"), ("dense", "dense"), "minmax", {"default": (0.5, 0.5)}, quote_route=True)

@@ -178,6 +178,13 @@ class BM25:
             self.english = _Index([(p.id, p.translation_en) for p in passages if p.translation_en], english_terms,
                                   **english, terms=like.english.terms if reuse else None)
 
+    def pair_terms(self, pid: str) -> set[str]:
+        """The adjacent-word-pair terms (p:) of passage PID's Arabic text (the strong analyzer's)."""
+        if getattr(self, "_pairs", None) is None:
+            self._pairs = {i: {t for t in terms if t.startswith("p:")}
+                           for i, terms in zip(self.arabic.ids, self.arabic.terms)}
+        return self._pairs.get(pid, set())
+
     def rank(self, queries: Sequence[GoldQuery], k: int) -> Run:
         """Each query's top K: English ones over the translations (strong analyzer), the rest over Arabic."""
         return {q.id: (self.english if self.english is not None and q.language == "en" else self.arabic)
