@@ -169,3 +169,46 @@ def test_a_recipe_naming_a_missing_vector_or_another_model_is_a_clear_error(run,
             search_alias(prod, ALIAS, "الصلاة", language="fr")
     finally:
         prod.close()
+
+
+def test_the_quote_route_is_served_as_evaluate_computes_it(run, tmp_path):
+    """A recipe with the quote route on: the collection's search (pairs checked against the bm25-ar vectors of
+    BM25's top passages) ranks every gold query as evaluate's fusion does (pairs checked in the BM25 index)."""
+    from m3tune.corpus.passages import read_passages
+    from m3tune.evaluation import fusion
+    from m3tune.evaluation.bm25 import BM25
+    from m3tune.evaluation.gold import load_gold
+    from m3tune.evaluation.models import parse_models, rank_model
+    from m3tune.evaluation.step import options_of, quote_ids
+    from m3tune.executor import run_step
+    from m3tune.publish import served
+    from m3tune.publish.step import open_production
+
+    root, ev, _ = run
+    path = str(tmp_path / "qdrant")
+    run_step(root, "publish", _config(qdrant_path=path), force=True)
+    passages = read_passages(root)
+    gold = load_gold(ev.test_set, {p.id for p in passages})
+    specs = {s.name: s for s in parse_models(MODELS, ev.base_model)}
+    lexical = {"arabic": BM25(passages, "arabic")}
+    runs_of = {n: (specs[n], rank_model(specs[n], gold, passages, k=100, dims=(), options=options_of(ev.model_dump()),
+                                         bm25=lexical).runs[None]) for n in ("bm25", "bilingual:base")}
+    quotes = quote_ids(gold, runs_of, ["bm25", "bilingual:base"], ["bm25", "bilingual"], lexical["arabic"])
+    assert 5 <= len(quotes) < len(gold)  # the gold's Arabic quotes, and not every query
+    prod = open_production(None, "QDRANT_URL", path, "QDRANT_API_KEY", 60)
+    try:
+        collection = prod.alias_target(ALIAS)
+        record = prod.record(collection)
+        record = {**record, "recipe": {**record["recipe"], "quote_route": True,
+                                       "weights": {"default": [0.0, 1.0]}}}  # quotes alone keep BM25's order
+        recipe = fusion.Recipe.from_json(record["recipe"])
+        expected = fusion.fuse(recipe, [runs_of["bm25"][1], runs_of["bilingual:base"][1]],
+                               {g.id: g.language for g in gold}, quotes)
+        got = served.search(prod, collection, record, served.served_encoder(record),
+                            [(g.id, g.query, g.language) for g in gold])
+    finally:
+        prod.close()
+    same = sum(list(got[g.id])[:10] == list(expected[g.id])[:10] for g in gold)
+    assert same >= len(gold) - 1  # up to a float tie
+    for q in quotes:  # a routed quote is BM25's ranking
+        assert list(got[q])[:5] == list(runs_of["bm25"][1][q])[:5]
