@@ -142,15 +142,17 @@ def test_evaluate_refuses_a_dev_set_with_test_rows_and_a_fusion_without_dev(tmp_
 
 def test_a_quote_takes_the_lexical_list_alone_when_the_recipe_routes_it():
     pairs = ["p:a_b", "p:b_c"]
-    assert fusion.is_quote(pairs, [{"p:x_y"}, {"p:a_b", "p:b_c", "p:c_d"}])
-    assert not fusion.is_quote(pairs, [{"p:a_b"}, {"p:b_c"}])  # in two passages, not one
-    assert not fusion.is_quote(["p:a_b"], [{"p:a_b"}])  # one pair (two words) is not a quote
+    assert fusion.quote_share(pairs, [{"p:x_y"}, {"p:a_b", "p:b_c", "p:c_d"}]) == 1.0
+    assert fusion.quote_share(pairs, [{"p:a_b"}, {"p:b_c"}]) == 0.5  # in two passages, not one
+    assert fusion.quote_share(["p:a_b"], [{"p:a_b"}]) == 0.0  # one pair (two words) is not a quote
     # in the top QUOTE_DEPTH passages only
-    assert not fusion.is_quote(pairs, [set()] * fusion.QUOTE_DEPTH + [{"p:a_b", "p:b_c"}])
+    assert fusion.quote_share(pairs, [set()] * fusion.QUOTE_DEPTH + [{"p:a_b", "p:b_c"}]) == 0.0
     bm25 = {"q": {"a": 10.0, "b": 4.0}}
     dense = {"q": {"b": 0.9, "a": 0.1}}
-    routed = Recipe(("bm25", "d"), ("bm25", "dense"), "minmax", {"default": (0.2, 0.8)}, quote_route=True)
-    assert list(fusion.fuse(routed, [bm25, dense], {"q": "ar"}, {"q"})["q"]) == ["a", "b"]  # BM25 alone
-    assert list(fusion.fuse(routed, [bm25, dense], {"q": "ar"}, set())["q"]) == ["b", "a"]  # not a quote: fused
+    routed = Recipe(("bm25", "d"), ("bm25", "dense"), "minmax", {"default": (0.2, 0.8)}, quote_share=0.8)
+    assert list(fusion.fuse(routed, [bm25, dense], {"q": "ar"}, {"q": 0.8})["q"]) == ["a", "b"]  # BM25 alone
+    assert list(fusion.fuse(routed, [bm25, dense], {"q": "ar"}, {"q": 0.6})["q"]) == ["b", "a"]  # fused
     with pytest.raises(ConfigError, match="no member is bm25"):
-        Recipe(("d", "e"), ("dense", "dense"), "minmax", {"default": (0.5, 0.5)}, quote_route=True)
+        Recipe(("d", "e"), ("dense", "dense"), "minmax", {"default": (0.5, 0.5)}, quote_share=1.0)
+    with pytest.raises(ConfigError, match="a share in"):
+        Recipe(("bm25", "e"), ("bm25", "dense"), "minmax", {"default": (0.5, 0.5)}, quote_share=1.5)

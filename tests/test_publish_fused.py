@@ -179,7 +179,7 @@ def test_the_quote_route_is_served_as_evaluate_computes_it(run, tmp_path):
     from m3tune.evaluation.bm25 import BM25
     from m3tune.evaluation.gold import load_gold
     from m3tune.evaluation.models import parse_models, rank_model
-    from m3tune.evaluation.step import options_of, quote_ids
+    from m3tune.evaluation.step import options_of, quote_shares
     from m3tune.executor import run_step
     from m3tune.publish import served
     from m3tune.publish.step import open_production
@@ -193,17 +193,18 @@ def test_the_quote_route_is_served_as_evaluate_computes_it(run, tmp_path):
     lexical = {"arabic": BM25(passages, "arabic")}
     runs_of = {n: (specs[n], rank_model(specs[n], gold, passages, k=100, dims=(), options=options_of(ev.model_dump()),
                                          bm25=lexical).runs[None]) for n in ("bm25", "bilingual:base")}
-    quotes = quote_ids(gold, runs_of, ["bm25", "bilingual:base"], ["bm25", "bilingual"], lexical["arabic"])
+    shares = quote_shares(gold, runs_of, ["bm25", "bilingual:base"], ["bm25", "bilingual"], lexical["arabic"])
+    quotes = {q for q, share in shares.items() if share >= 0.6}
     assert 5 <= len(quotes) < len(gold)  # the gold's Arabic quotes, and not every query
     prod = open_production(None, "QDRANT_URL", path, "QDRANT_API_KEY", 60)
     try:
         collection = prod.alias_target(ALIAS)
         record = prod.record(collection)
-        record = {**record, "recipe": {**record["recipe"], "quote_route": True,
+        record = {**record, "recipe": {**record["recipe"], "quote_share": 0.6,
                                        "weights": {"default": [0.0, 1.0]}}}  # quotes alone keep BM25's order
         recipe = fusion.Recipe.from_json(record["recipe"])
         expected = fusion.fuse(recipe, [runs_of["bm25"][1], runs_of["bilingual:base"][1]],
-                               {g.id: g.language for g in gold}, quotes)
+                               {g.id: g.language for g in gold}, shares)
         got = served.search(prod, collection, record, served.served_encoder(record),
                             [(g.id, g.query, g.language) for g in gold])
     finally:

@@ -18,10 +18,11 @@ normalization, and per query language a weight per member. For one query:
 - Weights are finite, ≥ 0, and sum to 1 (within 1e-6) per language; a language the recipe does not name
   uses its `default` weights.
 - The fused ranking keeps the top DEPTH; ties break by passage id, so a ranking is reproducible.
-- Optionally (`quote_route`, chosen on dev like the rest), a query that is a quote takes the BM25 member's
-  list alone: an Arabic query of QUOTE_MIN_PAIRS or more adjacent word pairs, every one of which occurs in
-  one of BM25's top QUOTE_DEPTH passages (`is_quote`). A quote is what the lexical run finds best; the
-  weights of the other queries are then chosen without them.
+- Optionally (`quote_share`, chosen on dev like the rest among QUOTE_SHARES, or off), a query that is a
+  quote takes the BM25 member's list alone: an Arabic query of QUOTE_MIN_PAIRS or more adjacent word pairs,
+  at least that share of which occur in one of BM25's top QUOTE_DEPTH passages (`quote_share`; under 1, as
+  a quote may follow another spelling of the text, or run across two verses). A quote is what the lexical
+  run finds best; the weights of the other queries are then chosen without them.
 
 `choose` picks the normalization and each language's weights by grid search on held-out-dev queries only
 (`gold.load_for_selection` refuses any other row), maximizing mean nDCG@10, and records the whole sweep.
@@ -48,6 +49,7 @@ THEORETICAL_MIN = {"bm25": 0.0, "dense": -1.0, "bilingual": -1.0}  # by model ki
 DEFAULT = "default"
 SUM_TOLERANCE = 1e-6
 QUOTE_MIN_PAIRS, QUOTE_DEPTH = 2, 10
+QUOTE_SHARES = (1.0, 0.8, 0.6)  # the quote route's thresholds the dev sweep tries (and off)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Recipe:
     weights: dict[str, tuple[float, ...]]
     depth: int = 100
     chosen_on: dict[str, Any] = field(default_factory=dict)  # the dev set, its digest and query count
-    quote_route: bool = False  # a quote (is_quote) takes the BM25 member's list alone
+    quote_share: float | None = None  # a query whose quote_share reaches it takes BM25's list alone; None: off
 
     def __post_init__(self):
         check_recipe(self)
@@ -72,7 +74,7 @@ class Recipe:
     def to_json(self) -> dict[str, Any]:
         return {"members": list(self.members), "kinds": list(self.kinds), "normalization": self.normalization,
                 "weights": {lang: list(w) for lang, w in self.weights.items()}, "depth": self.depth,
-                "quote_route": self.quote_route, "chosen_on": self.chosen_on}
+                "quote_share": self.quote_share, "chosen_on": self.chosen_on}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, where: str = "fusion recipe") -> Recipe:
@@ -81,7 +83,7 @@ class Recipe:
                        normalization=data["normalization"],
                        weights={str(k): tuple(float(x) for x in v) for k, v in data["weights"].items()},
                        depth=int(data.get("depth", 100)), chosen_on=dict(data.get("chosen_on") or {}),
-                       quote_route=bool(data.get("quote_route", False)))
+                       quote_share=None if data.get("quote_share") is None else float(data["quote_share"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: not a fusion recipe ({type(e).__name__}: {e})") from None
 
@@ -100,8 +102,11 @@ def check_recipe(recipe: Recipe) -> None:
         if unknown:
             raise ConfigError(f"fusion normalization tmm: no theoretical minimum for a {unknown[0]} model "
                               f"(known: {', '.join(THEORETICAL_MIN)})")
-    if recipe.quote_route and "bm25" not in recipe.kinds:
-        raise ConfigError("fusion quote_route: a quote takes the BM25 member's list, and no member is bm25")
+    if recipe.quote_share is not None:
+        if "bm25" not in recipe.kinds:
+            raise ConfigError("fusion quote_share: a quote takes the BM25 member's list, and no member is bm25")
+        if not (math.isfinite(recipe.quote_share) and 0 < recipe.quote_share <= 1):
+            raise ConfigError(f"fusion quote_share {recipe.quote_share}: a share in (0, 1], or null (off)")
     if DEFAULT not in recipe.weights:
         raise ConfigError(f"fusion weights: no {DEFAULT!r} entry (the weights of a language not named)")
     if recipe.depth < 1:
@@ -161,23 +166,31 @@ def lexical_only(recipe: Recipe) -> tuple[float, ...]:
     return tuple(1.0 if i == first else 0.0 for i in range(len(recipe.kinds)))
 
 
-def fuse(recipe: Recipe, runs: Sequence[Run], languages: Mapping[str, str], quotes: frozenset[str] | set[str] = frozenset()
+def routed(recipe: Recipe, share: float) -> bool:
+    """Whether a query of quote SHARE takes BM25's list alone under RECIPE."""
+    return recipe.quote_share is not None and share >= recipe.quote_share
+
+
+def fuse(recipe: Recipe, runs: Sequence[Run], languages: Mapping[str, str], shares: Mapping[str, float] | None = None
          ) -> Run:
-    """The fused run of every query in LANGUAGES (query id -> language) from the members' RUNS; QUOTES: the
-    ids of the queries that are quotes (is_quote), which take BM25's list alone when the recipe routes them."""
+    """The fused run of every query in LANGUAGES (query id -> language) from the members' RUNS; SHARES: each
+    query's quote_share (absent: 0), a routed quote taking BM25's list alone."""
     if len(runs) != len(recipe.members):
         raise ConfigError(f"fusion: {len(runs)} runs for {len(recipe.members)} members")
+    shares = shares or {}
     return {qid: fuse_one([run.get(qid, {}) for run in runs],
-                          lexical_only(recipe) if recipe.quote_route and qid in quotes else recipe.weights_for(lang),
+                          lexical_only(recipe) if routed(recipe, shares.get(qid, 0.0)) else recipe.weights_for(lang),
                           normalization=recipe.normalization, kinds=recipe.kinds, depth=recipe.depth)
             for qid, lang in languages.items()}
 
 
-def is_quote(pairs: Sequence[str], top_passages: Sequence[set]) -> bool:
-    """A query of at least QUOTE_MIN_PAIRS adjacent word pairs (PAIRS: its BM25 pair terms, or their ids),
-    every one of which occurs in one passage of TOP_PASSAGES (the term sets of BM25's top QUOTE_DEPTH)."""
+def quote_share(pairs: Sequence, top_passages: Sequence[set]) -> float:
+    """The largest share of a query's adjacent word pairs (PAIRS: its BM25 pair terms, or their ids) that one
+    passage of TOP_PASSAGES holds (the pair-term sets of BM25's top QUOTE_DEPTH); 0 under QUOTE_MIN_PAIRS pairs."""
     wanted = set(pairs)
-    return len(wanted) >= QUOTE_MIN_PAIRS and any(wanted <= terms for terms in top_passages[:QUOTE_DEPTH])
+    if len(wanted) < QUOTE_MIN_PAIRS:
+        return 0.0
+    return max((len(wanted & terms) / len(wanted) for terms in top_passages[:QUOTE_DEPTH]), default=0.0)
 
 
 def weight_grid(members: int, step: float) -> list[tuple[float, ...]]:
@@ -191,12 +204,13 @@ def weight_grid(members: int, step: float) -> list[tuple[float, ...]]:
 
 def choose(members: Sequence[str], kinds: Sequence[str], runs: Sequence[Run], dev, *, normalizations:
            Sequence[str] = NORMALIZATIONS, step: float = 0.05, depth: int = 100, metric: str = "ndcg@10",
-           chosen_on: dict[str, Any] | None = None, quotes: frozenset[str] | set[str] = frozenset()
+           chosen_on: dict[str, Any] | None = None, shares: Mapping[str, float] | None = None
            ) -> tuple[Recipe, dict[str, Any]]:
     """The recipe that maximizes mean METRIC on DEV (held-out-dev gold queries, checked by the caller's
     loader): one normalization for all, weights per query language (and 'default': the best over every
-    dev query), the quote route on or off (tried when a member is BM25; QUOTES: the dev quotes' ids).
-    Ties keep the first in (route off before on, normalization order, grid order). Returns it and the sweep."""
+    dev query), the quote route off or at one of QUOTE_SHARES (tried when a member is BM25; SHARES: each dev
+    query's quote_share). Ties keep the first in (route off, then QUOTE_SHARES' order; normalization order;
+    grid order). Returns it and the sweep."""
     from m3tune.evaluation import metrics
 
     if not dev:
@@ -210,22 +224,23 @@ def choose(members: Sequence[str], kinds: Sequence[str], runs: Sequence[Run], de
     sweep: dict[str, Any] = {"metric": metric, "step": step, "depth": depth, "queries": {k: len(v) for k, v in
                                                                                          groups.items()},
                              "normalizations": {}}
-    best: tuple[float, str, dict[str, tuple[float, ...]], bool] | None = None
-    routes = (False, True) if "bm25" in kinds else (False,)
-    sweep["quotes"] = len(set(quotes) & {g.id for g in dev})
+    best: tuple[float, str, dict[str, tuple[float, ...]], float | None] | None = None
+    routes = (None, *QUOTE_SHARES) if "bm25" in kinds else (None,)
+    shares = shares or {}
+    sweep["quotes"] = {str(t): sum(shares.get(g.id, 0.0) >= t for g in dev) for t in QUOTE_SHARES}
     for route, method in itertools.product(routes, normalizations):
         # every grid point over every dev query once; each language's best is read from the same values
         table = []
         for w in grid:
-            recipe = Recipe(tuple(members), tuple(kinds), method, {DEFAULT: w}, depth, quote_route=route)
-            values = metrics.per_query(dev, fuse(recipe, runs, {g.id: DEFAULT for g in dev}, quotes))
+            recipe = Recipe(tuple(members), tuple(kinds), method, {DEFAULT: w}, depth, quote_share=route)
+            values = metrics.per_query(dev, fuse(recipe, runs, {g.id: DEFAULT for g in dev}, shares))
             table.append((w, {group: sum(values[q][metric] for q in ids) / len(ids) for group, ids in groups.items()}))
         chosen = {group: max(table, key=lambda row: row[1][group]) for group in groups}
         weights = {group: row[0] for group, row in chosen.items()}
         # the normalization's figure: each language's queries under their own weights
         n = len(dev)
         overall = sum(chosen[lang][1][lang] * len(groups[lang]) for lang in langs) / n
-        sweep["normalizations"][method + (" + quote route" if route else "")] = {
+        sweep["normalizations"][method + (f" + quote route at {route}" if route is not None else "")] = {
             "dev_mean": round(overall, 6),
             "weights": {g: list(w) for g, w in weights.items()},
             "by_language": {g: round(chosen[g][1][g], 6) for g in groups},
@@ -234,6 +249,6 @@ def choose(members: Sequence[str], kinds: Sequence[str], runs: Sequence[Run], de
             best = (overall, method, weights, route)
     assert best is not None
     recipe = Recipe(tuple(members), tuple(kinds), best[1], best[2], depth, chosen_on=dict(chosen_on or {}),
-                    quote_route=best[3])
-    sweep["chosen"] = {"normalization": best[1], "quote_route": best[3], "dev_mean": round(best[0], 6)}
+                    quote_share=best[3])
+    sweep["chosen"] = {"normalization": best[1], "quote_share": best[3], "dev_mean": round(best[0], 6)}
     return recipe, sweep

@@ -243,7 +243,7 @@ def _fused(spec: ModelSpec, runs_of: dict[str, tuple[ModelSpec, Any]], gold: Seq
            dev: Sequence[GoldQuery], *, dev_set: dict[str, Any], normalizations: Sequence[str], step: float,
            k: int, lexical=None):
     """SPEC's fused ranking of GOLD, its recipe chosen on DEV's runs only: (Ranked, {recipe, sweep}).
-    LEXICAL: the strong BM25 index, whose passages' word pairs tell a quote (fusion.is_quote)."""
+    LEXICAL: the strong BM25 index, whose passages' word pairs tell a quote (fusion.quote_share)."""
     from m3tune.evaluation import fusion
     from m3tune.evaluation.models import Ranked
 
@@ -258,33 +258,35 @@ def _fused(spec: ModelSpec, runs_of: dict[str, tuple[ModelSpec, Any]], gold: Seq
                           f"{', '.join(f'{n} ({kd})' for n, kd in zip(names, kinds))}); add minmax or zscore")
     dev_ids = {g.id for g in dev}
     dev_runs = [{q: r for q, r in runs_of[n][1].items() if q in dev_ids} for n in names]
-    quotes = quote_ids([*gold, *dev], runs_of, names, kinds, lexical)
+    shares = quote_shares([*gold, *dev], runs_of, names, kinds, lexical)
     recipe, sweep = fusion.choose(names, kinds, dev_runs, dev, normalizations=usable, step=step, depth=k,
-                                  chosen_on=dev_set, quotes=quotes)
+                                  chosen_on=dev_set, shares=shares)
     test_runs = [{q: r for q, r in runs_of[n][1].items() if q not in dev_ids} for n in names]
-    fused = fusion.fuse(recipe, test_runs, {g.id: g.language for g in gold}, quotes)
+    fused = fusion.fuse(recipe, test_runs, {g.id: g.language for g in gold}, shares)
     return Ranked({None: fused}, None, {"fuse": time.perf_counter() - t0}), {"recipe": recipe.to_json(),
                                                                              "sweep": sweep}
 
 
-def quote_ids(queries: Sequence[GoldQuery], runs_of, names: Sequence[str], kinds: Sequence[str], lexical) -> set[str]:
-    """The Arabic queries that are quotes (fusion.is_quote) in the strong BM25 member's top passages; none
-    without a strong BM25 member."""
+def quote_shares(queries: Sequence[GoldQuery], runs_of, names: Sequence[str], kinds: Sequence[str], lexical
+                 ) -> dict[str, float]:
+    """Each Arabic query's fusion.quote_share in the strong BM25 member's top passages (absent: 0; all 0
+    without a strong BM25 member)."""
     from m3tune.evaluation import fusion
     from m3tune.evaluation.bm25 import arabic_query_terms
 
     member = next((n for n, kd in zip(names, kinds) if kd == "bm25" and runs_of[n][0].target == "arabic"), None)
     if member is None or lexical is None:
-        return set()
+        return {}
     run = runs_of[member][1]
-    out = set()
+    out = {}
     for g in queries:
         if g.language == "en":
             continue
         top = [pid for pid, _ in sorted(run.get(g.id, {}).items(), key=lambda kv: -kv[1])[:fusion.QUOTE_DEPTH]]
         pairs = [t for t in arabic_query_terms(g.query) if t.startswith("p:")]
-        if fusion.is_quote(pairs, [lexical.pair_terms(pid) for pid in top]):
-            out.add(g.id)
+        share = fusion.quote_share(pairs, [lexical.pair_terms(pid) for pid in top])
+        if share:
+            out[g.id] = share
     return out
 
 

@@ -108,7 +108,7 @@ def search(prod, collection: str, record: dict[str, Any], encoder, queries: Sequ
     from qdrant_client import models
 
     from m3tune.evaluation import bm25 as lexical
-    from m3tune.evaluation.fusion import Recipe, fuse_one, lexical_only
+    from m3tune.evaluation.fusion import Recipe, fuse_one, lexical_only, routed
 
     recipe = Recipe.from_json(record["recipe"], where=f"collection {collection!r}'s recipe")
     salt, dim = int(record["served"]["salt"]), int(record["dim"])
@@ -155,26 +155,26 @@ def search(prod, collection: str, record: dict[str, Any], encoder, queries: Sequ
                 if kind_positive(recipe.kinds[mi], score) and (pid not in merged or score > merged[pid]):
                     merged[pid] = score  # bilingual: a passage's better vector
         for qi, (qid, text, lang) in enumerate(chunk):
-            quote = recipe.quote_route and lang != "en" and _is_quote(prod, collection, text, salt,
-                                                                      lexical_points.get(qi, []))
+            quote = recipe.quote_share is not None and lang != "en" and routed(
+                recipe, _quote_share(prod, collection, text, salt, lexical_points.get(qi, [])))
             out[qid] = fuse_one(lists[qi], lexical_only(recipe) if quote else recipe.weights_for(lang),
                                 normalization=recipe.normalization, kinds=recipe.kinds, depth=recipe.depth)
     return out
 
 
-def _is_quote(prod, collection: str, text: str, salt: int, points: list) -> bool:
-    """fusion.is_quote, served: the query's word-pair term ids against the bm25-ar vectors of BM25's top
+def _quote_share(prod, collection: str, text: str, salt: int, points: list) -> float:
+    """fusion.quote_share, served: the query's word-pair term ids against the bm25-ar vectors of BM25's top
     passages (fetched from the collection)."""
     from m3tune.evaluation import bm25 as lexical
-    from m3tune.evaluation.fusion import QUOTE_DEPTH, QUOTE_MIN_PAIRS, is_quote
+    from m3tune.evaluation.fusion import QUOTE_DEPTH, QUOTE_MIN_PAIRS, quote_share
 
     pairs = {term_id(t, salt) for t in lexical.arabic_query_terms(text) if t.startswith("p:")}
     if len(pairs) < QUOTE_MIN_PAIRS or not points:
-        return False
+        return 0.0
     top = [p.id for p in points[:QUOTE_DEPTH]]
     got = prod.call(f"retrieve {collection!r}", prod.client.retrieve, collection, ids=top, with_vectors=[BM25_AR])
     vectors = {p.id: set((p.vector or {}).get(BM25_AR).indices) for p in got if (p.vector or {}).get(BM25_AR)}
-    return is_quote(sorted(pairs), [vectors.get(i, set()) for i in top])
+    return quote_share(sorted(pairs), [vectors.get(i, set()) for i in top])
 
 
 def kind_positive(kind: str, score: float) -> bool:
