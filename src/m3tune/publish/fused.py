@@ -9,7 +9,6 @@ them); the new collection, created or resumed; verification; the record; the swi
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -77,7 +76,7 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
     from m3tune.manifest import read_manifest
     from m3tune.evaluation.metrics import TESTED
     from m3tune.publish import payloads, served, upload, verify
-    from m3tune.publish.step import PUBLISHED, _gate, _model_digest, open_production
+    from m3tune.publish.step import _gate, _model_digest, finish, open_production
 
     recipe = Recipe.from_json(entry["recipe"], where=f"evaluate's recipe of {entry['name']!r}")
     members = members_of(entry, results)
@@ -241,17 +240,6 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
     finally:
         prod.close()
 
-    out = {**{k: v for k, v in record.items() if k != "gate_values"}, "collection": target, "where": prod.where,
-           "upload": {**sent, "already_there": len(there)}, "switch_seconds": round(switch_seconds, 6),
-           "deleted": deleted}
-    ctx.write_bytes(PUBLISHED, json.dumps(out, ensure_ascii=False, indent=2).encode() + b"\n")
-    return {"counts": {"points": len(passages), "uploaded": len(missing), "already_there": len(there),
-                       "deleted": len(deleted), "dim": dim,
-                       "published": {"alias": alias, "collection": target, "previous": previous or "none",
-                                     "forced": record["forced"], "run_id": identity["run_id"],
-                                     "model_fingerprint": fingerprint}},
-            "metrics": {**{f"collection/{k}": v["found"] for k, v in checked.items()},
-                        f"gate/{gate_metric}/delta": round(verdict["delta"], 6),
-                        f"gate/{gate_metric}/p_value": round(verdict["p_value"], 6),
-                        "upload/points_per_second": sent["points_per_second"],
-                        "switch_seconds": round(switch_seconds, 6)}}
+    return finish(ctx, record, target=target, where=prod.where, sent=sent, there=len(there), missing=len(missing),
+                  switch_seconds=switch_seconds, deleted=deleted, points=len(passages), dim=dim, previous=previous,
+                  fingerprint=fingerprint, checked=checked, verdict=verdict, gate_metric=gate_metric)

@@ -301,15 +301,25 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
     finally:
         prod.close()
 
-    out = {**{k: v for k, v in record.items() if k != "gate_values"}, "collection": target, "where": prod.where,
-           "upload": {**sent, "already_there": len(there)}, "switch_seconds": round(switch_seconds, 6),
+    return finish(ctx, record, target=target, where=prod.where, sent=sent, there=len(there), missing=len(missing),
+                  switch_seconds=switch_seconds, deleted=deleted, points=len(passages), dim=dim, previous=previous,
+                  fingerprint=encoder.fingerprint, checked=checked, verdict=verdict, gate_metric=gate_metric)
+
+
+def finish(ctx, record: dict[str, Any], *, target: str, where: str, sent: dict[str, Any], there: int, missing: int,
+           switch_seconds: float, deleted: list[str], points: int, dim: int, previous: str | None, fingerprint: str,
+           checked: dict[str, Any], verdict: dict[str, Any], gate_metric: str) -> dict[str, Any]:
+    """Write publish.json (the record without its per-query gate values, and what the upload did); the
+    manifest's counts and metrics."""
+    out = {**{k: v for k, v in record.items() if k != "gate_values"}, "collection": target, "where": where,
+           "upload": {**sent, "already_there": there}, "switch_seconds": round(switch_seconds, 6),
            "deleted": deleted}
     ctx.write_bytes(PUBLISHED, json.dumps(out, ensure_ascii=False, indent=2).encode() + b"\n")
-    return {"counts": {"points": len(passages), "uploaded": len(missing), "already_there": len(there),
+    return {"counts": {"points": points, "uploaded": missing, "already_there": there,
                        "deleted": len(deleted), "dim": dim,
-                       "published": {"alias": alias, "collection": target, "previous": previous or "none",
-                                     "forced": record["forced"], "run_id": identity["run_id"],
-                                     "model_fingerprint": encoder.fingerprint}},
+                       "published": {"alias": record["alias"], "collection": target, "previous": previous or "none",
+                                     "forced": record["forced"], "run_id": record["run_id"],
+                                     "model_fingerprint": fingerprint}},
             "metrics": {**{f"collection/{k}": v["found"] for k, v in checked.items()},
                         f"gate/{gate_metric}/delta": round(verdict["delta"], 6),
                         f"gate/{gate_metric}/p_value": round(verdict["p_value"], 6),
