@@ -156,3 +156,11 @@ def test_a_quote_takes_the_lexical_list_alone_when_the_recipe_routes_it():
         Recipe(("d", "e"), ("dense", "dense"), "minmax", {"default": (0.5, 0.5)}, quote_share=1.0)
     with pytest.raises(ConfigError, match="a share in"):
         Recipe(("bm25", "e"), ("bm25", "dense"), "minmax", {"default": (0.5, 0.5)}, quote_share=1.5)
+
+
+def test_the_fusion_is_chosen_on_independent_dev_rows_unless_told_otherwise():
+    from m3tune.evaluation.step import EvaluateConfig
+
+    assert EvaluateConfig().fusion_select == "independent"
+    with pytest.raises(ValueError, match="fusion_select"):
+        EvaluateConfig(fusion_select="test")

@@ -79,6 +79,10 @@ class EvaluateConfig(BaseModel):
                                              "dev_set (minmax, zscore, tmm)")
     fusion_step: float = Field(default=0.05, gt=0, le=0.5, description="the fusion weights' grid step (each "
                                "weight a multiple of it, the weights summing to 1)")
+    fusion_select: Literal["independent", "all"] = Field(
+        default="independent", description="the dev_set rows a fusion is chosen on: 'independent' (built like "
+        "the headline test rows: no training generator's rule, and no English query cut from the translation "
+        "BM25 indexes) or 'all' (the rule-built rows too)")
 
     @field_validator("fusion_normalizations")
     @classmethod
@@ -299,6 +303,7 @@ def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=
         raise UserError("the corpus is empty: nothing to evaluate against")
     from m3tune.corpus import heldout
 
+    from m3tune.errors import ConfigError
     from m3tune.evaluation.gold import load_for_selection
 
     specs = specs_of(config)
@@ -308,8 +313,13 @@ def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=
     if config.dev_set is not None and any(s.kind == "fusion" for s in specs):
         # load_for_selection: every row tagged held-out-dev, so no weight is ever chosen on the test set
         dev = load_for_selection(config.dev_set, {p.id for p in passages})
+        if config.fusion_select == "independent":
+            dev = [g for g in dev if g.independent]
+            if not dev:
+                raise ConfigError(f"dev_set {config.dev_set}: no row tagged independent: true to choose the fusion "
+                                  "on (fusion_select: all uses every row)")
         dev_set = {"path": gold_location(config.dev_set)[2], "sha256": gold_digest(config.dev_set),
-                   "queries": len(dev)}
+                   "rows": config.fusion_select, "queries": len(dev)}
     return compare(passages, gold, specs, test_set=gold_location(config.test_set)[2],
                    test_sha256=gold_digest(config.test_set), dims=config.dims, k=config.k,
                    target_recall10=config.target_recall10, target_mrr=config.target_mrr,
