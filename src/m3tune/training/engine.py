@@ -77,3 +77,20 @@ def zero_shards(names: list[str], *, world: int, where: str) -> list[str]:
         raise UserError(f"train: {where} holds ZeRO optimizer shards of ranks {sorted(ranks)}, not of each of the "
                         f"{world} processes: DeepSpeed did not save its partitioned state")
     return shards
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM on Linux, else getrusage's maximum (KiB on Linux and BSD,
+    bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -40,7 +40,7 @@ LATEST = "checkpoints/latest.json"
 BEST = "best"
 STATE = "trainer_state.json"
 RESULT = "out/result.json"  # under WORKDIR, written by the global rank 0 only
-ERRORS = "errors"  # under WORKDIR: rank-N.txt, the one-line UserError of a launched process, for the step
+ERRORS = "errors"  # under WORKDIR: rank-N.json, the one-line UserError of a launched process, for the step
 
 
 class NonFiniteLoss(BadInput):
@@ -678,9 +678,16 @@ def _checkpoint(s: Session) -> None:
     if acc.is_main_process:
         (local / STATE).write_text(json.dumps(_trainer_state(s)))
     acc.wait_for_everyone()
+    remote = s.out.child(f"{CHECKPOINTS}/{name}")
+    if acc.is_main_process:
+        # A killed run's partial upload of this step may hold files this one does not write. Cleared once, before
+        # any node uploads: each node sends only its own processes' files, so a node clearing what it did not
+        # write (as upload_folder's remove_others would) deleted the other nodes' shards.
+        for rel in remote.list():
+            remote.delete(rel)
+    acc.wait_for_everyone()
     if acc.is_local_main_process:  # each node sends what its processes wrote (their RNG states, ZeRO shards)
-        # remove_others: a killed run's partial upload of this step may hold files this one does not write
-        upload_folder(local, s.out.child(f"{CHECKPOINTS}/{name}"), remove_others=True)
+        upload_folder(local, remote)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if s.ran["zero_stage"] is not None:  # what every node uploaded: each rank's ZeRO shards
@@ -751,9 +758,15 @@ def save(s: Session) -> dict[str, Any] | None:
     """The model folder (the best checkpoint's weights), metrics.jsonl and result.json in WORKDIR/out."""
     from m3tune.training import export
 
+    import torch
+
+    from m3tune.training.engine import peak_rss_bytes
+
     acc = s.accelerator
     if s.best is None:  # no validation ran (cannot happen with total_steps >= 1), keep the last weights
         _save_model(s, s.work / BEST)
+    # every process's peak resident memory (what ZeRO saves per process shows here): one all-gather
+    peaks = acc.gather(torch.tensor([peak_rss_bytes()], device=acc.device)).tolist()
     if not acc.is_main_process:
         return None
     cfg = s.cfg
@@ -780,6 +793,7 @@ def save(s: Session) -> dict[str, Any] | None:
             "mixed_precision": s.ran["mixed_precision"], "gradient_checkpointing": s.ran["gradient_checkpointing"],
             "gradcache_chunk": s.chunk or None, "length_group": None if s.chunk else s.length_group,
             "memory_estimate": s.memory_line,
+            "peak_rss_mib_per_process": [round(p / 2 ** 20) for p in peaks],
             # what ran (checked against the request before step 1), not the flags
             "ran": {**s.ran, "zero_shards": [name.rsplit("/", 1)[-1] for name in s.shards] or None}}
     card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
@@ -822,7 +836,8 @@ def main(argv: list[str] | None = None) -> None:
         # the step (when it launched us) raises this line as its own error rather than "the processes failed"
         folder = Path(args.workdir) / ERRORS
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank-{os.environ.get('RANK', '0')}.txt").write_text(str(e).splitlines()[0], encoding="utf-8")
+        (folder / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(
+            {"message": str(e).splitlines()[0], "bad_input": isinstance(e, BadInput)}), encoding="utf-8")
         log.error("%s", e)
         raise SystemExit(1) from None
 

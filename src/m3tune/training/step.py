@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from m3tune.context import StepContext
-from m3tune.errors import ConfigError, UserError
+from m3tune.errors import BadInput, ConfigError, UserError
 from m3tune.training.config import TrainConfig
 
 
@@ -119,7 +119,7 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
         if rc != 0:
             reason = _first_error(work / ERRORS)
             if reason:  # a UserError in the processes (bad input, a request not honoured): its one line
-                raise UserError(reason)
+                raise (BadInput if reason["bad_input"] else UserError)(reason["message"])
             nodes = nodes_of(os.environ)
             lost = (f" With {nodes} nodes, a node that died or lost the network stops the others too." if nodes > 1
                     else "")
@@ -139,10 +139,11 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
     return result
 
 
-def _first_error(folder: Path) -> str | None:
-    """The one-line error a training process wrote to FOLDER (rank 0's first), if any."""
-    files = sorted(folder.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
-    return files[0].read_text(encoding="utf-8").strip() if files else None
+def _first_error(folder: Path) -> dict | None:
+    """The error a training process wrote to FOLDER (rank 0's first): its one line, and whether it is bad input
+    (exit 4: a retry fails the same way), if any."""
+    files = sorted(folder.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
+    return json.loads(files[0].read_text(encoding="utf-8")) if files else None
 
 
 def _publish(ctx: StepContext, out: Path) -> None:
