@@ -11,12 +11,12 @@ RUN    ?= demo
 
 .PHONY: demo demo-tiny test test-deepspeed bench quality clean render images
 
+# DeepSpeed (the [deepspeed] extra) on CPU, for the tests that run ZeRO-2/3 with gloo, has its own command: it
+# is an sdist whose build must see torch (no build isolation), and DS_BUILD_SHM_COMM=1 compiles its CPU
+# collective op here, once (~2.5 min on 2 cores; pip caches the wheel), not at each process's first start.
 $(STAMP): pyproject.toml constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt -e '.[dev]'
-	# DeepSpeed (the [deepspeed] extra) on CPU, for the tests that run ZeRO-2/3 with gloo. Its own command: it is
-	# an sdist whose build must see torch (no build isolation), and DS_BUILD_SHM_COMM=1 compiles its CPU
-	# collective op here, once (~2.5 min on 2 cores; pip caches the wheel), not at each process's first start.
 	DS_BUILD_SHM_COMM=1 $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-build-isolation \
 		-c constraints/dev.txt setuptools 'deepspeed'
 	touch $(STAMP)

@@ -1,6 +1,6 @@
 """DDP, ZeRO-2 and ZeRO-3 on CPU: the same train step (same data, steps, seed) in 2 gloo processes, one after the
 other in one run; wall time of the step and each process's peak resident memory (VmHWM, which the train step
-records as peak_rss_mib_per_process), and the per-step losses, which must agree.
+records in its manifest's metrics as peak_rss_mib_per_process), and the per-step losses, which must agree.
 
     .venv/bin/python benchmarks/bench_deepspeed.py [--model local:e5-small] [--steps 10] [--out runs/bench-ds]
 
@@ -74,7 +74,7 @@ def main() -> None:
         step_s = [args.batch_size * 2 / h["examples_per_s"] for h in train[1:]]  # the first step warms up
         median = sorted(step_s)[len(step_s) // 2]
         rows.append({"mode": mode, "seconds": round(seconds, 1), "median_step_s": round(median, 2),
-                     "peak_rss_mib_per_process": manifest["counts"]["peak_rss_mib_per_process"],
+                     "peak_rss_mib_per_process": manifest["metrics"]["peak_rss_mib_per_process"],
                      "ran": manifest["counts"]["ran"], "losses": [h["loss"] for h in train]})
         shutil.rmtree(run / "work", ignore_errors=True)
     print(json.dumps(rows, indent=1))

@@ -147,7 +147,9 @@ class TrainConfig(ProfileFields):
             raise ValueError(f"select_dim {self.select_dim} is not one of dims {self.dims} (or give mean)")
         if self.deepspeed is not None and self.gradcache_chunk:
             # GradCache calls backward once per chunk; DeepSpeed's engine owns backward and its
-            # accumulation boundaries, so the two would silently disagree on when a step ends.
+            # accumulation boundaries, so the two would silently disagree on when a step ends (ZeRO-2/3
+            # reduce and partition gradients inside it). sentence-transformers' cached losses break there too
+            # (its issues #3531, #3173); making it work needs a gradient-equality test under ZeRO, not done.
             raise ValueError("gradcache_chunk does not work with deepspeed: use one or the other")
         return self
 

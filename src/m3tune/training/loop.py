@@ -110,13 +110,12 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.profiles import profile_of, resolve
     from m3tune.storage import open_root
+    from m3tune.training import engine
     from m3tune.training.config import check_deepspeed
     from m3tune.training.data import global_batches, read_examples
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from m3tune.training import engine
-
     plugin, stage = None, None
     world_asked = engine.requested_world()
     if cfg.deepspeed:
@@ -693,8 +692,7 @@ def _checkpoint(s: Session) -> None:
         if s.ran["zero_stage"] is not None:  # what every node uploaded: each rank's ZeRO shards
             from m3tune.training.engine import zero_shards
 
-            where = s.out.uri_of(f"{CHECKPOINTS}/{name}")
-            s.shards = zero_shards(s.out.child(f"{CHECKPOINTS}/{name}").list(), world=acc.num_processes, where=where)
+            s.shards = zero_shards(remote.list(), world=acc.num_processes, where=remote.uri)
         s.out.write_bytes(LATEST, json.dumps({"step": s.step, "name": name, "config_digest": s.digest, "key": s.key,
                                               "horizon": s.horizon,
                                               "best": s.best["checkpoint"] if s.best else None}).encode())
@@ -756,10 +754,9 @@ def _resume(s: Session, latest: dict | None = None) -> None:
 
 def save(s: Session) -> dict[str, Any] | None:
     """The model folder (the best checkpoint's weights), metrics.jsonl and result.json in WORKDIR/out."""
-    from m3tune.training import export
-
     import torch
 
+    from m3tune.training import export
     from m3tune.training.engine import peak_rss_bytes
 
     acc = s.accelerator
@@ -793,7 +790,6 @@ def save(s: Session) -> dict[str, Any] | None:
             "mixed_precision": s.ran["mixed_precision"], "gradient_checkpointing": s.ran["gradient_checkpointing"],
             "gradcache_chunk": s.chunk or None, "length_group": None if s.chunk else s.length_group,
             "memory_estimate": s.memory_line,
-            "peak_rss_mib_per_process": [round(p / 2 ** 20) for p in peaks],
             # what ran (checked against the request before step 1), not the flags
             "ran": {**s.ran, "zero_shards": [name.rsplit("/", 1)[-1] for name in s.shards] or None}}
     card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
@@ -805,8 +801,10 @@ def save(s: Session) -> dict[str, Any] | None:
             f.write(json.dumps(row) + "\n")
     result = {"counts": {**data, "stopped_early": s.stopped_early, "heads_copied": heads,
                          "heads_trained": s.heads_source},
+              # a measurement, not a count: it differs between two runs of the same config
               "metrics": {"before": s.before, "best": s.best,
-                          "final_loss": next((h["loss"] for h in reversed(s.history) if h["kind"] == "train"), None)}}
+                          "final_loss": next((h["loss"] for h in reversed(s.history) if h["kind"] == "train"), None),
+                          "peak_rss_mib_per_process": [round(p / 2 ** 20) for p in peaks]}}
     (out / "result.json").write_text(json.dumps(result))
     return result
 
