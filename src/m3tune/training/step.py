@@ -115,8 +115,7 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
         for stale in (work / ERRORS, work / "out"):  # a failed or finished run's files are not this run's
             shutil.rmtree(stale, ignore_errors=True)
         ctx.log.info("launching: %s", " ".join(cmd))
-        # the processes' stdout (DeepSpeed prints there) joins their logs on stderr: the step's stdout is its report
-        rc = subprocess.run(cmd, env=env, stdout=2).returncode
+        rc = subprocess.run(cmd, env=env).returncode
         if rc != 0:
             reason = _first_error(work / ERRORS)
             if reason:  # a UserError in the processes (bad input, a request not honoured): its one line
