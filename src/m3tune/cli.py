@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -883,11 +884,15 @@ def _register_step(step) -> None:
             return
         if (rank is None) != (world_size is None):
             raise ConfigError("--rank and --world-size go together")
-        if merge_shards is not None:
-            manifest, ran = merge(store, step.name, config, world_size=merge_shards, force=force)
-        else:
-            shard = (rank, world_size) if world_size is not None else None
-            manifest, ran = run_step(store, step.name, config, force=force, shard=shard)
+        # stdout carries the step's report alone: what a library prints there while the step runs goes to stderr
+        # (DeepSpeed, when installed on a CPU machine, prints its accelerator detection to stdout as soon as
+        # Accelerate imports it, which transformers' save_pretrained does)
+        with contextlib.redirect_stdout(sys.stderr):
+            if merge_shards is not None:
+                manifest, ran = merge(store, step.name, config, world_size=merge_shards, force=force)
+            else:
+                shard = (rank, world_size) if world_size is not None else None
+                manifest, ran = run_step(store, step.name, config, force=force, shard=shard)
         _print_manifest(manifest, ran)
         if step.show is not None:
             Console().print(step.show(store))

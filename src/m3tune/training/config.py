@@ -147,7 +147,9 @@ class TrainConfig(ProfileFields):
             raise ValueError(f"select_dim {self.select_dim} is not one of dims {self.dims} (or give mean)")
         if self.deepspeed is not None and self.gradcache_chunk:
             # GradCache calls backward once per chunk; DeepSpeed's engine owns backward and its
-            # accumulation boundaries, so the two would silently disagree on when a step ends.
+            # accumulation boundaries, so the two would silently disagree on when a step ends (ZeRO-2/3
+            # reduce and partition gradients inside it). sentence-transformers' cached losses break there too
+            # (its issues #3531, #3173); making it work needs a gradient-equality test under ZeRO, not done.
             raise ValueError("gradcache_chunk does not work with deepspeed: use one or the other")
         return self
 
@@ -162,8 +164,8 @@ RESUME_FREE = ("max_steps", "patience", "eval_every", "checkpoint_every", "keep_
                "gradcache_chunk", "gradient_checkpointing", "max_drop_share", "length_group")
 
 
-def deepspeed_config(name: str) -> dict:
-    """The DeepSpeed config NAME (zero2, zero3 or a JSON file), checked: no optimizer, no scheduler."""
+def _read_deepspeed(name: str) -> tuple[dict, str, str]:
+    """(the DeepSpeed config NAME as written, where it comes from, its text)."""
     if name in SHIPPED_DEEPSPEED:
         text = resources.files("m3tune.training").joinpath(f"deepspeed/{name}.json").read_text(encoding="utf-8")
         where = f"shipped {name}.json"
@@ -176,12 +178,83 @@ def deepspeed_config(name: str) -> dict:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}:1: expected a JSON object")
+    return config, where, text
+
+
+def _at(where: str, text: str, key: str) -> str:
+    """WHERE:LINE of the first line naming KEY (the field an error is about), else WHERE."""
+    needle = f'"{key}"'
+    line = next((i for i, row in enumerate(text.splitlines(), 1) if needle in row), None)
+    return f"{where}:{line}" if line else where
+
+
+def deepspeed_config(name: str) -> dict:
+    """The DeepSpeed config NAME (zero2, zero3 or a JSON file), checked: no optimizer, no scheduler, a ZeRO stage
+    DeepSpeed has, an offload it can do."""
+    config, where, text = _read_deepspeed(name)
     for key in ("optimizer", "scheduler"):
         if key in config:
             # A DeepSpeed section would replace m3tune's AdamW param groups / cosine schedule without a word.
-            raise ConfigError(f"{where}: remove the '{key}' section: m3tune sets the optimizer (AdamW, no decay on "
-                              "biases/LayerNorm) and the cosine schedule itself")
-    stage = config.get("zero_optimization", {}).get("stage")
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: zero_optimization.stage must be 0-3, got {stage!r}")
+            raise ConfigError(f"{_at(where, text, key)}: remove the '{key}' section: m3tune sets the optimizer (AdamW, "
+                              "no decay on biases/LayerNorm) and the cosine schedule itself")
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"{_at(where, text, 'stage')}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        _check_offload(zero.get(key), field=f"zero_optimization.{key}", at=_at(where, text, key),
+                       stage=stage, param=key == "offload_param")
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _check_offload(section, *, field: str, at: str, stage: int, param: bool) -> None:
+    """An offload DeepSpeed would not do is an error, not a run that silently keeps everything in memory."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"{at}: {field} must be an object, got {section!r}")
+    device = section.get("device", "none")
+    if device not in ("none", "cpu", "nvme"):
+        raise ConfigError(f"{at}: {field}.device must be none, cpu or nvme, got {device!r}")
+    if device == "none":
+        return
+    if param and stage != 3:  # DeepSpeed offloads parameters only under ZeRO-3 and ignores it below
+        raise ConfigError(f"{at}: {field} needs zero_optimization.stage 3 (parameters are partitioned only "
+                          f"there), got stage {stage}")
+    if device == "nvme":
+        nvme = section.get("nvme_path")
+        if not nvme or not Path(nvme).is_dir():
+            raise ConfigError(f"{at}: {field}.nvme_path {nvme!r} is not an existing folder on this machine")
+
+
+def check_deepspeed(name: str, *, batch_size: int, gradient_accumulation: int, world: int) -> dict:
+    """deepspeed_config(NAME), and its batch fields checked against the step's options and the world size:
+    a number that disagrees would be overwritten or make DeepSpeed stop (or split a batch unevenly)."""
+    config = deepspeed_config(name)
+    _, where, text = _read_deepspeed(name)
+    want = {"train_micro_batch_size_per_gpu": (batch_size, "--batch-size"),
+            "gradient_accumulation_steps": (gradient_accumulation, "--gradient-accumulation")}
+    for key, (value, option) in want.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(f"{_at(where, text, key)}: {key} is {given!r} but {option} is {value}; set it to "
+                              f"\"auto\" (m3tune fills it from {option})")
+    total = config.get("train_batch_size", "auto")
+    if total != "auto":
+        per = gradient_accumulation * world
+        if not isinstance(total, int) or isinstance(total, bool) or total % per:
+            raise ConfigError(f"{_at(where, text, 'train_batch_size')}: train_batch_size {total!r} cannot be divided "
+                              f"among {world} process(es) x {gradient_accumulation} accumulation step(s); set it "
+                              "to \"auto\" (--batch-size is per process)")
+        if total != batch_size * per:
+            raise ConfigError(f"{_at(where, text, 'train_batch_size')}: train_batch_size {total} is not --batch-size "
+                              f"{batch_size} x {world} process(es) x {gradient_accumulation} accumulation step(s) = "
+                              f"{batch_size * per}; set it to \"auto\" or --batch-size {total // per}")
+    return config
+
+
+def zero_stage(name: str) -> int:
+    """The ZeRO stage the DeepSpeed config NAME asks for."""
+    return int(deepspeed_config(name)["zero_optimization"]["stage"])

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "checkpoints/latest.json"
 BEST = "best"
 STATE = "trainer_state.json"
+RESULT = "out/result.json"  # under WORKDIR, written by the global rank 0 only
+ERRORS = "errors"  # under WORKDIR: rank-N.json, the one-line UserError of a launched process, for the step
 
 
 class NonFiniteLoss(BadInput):
@@ -100,29 +103,38 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, set_seed
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
     from transformers import AutoModel, AutoTokenizer, get_cosine_schedule_with_warmup
     from transformers.utils import logging as hf_logging
 
     from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.profiles import profile_of, resolve
     from m3tune.storage import open_root
-    from m3tune.training.config import deepspeed_config
+    from m3tune.training import engine
+    from m3tune.training.config import check_deepspeed
     from m3tune.training.data import global_batches, read_examples
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    plugin = None
+    plugin, stage = None, None
+    world_asked = engine.requested_world()
     if cfg.deepspeed:
-        ds = deepspeed_config(cfg.deepspeed)
+        # checked again here: `accelerate launch m3tune step train` reaches this without the step's check
+        ds = check_deepspeed(cfg.deepspeed, batch_size=cfg.batch_size, gradient_accumulation=cfg.gradient_accumulation,
+                             world=world_asked)
+        stage = int(ds["zero_optimization"]["stage"])
         ds["train_micro_batch_size_per_gpu"] = cfg.batch_size  # we feed tensors, not a prepared DataLoader
         ds.pop("train_batch_size", None)
         plugin = DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=cfg.gradient_accumulation,
                                  gradient_clipping=cfg.max_grad_norm)
     precision = _precision(cfg)
+    # A launched process names its backend: without CUDA Accelerate finds none under DeepSpeed, and every
+    # process then trains alone as rank 0 of 1 on rank 0's slice of the data.
+    handlers = [InitProcessGroupKwargs(backend="nccl" if _on_cuda() else "gloo")] if "LOCAL_RANK" in os.environ \
+        else []
     # The scheduler is stepped once per optimizer step by us; Accelerate's default would step it once per process.
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                              deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
+                              deepspeed_plugin=plugin, step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
     set_seed(cfg.seed)
     root = open_root(root_uri)
     out = root.child("train")
@@ -183,7 +195,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
 
     # Checkpoints resume only a run on the same path: the same data and every config field that changes the
     # weights. The cosine schedule's length (horizon) is the one fixed when the run started.
-    key = _resume_key(cfg, data_key, precision=precision, world=world)
+    key = _resume_key(cfg, data_key, precision=precision, world=world, zero_stage=stage)
     latest = _check_resumable(out, key, restart=cfg.restart, is_main=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     horizon = latest["horizon"] if latest else total_steps
@@ -198,6 +210,11 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
                                   fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * horizon), horizon)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ran = engine.facts(accelerator, model)
+    wrong = engine.unhonoured(ran, zero_stage=stage, world=world_asked, precision=precision,
+                              checkpointing=checkpointing)
+    if wrong:  # before step 1: a run that is not what was asked must not look like one that is
+        raise UserError(f"train: not trained as asked: {'; '.join(wrong)}")
 
     s = Session(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer,
                 fast_tokenize=FastTokenize(tokenizer), optimizer=optimizer,
@@ -207,7 +224,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
                 chunk=chunk, length_group=length_group, memory_line=memory_line, base_path=path, key=key,
                 digest=_key_digest(key), step=0, unified=unified, heads_source=heads_source,
                 history=[], best=None, bad_evals=0, before=None, stopped_early=False, started=time.time(),
-                examples_seen=0)
+                examples_seen=0, ran=ran, shards=[])
     if latest:
         _resume(s, latest)
     if accelerator.is_main_process:
@@ -284,8 +301,10 @@ def _memory_plan(cfg, model, *, precision: str, checkpointing: bool) -> tuple[in
     from the free memory (m3tune.training.memory); on CPU there is no chunking unless asked."""
     from m3tune.training import memory
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    # ZeRO-3 partitions the weights as they load (zero.Init): numel() is 0 there, ds_numel the real count
+    count = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    frozen = sum(count(p) for p in model.parameters() if not p.requires_grad)
     c = model.config
     per_text = memory.per_text_bytes(tokens=cfg.passage_max_length, hidden=int(c.hidden_size),
                                      layers=int(c.num_hidden_layers), heads=int(c.num_attention_heads),
@@ -538,11 +557,20 @@ def _fmt(metrics: dict, dims: list[int]) -> str:
 def _save_model(s: Session, folder: Path) -> None:
     """The current weights and config as a transformers folder (gathered from ZeRO-3 shards: every process
     calls this)."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
     state = s.accelerator.get_state_dict(s.model)
     if s.accelerator.is_main_process:
         if folder.exists():
             shutil.rmtree(folder)
-        s.accelerator.unwrap_model(s.model).save_pretrained(folder, state_dict=state, safe_serialization=True)
+        # The model's own parameter names. transformers 5 "reverts" the renamings it applied on load, and under
+        # ZeRO-3 (zero.Init) it records its legacy LayerNorm one, so it wrote LayerNorm gamma/beta, which
+        # readers other than AutoModel do not map back. 4.x has no such option and writes the model's names.
+        own = {"save_original_format": False} if "save_original_format" in \
+            inspect.signature(PreTrainedModel.save_pretrained).parameters else {}
+        s.accelerator.unwrap_model(s.model).save_pretrained(folder, state_dict=state, safe_serialization=True, **own)
     s.accelerator.wait_for_everyone()
 
 
@@ -557,13 +585,16 @@ def _checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _resume_key(cfg, data: dict[str, str], *, precision: str, world: int) -> dict[str, Any]:
+def _resume_key(cfg, data: dict[str, str], *, precision: str, world: int, zero_stage: int | None) -> dict[str, Any]:
     """What the weights' path depends on: the data's digests and every config field but RESUME_FREE ones (the
-    resolved precision and the number of processes too: both change the numbers)."""
+    resolved precision and the number of processes too: both change the numbers; the ZeRO stage, since a
+    JSON file's name does not say it and ZeRO-3 cannot load ZeRO-2's shards)."""
     from m3tune.training.config import RESUME_FREE
 
     fields = cfg.model_dump(mode="json", exclude=set(RESUME_FREE))
     fields["mixed_precision"], fields["processes"] = precision, world
+    if zero_stage is not None:  # absent without DeepSpeed: DDP checkpoints of earlier versions still resume
+        fields["zero_stage"] = zero_stage
     return {**{f"input {name}": digest for name, digest in data.items()}, **fields}
 
 
@@ -646,11 +677,22 @@ def _checkpoint(s: Session) -> None:
     if acc.is_main_process:
         (local / STATE).write_text(json.dumps(_trainer_state(s)))
     acc.wait_for_everyone()
+    remote = s.out.child(f"{CHECKPOINTS}/{name}")
+    if acc.is_main_process:
+        # A killed run's partial upload of this step may hold files this one does not write. Cleared once, before
+        # any node uploads: each node sends only its own processes' files, so a node clearing what it did not
+        # write (as upload_folder's remove_others would) deleted the other nodes' shards.
+        for rel in remote.list():
+            remote.delete(rel)
+    acc.wait_for_everyone()
     if acc.is_local_main_process:  # each node sends what its processes wrote (their RNG states, ZeRO shards)
-        # remove_others: a killed run's partial upload of this step may hold files this one does not write
-        upload_folder(local, s.out.child(f"{CHECKPOINTS}/{name}"), remove_others=True)
+        upload_folder(local, remote)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if s.ran["zero_stage"] is not None:  # what every node uploaded: each rank's ZeRO shards
+            from m3tune.training.engine import zero_shards
+
+            s.shards = zero_shards(remote.list(), world=acc.num_processes, where=remote.uri)
         s.out.write_bytes(LATEST, json.dumps({"step": s.step, "name": name, "config_digest": s.digest, "key": s.key,
                                               "horizon": s.horizon,
                                               "best": s.best["checkpoint"] if s.best else None}).encode())
@@ -712,11 +754,16 @@ def _resume(s: Session, latest: dict | None = None) -> None:
 
 def save(s: Session) -> dict[str, Any] | None:
     """The model folder (the best checkpoint's weights), metrics.jsonl and result.json in WORKDIR/out."""
+    import torch
+
     from m3tune.training import export
+    from m3tune.training.engine import peak_rss_bytes
 
     acc = s.accelerator
     if s.best is None:  # no validation ran (cannot happen with total_steps >= 1), keep the last weights
         _save_model(s, s.work / BEST)
+    # every process's peak resident memory (what ZeRO saves per process shows here): one all-gather
+    peaks = acc.gather(torch.tensor([peak_rss_bytes()], device=acc.device)).tolist()
     if not acc.is_main_process:
         return None
     cfg = s.cfg
@@ -740,9 +787,11 @@ def save(s: Session) -> dict[str, Any] | None:
             "effective_batch": cfg.batch_size * acc.num_processes * cfg.gradient_accumulation,
             "examples_left_out_of_epoch_1": len(s.train_examples) - sum(len(b) for b in s.plans[0]),
             "sampler_left_out": [p.report for p in s.plans],  # per epoch, by type, language and source
-            "mixed_precision": s.precision, "gradient_checkpointing": s.checkpointing,
+            "mixed_precision": s.ran["mixed_precision"], "gradient_checkpointing": s.ran["gradient_checkpointing"],
             "gradcache_chunk": s.chunk or None, "length_group": None if s.chunk else s.length_group,
-            "memory_estimate": s.memory_line}
+            "memory_estimate": s.memory_line,
+            # what ran (checked against the request before step 1), not the flags
+            "ran": {**s.ran, "zero_shards": [name.rsplit("/", 1)[-1] for name in s.shards] or None}}
     card = export.model_card(base=cfg.model, config=cfg.model_dump(exclude={"workdir"}), data=data, best=s.best,
                              before=s.before, heads=heads, hidden=s.hidden, dims=s.dims, profile=s.profile,
                              trained_heads=s.heads_source)
@@ -752,8 +801,10 @@ def save(s: Session) -> dict[str, Any] | None:
             f.write(json.dumps(row) + "\n")
     result = {"counts": {**data, "stopped_early": s.stopped_early, "heads_copied": heads,
                          "heads_trained": s.heads_source},
+              # a measurement, not a count: it differs between two runs of the same config
               "metrics": {"before": s.before, "best": s.best,
-                          "final_loss": next((h["loss"] for h in reversed(s.history) if h["kind"] == "train"), None)}}
+                          "final_loss": next((h["loss"] for h in reversed(s.history) if h["kind"] == "train"), None),
+                          "peak_rss_mib_per_process": [round(p / 2 ** 20) for p in peaks]}}
     (out / "result.json").write_text(json.dumps(result))
     return result
 
@@ -777,7 +828,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
-    run(root_uri=args.root, config=json.loads(Path(args.config).read_text()), workdir=args.workdir)
+    try:
+        run(root_uri=args.root, config=json.loads(Path(args.config).read_text()), workdir=args.workdir)
+    except UserError as e:
+        # the step (when it launched us) raises this line as its own error rather than "the processes failed"
+        folder = Path(args.workdir) / ERRORS
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(
+            {"message": str(e).splitlines()[0], "bad_input": isinstance(e, BadInput)}), encoding="utf-8")
+        log.error("%s", e)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -26,21 +26,36 @@ from pathlib import Path
 from typing import Any
 
 from m3tune.context import StepContext
-from m3tune.errors import ConfigError, UserError
+from m3tune.errors import BadInput, ConfigError, UserError
 from m3tune.training.config import TrainConfig
 
 
-def launch_command(processes: int, env: Mapping[str, str], loop_args: list[str]) -> tuple[list[str] | None, int]:
+def nodes_of(env: Mapping[str, str]) -> int:
+    """The pods (nodes) of a PyTorchJob or JobSet, each running `m3tune step train`: PET_NNODES or WORLD_SIZE."""
+    return int(env.get("PET_NNODES") or env.get("WORLD_SIZE") or "1")
+
+
+def world_size_of(processes: int, env: Mapping[str, str]) -> int:
+    """The processes that will train: WORLD_SIZE when already launched, else PROCESSES on each node."""
+    if "LOCAL_RANK" in env:
+        return int(env.get("WORLD_SIZE", "1"))
+    return processes * nodes_of(env)
+
+
+def launch_command(processes: int, env: Mapping[str, str], loop_args: list[str], *,
+                   deepspeed: bool = False) -> tuple[list[str] | None, int]:
     """(torchrun command, node rank), or (None, global rank) to train in this process.
 
     Already launched (LOCAL_RANK set: `accelerate launch` or torchrun around `m3tune step train`, as the Argo
     template does): every process trains here. Otherwise PET_NNODES / WORLD_SIZE name the pods of a
-    PyTorchJob or JobSet, PET_NODE_RANK / JOB_COMPLETION_INDEX / RANK this pod's rank among them."""
+    PyTorchJob or JobSet, PET_NODE_RANK / JOB_COMPLETION_INDEX / RANK this pod's rank among them.
+    DEEPSPEED: even one process goes through torchrun (a world of 1): DeepSpeed's engine needs the process
+    group the launcher's environment sets up, and in this process it crashed at its first barrier."""
     if "LOCAL_RANK" in env:
         return None, int(env.get("RANK", "0"))
-    nnodes = env.get("PET_NNODES") or env.get("WORLD_SIZE") or "1"
+    nnodes = str(nodes_of(env))
     node_rank = env.get("PET_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or env.get("RANK") or "0"
-    if nnodes == "1" and processes == 1:
+    if nnodes == "1" and processes == 1 and not deepspeed:
         return None, 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", nnodes]
     if nnodes != "1":
@@ -69,37 +84,66 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
     from m3tune.training.loop import run
 
     cfg = TrainConfig.model_validate(config)
+    world = world_size_of(cfg.processes, os.environ)
+    if cfg.deepspeed:  # bad input stops here, before torchrun starts and before step 1
+        from m3tune.training.config import check_deepspeed
+
+        check_deepspeed(cfg.deepspeed, batch_size=cfg.batch_size, gradient_accumulation=cfg.gradient_accumulation,
+                        world=world)
     work = workdir_for(ctx, cfg)
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(cfg.model_dump_json())
     cmd, node_rank = launch_command(cfg.processes, os.environ,
                                     ["--root", ctx.root.uri, "--config", str(work / "config.json"),
-                                     "--workdir", str(work)])
+                                     "--workdir", str(work)], deepspeed=bool(cfg.deepspeed))
     if cmd is None:
         result = run(root_uri=ctx.root.uri, config=cfg.model_dump(), workdir=str(work))
         if node_rank != 0:  # one of several launched processes: the main one publishes
             raise SystemExit(0)
     else:
+        import shutil
+
         import torch
 
+        from m3tune.training.loop import ERRORS, RESULT
+
         env = dict(os.environ)
-        if not torch.cuda.is_available():
-            env["ACCELERATE_USE_CPU"] = "1"  # gloo on CPU
+        if not torch.cuda.is_available() and not cfg.deepspeed:
+            # DDP on CPU: Accelerate's MULTI_CPU (gloo). Never under DeepSpeed: with it Accelerate skips
+            # DeepSpeed without a word and trains plain DDP.
+            env["ACCELERATE_USE_CPU"] = "1"
+        for stale in (work / ERRORS, work / "out"):  # a failed or finished run's files are not this run's
+            shutil.rmtree(stale, ignore_errors=True)
         ctx.log.info("launching: %s", " ".join(cmd))
         rc = subprocess.run(cmd, env=env).returncode
         if rc != 0:
-            raise UserError(f"train: the training processes failed (exit {rc}); their log is above. A rerun "
+            reason = _first_error(work / ERRORS)
+            if reason:  # a UserError in the processes (bad input, a request not honoured): its one line
+                raise (BadInput if reason["bad_input"] else UserError)(reason["message"])
+            nodes = nodes_of(os.environ)
+            lost = (f" With {nodes} nodes, a node that died or lost the network stops the others too." if nodes > 1
+                    else "")
+            raise UserError(f"train: the training processes failed (exit {rc}); their log is above.{lost} A rerun "
                             f"resumes from the last checkpoint in {ctx.out.uri_of('checkpoints')}")
-        if node_rank != 0:
-            ctx.log.info("train: node %d done; node 0 publishes the model", node_rank)
+        if not (work / RESULT).exists():
+            # The global rank 0 writes the result. Under c10d rendezvous it may be on any node, not the one
+            # whose PET_NODE_RANK is 0, so its presence, not the env, picks the node that publishes.
+            ctx.log.info("train: node %d done; the node of rank 0 publishes the model", node_rank)
             raise SystemExit(0)  # no manifest from a worker node: node 0's is the step's
-        result = json.loads((work / "out" / "result.json").read_text())
+        result = json.loads((work / RESULT).read_text())
     _publish(ctx, work / "out")
     if not cfg.workdir:  # published: the local copies (gigabytes for BGE-M3) are no longer needed
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _first_error(folder: Path) -> dict | None:
+    """The error a training process wrote to FOLDER (rank 0's first): its one line, and whether it is bad input
+    (exit 4: a retry fails the same way), if any."""
+    files = sorted(folder.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])) if folder.is_dir() else []
+    return json.loads(files[0].read_text(encoding="utf-8")) if files else None
 
 
 def _publish(ctx: StepContext, out: Path) -> None:
