@@ -72,6 +72,14 @@ def _evaluated(root) -> tuple[dict, dict]:
         r["query_id"]: r["top10"] for r in rows if r["model"] == "fused"}
 
 
+def _same_up_to_ties(got: dict, expected: dict, depth: int = 10, tol: float = 1e-5) -> bool:
+    """The same top DEPTH, where passages whose fused scores differ by float noise may swap: identical verses
+    (2:5 and 31:5) are encoded in different batches, so their dense scores differ in the last bits."""
+    top = list(got.items())[:depth]
+    return all(abs(a - b) <= tol for (_, a), (_, b) in zip(top, list(expected.items())[:depth])) and all(
+        pid in expected and abs(score - expected[pid]) <= tol for pid, score in top)
+
+
 def test_the_recipe_is_chosen_on_dev_and_recorded(run):
     root, ev, base = run
     entry, _ = _evaluated(root)
@@ -79,8 +87,9 @@ def test_the_recipe_is_chosen_on_dev_and_recorded(run):
     assert recipe["members"] == ["bm25", "bilingual:base"] and recipe["normalization"] in ("minmax", "zscore", "tmm")
     assert recipe["chosen_on"]["path"] == str(base / "dev.jsonl") and recipe["chosen_on"]["queries"] > 20
     sweep = json.loads(root.child("evaluate").read_bytes("fusion.json"))["fused"]["sweep"]
-    assert set(sweep["normalizations"]) == {"minmax", "zscore", "tmm"} and len(
-        sweep["normalizations"]["minmax"]["grid"]) == 11
+    routes = [f" + quote route at {share:.1f}" for share in (1.0, 0.8, 0.6)]
+    assert set(sweep["normalizations"]) == {n + r for n in ("minmax", "zscore", "tmm") for r in ["", *routes]}
+    assert len(sweep["normalizations"]["minmax"]["grid"]) == 11
 
 
 @pytest.mark.parametrize("where", ["local", "server"])
@@ -209,7 +218,11 @@ def test_the_quote_route_is_served_as_evaluate_computes_it(run, tmp_path):
                             [(g.id, g.query, g.language) for g in gold])
     finally:
         prod.close()
-    same = sum(list(got[g.id])[:10] == list(expected[g.id])[:10] for g in gold)
-    assert same >= len(gold) - 1  # up to a float tie
-    for q in quotes:  # a routed quote is BM25's ranking
-        assert list(got[q])[:5] == list(runs_of["bm25"][1][q])[:5]
+    differ = [g.id for g in gold if not _same_up_to_ties(got[g.id], expected[g.id])]
+    assert not differ, differ
+    for q in quotes:  # a routed quote is BM25's ranking (passages with equal BM25 scores may swap)
+        lexical = runs_of["bm25"][1][q]
+        # above the list's floor (its lowest score, which every passage BM25 missed takes too); BM25 may match
+        # fewer than five passages
+        top = [score for score in list(lexical.values())[:5] if score > min(lexical.values())]
+        assert [lexical.get(pid) for pid in list(got[q])[:len(top)]] == pytest.approx(top, rel=1e-5)
