@@ -9,7 +9,6 @@ them); the new collection, created or resumed; verification; the record; the swi
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 from m3tune.errors import BadInput, ConfigError, UserError
@@ -76,7 +75,7 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
     from m3tune.manifest import read_manifest
     from m3tune.evaluation.metrics import TESTED
     from m3tune.publish import payloads, served, upload, verify
-    from m3tune.publish.step import _gate, _model_digest, finish, open_production
+    from m3tune.publish.step import _gate, _model_digest, finish, go_live, open_production
 
     recipe = Recipe.from_json(entry["recipe"], where=f"evaluate's recipe of {entry['name']!r}")
     members = members_of(entry, results)
@@ -229,14 +228,10 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
                             key=payload_key, cache=cache)
         checked = verify.check_metrics(metrics.mean(metrics.per_query(gold, run)), expected,
                                        tolerance=verify_tolerance, what=f"collection {target!r} (fused search)")
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         previous = record["previous"]
-        record = {**record, "state": "ready", "published_at": record.get("published_at") or now,
-                  "verification": {"points": len(passages), "metrics": checked}}
-        prod.set_record(target, record)
-        switch_seconds = prod.switch(alias, target, expected=current) if current != target else 0.0
-        ctx.log.info("alias %s: %s -> %s (%.3fs)", alias, current, target, switch_seconds)
-        deleted = prod.delete_old(alias, keep=keep, current=target)
+        record, switch_seconds, deleted = go_live(ctx, prod, record, alias=alias, target=target, current=current,
+                                                  keep=keep, verification={"points": len(passages),
+                                                                           "metrics": checked})
     finally:
         prod.close()
 

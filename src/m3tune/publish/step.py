@@ -290,20 +290,29 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
                                                        key=payload_key))
         checked = verify.check_metrics(metrics.mean(found), expected, tolerance=verify_tolerance,
                                        what=f"collection {target!r}")
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         previous = record["previous"]
-        record = {**record, "state": "ready", "published_at": record.get("published_at") or now,
-                  "verification": {"points": len(passages), **sample, "metrics": checked}}
-        prod.set_record(target, record)
-        switch_seconds = prod.switch(alias, target, expected=current) if current != target else 0.0
-        ctx.log.info("alias %s: %s -> %s (%.3fs)", alias, current, target, switch_seconds)
-        deleted = prod.delete_old(alias, keep=keep, current=target)
+        record, switch_seconds, deleted = go_live(ctx, prod, record, alias=alias, target=target, current=current,
+                                                  keep=keep, verification={"points": len(passages), **sample,
+                                                                           "metrics": checked})
     finally:
         prod.close()
 
     return finish(ctx, record, target=target, where=prod.where, sent=sent, there=len(there), missing=len(missing),
                   switch_seconds=switch_seconds, deleted=deleted, points=len(passages), dim=dim, previous=previous,
                   fingerprint=encoder.fingerprint, checked=checked, verdict=verdict, gate_metric=gate_metric)
+
+
+def go_live(ctx, prod, record: dict[str, Any], *, alias: str, target: str, current: str | None, keep: int,
+            verification: dict[str, Any]) -> tuple[dict[str, Any], float, list[str]]:
+    """A verified collection goes live: its record says ready (with what was verified), the alias moves to it
+    (unless it is already there), and collections older than the KEEP newest are deleted."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record = {**record, "state": "ready", "published_at": record.get("published_at") or now,
+              "verification": verification}
+    prod.set_record(target, record)
+    switch_seconds = prod.switch(alias, target, expected=current) if current != target else 0.0
+    ctx.log.info("alias %s: %s -> %s (%.3fs)", alias, current, target, switch_seconds)
+    return record, switch_seconds, prod.delete_old(alias, keep=keep, current=target)
 
 
 def finish(ctx, record: dict[str, Any], *, target: str, where: str, sent: dict[str, Any], there: int, missing: int,
