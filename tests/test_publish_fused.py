@@ -94,7 +94,6 @@ def test_the_recipe_is_chosen_on_dev_and_recorded(run):
 
 @pytest.mark.parametrize("where", ["local", "server"])
 def test_publish_then_search_gives_evaluates_figures(run, tmp_path, where):
-    from qdrant_client import QdrantClient
 
     from m3tune.cli import app
     from m3tune.executor import run_step

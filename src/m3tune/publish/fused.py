@@ -62,20 +62,17 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
     import numpy as np
     from qdrant_client import models
 
-    from m3tune.corpus import heldout
-    from m3tune.corpus.passages import read_passages
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.evaluation import bm25 as lexical
     from m3tune.evaluation import metrics
     from m3tune.evaluation.fusion import Recipe
-    from m3tune.evaluation.gold import gold_digest, load_gold
     from m3tune.evaluation.models import load_dense, parse_model
     from m3tune.evaluation.step import options_of
     from m3tune.index.step import cache_store
     from m3tune.manifest import read_manifest
     from m3tune.evaluation.metrics import TESTED
     from m3tune.publish import payloads, served, upload, verify
-    from m3tune.publish.step import _gate, _model_digest, finish, go_live, open_production
+    from m3tune.publish.step import _gate, _model_digest, corpus_and_gold, finish, go_live, open_production
 
     recipe = Recipe.from_json(entry["recipe"], where=f"evaluate's recipe of {entry['name']!r}")
     members = members_of(entry, results)
@@ -83,14 +80,7 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
     if any(m["target"] != "arabic" for m in bm25_members):
         raise ConfigError("publish: a fused system serves the strong BM25 (bm25), not bm25-plain")
     vectors = served.vectors_of(recipe.kinds)
-    passages = read_passages(ctx.root)
-    if not passages:
-        raise UserError("the corpus is empty: nothing to publish")
-    if gold_digest(ev_config.test_set) != results["test_set"]["sha256"]:
-        raise UserError(f"publish: the gold set {results['test_set']['path']} changed since evaluate measured it: "
-                        "rerun evaluate")
-    gold = load_gold(ev_config.test_set, {p.id for p in passages},
-                     held_out=heldout.load(ev_config.held_out) if ev_config.held_out is not None else None)
+    passages, gold = corpus_and_gold(ctx, ev_config, results)
     options = options_of(ev_config.model_dump())
     target_model = encoder_target(members)
     encoder = None

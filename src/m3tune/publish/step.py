@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -149,11 +148,8 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
             force_gate: bool, verify_sample: int, verify_tolerance: float) -> dict[str, Any]:
     import numpy as np
 
-    from m3tune.corpus import heldout
-    from m3tune.corpus.passages import read_passages
     from m3tune.encoder.cache import EmbeddingCache
     from m3tune.evaluation import metrics
-    from m3tune.evaluation.gold import gold_digest, load_gold
     from m3tune.evaluation.models import _truncate, dense_rank, load_dense, parse_model
     from m3tune.evaluation.step import options_of
     from m3tune.index.step import cache_store
@@ -174,14 +170,7 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
                              max_retries=max_retries, retry_backoff=retry_backoff, keep=keep, gate_metric=gate_metric,
                              gate_min_delta=gate_min_delta, gate_max_p=gate_max_p, current_model=current_model,
                              force_gate=force_gate, verify_tolerance=verify_tolerance)
-    passages = read_passages(ctx.root)
-    if not passages:
-        raise UserError("the corpus is empty: nothing to publish")
-    if gold_digest(ev_config.test_set) != results["test_set"]["sha256"]:
-        raise UserError(f"publish: the gold set {results['test_set']['path']} changed since evaluate measured it: "
-                        "rerun evaluate")
-    gold = load_gold(ev_config.test_set, {p.id for p in passages},
-                     held_out=heldout.load(ev_config.held_out) if ev_config.held_out is not None else None)
+    passages, gold = corpus_and_gold(ctx, ev_config, results)
     spec = parse_model(entry["spec"], ev_config.base_model)
     options = options_of(ev_config.model_dump())
     encoder = load_dense(spec, ctx.root, options)
@@ -231,7 +220,7 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
                             max_p=gate_max_p, resamples=ev_config.significance_resamples)
         if not verdict["passed"]:
             if not force_gate:
-                raise gate.GateFailed(gate.explain(verdict) + f". Nothing in production changed "
+                raise gate.GateFailed(gate.explain(verdict) + ". Nothing in production changed "
                                       "(--force-gate publishes anyway, and is recorded)")
             ctx.log.warning("%s: published anyway (--force-gate)", gate.explain(verdict))
 
@@ -300,6 +289,23 @@ def publish(ctx: StepContext, *, alias: str, model: str, dim: int | None, qdrant
     return finish(ctx, record, target=target, where=prod.where, sent=sent, there=len(there), missing=len(missing),
                   switch_seconds=switch_seconds, deleted=deleted, points=len(passages), dim=dim, previous=previous,
                   fingerprint=encoder.fingerprint, checked=checked, verdict=verdict, gate_metric=gate_metric)
+
+
+def corpus_and_gold(ctx, ev_config, results: dict[str, Any]) -> tuple[list, list]:
+    """The corpus to publish and the gold its collection is verified on: the gold evaluate measured, unchanged."""
+    from m3tune.corpus import heldout
+    from m3tune.corpus.passages import read_passages
+    from m3tune.evaluation.gold import gold_digest, load_gold
+
+    passages = read_passages(ctx.root)
+    if not passages:
+        raise UserError("the corpus is empty: nothing to publish")
+    if gold_digest(ev_config.test_set) != results["test_set"]["sha256"]:
+        raise UserError(f"publish: the gold set {results['test_set']['path']} changed since evaluate measured it: "
+                        "rerun evaluate")
+    gold = load_gold(ev_config.test_set, {p.id for p in passages},
+                     held_out=heldout.load(ev_config.held_out) if ev_config.held_out is not None else None)
+    return passages, gold
 
 
 def go_live(ctx, prod, record: dict[str, Any], *, alias: str, target: str, current: str | None, keep: int,
