@@ -10,8 +10,8 @@ import pytest
 import typer
 import yaml
 from click.testing import CliRunner
-
 from kube_server import KubeServer, kubeconfig
+
 from m3tune.cli import app
 from m3tune.deploy.argo import render_workflow_template
 from m3tune.pipeline import STEPS
@@ -224,6 +224,7 @@ def test_any_parameter_with_an_argo_tag_or_a_variable_reference_is_refused(kube)
 @pytest.mark.parametrize("option, value", [
     ("--root", "s3://AKIDPLANTED:SECRETPLANTED@bucket/runs/r1"),
     ("--root", "s3://AKIDPLANTED@bucket/runs/r1"),
+    ("--root", "https://AKIDPLANTED:SECRETPLANTED@s3.example.com/bucket/runs/r1"),
     ("--s3-endpoint", "http://AKIDPLANTED:SECRETPLANTED@minio:9000"),
     ("--s3-endpoint", "https://AKIDPLANTED@minio.example.com"),
 ])
@@ -269,11 +270,12 @@ def test_a_parameter_given_twice_is_refused(kube):
 
 def test_valid_submissions_still_pass(kube):
     server, config = kube
-    code, out, err = submit(config, "-p", f"root={ROOT}", "-p", "mine-negatives-shards=8", "-p", "train-nodes=2",
+    code, name, err = submit(config, "-p", f"root={ROOT}", "-p", "mine-negatives-shards=8", "-p", "train-nodes=2",
                             "-p", "gpus-per-node=8", "-p", "s3-endpoint=http://minio:9000", "-p", "config=exp-2.yaml",
                             "-p", "gpu-memory=512Gi", "-p", "cpu=500m", "-p", "publish=true",
                             "-p", 'gpu-node-selector={"gpu": "h100"}')
     assert code == 0, err
+    assert ("workflows", "m3tune", name.strip()) in server.objects
 
 
 def test_render_argo_holds_its_own_defaults_to_the_submit_rules():

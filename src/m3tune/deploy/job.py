@@ -21,7 +21,6 @@ from m3tune.deploy.images import CPU, CUDA, DEFAULT_REGISTRY, USER_ID
 from m3tune.errors import ConfigError
 from m3tune.pipeline import Step, get_step
 
-
 _PLAIN_RUN_ID = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 _SUFFIX_TAIL = re.compile(r".*-(\d+-of-\d+|merge-\d+)")
 
@@ -58,8 +57,8 @@ def render_job(step_name: str, *, root: str, config: str = "run.yaml", namespace
     run_id = _check(step, root=root, config=config, namespace=namespace, s3_endpoint=s3_endpoint, rank=rank,
                     world_size=world_size, merge_shards=merge_shards, gpus=gpus, cpu=cpu, memory=memory)
     validate.region(aws_region, "aws_region")
-    for name, option in ((s3_secret, "s3_secret"), (llm_secret, "llm_secret"), (qdrant_secret, "qdrant_secret")):
-        validate.dns_subdomain(name, option)
+    for secret, option in ((s3_secret, "s3_secret"), (llm_secret, "llm_secret"), (qdrant_secret, "qdrant_secret")):
+        validate.dns_subdomain(secret, option)
     gpus = 1 if gpus is None else gpus
     suffix = f"{rank}-of-{world_size}" if rank is not None else f"merge-{merge_shards}" if merge_shards else ""
     args = pod.step_args(step.name, root=root, config=config, force=force,
@@ -118,7 +117,8 @@ def _check(step: Step, *, root: str, config: str, namespace: str | None, s3_endp
     """Every option of a rerun Job by its rule (`m3tune.deploy.validate`); the run id."""
     validate.config_key(config)
     run_id = validate.run_root(root)
-    validate.label_value(run_id, "--root", "m3tune.dev/run-id")  # what `kubectl get jobs -l` selects a run by
+    # the run's label, by which `kubectl get jobs -l m3tune.dev/run-id=…` finds its reruns
+    validate.label_value(run_id, "--root (run id)", "m3tune.dev/run-id")
     validate.s3_endpoint(s3_endpoint)
     if namespace is not None:
         validate.namespace(namespace)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from m3tune.errors import ConfigError
@@ -72,7 +73,7 @@ def dns_label(value: str, option: str, what: str = "a DNS-1123 label") -> str:
     """A namespace (and any name that is one path segment of the API): 1-63 of a-z, 0-9, '-', alphanumeric ends."""
     if not _DNS_LABEL.fullmatch(value):
         raise _bad(option, value, f"{what}: 1-63 lowercase letters, digits or '-', starting and ending with a "
-                                  "letter or digit (DNS-1123)")
+                                  "letter or digit")
     return value
 
 
@@ -95,6 +96,11 @@ def config_key(value: str, option: str = "--config") -> str:
     return value
 
 
+def _has_userinfo(value: str) -> bool:
+    """Whether the URI VALUE has a USER[:PASSWORD]@ part (looked for before any parsing that could quote it)."""
+    return "://" in value and "@" in value.partition("://")[2].partition("/")[0]
+
+
 def _credentials(option: str) -> ConfigError:
     # the value is not quoted: it holds a credential
     return ConfigError(f"{option}: a user or password in the URI (USER:PASSWORD@) is refused: it would be "
@@ -105,14 +111,15 @@ def _credentials(option: str) -> ConfigError:
 def run_root(value: str, option: str = "--root") -> str:
     """The run id of a pod's run root s3://BUCKET/PREFIX/RUN_ID: no credentials, no part that Argo, the kubelet
     or a shell would interpret, no segment naming another key ('//', '.', '..'), no query."""
+    if _has_userinfo(value):
+        raise _credentials(option)
     if not value.startswith("s3://"):
         raise _bad(option, value, "a pod can only reach a run on S3 (s3://BUCKET/PREFIX/RUN_ID)")
     netloc, _, path = value[len("s3://"):].partition("/")
-    if "@" in netloc:
-        raise _credentials(option)
     no_substitution(value, option)
     if not _BUCKET.fullmatch(netloc):
-        raise _bad(option, value, "the bucket is 1-63 lowercase letters, digits, '.' or '-' (s3://BUCKET/PREFIX/RUN_ID)")
+        raise _bad(option, value, "the bucket is 1-63 lowercase letters, digits, '.' or '-' "
+                                  "(s3://BUCKET/PREFIX/RUN_ID)")
     segments = path.removesuffix("/").split("/")
     if len(segments) < 2 or not all(_ROOT_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
         raise _bad(option, value, "expected s3://BUCKET/PREFIX/RUN_ID, each segment of letters, digits, '.', '_', "
@@ -128,7 +135,7 @@ def s3_endpoint(value: str, option: str = "--s3-endpoint") -> str:
     """An S3 endpoint: empty (AWS), or http(s)://HOST[:PORT][/PATH], without credentials, query or fragment."""
     if not value:
         return value
-    if "@" in value.partition("://")[2].partition("/")[0]:  # before any parsing: the message must not quote it
+    if _has_userinfo(value):
         raise _credentials(option)
     try:
         url = urlsplit(value)
