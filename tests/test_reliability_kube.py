@@ -62,6 +62,7 @@ def submit_refused(kube, args: list[str], *words: str) -> str:
     before = len(server.requests)
     code, out, err = submit(config, *args)
     assert code == 1 and not out, (args, code, out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
     for word in words:
         assert word in err, (args, word, err)
     assert len(server.requests) == before, f"{args}: a request was sent before the refusal"
@@ -118,6 +119,7 @@ def test_an_invalid_namespace_is_refused(namespace):
 def test_submit_and_rerun_refuse_an_invalid_namespace_before_any_request(kube):
     # the namespace is a segment of the API path: '../' would address another resource
     submit_refused(kube, ["-p", f"root={ROOT}", "-n", "../../api/v1/namespaces/kube-system"], "--namespace")
+    submit_refused(kube, ["-p", f"root={ROOT}", "--template", "../../../api/v1/secrets"], "--template")
     server, config = kube
     result = CliRunner().invoke(COMMAND, ["rerun", "combine", "--root", ROOT, "-n", "Bad_NS", "--kubeconfig", config])
     assert result.exit_code == 1 and "--namespace" in result.stderr
@@ -141,6 +143,23 @@ def test_distinct_reruns_never_share_a_job_name():
     assert all(len(n) <= 63 for n in names)
     # a run id that is already a DNS label keeps its readable name (the committed jobs/ files)
     assert job_name("mine-negatives", "--root", ROOT) == "m3tune-rerun-mine-negatives-exp-01"
+
+
+def test_job_names_are_injective_over_many_run_ids_and_shards():
+    import itertools
+    import re
+
+    from m3tune.deploy.job import job_name
+
+    ids = {"".join(p) for n in range(1, 5) for p in itertools.product("a1-_.A", repeat=n)}
+    ids |= {f"{a}-{r}-of-{w}" for a in ("x", "x-1") for r in range(3) for w in range(1, 3)}
+    ids |= {f"x-merge-{n}" for n in range(3)} | {"x" * n for n in range(40, 70)}
+    ids = {i for i in ids if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", i)}
+    keys = [(step, i, suffix) for step in ("mine-negatives", "combine") for i in ids
+            for suffix in ("", "0-of-2", "1-of-2", "merge-2")]
+    names = [job_name(*key) for key in keys]
+    assert len(set(names)) == len(keys)
+    assert all(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", n) for n in names)
 
 
 def test_step_names_cannot_be_confused_in_a_job_name():
