@@ -4,7 +4,7 @@
 rendered or any request is sent: a value the API server, Argo's templating, the kubelet's `$(VAR)`
 expansion or a step's argument parser would take differently than the user meant is refused with one line
 naming the option and the rule, not discovered later in a pod (or never). The rendered WorkflowTemplate's
-own defaults pass the same rules (`check_parameters` in `argo.render_files`), so the table below and the
+own defaults pass the same rules (`argo.render_workflow_template`), so the table below and the
 template cannot drift apart.
 
 Every check raises ConfigError (exit 1). A message quotes the refused value except where it may hold a
