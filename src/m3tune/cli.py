@@ -360,7 +360,8 @@ def render_argo(
 
 
 def _job(step: str, root: str, config: str, namespace: Optional[str], image: Optional[str], s3_endpoint: str,
-         rank: Optional[int], world_size: Optional[int], merge_shards: Optional[int], gpus: int, force: bool):
+         rank: Optional[int], world_size: Optional[int], merge_shards: Optional[int], gpus: Optional[int],
+         force: bool):
     from m3tune.deploy.job import render_job
 
     return render_job(step, root=root, config=config, namespace=namespace, image=image, s3_endpoint=s3_endpoint,
@@ -374,7 +375,7 @@ JobEndpointOpt = Annotated[str, typer.Option("--s3-endpoint", help="S3 endpoint 
 RankOpt = Annotated[Optional[int], typer.Option("--rank", help="Rerun only this shard, with --world-size.")]
 WorldOpt = Annotated[Optional[int], typer.Option("--world-size", help="Number of shards of the run.")]
 MergeOpt = Annotated[Optional[int], typer.Option("--merge-shards", help="Rerun the merge of N shards.")]
-GpusOpt = Annotated[int, typer.Option("--gpus", help="GPUs of a GPU step's pod.")]
+GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="GPUs of a GPU step's pod (default 1).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the step's manifest proves it done.")]
 
 
@@ -390,7 +391,7 @@ def render_job_cmd(
     rank: RankOpt = None,
     world_size: WorldOpt = None,
     merge_shards: MergeOpt = None,
-    gpus: GpusOpt = 1,
+    gpus: GpusOpt = None,
     force: ForceOpt = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", dir_okay=False,
                                                   help="Write the YAML here (default: stdout).")] = None,
@@ -408,11 +409,14 @@ def render_job_cmd(
 
 def _kube(kubeconfig: Optional[str], context: Optional[str], namespace: Optional[str], verbose: bool):
     """Logging set up, then (API client, namespace) from the user's kubeconfig."""
+    from m3tune.deploy import validate
     from m3tune.deploy.kube import api_client
 
     _setup(verbose, None)
     client, default_namespace = api_client(kubeconfig, context)
-    return client, namespace or default_namespace or "m3tune"
+    # a segment of every API path: `../` would address another resource
+    option = "--namespace" if namespace else "namespace (of the kubeconfig's context)"
+    return client, validate.namespace(namespace or default_namespace or "m3tune", option)
 
 
 @app.command()
@@ -445,7 +449,7 @@ def rerun(
     rank: RankOpt = None,
     world_size: WorldOpt = None,
     merge_shards: MergeOpt = None,
-    gpus: GpusOpt = 1,
+    gpus: GpusOpt = None,
     force: ForceOpt = False,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,

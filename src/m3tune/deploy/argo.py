@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from m3tune.deploy import pod
+from m3tune.deploy import pod, validate
 from m3tune.deploy.images import CPU, CUDA, DEFAULT_REGISTRY, USER_ID
 from m3tune.errors import ConfigError
 from m3tune.pipeline import OPTIONAL, PIPELINE, STEPS, Step
@@ -375,8 +375,12 @@ def render_workflow_template(steps: dict[str, Step] | None = None, pipeline: lis
         security_context=m.PodSecurityContext.model_validate(pod.security_context(USER_ID)),
         volumes=[m.Volume.model_validate(pod.config_volume())],
         templates=[m.Template.model_validate(t) for t in [dag, *templates]],
-    )
-    return wt.to_dict()
+    ).to_dict()
+    # the defaults pass the rules `m3tune submit` applies to the values a user gives (a registry, a new parameter)
+    validate.check_parameters({p["name"]: p["value"] for p in wt["spec"]["arguments"]["parameters"] if "value" in p},
+                              steps)
+    validate.check_labels(wt)
+    return wt
 
 
 def render_example_workflow(template: dict[str, Any]) -> dict[str, Any]:

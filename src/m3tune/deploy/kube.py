@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from m3tune.deploy import pod
+from m3tune.deploy import pod, validate
 from m3tune.deploy.argo import NAME
 from m3tune.errors import ConfigError, UserError
 
@@ -80,6 +80,8 @@ def parse_parameters(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"-p {pair!r}: expected NAME=VALUE")
+        if key in out:  # the last one would win silently
+            raise ConfigError(f"-p {key}: given twice; give each parameter once")
         out[key] = value
     return out
 
@@ -88,6 +90,9 @@ def submit(client, namespace: str, parameters: dict[str, str], *, template: str 
     """Create a Workflow from the installed WorkflowTemplate TEMPLATE; return its name."""
     from kubernetes.client import CustomObjectsApi
 
+    # checked before any request: what the template would pass on to a pod, Argo or the kubelet
+    validate.dns_subdomain(template, "--template")
+    validate.check_parameters(parameters)
     api = CustomObjectsApi(client)
     installed = _call(f"reading WorkflowTemplate {template}", namespace, api.get_namespaced_custom_object,
                       *ARGO, namespace, "workflowtemplates", template)
@@ -159,6 +164,7 @@ def runs(client, namespace: str, *, limit: int = 10) -> list[RunInfo]:
     """The most recent m3tune Workflows, newest first, with the phase of each step."""
     from kubernetes.client import CustomObjectsApi
 
+    validate.count(limit, "--limit", high=1000)  # a slice by 0 or -1 would show none, or all but the oldest
     selector = ",".join(f"{k}={v}" for k, v in pod.LABELS.items())
     listed = _call("listing Workflows", namespace, CustomObjectsApi(client).list_namespaced_custom_object,
                    *ARGO, namespace, "workflows", label_selector=selector)
