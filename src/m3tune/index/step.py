@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from m3tune.context import StepContext
 from m3tune.encoder.profiles import Dtype, ProfileFields
-from m3tune.errors import ConfigError, UserError
+from m3tune.errors import UserError
 from m3tune.names import safe_location, safe_name
+from m3tune.redact import check_key_env
 
 
 class EncoderSettings(ProfileFields):
@@ -84,27 +85,14 @@ class IndexConfig(BaseModel):
     def _cache_location(cls, where: str | None) -> str | None:
         return None if where is None else safe_location(where, "embeddings_cache")
 
-    @field_validator("qdrant_api_key_env")
-    @classmethod
-    def _key_variable(cls, name: str) -> str:
-        return check_qdrant_key_env(name)
+    # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
+    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name)))
 
     @model_validator(mode="after")
     def _url_needs_qdrant(self) -> "IndexConfig":
         if self.qdrant_url and self.backend != "qdrant":  # the exact backend would ignore it
             raise ValueError(f"qdrant_url is set but backend is {self.backend!r}: use backend qdrant, or drop it")
         return self
-
-
-def check_qdrant_key_env(name: str) -> str:
-    """NAME if its value may be sent to a Qdrant server as the api-key header: the rule of every API key
-    variable (redact.check_key_env: an *_API_KEY variable, never an AWS one)."""
-    from m3tune.redact import check_key_env
-
-    try:
-        return check_key_env(name)
-    except ConfigError as e:
-        raise ConfigError(f"qdrant_api_key_env: {e}") from None
 
 
 class IndexInfo(BaseModel):
@@ -234,7 +222,7 @@ def open_qdrant(collection: str, url: str | None, api_key_env: str):
     from m3tune.index.search import QdrantIndex
 
     if url:
-        key = os.environ.get(check_qdrant_key_env(api_key_env)) or None
+        key = os.environ.get(check_key_env(api_key_env)) or None
         return QdrantIndex(collection, url=url, api_key=key)
     return QdrantIndex(collection, path=local_qdrant_path(collection))
 

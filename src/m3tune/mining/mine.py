@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from m3tune.context import StepContext
 from m3tune.errors import UserError
 from m3tune.records import Example, Passage, Query
+from m3tune.redact import check_key_env
 
 QUERY_FILES = (("generate-queries", "queries.jsonl"), ("generate-conceptual", "queries.jsonl"),
                ("generate-exact", "queries.jsonl"))
@@ -68,12 +69,8 @@ class MineConfig(BaseModel):
     embeddings_cache: str | None = Field(default=None, description="where encoded queries are cached (path or "
                                          "URI; default: the local m3tune cache folder)")
 
-    @field_validator("qdrant_api_key_env")
-    @classmethod
-    def _key_variable(cls, name: str) -> str:
-        from m3tune.index.step import check_qdrant_key_env
-
-        return check_qdrant_key_env(name)
+    # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
+    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name)))
 
     @field_validator("embeddings_cache")
     @classmethod
