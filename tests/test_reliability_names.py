@@ -193,6 +193,7 @@ def test_a_qdrant_url_read_from_index_json_is_sent_no_key(run_copy, recorder, mo
     assert recorder.headers == []
 
 
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")  # the loopback test server
 def test_mining_searches_the_server_its_own_config_names_with_its_own_key(run_copy, monkeypatch):
     # The legitimate way: the index step built the collection on a server, and mine-negatives is given the same
     # URL (and a key variable of its own). Before: mine-negatives had no such options (exit 2).
