@@ -282,6 +282,16 @@ def test_a_user_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
     assert str(fifo) in _last_error(result) and "not a regular file" in _last_error(result)
 
 
+def test_a_config_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    # Before: --config passed Typer's checks (it exists, it is no folder) and its read waited for a writer.
+    fifo = tmp_path / "run.yaml"
+    os.mkfifo(fifo)
+    result = _with_timeout(lambda: cli("step", "ingest", "--root", str(tmp_path / "runs" / "p"), "--config",
+                                       str(fifo)), 20, fifo)
+    assert result.exit_code == 1, result.output
+    assert str(fifo) in _last_error(result) and "not a regular file" in _last_error(result)
+
+
 def test_a_pipe_in_the_run_root_is_refused_not_waited_on(run_copy):
     # Before: a read of ingest/passages.jsonl, made a named pipe by a writer of the run root, waited forever.
     from m3tune.storage import StorageError
