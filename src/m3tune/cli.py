@@ -888,6 +888,8 @@ def _register_step(step) -> None:
             return
         if (rank is None) != (world_size is None):
             raise ConfigError("--rank and --world-size go together")
+        if merge_shards is not None and merge_shards < 1:  # checked before the merge withdraws the manifest
+            raise ConfigError(f"--merge-shards {merge_shards}: the number of shards to merge, 1 or more")
         # stdout carries the step's report alone: what a library prints there while the step runs goes to stderr
         # (DeepSpeed, when installed on a CPU machine, prints its accelerator detection to stdout as soon as
         # Accelerate imports it, which transformers' save_pretrained does)

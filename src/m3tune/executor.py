@@ -236,6 +236,8 @@ def _sum_counts(parts: list[Any]) -> Any:
 def merge_shards(root: Store, name: str, config: BaseModel | None = None, *, world_size: int,
                  force: bool = False) -> tuple[Manifest, bool]:
     """Publish step NAME's outputs from its WORLD_SIZE finished shards: JSONL outputs concatenated in rank order."""
+    if world_size < 1:  # zero shards would withdraw the manifest and then have nothing to publish
+        raise ConfigError(f"{name}: merge of {world_size} shards: the number of shards is 1 or more")
     step = get_step(name)
     config = config if config is not None else step.config()
     root = _verified_view(root)  # the shards' outputs are read against the shards' manifests

@@ -85,6 +85,35 @@ def check_relative(rel: str, *, where: str = "") -> str:
     return rel
 
 
+class NotAFile(StorageError):
+    """A path to read names a pipe, a device or a socket (exit 1, as a folder or a missing file is)."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """PATH opened for reading, if it is a regular file. Opened without blocking and checked on the open file:
+    a named pipe (planted in a run root, or given as an input) blocks an ordinary open until a writer comes,
+    and a check before the open could be raced."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise NotFound(f"not found: {path}") from None
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise StorageError(f"cannot read {path}: Is a directory")
+        if not stat.S_ISREG(mode):
+            raise NotAFile(f"cannot read {path}: not a regular file (a pipe, device or socket); give a file")
+        os.set_blocking(fd, True)  # reads of the file itself block as usual
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def local_path(base: str | os.PathLike, rel: str, *, where: str = "") -> Path:
     """BASE/REL on this machine, REL checked first (check_relative): the only way a name read from a run root
     becomes a local path (to write, copy or remove)."""
@@ -282,13 +311,7 @@ class LocalStore(Store):
         return self._inside(local_path(self.path, rel))
 
     def _open_read(self, rel: str) -> BinaryIO:
-        path = self._file(rel)
-        try:
-            return open(path, "rb")
-        except FileNotFoundError:
-            raise NotFound(f"not found: {path}") from None
-        except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror}") from None
+        return open_regular(self._file(rel))
 
     def exists(self, rel: str) -> bool:
         return self._file(rel).is_file()

@@ -73,8 +73,13 @@ def load_yaml(text: str, where: str) -> Any:
 
 def read_yaml(path: Path) -> Any:
     """The data of the YAML file PATH (empty: {})."""
+    from m3tune.storage import StorageError, open_regular
+
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular(path) as f:  # a named pipe given as --config would block a plain read
+            text = f.read().decode("utf-8")
+    except StorageError as e:
+        raise ConfigError(f"{path}: cannot read config: {str(e).rsplit(': ', 1)[-1]}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {getattr(e, 'strerror', None) or e}") from None
     data = load_yaml(text, str(path))

@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from m3tune.context import StepContext
 from m3tune.encoder.profiles import Dtype, ProfileFields
 from m3tune.errors import UserError
+from m3tune.names import safe_location, safe_name
+from m3tune.redact import check_key_env
 
 
 class EncoderSettings(ProfileFields):
@@ -72,6 +74,26 @@ class IndexConfig(BaseModel):
     embeddings_cache: str | None = Field(default=None, description="where encoded texts are cached (path or "
                                          "URI; default: the local m3tune cache folder)")
 
+    @field_validator("collection")
+    @classmethod
+    def _plain_collection(cls, name: str | None) -> str | None:
+        # joined to the cache's qdrant-edge/ folder, whose entry a rebuild replaces
+        return None if name is None else safe_name(name, "collection")
+
+    @field_validator("embeddings_cache")
+    @classmethod
+    def _cache_location(cls, where: str | None) -> str | None:
+        return None if where is None else safe_location(where, "embeddings_cache")
+
+    # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
+    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name)))
+
+    @model_validator(mode="after")
+    def _url_needs_qdrant(self) -> "IndexConfig":
+        if self.qdrant_url and self.backend != "qdrant":  # the exact backend would ignore it
+            raise ValueError(f"qdrant_url is set but backend is {self.backend!r}: use backend qdrant, or drop it")
+        return self
+
 
 class IndexInfo(BaseModel):
     """index.json as mine-negatives needs it (the index step writes more: extra fields pass)."""
@@ -90,6 +112,12 @@ class IndexInfo(BaseModel):
     rows: int = Field(ge=0)
     backend: Literal["qdrant", "exact"]
     collection: str
+
+    @field_validator("collection")
+    @classmethod
+    def _plain_collection(cls, name: str) -> str:
+        # a bucket writer's index.json must not name a folder outside the cache (mining rebuilds the shard there)
+        return safe_name(name, "collection")
 
 
 class IndexRow(BaseModel):
@@ -176,24 +204,26 @@ def cache_store(uri: str | None):
 def local_qdrant_path(collection: str) -> str:
     from m3tune.encoder.tiny import cache_dir
 
-    return str(cache_dir() / "qdrant" / collection)
+    return str(cache_dir() / "qdrant" / safe_name(collection, "collection"))
 
 
 def local_edge_path(collection: str) -> str:
     from m3tune.encoder.tiny import cache_dir
 
-    return str(cache_dir() / "qdrant-edge" / collection)
+    return str(cache_dir() / "qdrant-edge" / safe_name(collection, "collection"))
 
 
 def open_qdrant(collection: str, url: str | None, api_key_env: str):
     """The collection on the server at URL, or (no URL) in qdrant-client's local mode under the cache folder:
-    only where `existing: true` names a collection made that way."""
+    only where `existing: true` names a collection made that way. URL and API_KEY_ENV come from the caller's
+    own config, never from a file in the run root: the key goes to whatever URL this is."""
     import os
 
     from m3tune.index.search import QdrantIndex
 
     if url:
-        return QdrantIndex(collection, url=url, api_key=os.environ.get(api_key_env) or None)
+        key = os.environ.get(check_key_env(api_key_env)) or None
+        return QdrantIndex(collection, url=url, api_key=key)
     return QdrantIndex(collection, path=local_qdrant_path(collection))
 
 

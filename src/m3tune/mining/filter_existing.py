@@ -48,6 +48,13 @@ class FilterConfig(BaseModel):
     def _absolute(cls, value: str | None) -> str | None:
         return absolute_uri(value) if value else value
 
+    @field_validator("embeddings_cache")
+    @classmethod
+    def _cache_location(cls, where: str | None) -> str | None:
+        from m3tune.names import safe_location
+
+        return None if where is None else safe_location(where, "embeddings_cache")
+
 
 def filter_inputs(config: FilterConfig) -> dict[str, str]:
     from m3tune.storage import file_digest, split_uri

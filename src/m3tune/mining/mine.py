@@ -27,11 +27,12 @@ import random
 from collections import Counter
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from m3tune.context import StepContext
 from m3tune.errors import UserError
 from m3tune.records import Example, Passage, Query
+from m3tune.redact import check_key_env
 
 QUERY_FILES = (("generate-queries", "queries.jsonl"), ("generate-conceptual", "queries.jsonl"),
                ("generate-exact", "queries.jsonl"))
@@ -59,6 +60,24 @@ class MineConfig(BaseModel):
     consistency_judge: Literal["encoder", "bm25"] = Field(default="encoder", description="encoder (the index's "
                                                           "ranking; a real run) or bm25 (offline, tiny encoder)")
     min_negatives: int = Field(default=1, ge=0, description="drop examples with fewer negatives (0: keep all)")
+    # Where the index step's collection lives and where queries are cached: given here, never taken from
+    # index.json, which anyone who can write the run root can edit (a URL of theirs would receive the key).
+    qdrant_url: str | None = Field(default=None, description="the Qdrant server the index step built its "
+                                   "collection on (its qdrant_url; none: embedded or exact)")
+    qdrant_api_key_env: str = Field(default="QDRANT_API_KEY", description="variable holding that server's API "
+                                    "key, if any")
+    embeddings_cache: str | None = Field(default=None, description="where encoded queries are cached (path or "
+                                         "URI; default: the local m3tune cache folder)")
+
+    # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
+    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name)))
+
+    @field_validator("embeddings_cache")
+    @classmethod
+    def _cache_location(cls, where: str | None) -> str | None:
+        from m3tune.names import safe_location
+
+        return None if where is None else safe_location(where, "embeddings_cache")
 
     @model_validator(mode="after")
     def _window(self) -> "MineConfig":
@@ -80,18 +99,28 @@ def load_queries(root) -> list[Query]:
     return out
 
 
-def _search(info: dict[str, Any], vectors, ids: list[str], query_vectors, k: int,
-            dry_run: bool = False):
+def check_server(info: dict[str, Any], qdrant_url: str | None, where: str) -> None:
+    """The index's server must be the one mining's own config names: a URL read from index.json (WHERE) is
+    never opened with a key, and a qdrant_url the index did not use is not silently ignored."""
+    theirs = info.get("qdrant_url") if info["backend"] == "qdrant" else None
+    if (theirs or None) != (qdrant_url or None):
+        raise UserError(f"{where}: field qdrant_url is {theirs!r} but mine-negatives' qdrant_url is {qdrant_url!r}: "
+                        "give mine-negatives the server the index step built on (--qdrant-url; a URL read from "
+                        "the run root is never sent a key)")
+
+
+def _search(info: dict[str, Any], vectors, ids: list[str], query_vectors, k: int, dry_run: bool = False, *,
+            qdrant_url: str | None = None, qdrant_api_key_env: str = "QDRANT_API_KEY"):
     from m3tune.index.search import ExactIndex
 
-    if info["backend"] == "exact" or (dry_run and not info.get("existing") and not info.get("qdrant_url")):
+    if info["backend"] == "exact" or (dry_run and not info.get("existing") and not qdrant_url):
         # a dry run does not build a local collection: exact search returns the same top k
         return ExactIndex(vectors, ids).search(query_vectors, k)
     from m3tune.index.step import edge_settings, local_edge_path, open_qdrant
 
     exact = info.get("qdrant_exact", True)
     ef = info.get("hnsw_ef")
-    if not info.get("qdrant_url") and not info.get("existing"):
+    if not qdrant_url and not info.get("existing"):
         from m3tune.index.search import EdgeIndex
 
         # the embedded shard lives on this machine's disk: rebuilt from the published vectors where missing
@@ -101,7 +130,7 @@ def _search(info: dict[str, Any], vectors, ids: list[str], query_vectors, k: int
         if not edge.matches(vectors, ids, **settings):
             edge.build(vectors, ids, **settings)
         return edge.search(query_vectors, k, ids, exact=exact, ef=ef or k)
-    qdrant = open_qdrant(info["collection"], info.get("qdrant_url"), info.get("qdrant_api_key_env", "QDRANT_API_KEY"))
+    qdrant = open_qdrant(info["collection"], qdrant_url, qdrant_api_key_env)
     try:
         return qdrant.search(query_vectors, k, exact=exact, ef=ef)
     finally:
@@ -111,6 +140,8 @@ def _search(info: dict[str, Any], vectors, ids: list[str], query_vectors, k: int
 def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int, end_rank: int, threshold: float,
          positive_reference: str = "median", jaccard: float, hard: int, semi_hard: int, random: int, source: str,
          seed: int, consistency_k: int | None = None, consistency_judge: str = "encoder", min_negatives: int = 0,
+         qdrant_url: str | None = None, qdrant_api_key_env: str = "QDRANT_API_KEY",
+         embeddings_cache: str | None = None,
          dry_run: bool = False) -> tuple[list[Example], dict[str, Any], list[dict[str, Any]]]:
     """(examples, counts, rejects) for QUERIES against the index published in ROOT/index."""
     from m3tune.arabic import tokens
@@ -121,6 +152,7 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     from m3tune.mining.filters import FalseNegativeFilter, pick_mix, reference_score
 
     info, vectors, ids = read_index(root.child("index"))
+    check_server(info, qdrant_url, root.child("index").uri_of("index.json"))
     row_of = {pid: i for i, pid in enumerate(ids)}
     by_id = {p.id: p for p in passages}
     if set(by_id) != set(row_of):
@@ -147,9 +179,11 @@ def mine(root, queries: list[Query], passages: list[Passage], *, start_rank: int
     if encoder.fingerprint != info["fingerprint"]:
         raise UserError(f"the encoder {info['model']!r} is not the one that built the index (fingerprint "
                         f"{encoder.fingerprint} != {info['fingerprint']}): rerun the index step")
-    query_vectors = EmbeddingCache(cache_store(info.get("embeddings_cache")), encoder.fingerprint).encode(
+    # the cache of mining's own config: index.json's embeddings_cache could name any folder
+    query_vectors = EmbeddingCache(cache_store(embeddings_cache), encoder.fingerprint).encode(
         encoder, [q.query for q in kept_queries], queries=True, desc="encode queries")
-    hits = _search(info, vectors, ids, query_vectors, end_rank, dry_run)
+    hits = _search(info, vectors, ids, query_vectors, end_rank, dry_run, qdrant_url=qdrant_url,
+                   qdrant_api_key_env=qdrant_api_key_env)
     near = read_groups(root)
     if consistency_k:
         if consistency_judge == "bm25":

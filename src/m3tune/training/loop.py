@@ -51,8 +51,11 @@ def run(*, root_uri: str, config: dict[str, Any], workdir: str) -> dict[str, Any
     """Train; on the main process return the result (what `out/result.json` holds), elsewhere None."""
     from m3tune.training.config import TrainConfig
 
+    from m3tune.training.step import claim_workdir
+
     cfg = TrainConfig.model_validate(config)
-    work = Path(workdir)
+    # run directly (python -m m3tune.training.loop --workdir DIR) as well as by the step: DIR is checked either way
+    work = claim_workdir(Path(workdir))
     s = setup(cfg, root_uri=root_uri, work=work)
     try:
         train(s)

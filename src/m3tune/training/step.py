@@ -69,6 +69,25 @@ def launch_command(processes: int, env: Mapping[str, str], loop_args: list[str],
     return cmd + ["-m", "m3tune.training.loop", *loop_args], int(node_rank)
 
 
+# Written in every work dir m3tune makes: training clears its out/, best/ and checkpoints/ (and, for the default
+# folder, the whole of it), so a folder without the mark holds nothing m3tune may delete.
+WORKDIR_MARK = ".m3tune-workdir"
+
+
+def claim_workdir(work: Path, *, ours: bool = False) -> Path:
+    """WORK, made (or found) m3tune's: created with the mark where missing or empty; a folder of the user's own
+    (not empty, no mark) is refused before anything in it is touched. OURS: a folder under m3tune's cache (the
+    default work dir, which an earlier version made without the mark)."""
+    if work.exists() and not work.is_dir():
+        raise ConfigError(f"workdir {work}: not a folder")
+    if not ours and work.is_dir() and not (work / WORKDIR_MARK).is_file() and any(work.iterdir()):
+        raise ConfigError(f"workdir {work}: not empty and not made by m3tune (no {WORKDIR_MARK}); training "
+                          "clears its out/, best/ and checkpoints/: give a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORKDIR_MARK).write_text("a work folder of m3tune's train step: its contents may be deleted\n")
+    return work
+
+
 def workdir_for(ctx: StepContext, config: TrainConfig) -> Path:
     import hashlib
 
@@ -90,8 +109,7 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
 
         check_deepspeed(cfg.deepspeed, batch_size=cfg.batch_size, gradient_accumulation=cfg.gradient_accumulation,
                         world=world)
-    work = workdir_for(ctx, cfg)
-    work.mkdir(parents=True, exist_ok=True)
+    work = claim_workdir(workdir_for(ctx, cfg), ours=not cfg.workdir)
     (work / "config.json").write_text(cfg.model_dump_json())
     cmd, node_rank = launch_command(cfg.processes, os.environ,
                                     ["--root", ctx.root.uri, "--config", str(work / "config.json"),
