@@ -310,3 +310,17 @@ def test_a_pipe_in_the_run_root_is_refused_not_waited_on(run_copy):
 
     message = _with_timeout(read, 20, fifo)
     assert str(fifo) in message and "not a regular file" in message
+
+
+def test_a_name_with_a_final_newline_is_no_plain_name():
+    # Before: both patterns ended in `$` under re.match, which also matches before a final newline, so
+    # 'exp-01\n' passed as a run id (and rendered into a Job) and as a collection name.
+    from m3tune.errors import ConfigError
+    from m3tune.names import safe_name
+    from m3tune.storage import StorageError, validate_run_id
+
+    with pytest.raises(StorageError):
+        validate_run_id("exp-01\n")
+    with pytest.raises(ConfigError):
+        safe_name("quran\n", "collection")
+    assert validate_run_id("exp-01") == "exp-01" and safe_name("quran", "collection") == "quran"

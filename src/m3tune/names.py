@@ -16,14 +16,15 @@ import re
 
 from m3tune.errors import ConfigError
 
-# A letter or digit first: no '.', '..', hidden names or names that read as options
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A letter or digit first: no '.', '..', hidden names or names that read as options. Used with fullmatch:
+# `$` with match() would also accept a trailing newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def safe_name(value: object, what: str, where: str = "") -> str:
     """VALUE if it is a plain name (1-128 letters, digits, '.', '_' or '-', starting with a letter or digit:
     no separator, no '.' or '..'), else ConfigError naming WHERE (a file, an option) and WHAT (the field)."""
-    if isinstance(value, str) and NAME_PATTERN.match(value):
+    if isinstance(value, str) and NAME_PATTERN.fullmatch(value):
         return value
     prefix = f"{where}: " if where else ""
     raise ConfigError(f"{prefix}{what} {value!r}: not a plain name; use 1-128 letters, digits, '.', '_' or '-', "

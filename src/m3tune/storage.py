@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlparse
 
 from m3tune.errors import BadInput, UserError
 
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would take a final newline
 TMP_MARK = ".tmp-"
 S3_ENDPOINT_ENV = "M3TUNE_S3_ENDPOINT"
 
@@ -61,7 +61,7 @@ def _write_failed(where: object, e: OSError) -> StorageError:
 
 def validate_run_id(run_id: str) -> str:
     """A run id is one path segment of letters, digits, '.', '_' or '-', not '.' or '..'."""
-    if not RUN_ID_PATTERN.match(run_id or ""):
+    if not RUN_ID_PATTERN.fullmatch(run_id or ""):
         raise StorageError(
             f"invalid run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', no '..')"
