@@ -95,3 +95,120 @@ def test_a_line_beyond_the_line_limit_is_refused_without_reading_it_whole(monkey
     rejects = jsonl.Rejects()
     kept = list(read_jsonl(io.BytesIO(text.encode()), Example, name="f.jsonl", rejects=rejects))
     assert len(kept) == 1 and rejects.rows[0]["line"] == 1
+
+
+# ------------------------------------------------------------------------------- 1. odd local inputs
+
+def _ingest(root: Path) -> None:
+    result = cli("step", "ingest", "--root", str(root), "--source", "quran", "--limit", "3")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_config_with_a_nul_byte_is_exit_4_naming_the_file(tmp_path):
+    # Before: PyYAML's ReaderError was raised where the loader was built, outside the handled block: a traceback.
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"ingest:\n  limit: 3\x00\n")
+    result = cli("run", "--root", str(tmp_path / "r"), "--config", str(config), "--until", "ingest")
+    _no_traceback(result)
+    assert result.exit_code == 4 and _last_error(result).startswith(f"error: {config}")
+    assert "#x0000" in _last_error(result)
+
+
+def test_a_malformed_themes_yaml_is_exit_4_naming_the_file(tmp_path):
+    # Before: yaml.safe_load's ScannerError came out of generate-conceptual as a traceback.
+    themes = tmp_path / "themes.yaml"
+    themes.write_text("version: 1\nthemes: [\n  - id: x\n    ar: [\"a\"\n")
+    root = tmp_path / "r"
+    _ingest(root)
+    result = cli("step", "generate-conceptual", "--root", str(root), "--themes", str(themes))
+    _no_traceback(result)
+    assert result.exit_code == 4 and _last_error(result).startswith(f"error: {themes}:"), result.output
+
+
+def test_a_prompt_file_with_a_stray_dollar_is_an_error_naming_the_file_and_line(tmp_path):
+    # Before: string.Template's ValueError ("Invalid placeholder") at the first prompt built: a traceback.
+    prompt = tmp_path / "my-prompt.txt"
+    prompt.write_text("[system]\nYou write queries.\n[user]\nPassage: $text\nIt costs $5.\n", encoding="utf-8")
+    from m3tune.generation.prompts import load_prompt
+
+    with pytest.raises(BadInput, match=rf"^{prompt}:5: invalid placeholder '\$5'.*\$\$"):
+        load_prompt(str(prompt))
+
+
+def test_a_path_with_rich_markup_is_printed_as_text(tmp_path):
+    # Before: the analyze step wrote report.json and its manifest, then its table's title (the input's path)
+    # was read as markup: "[/]" raised MarkupError, a traceback after the step had finished.
+    folder = tmp_path / "a[/]b"  # the folders "a[" and "]b"
+    folder.mkdir(parents=True)
+    rows = folder / "q.jsonl"
+    rows.write_text(json.dumps({"query": "ما الصبر", "pos": ["نص"]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    result = cli("step", "analyze", "--root", str(folder / "r"), "--input", str(rows), "--conceptual-target", "0",
+                 "--quran-target", "0", "--arabic-target", "0")
+    _no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert "a[/]b" in result.stdout.replace("\n", "")
+
+
+def test_a_root_that_is_a_regular_file_is_an_error_naming_it(tmp_path):
+    # Before: NotADirectoryError from the first manifest read: a traceback.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = cli("step", "ingest", "--root", str(afile), "--source", "quran", "--limit", "3")
+    _no_traceback(result)
+    assert result.exit_code == 1 and str(afile) in _last_error(result) and "not a folder" in _last_error(result)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_evaluating(tmp_path):
+    # Before: NotADirectoryError (a traceback) after every model had been evaluated.
+    root = tmp_path / "r"
+    _ingest(root)
+    out = tmp_path / "out"
+    out.write_text("x")
+    result = cli("evaluate", "--root", str(root), "--model", "bm25", "--output-dir", str(out))
+    _no_traceback(result)
+    assert result.exit_code == 1 and f"--output-dir {str(out)!r}" in _last_error(result), result.output
+
+
+def test_a_cache_that_cannot_be_written_is_an_error_naming_it(tmp_path):
+    # Before: NotADirectoryError (PermissionError for a read-only folder) from the tiny model's build or the
+    # embeddings cache: a traceback. A file where the folder belongs fails the same way for root too.
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    root = tmp_path / "r"
+    _ingest(root)
+    result = cli("step", "index", "--root", str(root), "--model", "local:tiny-xlmr", env={"M3TUNE_CACHE": str(cache)})
+    _no_traceback(result)
+    assert result.exit_code == 1 and str(cache) in _last_error(result), result.output
+
+
+def _config_only_model(folder: Path, **config) -> Path:
+    """A model folder with a config.json alone: enough for every check made before the weights are read."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+XLMR = {"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1, "hidden_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
+
+
+def test_a_max_length_beyond_the_model_positions_is_a_config_error(tmp_path):
+    # Before: accepted; ONNX Runtime truncated nothing and PyTorch raised an IndexError from the position
+    # embeddings at the first text longer than the model's 512 positions.
+    from m3tune.encoder.model import Encoder
+
+    model = _config_only_model(tmp_path / "m", **XLMR)
+    with pytest.raises(ConfigError, match=r"max_length 100000: .* reads at most 512 tokens.*--max-length"):
+        Encoder(str(model), max_length=100_000)
+
+
+# ------------------------------------------------------------------------------- 2. tampered run roots
+
+def test_an_auto_map_with_an_unknown_model_type_is_exit_4_naming_config_json(tmp_path):
+    # Before: transformers' ValueError (unknown model type / trust_remote_code) came out as a traceback.
+    model = _config_only_model(tmp_path / "m", model_type="evil-net", auto_map={"AutoModel": "evil.EvilModel"})
+    root = tmp_path / "r"
+    _ingest(root)
+    result = cli("step", "index", "--root", str(root), "--model", str(model))
+    _no_traceback(result)
+    assert result.exit_code == 4 and _last_error(result).startswith(f"error: {model}/config.json: "), result.output

@@ -191,16 +191,18 @@ def show_report(root) -> Any:
 def render_report(report: dict[str, Any]):
     """A rich renderable: the shares and targets as tables."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
-    shares = Table(title=f"{report['input']}: {report['rows']:,} {report['kind']}", title_justify="left")
+    # a file's name is text, not markup: "[/]" in a path would end a tag that was never opened
+    shares = Table(title=f"{escape(report['input'])}: {report['rows']:,} {report['kind']}", title_justify="left")
     shares.add_column("dimension")
     shares.add_column("value")
     shares.add_column("rows", justify="right")
     shares.add_column("share", justify="right")
     for dim in ("language", "type", "source"):
         for value, share in report["shares"][dim].items():
-            shares.add_row(dim, value, f"{report['counts'][dim][value]:,}", f"{share:.1%}")
+            shares.add_row(dim, escape(value), f"{report['counts'][dim][value]:,}", f"{share:.1%}")
     targets = Table(title="targets", title_justify="left")
     for col in ("target", "share", "goal", ""):
         targets.add_column(col, justify="right" if col in ("share", "goal") else "left")
@@ -209,7 +211,7 @@ def render_report(report: dict[str, Any]):
         targets.add_row(f"{t['name']} queries", f"{t['share']:.1%}", f"≥ {t['target']:.0%} (± {t['tolerance']:.0%})",
                         mark)
     for name, why in report.get("not_checked", {}).items():
-        targets.add_row(f"{name} queries", "—", "not checked", why)
+        targets.add_row(f"{name} queries", "—", "not checked", escape(why))
     d, p = report["duplicates"], report["per_passage"]
     extra = Table.grid(padding=(0, 2))
     extra.add_row("duplicate queries", f"{d['rows']:,} rows ({d['distinct_queries']:,} distinct)")

@@ -348,6 +348,7 @@ def show_results(root) -> Any:
 
 
 def render_results(results: dict[str, Any]):
+    from rich.markup import escape  # a model's name is the user's text, not markup
     from rich.table import Table
 
     table = Table(title=f"{results['test_set']['queries']} gold queries · targets Recall@10 ≥ "
@@ -361,5 +362,5 @@ def render_results(results: dict[str, Any]):
     table.add_column("R@10 / MRR", no_wrap=True)
     for m in results["models"]:
         marks = " ".join("✅" if v["met"] else "❌" for v in m["targets"].values())
-        table.add_row(m["name"], *(f"{m['overall'][c]:.3f}" for c in cols), marks)
+        table.add_row(escape(m["name"]), *(f"{m['overall'][c]:.3f}" for c in cols), marks)
     return table

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.resources import files
+from pathlib import Path
 
 from m3tune.arabic import normalize, strip_marks
 from m3tune.errors import ConfigError
@@ -235,12 +236,14 @@ def load_themes(path: str | None = None, *, held_out: bool = False) -> tuple[str
     The themes marked `held_out` (the topics of the held-out partition, m3tune.corpus.heldout) are left
     out, so that no generator ever sees them, unless HELD_OUT asks for them too (the gold builder).
     """
-    import yaml
+    from m3tune.yamlfile import load_yaml, read_yaml
 
-    raw = (open(path, encoding="utf-8").read() if path
-           else files("m3tune.generation").joinpath("data/themes.yaml").read_text(encoding="utf-8"))
-    data = yaml.safe_load(raw)
     where = path or "themes.yaml"
+    # the strict reader: a malformed file is one line naming file, line and column (exit 4), not a traceback
+    data = read_yaml(Path(path)) if path else \
+        load_yaml(files("m3tune.generation").joinpath("data/themes.yaml").read_text(encoding="utf-8"), where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with version and themes")
     try:
         themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]),
                         lexicon=list(t.get("lexicon") or []) if "verses" in t else list(t["lexicon"]),
