@@ -212,3 +212,113 @@ def test_an_auto_map_with_an_unknown_model_type_is_exit_4_naming_config_json(tmp
     result = cli("step", "index", "--root", str(root), "--model", str(model))
     _no_traceback(result)
     assert result.exit_code == 4 and _last_error(result).startswith(f"error: {model}/config.json: "), result.output
+
+
+def _trainer_state(**over) -> dict:
+    state = {"step": 10, "history": [], "best": {"step": 10, "score": 0.5, "checkpoint": "step-00000010"},
+             "bad_evals": 0, "before": None, "stopped_early": False, "examples_seen": 160, "config_digest": "x"}
+    state.update(over)
+    return state
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda s: s.pop("history"), "history"),
+    (lambda s: s.update(step="10"), "step"),
+    (lambda s: s.update(best=[1]), "best"),
+])
+def test_an_edited_trainer_state_is_exit_4_naming_the_file_and_field(tmp_path, edit, field):
+    # Before: a KeyError or a TypeError from the loop when a run resumed: a traceback.
+    from m3tune.training.loop import read_trainer_state
+
+    state = _trainer_state()
+    edit(state)
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps(state))
+    with pytest.raises(BadInput, match=rf"^s3://b/step-1/trainer_state.json: tampered: field '{field}"):
+        read_trainer_state(path, "s3://b/step-1/trainer_state.json")
+    path.write_text("{not json")
+    with pytest.raises(BadInput, match=r"trainer_state.json: tampered: .*Invalid JSON"):
+        read_trainer_state(path, "s3://b/step-1/trainer_state.json")
+    assert read_trainer_state(_write(tmp_path / "ok.json", _trainer_state()), "ok")["step"] == 10
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+class _Payload:
+    """A pickle that, unpickled without weights_only, creates a file: the proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("target", ["pytorch_model.bin", "optimizer.bin"])
+def test_a_pickle_payload_in_a_checkpoint_is_exit_4_and_runs_nothing(tmp_path, target):
+    # Before: refused by torch.load(weights_only=True), but as an UnpicklingError traceback.
+    import pickle
+
+    import torch
+    from accelerate import Accelerator
+
+    from m3tune.training.loop import load_checkpoint_state
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    folder = tmp_path / "step-00000010"
+    accelerator.save_state(str(folder))
+    if target == "pytorch_model.bin":
+        (folder / "model.safetensors").unlink()  # Accelerate then loads the pickled weights file
+    marker = tmp_path / "code-ran"
+    (folder / target).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(BadInput, match=r"^s3://b/train/checkpoints/step-00000010: tampered or corrupt checkpoint, "
+                                       r"refused \(UnpicklingError"):
+        load_checkpoint_state(accelerator, folder, "s3://b/train/checkpoints/step-00000010")
+    assert not marker.exists()
+
+
+def test_a_truncated_embeddings_cache_shard_is_exit_4_naming_it(tmp_path):
+    # Before: zipfile.BadZipFile from numpy when the cache was opened: a traceback.
+    from m3tune.encoder.cache import EmbeddingCache
+    from m3tune.storage import open_root
+
+    store = open_root(str(tmp_path / "cache"))
+
+    class Fake:
+        dim = 4
+
+        def encode(self, texts, **_):
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    EmbeddingCache(store, "fp").encode(Fake(), ["a", "b"])
+    shard = next((tmp_path / "cache" / "fp").glob("shard-*.npz"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(BadInput, match=rf"{shard.name}: corrupt embeddings cache shard .*remove it"):
+        EmbeddingCache(store, "fp")
+
+
+def test_a_manifest_missing_an_entry_is_exit_4_naming_the_manifest(tmp_path):
+    # Before: a KeyError ('passages.jsonl') from the consumer, and a multi-line pydantic dump (exit 1) for a
+    # manifest missing a field.
+    root = tmp_path / "r"
+    _ingest(root)
+    path = root / "ingest" / "_manifest.json"
+    manifest = json.loads(path.read_text())
+    without = {**manifest, "outputs": {k: v for k, v in manifest["outputs"].items() if k != "passages.jsonl"}}
+    path.write_text(json.dumps(without))
+    result = cli("step", "generate-queries", "--root", str(root))
+    _no_traceback(result)
+    assert result.exit_code == 4, result.output
+    assert _last_error(result).endswith("ingest/_manifest.json: tampered: records no 'passages.jsonl', which step "
+                                        "'ingest' publishes; rerun that step with --force")
+    del manifest["outputs"]["passages.jsonl"]["sha256"]
+    path.write_text(json.dumps(manifest))
+    result = cli("step", "generate-queries", "--root", str(root))
+    assert result.exit_code == 4 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "_manifest.json: tampered: not a valid manifest: field 'outputs.passages.jsonl.sha256'" in _last_error(result)

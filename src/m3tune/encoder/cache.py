@@ -16,11 +16,31 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from m3tune.errors import BadInput
 from m3tune.storage import Store
 
 
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_shard(store: Store, name: str) -> dict[str, np.ndarray]:
+    """{text key: vector} of one shard, checked: a shard cut short (a copy interrupted, a full disk) or
+    edited would otherwise fail inside numpy's zip reader, or serve vectors of another shape or NaN."""
+    import zipfile
+
+    where = store.uri_of(name)
+    fix = "remove it (the cache is rebuilt by encoding again)"
+    try:
+        with np.load(io.BytesIO(store.read_bytes(name)), allow_pickle=False) as shard:
+            keys, vectors = shard["keys"], shard["vectors"]
+    except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as e:
+        raise BadInput(f"{where}: corrupt embeddings cache shard ({type(e).__name__}: {e}); {fix}") from None
+    if vectors.ndim != 2 or keys.ndim != 1 or len(keys) != len(vectors) or vectors.dtype.kind != "f" \
+            or keys.dtype.kind != "U" or not np.isfinite(vectors).all():
+        raise BadInput(f"{where}: corrupt embeddings cache shard ({len(keys)} keys, vectors {vectors.shape} "
+                       f"{vectors.dtype}, finite: {bool(np.isfinite(vectors).all()) if vectors.dtype.kind == 'f' else '-'}); {fix}")
+    return dict(zip(keys.tolist(), vectors))
 
 
 class EmbeddingCache:
@@ -29,8 +49,7 @@ class EmbeddingCache:
         self.vectors: dict[str, np.ndarray] = {}
         for name in self.store.list():
             if name.startswith("shard-") and name.endswith(".npz"):
-                with np.load(io.BytesIO(self.store.read_bytes(name))) as shard:
-                    self.vectors.update(zip(shard["keys"].tolist(), shard["vectors"]))
+                self.vectors.update(_read_shard(self.store, name))
 
     def encode(self, encoder, texts: Sequence[str], *, queries: bool = False, desc: str = "encode") -> np.ndarray:
         """Vectors of TEXTS: cached ones looked up, the rest encoded and added to the cache."""
