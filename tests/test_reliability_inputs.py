@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -322,3 +323,122 @@ def test_a_manifest_missing_an_entry_is_exit_4_naming_the_manifest(tmp_path):
     result = cli("step", "generate-queries", "--root", str(root))
     assert result.exit_code == 4 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "_manifest.json: tampered: not a valid manifest: field 'outputs.passages.jsonl.sha256'" in _last_error(result)
+
+
+class _FakeEncoder:
+    name, dim = "fake", 4
+
+    def __init__(self, value: float = 1.0):
+        self.value = value
+
+    def encode(self, texts, **_):
+        return np.full((len(texts), self.dim), self.value, dtype=np.float32)
+
+
+def test_cached_vectors_of_another_width_or_nan_are_refused_naming_the_cache(tmp_path):
+    # Before: a shard of 8-d vectors under a 4-d encoder's fingerprint was served (np.stack failed on a mix);
+    # a model encoding NaN cached them, and publish uploaded them.
+    from m3tune.encoder.cache import EmbeddingCache
+    from m3tune.storage import open_root
+
+    store = open_root(str(tmp_path / "cache"))
+    wide = _FakeEncoder()
+    wide.dim = 8
+    EmbeddingCache(store, "fp").encode(wide, ["a"])
+    with pytest.raises(BadInput, match=r"cache/fp: cached vectors of shape \(8,\), but fake makes 4-d ones"):
+        EmbeddingCache(store, "fp").encode(_FakeEncoder(), ["a"])
+    with pytest.raises(BadInput, match=r"^fake encoded 1 of 1 vectors with NaN"):
+        EmbeddingCache(store, "fp2").encode(_FakeEncoder(float("nan")), ["b"])
+    assert not (tmp_path / "cache" / "fp2").exists()  # nothing cached from them
+
+
+def test_an_edited_shard_with_nan_vectors_is_refused(tmp_path):
+    from m3tune.encoder.cache import EmbeddingCache
+    from m3tune.storage import open_root
+
+    store = open_root(str(tmp_path / "cache"))
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=np.array(["k"]), vectors=np.full((1, 4), np.nan, dtype=np.float32))
+    store.child("fp").write_bytes("shard-1.npz", buffer.getvalue())
+    with pytest.raises(BadInput, match=r"shard-1.npz: corrupt embeddings cache shard \(vectors with NaN"):
+        EmbeddingCache(store, "fp")
+
+
+def test_duplicate_corpus_ids_in_evaluate_are_refused_with_file_and_line(tmp_path):
+    # Before: two passages under one id were both indexed: a relevant id could count twice in the metrics.
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [_passage(id="quran:1:1"), _passage(id="quran:1:2"), _passage(id="quran:1:1", text="آخر")]
+    corpus.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    result = cli("evaluate", "--corpus", str(corpus), "--model", "bm25", "--output-dir", str(tmp_path / "out"))
+    _no_traceback(result)
+    assert result.exit_code == 4, result.output
+    assert _last_error(result).endswith(f"{corpus}:3: field 'id': quran:1:1 repeats line 1: ids must be unique in "
+                                        "a corpus")
+
+
+# ----------------------------------------------------------------------------- 4. config accepted silently
+
+@pytest.mark.parametrize("option", ["--arabic-target", "--tolerance", "--quran-target"])
+def test_a_negative_target_cannot_disable_the_analyze_gate(tmp_path, option):
+    # Before: `m3tune analyze --arabic-target -1` passed every target (a share is always >= -1 - tolerance).
+    rows = tmp_path / "q.jsonl"
+    rows.write_text(json.dumps({"query": "what is patience", "pos": ["نص"]}) + "\n", encoding="utf-8")
+    result = cli("analyze", str(rows), option, "-1", "--fail-on-miss")
+    _no_traceback(result)
+    assert result.exit_code == 1 and _last_error(result) == f"error: {option} -1.0: a share between 0 and 1 " \
+        f"(analyze: {option[2:].replace('-', '_')})", result.output
+
+
+def test_dims_of_zero_or_less_are_a_config_error_naming_the_option(tmp_path):
+    # Before: --dims 0,-8 was accepted: vectors cut to nothing (or counted from the end), metrics of nothing.
+    result = cli("evaluate", "--corpus", str(tmp_path / "none.jsonl"), "--model", "bm25", "--dims", "0,-8")
+    _no_traceback(result)
+    assert result.exit_code == 1 and "--dims: 0 is not a dimension" in _last_error(result), result.output
+
+
+def test_a_held_out_list_with_unknown_ids_or_none_at_all_is_a_config_error(tmp_path):
+    # Before: an id with a typo held nothing out; an empty file meant "hold nothing out", both without a word.
+    from m3tune.corpus import heldout
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# no ids\n\n")
+    with pytest.raises(ConfigError, match=rf"held_out {empty}: the list has no passage ids; .*held_out: null"):
+        heldout.load(str(empty))
+    typo = tmp_path / "typo.txt"
+    typo.write_text("quran:1:1\nquran:1:99\n")
+    held = heldout.load(str(typo))
+    with pytest.raises(ConfigError, match=rf"held_out {typo}: 1 of its 2 ids are not in the run's corpus "
+                                          r"\(first: quran:1:99\)"):
+        heldout.check_known(held, {"quran:1:1", "quran:1:2"}, str(typo))
+    heldout.check_known(heldout.load("packaged"), {"quran:1:1"}, "packaged")  # a part of the packaged corpus
+
+
+def test_a_held_out_list_with_unknown_ids_stops_combine(tmp_path):
+    root = tmp_path / "r"
+    _ingest(root)
+    typo = tmp_path / "typo.txt"
+    typo.write_text("quran:1:1\nquran:1:99\n")
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"query": "ما الصبر", "pos": ["نص"]}, ensure_ascii=False) + "\n", encoding="utf-8")
+    result = cli("step", "combine", "--root", str(root), "--no-mined", "--input", str(rows), "--held-out", str(typo))
+    _no_traceback(result)
+    assert result.exit_code == 1 and "1 of its 2 ids are not in the run's corpus" in _last_error(result), result.output
+
+
+@pytest.mark.parametrize("theme,message", [
+    ({"id": "t", "ar": ["أ"], "en": ["a"], "lexicon": []}, "theme 't': field 'lexicon' is empty"),
+    ({"id": "t", "ar": ["أ"], "en": ["a"], "lexicon": [" "]}, "theme 't': field 'lexicon' is empty"),
+    ({"id": "t", "ar": ["أ"], "en": ["a"], "verses": ["2:280-290"]},
+     "theme 't': field 'verses': '2:280-290' is out of range (surah 2 has 286 verses)"),
+    ({"id": "t", "ar": ["أ"], "en": ["a"], "verses": ["115:1"]},
+     "theme 't': field 'verses': '115:1' is out of range (there are 114 surahs)"),
+])
+def test_themes_that_would_be_dropped_without_a_word_are_config_errors(tmp_path, theme, message):
+    # Before: a theme with an empty lexicon matched nothing and verses past a surah's end matched no passage:
+    # both were left out of the queries without a word.
+    from m3tune.generation.offline import load_themes
+
+    themes = tmp_path / "themes.yaml"
+    themes.write_text(json.dumps({"version": "t1", "themes": [theme]}, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{themes}: {message}")):
+        load_themes(str(themes))

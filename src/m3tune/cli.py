@@ -701,12 +701,9 @@ def evaluate(
     _local_folder(output_dir, "--output-dir")
     store = _root(root, runs, run_id) if (root or run_id) else None
     if corpus:
-        from m3tune.jsonl import read_records
-        from m3tune.records import Passage
-        from m3tune.storage import split_uri
+        from m3tune.evaluation.step import read_corpus
 
-        folder, name = split_uri(corpus)
-        passages = list(read_records(folder, name, Passage))
+        passages = read_corpus(corpus)
     elif store is not None:
         from m3tune.corpus.passages import read_passages
 

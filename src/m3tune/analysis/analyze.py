@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.arabic import normalize
-from m3tune.errors import UserError
+from m3tune.errors import ConfigError, UserError
 from m3tune.jsonl import Rejects, read_jsonl
 from m3tune.records import Example, Query, example_facts
 from m3tune.storage import absolute_uri, file_digest, split_uri
@@ -106,8 +106,18 @@ def _shares(counter: Counter[str], total: int) -> dict[str, float]:
     return {k: round(v / total, 4) for k, v in counter.most_common()}
 
 
+def check_targets(**targets: float | None) -> None:
+    """Every target and the tolerance a share in [0, 1]: a negative target (or a NaN, which compares false with
+    everything) is met by any data, so the gate before training would pass whatever it is given."""
+    for name, value in targets.items():
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: a share between 0 and 1 (analyze: {name})")
+
+
 def build_report(rows: Iterable[BaseModel], *, arabic_target: float, conceptual_target: float,
                  quran_target: float, tolerance: float, exact_target: float | None = EXACT_TARGET) -> dict[str, Any]:
+    check_targets(arabic_target=arabic_target, conceptual_target=conceptual_target, quran_target=quran_target,
+                  tolerance=tolerance, exact_target=exact_target)
     language: Counter[str] = Counter()
     qtype: Counter[str] = Counter()
     source: Counter[str] = Counter()
@@ -174,6 +184,7 @@ def analyze_files(uris: list[str], *, rejects: Rejects | None = None, **targets:
             with store.open_read(name) as f:
                 yield from read_jsonl(f, model, name=uri, rejects=rejects)
 
+    check_targets(**targets)  # before any file is read
     if not uris:
         raise UserError("nothing to analyze: give one or more JSONL files of queries or examples")
     report = build_report(rows(), **targets)

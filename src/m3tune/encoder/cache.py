@@ -37,10 +37,19 @@ def _read_shard(store: Store, name: str) -> dict[str, np.ndarray]:
     except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as e:
         raise BadInput(f"{where}: corrupt embeddings cache shard ({type(e).__name__}: {e}); {fix}") from None
     if vectors.ndim != 2 or keys.ndim != 1 or len(keys) != len(vectors) or vectors.dtype.kind != "f" \
-            or keys.dtype.kind != "U" or not np.isfinite(vectors).all():
-        raise BadInput(f"{where}: corrupt embeddings cache shard ({len(keys)} keys, vectors {vectors.shape} "
-                       f"{vectors.dtype}, finite: {bool(np.isfinite(vectors).all()) if vectors.dtype.kind == 'f' else '-'}); {fix}")
+            or keys.dtype.kind != "U":
+        raise BadInput(f"{where}: corrupt embeddings cache shard ({keys.shape} keys {keys.dtype}, vectors "
+                       f"{vectors.shape} {vectors.dtype}); {fix}")
+    if not np.isfinite(vectors).all():
+        raise BadInput(f"{where}: corrupt embeddings cache shard (vectors with NaN or Infinity); {fix}")
     return dict(zip(keys.tolist(), vectors))
+
+
+def _check_finite(vectors: np.ndarray, what: str, then: str) -> None:
+    # a diverged model encodes NaN: indexed or published, such vectors match nothing, without an error
+    bad = int((~np.isfinite(vectors)).any(axis=1).sum()) if vectors.size else 0
+    if bad:
+        raise BadInput(f"{what} {bad} of {len(vectors)} vectors with NaN or Infinity (diverged weights?); {then}")
 
 
 class EmbeddingCache:
@@ -57,10 +66,22 @@ class EmbeddingCache:
         missing = sorted({k: i for i, k in enumerate(keys) if k not in self.vectors}.values())
         if missing:
             fresh = encoder.encode([texts[i] for i in missing], queries=queries, desc=desc)
+            _check_finite(fresh, f"{getattr(encoder, 'name', 'the encoder')} encoded", "nothing cached")
             new_keys = [keys[i] for i in missing]
             self.vectors.update(zip(new_keys, fresh))
             buffer = io.BytesIO()
             np.savez(buffer, keys=np.array(new_keys), vectors=fresh)
             self.store.write_bytes(f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.npz", buffer.getvalue())
         dim = encoder.dim
-        return np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, dim), dtype=np.float32)
+        if not keys:
+            return np.zeros((0, dim), dtype=np.float32)
+        vectors = [self.vectors[k] for k in keys]
+        widths = {v.shape for v in vectors}
+        if widths != {(dim,)}:
+            # a shard planted or left by another model under this fingerprint: its vectors would be uploaded
+            # and searched as this encoder's (or fail in np.stack)
+            other = sorted(w for w in widths if w != (dim,))[0]
+            raise BadInput(f"{self.store.uri}: cached vectors of shape {other}, but "
+                           f"{getattr(encoder, 'name', 'the encoder')} makes {dim}-d ones: a foreign or tampered "
+                           "cache; remove the folder (it is rebuilt)")
+        return np.stack(vectors)
