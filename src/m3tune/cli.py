@@ -294,13 +294,13 @@ def status(
                                 "finished_at": s.manifest.finished_at if s.manifest else None}
                                for s in statuses], ensure_ascii=False, indent=2))
         return
-    table = Table(title=store.uri, title_justify="left")
+    table = Table(title=escape(store.uri), title_justify="left")
     for col in ("step", "state", "why", "counts", "finished"):
         table.add_column(col)
     colour = {"done": "green", "stale": "yellow", "missing": "red", "tampered": "bold magenta"}
     for s in statuses:
-        table.add_row(s.step, f"[{colour[s.state]}]{s.state}[/]", s.reason,
-                      _fmt_counts(s.manifest.counts) if s.manifest else "",
+        table.add_row(s.step, f"[{colour[s.state]}]{s.state}[/]", escape(s.reason),
+                      escape(_fmt_counts(s.manifest.counts)) if s.manifest else "",
                       s.manifest.finished_at if s.manifest else "")
     Console().print(table)
 

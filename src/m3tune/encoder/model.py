@@ -64,14 +64,15 @@ def positions(config) -> int | None:
     return n
 
 
-def check_max_length(model: str, config, max_length: int) -> None:
+def check_max_length(model: str, config, max_length: int, option: str = "--max-length") -> None:
     """Refuse a max_length beyond the model's positions: PyTorch fails at the first long text (an IndexError
     deep in the forward pass) and ONNX Runtime reads past the table: found now, in the option's words."""
     n = positions(config)
     if n is not None and max_length > n:
-        raise ConfigError(f"max_length {max_length}: model {model!r} reads at most {n} tokens "
-                          f"(max_position_embeddings {config.max_position_embeddings}); set --max-length "
-                          f"(max_length) to {n} or less")
+        field = option.lstrip("-").replace("-", "_")
+        raise ConfigError(f"{field} {max_length}: model {model!r} reads at most {n} tokens "
+                          f"(max_position_embeddings {config.max_position_embeddings}); set {option} "
+                          f"({field}) to {n} or less")
 
 
 class Encoder:

@@ -148,6 +148,11 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     # config's fields where given (the e5 family: mean pooling and query: / passage:).
     profile = profile_of(cfg.model, pooling=cfg.pooling,
                          query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt, strip_marks=cfg.strip_marks)
+    from m3tune.encoder.model import check_max_length, load_config
+
+    base_config = load_config(cfg.model, path)  # an unknown model type or auto_map: one line naming config.json
+    check_max_length(cfg.model, base_config, cfg.query_max_length, "--query-max-length")
+    check_max_length(cfg.model, base_config, cfg.passage_max_length, "--passage-max-length")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:  # BGE-M3 takes the CLS hidden state; an unused pooler would break DDP's gradient reduction
