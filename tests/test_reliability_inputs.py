@@ -63,7 +63,7 @@ def test_a_10_mb_meta_value_is_refused_with_file_line_and_field():
 ])
 def test_blank_text_is_refused_with_the_field(model, row, field):
     # Before: " " passed min_length=1 and was searched, indexed and trained on as a text.
-    with pytest.raises(RecordError, match=rf"^f.jsonl:1: field '{field}': String should match pattern"):
+    with pytest.raises(RecordError, match=rf"^f.jsonl:1: field '{field}': blank: white space only, no text$"):
         _read(model, json.dumps(row))
 
 

@@ -19,6 +19,7 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from m3tune.errors import BadInput
+from m3tune.records import NOT_BLANK
 from m3tune.storage import Store, WrittenFile
 
 M = TypeVar("M", bound=BaseModel)
@@ -63,6 +64,8 @@ def _describe(error: ValidationError, raw: bytes) -> tuple[str | None, str]:
         return field, "missing required field" + suffix
     if kind == "extra_forbidden":
         return field, "unknown field (not part of this record type)" + suffix
+    if kind == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == NOT_BLANK:
+        return field, "blank: white space only, no text" + suffix
     message = first["msg"]
     if "input" in first and kind not in ("value_error",):
         shown = repr(first["input"])
