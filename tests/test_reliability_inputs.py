@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from m3tune.cli import app
-from m3tune.errors import BadInput, ConfigError, UserError
+from m3tune.errors import BadInput, ConfigError
 from m3tune.jsonl import RecordError, read_jsonl
-from m3tune.records import Example, GoldQuery, Passage, PassageInput, Query
+from m3tune.records import Example, Passage, PassageInput, Query
 
 
 def cli(*args: str, env: dict | None = None):

@@ -84,7 +84,7 @@ class Encoder:
                  device: str | None = None, dtype: str = "auto", strip_marks: bool | None = None,
                  runtime: Runtime = "auto"):
         import torch
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         from m3tune.encoder import onnxrt
