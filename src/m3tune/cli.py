@@ -77,6 +77,13 @@ def _setup(verbose: bool, s3_endpoint: str | None) -> None:
 _state: dict[str, Any] = {"verbose": False}
 
 
+def escape(text: str) -> str:
+    """TEXT (a path, a URI, a name) safe inside rich markup: "[/]" in a folder's name is not a closing tag."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     from m3tune.redact import redact
 
@@ -104,15 +111,39 @@ def _errors(fn):
                 raise
             raise _fail(str(e)) from None
         except OSError as e:
+            if _state["verbose"]:
+                raise
             # A full disk wherever it happens (a model saved by transformers, a checkpoint, --json FILE):
             # exit 4, as storage.StorageFull, since a rerun fills the same space the same way.
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _state["verbose"]:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = f" writing {e.filename}" if e.filename else ""
+                raise _fail(f"no space left on device{where} ({e.strerror}); free space or raise the volume's "
+                            "limit, then rerun", EXIT_BAD_INPUT) from None
+            if e.filename is None:  # no file to name (a socket, a bug): keep the traceback
                 raise
-            where = f" writing {e.filename}" if e.filename else ""
-            raise _fail(f"no space left on device{where} ({e.strerror}); free space or raise the volume's "
-                        "limit, then rerun", EXIT_BAD_INPUT) from None
+            # A file the machine refuses (no permission, a file where a folder belongs): the environment's to fix.
+            raise _fail(f"cannot use {e.filename}{_cache_hint(str(e.filename))}: {e.strerror}; fix its "
+                        "permissions or the path, then rerun") from None
 
     return wrapper
+
+
+def _cache_hint(path: str) -> str:
+    from m3tune.encoder.tiny import cache_dir
+
+    cache = str(cache_dir())
+    return f" (in M3TUNE_CACHE={cache})" if path == cache or path.startswith(cache.rstrip("/") + "/") else ""
+
+
+def _local_folder(path: str, option: str) -> None:
+    """Refuse OPTION's local PATH when it, or a folder above it, is a file: found now, not after the work."""
+    if "://" in path:
+        return
+    for p in (Path(path), *Path(path).absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{option} {path!r}: {p} is not a folder; name a folder (it is made if missing)")
+            return
 
 
 def _root(root: str | None, runs: str, run_id: str | None):
@@ -124,6 +155,7 @@ def _root(root: str | None, runs: str, run_id: str | None):
         if not run_id:
             raise ConfigError("no run given: pass --root URI, or --run-id ID (with --runs, default ./runs)")
         root = run_root_uri(runs, run_id)
+    _local_folder(root, "--root")
     return open_root(root)
 
 
@@ -179,7 +211,7 @@ def _print_manifest(manifest, ran: bool) -> None:
     console.print(f"[bold]{manifest.step}[/bold] {verb}: {_fmt_counts(manifest.counts)}", highlight=False)
     for name, info in manifest.outputs.items():
         rows = f"{info.rows:,} rows, " if info.rows is not None else ""
-        console.print(f"  {name}: {rows}{info.bytes:,} bytes")
+        console.print(f"  {escape(name)}: {rows}{info.bytes:,} bytes")
 
 
 @app.command()
@@ -228,8 +260,8 @@ def run(
         if name in done and STEPS[name].show is not None:
             Console().print(STEPS[name].show(store))
     if "evaluate" in done:
-        Console().print(f"\nevaluation report: [bold]{store.child('evaluate').uri_of('report.md')}[/bold]")
-    Console().print(f"\nrun root: [bold]{store.uri}[/bold]")
+        Console().print(f"\nevaluation report: [bold]{escape(store.child('evaluate').uri_of('report.md'))}[/bold]")
+    Console().print(f"\nrun root: [bold]{escape(store.uri)}[/bold]")
 
 
 @app.command()
@@ -262,13 +294,13 @@ def status(
                                 "finished_at": s.manifest.finished_at if s.manifest else None}
                                for s in statuses], ensure_ascii=False, indent=2))
         return
-    table = Table(title=store.uri, title_justify="left")
+    table = Table(title=escape(store.uri), title_justify="left")
     for col in ("step", "state", "why", "counts", "finished"):
         table.add_column(col)
     colour = {"done": "green", "stale": "yellow", "missing": "red", "tampered": "bold magenta"}
     for s in statuses:
-        table.add_row(s.step, f"[{colour[s.state]}]{s.state}[/]", s.reason,
-                      _fmt_counts(s.manifest.counts) if s.manifest else "",
+        table.add_row(s.step, f"[{colour[s.state]}]{s.state}[/]", escape(s.reason),
+                      escape(_fmt_counts(s.manifest.counts)) if s.manifest else "",
                       s.manifest.finished_at if s.manifest else "")
     Console().print(table)
 
@@ -670,14 +702,12 @@ def evaluate(
         except ValueError:
             raise ConfigError(f"--dims {dims!r}: expected comma-separated integers, e.g. 1024,512,256") from None
     cfg = _build(EvaluateConfig, values, "evaluate")
+    _local_folder(output_dir, "--output-dir")
     store = _root(root, runs, run_id) if (root or run_id) else None
     if corpus:
-        from m3tune.jsonl import read_records
-        from m3tune.records import Passage
-        from m3tune.storage import split_uri
+        from m3tune.evaluation.step import read_corpus
 
-        folder, name = split_uri(corpus)
-        passages = list(read_records(folder, name, Passage))
+        passages = read_corpus(corpus)
     elif store is not None:
         from m3tune.corpus.passages import read_passages
 
@@ -694,7 +724,7 @@ def evaluate(
 
         write_local(output_json, files["results.json"])
     Console().print(render_results(json.loads(files["results.json"])))
-    Console().print(f"\nreport: [bold]{out.uri_of('report.md')}[/bold]")
+    Console().print(f"\nreport: [bold]{escape(out.uri_of('report.md'))}[/bold]")
 
 bench_app = typer.Typer(help="Benchmarks that need no run root.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -772,7 +802,7 @@ def bench_quality(
     store = _root(root or f"runs/{config.stem}", "runs", None)
     summary = run_quality(store, configs, settings, log=logging.getLogger("m3tune.quality"))
     Console().print(markdown(summary), highlight=False)
-    Console().print(f"summary: [bold]{store.child('quality').uri_of('summary.md')}[/bold]")
+    Console().print(f"summary: [bold]{escape(store.child('quality').uri_of('summary.md'))}[/bold]")
     if not summary["goal_met"]:
         raise typer.Exit(EXIT_TARGETS_MISSED)
 

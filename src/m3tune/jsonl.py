@@ -9,6 +9,7 @@ with the reason and skipped, so nothing valid is lost either way.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +19,15 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from m3tune.errors import BadInput
+from m3tune.records import NOT_BLANK
 from m3tune.storage import Store, WrittenFile
 
 M = TypeVar("M", bound=BaseModel)
+
+# The longest line a reader takes. The largest real record (an example with its positives and tens of mined
+# negatives, each at most records.MAX_PASSAGE_CHARS) is a few megabytes; a line of hundreds of megabytes is a
+# file without newlines or a hostile one, and reading it whole would take the pod's memory before any check.
+MAX_LINE_BYTES = 32 * 1024 * 1024
 
 
 class RecordError(BadInput, ValueError):
@@ -57,6 +64,8 @@ def _describe(error: ValidationError, raw: bytes) -> tuple[str | None, str]:
         return field, "missing required field" + suffix
     if kind == "extra_forbidden":
         return field, "unknown field (not part of this record type)" + suffix
+    if kind == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == NOT_BLANK:
+        return field, "blank: white space only, no text" + suffix
     message = first["msg"]
     if "input" in first and kind not in ("value_error",):
         shown = repr(first["input"])
@@ -91,26 +100,78 @@ def read_jsonl(stream: BinaryIO, model: type[M], *, name: str, rejects: Rejects 
         yield record
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> None:
+    # object_pairs_hook: called for every object of the line, nested ones too, with its keys in order
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """The first key that appears twice in one object of the valid JSON line RAW, else None. pydantic's
+    parser, like every JSON parser, keeps the last value: {"text": "a", "text": "b"} would silently be "b"."""
+    if raw.count(b":") < 2:  # fewer than two keys: nothing to compare
+        return None
+    try:
+        json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        return e.key
+    except ValueError:  # what pydantic accepted and json does not (cannot happen for valid JSON): no verdict
+        return None
+    return None
+
+
+def _lines(stream: BinaryIO) -> Iterator[tuple[bytes, bool]]:
+    """(line, too long) for each line of STREAM; a line over MAX_LINE_BYTES is skipped to its end unread."""
+    while True:
+        raw = stream.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield raw, False
+            continue
+        while raw and not raw.endswith(b"\n"):  # drain the rest of the long line
+            raw = stream.readline(MAX_LINE_BYTES)
+        yield b"", True
+
+
 def read_jsonl_numbered(stream: BinaryIO, model: type[M], *, name: str,
                         rejects: Rejects | None = None) -> Iterator[tuple[int, bytes, M]]:
     """As read_jsonl, with each record's line number and raw bytes (for errors found after parsing)."""
     validate = model.model_validate_json
     seen = 0
-    for line_no, raw in enumerate(stream, start=1):
+    for line_no, (raw, too_long) in enumerate(_lines(stream), start=1):
         if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
             raw = raw[3:]
         raw = raw.strip()
-        if not raw:
+        if not raw and not too_long:
             continue
         seen += 1
         try:
-            yield line_no, raw, validate(raw)
+            if too_long:
+                raise RecordError(name, line_no, None, f"line longer than {MAX_LINE_BYTES:,} bytes "
+                                  "(jsonl.MAX_LINE_BYTES): one record a line, each far smaller")
+            record = validate(raw)
+            duplicate = _duplicate_key(raw)
+            if duplicate is not None:
+                raise RecordError(name, line_no, duplicate, "duplicate key: a JSON reader keeps only the last "
+                                  "value; remove one")
+            yield line_no, raw, record
         except ValidationError as e:
             field, message = _describe(e, raw)
             err = RecordError(name, line_no, field, message)
             if rejects is None:
                 raise err from None
             rejects.add(err, raw)
+        except RecordError as err:
+            if rejects is None:
+                raise
+            rejects.add(err, raw[:10_000])
     if not seen:
         raise RecordError(name, 0, None, "file is empty: expected one JSON object per line")
 

@@ -52,15 +52,36 @@ def config_digest(config: BaseModel) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class _Recorded(dict):
+    """A manifest's outputs: asking for a file it does not record is Tampered naming the manifest (every
+    step's manifest records each file the step publishes; one without is edited), not a KeyError."""
+
+    uri = step = ""
+
+    def __missing__(self, name: str):
+        raise Tampered(f"{self.uri}: tampered: records no {name!r}, which step {self.step!r} publishes; "
+                       f"rerun that step with --force")
+
+
+def _invalid(uri: str, error: ValidationError) -> "Tampered":
+    first = error.errors(include_url=False)[0]
+    field = ".".join(map(str, first["loc"])) or "(top)"
+    return Tampered(f"{uri}: tampered: not a valid manifest: field '{field}': {first['msg']}; rerun its step "
+                    "with --force")
+
+
 def read_manifest(step_store: Store) -> Manifest | None:
     """The manifest in a step's folder, or None if the step has not finished there."""
     if not step_store.exists(MANIFEST):
         manifest = None
     else:
+        uri = step_store.uri_of(MANIFEST)
         try:
             manifest = Manifest.model_validate_json(step_store.read_bytes(MANIFEST))
         except ValidationError as e:
-            raise StorageError(f"{step_store.uri_of(MANIFEST)} is not a valid manifest: {e}") from None
+            raise _invalid(uri, e) from None
+        manifest.outputs = _Recorded(manifest.outputs)
+        manifest.outputs.uri, manifest.outputs.step = uri, manifest.step
     if isinstance(step_store._integrity, RunIntegrity):  # what was just read is the freshest record
         step_store._integrity.remember(step_store._rel, manifest)
     return manifest

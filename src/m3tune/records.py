@@ -10,20 +10,36 @@ from typing import Annotated, Any, Literal
 
 import math
 
+import pydantic_core
+
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 PASSAGE_ID = r"^[a-z][a-z0-9_-]*:[A-Za-z0-9][A-Za-z0-9:._-]*$"
 # The longest packaged passage (a hadith of Sahih Muslim) has 14,663 characters; the encoders read 512
 # tokens of it. A passage of megabytes is a broken file (a whole book on one line), not a passage: refused.
 MAX_PASSAGE_CHARS = 100_000
+# A query is read in 128 tokens for training (query_max_length) and the longest gold query has 116
+# characters: thousands of characters are a passage or a whole file pasted into the field, which would be
+# tokenized, truncated and trained on without a word. 4,000 leaves room for any real quote.
+MAX_QUERY_CHARS = 4_000
+# A short text field (an id, a collection, a category, a generator's name) is a word or a few.
+MAX_NAME_CHARS = 1_000
+# meta holds a grade, a chapter, a reference: a few hundred bytes. Ten megabytes is a broken export (a
+# book in one field) that every later step would carry, copy and publish: refused, as JSON text.
+MAX_META_CHARS = 64_000
+# Negatives per example: the miner writes tens; thousands would make one example dwarf a batch.
+MAX_NEGATIVES = 1_000
+# Some character that is not white space: " " passes min_length=1 but is no text to search or train on.
+NOT_BLANK = r"\S"
 
-PassageId = Annotated[str, StringConstraints(pattern=PASSAGE_ID)]
-Text = Annotated[str, StringConstraints(min_length=1)]
+PassageId = Annotated[str, StringConstraints(pattern=PASSAGE_ID, max_length=MAX_NAME_CHARS)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS, pattern=NOT_BLANK)]
+QueryText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS, pattern=NOT_BLANK)]
 Language = Literal["ar", "en"]
 Source = Literal["quran", "hadith"]
 QueryType = Literal["question", "keyword", "conceptual", "exact"]
 Score = Annotated[float, Field(allow_inf_nan=False)]
-PassageText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PASSAGE_CHARS)]
+PassageText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PASSAGE_CHARS, pattern=NOT_BLANK)]
 
 
 def _finite(value: Any, where: str = "") -> Any:
@@ -39,7 +55,15 @@ def _finite(value: Any, where: str = "") -> Any:
     return value
 
 
-Meta = Annotated[dict[str, Any], AfterValidator(lambda meta: _finite(meta, "meta"))]
+def _bounded(meta: dict[str, Any]) -> dict[str, Any]:
+    size = len(pydantic_core.to_json(meta))
+    if size > MAX_META_CHARS:
+        raise ValueError(f"is {size:,} bytes of JSON, more than MAX_META_CHARS ({MAX_META_CHARS:,}): meta is for "
+                         "a grade, a chapter or a reference; keep long texts out of it")
+    return _finite(meta, "meta")
+
+
+Meta = Annotated[dict[str, Any], AfterValidator(_bounded)]
 
 
 class _Strict(BaseModel):
@@ -81,7 +105,7 @@ class Query(_Strict):
     """A training query with the passage(s) that answer it."""
 
     id: Text
-    query: Text
+    query: QueryText
     language: Language
     type: QueryType
     positive_ids: list[PassageId] = Field(min_length=1)
@@ -98,9 +122,9 @@ class Example(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    query: Text
-    pos: list[Text] = Field(min_length=1)
-    neg: list[Text] = Field(default_factory=list)
+    query: QueryText
+    pos: list[PassageText] = Field(min_length=1, max_length=MAX_NEGATIVES)
+    neg: list[PassageText] = Field(default_factory=list, max_length=MAX_NEGATIVES)
     pos_ids: list[PassageId] | None = None
     neg_ids: list[PassageId] | None = None
     pos_scores: list[Score] | None = None
@@ -159,7 +183,7 @@ class GoldQuery(_Strict):
     """An evaluation query with its relevant passages."""
 
     id: Text
-    query: Text
+    query: QueryText
     relevant_ids: list[PassageId] = Field(min_length=1)
     category: Text = Field(description="exact, thematic, cross_lingual, paraphrase, ...")
     language: Language
@@ -177,5 +201,5 @@ class GoldQuery(_Strict):
     independent: bool | None = Field(
         default=None, description="no training generator shares this query's construction rule, its lexicon "
         "or the text it was cut from (gold v4 tags every query; the headline is held-out-test and independent)")
-    shares: list[Text] = Field(default_factory=list, description="what a training generator shares with this "
+    shares: list[PassageText] = Field(default_factory=list, description="what a training generator shares with this "
                                "query, when it is not independent (the rule, the text), one reason an item")

@@ -55,9 +55,24 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _reader_where(e: yaml.YAMLError, text: str) -> str:
+    """'line 2, column 11: character #x0000' for a reader's error (it carries an offset, not a mark)."""
+    position, character = getattr(e, "position", None), getattr(e, "character", None)
+    if not isinstance(position, int):
+        return str(e)
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    shown = f"#x{character:04x}" if isinstance(character, int) else repr(character)
+    return f"{line}:{column}: invalid YAML: character {shown}: {getattr(e, 'reason', 'not allowed')}"
+
+
 def load_yaml(text: str, where: str) -> Any:
     """The data of the YAML document TEXT, read from WHERE (named in errors)."""
-    loader = _StrictLoader(text)
+    try:
+        # inside the try: the reader checks the text (a NUL byte, a control character) as it is handed over
+        loader = _StrictLoader(text)
+    except yaml.YAMLError as e:
+        raise BadYaml(f"{where}:{_reader_where(e, text)}; remove it") from None
     loader.name = where
     try:
         return loader.get_single_data()

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.arabic import normalize
-from m3tune.errors import UserError
+from m3tune.errors import ConfigError, UserError
 from m3tune.jsonl import Rejects, read_jsonl
 from m3tune.records import Example, Query, example_facts
 from m3tune.storage import absolute_uri, file_digest, split_uri
@@ -106,8 +106,18 @@ def _shares(counter: Counter[str], total: int) -> dict[str, float]:
     return {k: round(v / total, 4) for k, v in counter.most_common()}
 
 
+def check_targets(**targets: float | None) -> None:
+    """Every target and the tolerance a share in [0, 1]: a negative target (or a NaN, which compares false with
+    everything) is met by any data, so the gate before training would pass whatever it is given."""
+    for name, value in targets.items():
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: a share between 0 and 1 (analyze: {name})")
+
+
 def build_report(rows: Iterable[BaseModel], *, arabic_target: float, conceptual_target: float,
                  quran_target: float, tolerance: float, exact_target: float | None = EXACT_TARGET) -> dict[str, Any]:
+    check_targets(arabic_target=arabic_target, conceptual_target=conceptual_target, quran_target=quran_target,
+                  tolerance=tolerance, exact_target=exact_target)
     language: Counter[str] = Counter()
     qtype: Counter[str] = Counter()
     source: Counter[str] = Counter()
@@ -174,6 +184,7 @@ def analyze_files(uris: list[str], *, rejects: Rejects | None = None, **targets:
             with store.open_read(name) as f:
                 yield from read_jsonl(f, model, name=uri, rejects=rejects)
 
+    check_targets(**targets)  # before any file is read
     if not uris:
         raise UserError("nothing to analyze: give one or more JSONL files of queries or examples")
     report = build_report(rows(), **targets)
@@ -191,16 +202,18 @@ def show_report(root) -> Any:
 def render_report(report: dict[str, Any]):
     """A rich renderable: the shares and targets as tables."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
-    shares = Table(title=f"{report['input']}: {report['rows']:,} {report['kind']}", title_justify="left")
+    # a file's name is text, not markup: "[/]" in a path would end a tag that was never opened
+    shares = Table(title=f"{escape(report['input'])}: {report['rows']:,} {report['kind']}", title_justify="left")
     shares.add_column("dimension")
     shares.add_column("value")
     shares.add_column("rows", justify="right")
     shares.add_column("share", justify="right")
     for dim in ("language", "type", "source"):
         for value, share in report["shares"][dim].items():
-            shares.add_row(dim, value, f"{report['counts'][dim][value]:,}", f"{share:.1%}")
+            shares.add_row(dim, escape(value), f"{report['counts'][dim][value]:,}", f"{share:.1%}")
     targets = Table(title="targets", title_justify="left")
     for col in ("target", "share", "goal", ""):
         targets.add_column(col, justify="right" if col in ("share", "goal") else "left")
@@ -209,7 +222,7 @@ def render_report(report: dict[str, Any]):
         targets.add_row(f"{t['name']} queries", f"{t['share']:.1%}", f"≥ {t['target']:.0%} (± {t['tolerance']:.0%})",
                         mark)
     for name, why in report.get("not_checked", {}).items():
-        targets.add_row(f"{name} queries", "—", "not checked", why)
+        targets.add_row(f"{name} queries", "—", "not checked", escape(why))
     d, p = report["duplicates"], report["per_passage"]
     extra = Table.grid(padding=(0, 2))
     extra.add_row("duplicate queries", f"{d['rows']:,} rows ({d['distinct_queries']:,} distinct)")

@@ -232,6 +232,8 @@ def combine(ctx, *, inputs: list[str], mined: bool, arabic_target: float, concep
                       containment=gold_containment, char_ngram=gold_char_ngram, cross_language=gold_cross_language,
                       texts=gold_passage_texts(corpus, gold) if corpus is not None and gold else None)
     held = heldout.load(held_out)
+    if known is not None:
+        heldout.check_known(held, known, held_out)
     near, removed_near = None, 0
     if corpus is not None:
         from m3tune.corpus.neardup import read_groups

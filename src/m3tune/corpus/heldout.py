@@ -33,7 +33,7 @@ import argparse
 from functools import lru_cache
 from pathlib import Path
 
-from m3tune.errors import UserError
+from m3tune.errors import ConfigError, UserError
 from m3tune.records import Passage
 
 VERSION = "held-out-v1"
@@ -133,7 +133,22 @@ def _read(text: str, shown: str) -> frozenset[str]:
         if any(c.isspace() for c in line) or ":" not in line:
             raise UserError(f"{shown}:{n}: expected one passage id (like quran:12:4) a line, got {line[:60]!r}")
         ids.append(line)
+    if not ids:
+        # an empty file (a failed export, the wrong file) would silently hold nothing out of training
+        raise ConfigError(f"held_out {shown}: the list has no passage ids; to hold nothing out, set held_out: null "
+                          "in the config")
     return frozenset(ids)
+
+
+def check_known(held: frozenset[str], known: set[str] | frozenset[str], uri: str | None) -> None:
+    """A user's list (not the packaged one, which covers the whole packaged corpus of which a run may ingest
+    a part) must name passages of the run's corpus: an id with a typo holds nothing out, without a word."""
+    if uri in (None, "packaged"):
+        return
+    unknown = sorted(held - set(known))
+    if unknown:
+        raise ConfigError(f"held_out {uri}: {len(unknown)} of its {len(held)} ids are not in the run's corpus "
+                          f"(first: {unknown[0]}); fix the list")
 
 
 def load(uri: str | None = "packaged") -> frozenset[str]:

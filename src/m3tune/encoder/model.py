@@ -20,7 +20,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from m3tune.encoder.profiles import Dtype, Pooling, profile_of, resolve
-from m3tune.errors import UserError
+from m3tune.errors import BadInput, ConfigError, UserError
 
 log = logging.getLogger("m3tune.encoder")
 
@@ -37,6 +37,44 @@ def pool(hidden, attention_mask, pooling: Pooling):
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def load_config(model: str, path: str):
+    """MODEL's transformers config from PATH; its config.json refused in one line when transformers cannot
+    read it (an unknown model_type, an auto_map naming code that would need trust_remote_code)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+    except (ValueError, KeyError, TypeError) as e:  # what transformers raises for a config it does not know
+        where = f"{path}/config.json" if Path(path).is_dir() else f"model {model!r}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{where}: not a config transformers can load without running the folder's own code: "
+                       f"{first}") from None
+
+
+def positions(config) -> int | None:
+    """Tokens MODEL can read: its table of positions, less RoBERTa's offset (its positions start after the
+    padding id, so XLM-R's 514 entries read 512 tokens); None when the model has no such table."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    if "roberta" in str(getattr(config, "model_type", "")) or str(getattr(config, "model_type", "")) == "camembert":
+        n -= int(getattr(config, "pad_token_id", None) or 1) + 1
+    return n
+
+
+def check_max_length(model: str, config, max_length: int, option: str = "--max-length") -> None:
+    """Refuse a max_length beyond the model's positions: PyTorch fails at the first long text (an IndexError
+    deep in the forward pass) and ONNX Runtime reads past the table: found now, in the option's words."""
+    n = positions(config)
+    if n is not None and max_length > n:
+        field = option.lstrip("-").replace("-", "_")
+        raise ConfigError(f"{field} {max_length}: model {model!r} reads at most {n} tokens "
+                          f"(max_position_embeddings {config.max_position_embeddings}); set {option} "
+                          f"({field}) to {n} or less")
+
+
 class Encoder:
     """A dense encoder with its profile (pooling, prompts, length: `m3tune.encoder.profiles`); the
     keyword arguments left None take the model's profile."""
@@ -46,7 +84,7 @@ class Encoder:
                  device: str | None = None, dtype: str = "auto", strip_marks: bool | None = None,
                  runtime: Runtime = "auto"):
         import torch
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         from m3tune.encoder import onnxrt
@@ -76,10 +114,8 @@ class Encoder:
             raise UserError(f"model {model!r}: {path} has no config.json: not a Hugging Face model folder")
         if runtime not in ("auto", "torch", "onnx"):
             raise UserError(f"encoder runtime {runtime!r}: expected auto, torch or onnx")
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except OSError as e:
-            raise UserError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+        config = load_config(model, path)
+        check_max_length(model, config, self.max_length)
         on_cpu_fp32 = self.device == "cpu" and torch_dtype == torch.float32
         if int8 and (runtime == "torch" or self.device != "cpu" or not onnxrt.supported(config)):
             raise UserError(f"encoder dtype int8: model {model!r} ({config.model_type}) on {self.device} with runtime "

@@ -84,6 +84,18 @@ class EvaluateConfig(BaseModel):
         "the headline test rows: no training generator's rule, and no English query cut from the translation "
         "BM25 indexes) or 'all' (the rule-built rows too)")
 
+    @field_validator("dims")
+    @classmethod
+    def _positive_dims(cls, dims: list[int]) -> list[int]:
+        # a dim of 0 or less truncates every vector to nothing (or counts from the end): metrics of no model
+        bad = [d for d in dims if d < 1]
+        if bad or not dims:
+            raise ValueError(f"--dims: {bad[0] if bad else '(none)'} is not a dimension; give positive integers, "
+                             "e.g. 1024,512,256")
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"--dims {','.join(map(str, dims))}: a dimension given twice")
+        return dims
+
     @field_validator("fusion_normalizations")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
@@ -294,6 +306,37 @@ def quote_shares(queries: Sequence[GoldQuery], runs_of, names: Sequence[str], ki
     return out
 
 
+def check_unique_ids(passages: Sequence[Passage], where: str) -> None:
+    """Every passage id once: a second passage under one id is ranked as a second hit for the same id (or one of
+    them never is), so Recall and MRR would count a relevant passage twice or miss it."""
+    from m3tune.errors import BadInput
+
+    seen: set[str] = set()
+    for n, p in enumerate(passages, start=1):
+        if p.id in seen:
+            raise BadInput(f"{where}: passage {n}: field 'id': {p.id} is a second passage with this id; ids must "
+                           "be unique")
+        seen.add(p.id)
+
+
+def read_corpus(uri: str) -> list[Passage]:
+    """The passages of the JSONL file URI (evaluate --corpus), a repeated id refused with its file and line."""
+    from m3tune.jsonl import RecordError, read_jsonl_numbered
+    from m3tune.storage import split_uri
+
+    store, name = split_uri(uri)
+    first: dict[str, int] = {}
+    passages = []
+    with store.open_read(name) as f:
+        for line, _, p in read_jsonl_numbered(f, Passage, name=store.uri_of(name)):
+            if p.id in first:
+                raise RecordError(store.uri_of(name), line, "id", f"{p.id} repeats line {first[p.id]}: ids must be "
+                                  "unique in a corpus")
+            first[p.id] = line
+            passages.append(p)
+    return passages
+
+
 def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=None, log=None) -> dict[str, bytes]:
     """Load the gold set, check it against PASSAGES, and compare CONFIG's models: the files to publish."""
     from m3tune.errors import UserError
@@ -306,9 +349,12 @@ def run_evaluation(passages: Sequence[Passage], config: EvaluateConfig, *, root=
     from m3tune.errors import ConfigError
     from m3tune.evaluation.gold import load_for_selection
 
+    check_unique_ids(passages, "the corpus")
     specs = specs_of(config)
-    gold = load_gold(config.test_set, {p.id for p in passages},
-                     held_out=heldout.load(config.held_out) if config.held_out is not None else None)
+    held = heldout.load(config.held_out) if config.held_out is not None else None
+    if held is not None:
+        heldout.check_known(held, {p.id for p in passages}, config.held_out)
+    gold = load_gold(config.test_set, {p.id for p in passages}, held_out=held)
     dev, dev_set = [], None
     if config.dev_set is not None and any(s.kind == "fusion" for s in specs):
         # load_for_selection: every row tagged held-out-dev, so no weight is ever chosen on the test set
@@ -348,6 +394,7 @@ def show_results(root) -> Any:
 
 
 def render_results(results: dict[str, Any]):
+    from rich.markup import escape  # a model's name is the user's text, not markup
     from rich.table import Table
 
     table = Table(title=f"{results['test_set']['queries']} gold queries · targets Recall@10 ≥ "
@@ -361,5 +408,5 @@ def render_results(results: dict[str, Any]):
     table.add_column("R@10 / MRR", no_wrap=True)
     for m in results["models"]:
         marks = " ".join("✅" if v["met"] else "❌" for v in m["targets"].values())
-        table.add_row(m["name"], *(f"{m['overall'][c]:.3f}" for c in cols), marks)
+        table.add_row(escape(m["name"]), *(f"{m['overall'][c]:.3f}" for c in cols), marks)
     return table

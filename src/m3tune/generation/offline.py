@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.resources import files
+from pathlib import Path
 
 from m3tune.arabic import normalize, strip_marks
 from m3tune.errors import ConfigError
@@ -229,18 +230,28 @@ class Theme:
         return n
 
 
+# Verses per surah (Hafs numbering, as the packaged corpus): 6,236 in all.
+SURAH_VERSES = (7, 286, 200, 176, 120, 165, 206, 75, 129, 109, 123, 111, 43, 52, 99, 128, 111, 110, 98, 135, 112, 78,
+                118, 64, 77, 227, 93, 88, 69, 60, 34, 30, 73, 54, 45, 83, 182, 88, 75, 85, 54, 53, 89, 59, 37, 35, 38,
+                29, 18, 45, 60, 49, 62, 55, 78, 96, 29, 22, 24, 13, 14, 11, 11, 18, 12, 12, 30, 52, 52, 44, 28, 28,
+                20, 56, 40, 31, 50, 40, 46, 42, 29, 19, 36, 25, 22, 17, 19, 26, 30, 20, 15, 21, 11, 8, 8, 19, 5, 8,
+                8, 11, 11, 8, 3, 9, 5, 4, 7, 3, 6, 3, 5, 4, 5, 6)
+
+
 def load_themes(path: str | None = None, *, held_out: bool = False) -> tuple[str, list[Theme]]:
     """(version, themes) from PATH or the packaged curated list.
 
     The themes marked `held_out` (the topics of the held-out partition, m3tune.corpus.heldout) are left
     out, so that no generator ever sees them, unless HELD_OUT asks for them too (the gold builder).
     """
-    import yaml
+    from m3tune.yamlfile import load_yaml, read_yaml
 
-    raw = (open(path, encoding="utf-8").read() if path
-           else files("m3tune.generation").joinpath("data/themes.yaml").read_text(encoding="utf-8"))
-    data = yaml.safe_load(raw)
     where = path or "themes.yaml"
+    # the strict reader: a malformed file is one line naming file, line and column (exit 4), not a traceback
+    data = read_yaml(Path(path)) if path else \
+        load_yaml(files("m3tune.generation").joinpath("data/themes.yaml").read_text(encoding="utf-8"), where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with version and themes")
     try:
         themes = [Theme(id=t["id"], ar=list(t["ar"]), en=list(t["en"]),
                         lexicon=list(t.get("lexicon") or []) if "verses" in t else list(t["lexicon"]),
@@ -253,6 +264,10 @@ def load_themes(path: str | None = None, *, held_out: bool = False) -> tuple[str
                           f"({e})") from None
     if len({t.id for t in themes}) != len(themes):
         raise ConfigError(f"{where}: theme ids must be unique")
+    for t in themes:
+        if not t.verses and not any(normalize(w).strip() for w in t.lexicon):
+            # a theme that can match no passage would be dropped from the queries without a word
+            raise ConfigError(f"{where}: theme {t.id!r}: field 'lexicon' is empty: give its words (or its verses)")
     return version, [t for t in themes if held_out or not t.held_out]
 
 
@@ -261,7 +276,12 @@ def _verse_range(spec: object, where: str, theme: str) -> list[str]:
     m = re.fullmatch(r"(\d+):(\d+)(?:-(\d+))?", str(spec).strip())
     if not m or (m[3] and int(m[3]) < int(m[2])):
         raise ConfigError(f"{where}: theme {theme!r}: verses entry {spec!r} is not SURAH:FIRST-LAST (e.g. 2:67-73)")
-    surah, first = int(m[1]), int(m[2])
+    surah, first, last = int(m[1]), int(m[2]), int(m[3] or m[2])
+    # a verse the Quran does not have would be left out of the story's positives without a word
+    if not 1 <= surah <= len(SURAH_VERSES) or first < 1 or last > SURAH_VERSES[surah - 1]:
+        have = f"surah {surah} has {SURAH_VERSES[surah - 1]} verses" if 1 <= surah <= len(SURAH_VERSES) \
+            else f"there are {len(SURAH_VERSES)} surahs"
+        raise ConfigError(f"{where}: theme {theme!r}: field 'verses': {spec!r} is out of range ({have})")
     return [f"quran:{surah}:{v}" for v in range(first, int(m[3] or first) + 1)]
 
 

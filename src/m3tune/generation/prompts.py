@@ -13,9 +13,24 @@ from dataclasses import dataclass
 from importlib.resources import files
 from string import Template
 
-from m3tune.errors import ConfigError
+from m3tune.errors import BadInput, ConfigError
 
 _PART = re.compile(r"^\[(system|user)\]\s*$", re.M)
+
+
+class BadPrompt(ConfigError, BadInput):
+    """A prompt file that cannot be used as written: the same file fails the same way on a rerun (exit 4)."""
+
+
+def _check_placeholders(text: str, where: str) -> None:
+    """Every `$` of TEXT starts a field ($name, ${name}) or is written `$$`: string.Template would otherwise
+    raise its ValueError at the first prompt built, a traceback after the passages were read."""
+    for m in Template.pattern.finditer(text):
+        if m.group("invalid") is not None:
+            line = text.count("\n", 0, m.start()) + 1
+            found = text[m.start():m.start() + 2]
+            raise BadPrompt(f"{where}:{line}: invalid placeholder {found!r}: fields are $name or ${{name}}; "
+                            "write $$ for a dollar sign")
 
 
 @dataclass(frozen=True)
@@ -37,9 +52,13 @@ def load_prompt(version: str) -> Prompt:
     if version.endswith(".txt"):
         path = version
         try:
-            text = open(path, encoding="utf-8").read()
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
         except OSError as e:
             raise ConfigError(f"cannot read prompt file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise BadPrompt(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        _check_placeholders(text, path)
         version = path.rsplit("/", 1)[-1][:-4]
     else:
         resource = files("m3tune.generation").joinpath(f"prompts/{version}.txt")

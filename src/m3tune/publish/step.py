@@ -376,6 +376,8 @@ def show_published(root) -> Any:
     """What `m3tune step publish` prints: alias, collection, previous, gate."""
     from rich.table import Table
 
+    from rich.markup import escape
+
     rec = json.loads(root.child("publish").read_bytes(PUBLISHED))
     table = Table(title="published", title_justify="left", show_header=False)
     gate_ = rec["gate"]
@@ -386,5 +388,5 @@ def show_published(root) -> Any:
                        ("upload", f"{rec['upload']['points']:,} points sent, {rec['upload']['already_there']:,} "
                                   f"already there, {rec['upload']['points_per_second']:,} points/s"),
                        ("switch", f"{rec['switch_seconds'] * 1000:.1f} ms"), ("deleted", ", ".join(rec["deleted"]) or "none")):
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))  # names and URLs are text, not markup
     return table

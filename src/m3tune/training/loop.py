@@ -151,6 +151,11 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
     # config's fields where given (the e5 family: mean pooling and query: / passage:).
     profile = profile_of(cfg.model, pooling=cfg.pooling,
                          query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt, strip_marks=cfg.strip_marks)
+    from m3tune.encoder.model import check_max_length, load_config
+
+    base_config = load_config(cfg.model, path)  # an unknown model type or auto_map: one line naming config.json
+    check_max_length(cfg.model, base_config, cfg.query_max_length, "--query-max-length")
+    check_max_length(cfg.model, base_config, cfg.passage_max_length, "--passage-max-length")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:  # BGE-M3 takes the CLS hidden state; an unused pooler would break DDP's gradient reduction
@@ -747,10 +752,56 @@ def _resume(s: Session, latest: dict | None = None) -> None:
             shutil.rmtree(s.work / BEST, ignore_errors=True)
             download_folder(best, s.work / BEST)
     s.accelerator.wait_for_everyone()
-    s.accelerator.load_state(str(local))
-    state = json.loads((local / STATE).read_text())
+    where = s.out.uri_of(f"{CHECKPOINTS}/{latest['name']}")
+    load_checkpoint_state(s.accelerator, local, where)
+    state = read_trainer_state(local / STATE, f"{where}/{STATE}")
     for key in ("step", "history", "best", "bad_evals", "before", "stopped_early", "examples_seen"):
         setattr(s, key, state[key])
+
+
+def load_checkpoint_state(accelerator, local: Path, where: str) -> None:
+    """Accelerate's state from the checkpoint folder LOCAL (downloaded from WHERE). Its files are loaded with
+    torch.load(weights_only=True), which refuses a pickle that would run code, and fails on a truncated or
+    edited file: either is the run root's content, not a bug, so one line naming the checkpoint, exit 4."""
+    import pickle
+
+    try:
+        accelerator.load_state(str(local))
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"{where}: tampered or corrupt checkpoint, refused ({type(e).__name__}: {first[:300]}); "
+                       "pass --restart to start over") from None
+
+
+def read_trainer_state(path: Path, where: str) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint, checked: it lives in the run root (anyone who can write the bucket
+    writes it), and a missing field or a step of the wrong type would fail deep in the loop, or resume at
+    a step the weights are not at."""
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    class TrainerState(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        step: int
+        history: list[dict[str, Any]]
+        best: dict[str, Any] | None
+        bad_evals: int
+        before: dict[str, Any] | None
+        stopped_early: bool
+        examples_seen: int
+
+    try:
+        state = TrainerState.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise BadInput(f"{where}: missing from its checkpoint ({e.strerror}); pass --restart to start over") from None
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = ".".join(map(str, first["loc"]))
+        raise BadInput(f"{where}: tampered: {'field ' + repr(field) + ': ' if field else ''}{first['msg']}; pass "
+                       "--restart to start over") from None
+    if state.step < 0 or state.bad_evals < 0 or state.examples_seen < 0 or \
+            (state.best is not None and not isinstance(state.best.get("step"), int)):
+        raise BadInput(f"{where}: tampered: negative counts or a best without its step; pass --restart to start over")
+    return state.model_dump()
 
 
 # ----------------------------------------------------------------------------------------------- save
