@@ -212,12 +212,23 @@ def test_zero3_follows_the_reference_and_publishes_standard_names(tmp_path, qura
 
 
 def _kill_at_first_checkpoint(proc: subprocess.Popen, store, *, steps: int) -> int:
-    """SIGKILL PROC's process group (the step, torchrun, its workers) once STORE holds a checkpoint; its step."""
+    """SIGKILL PROC and every process under it (the step, torchrun, its workers: a pod or node dying) once STORE
+    holds a checkpoint; its step. Not PROC's process group alone: torchrun starts each worker in a session of its
+    own, so a killed group left the workers training on, and writing later checkpoints into the run root."""
+    import psutil
+
     deadline = time.time() + 300
     while not store.exists("checkpoints/latest.json") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree = [psutil.Process(proc.pid)]
+    tree += tree[0].children(recursive=True)
+    for process in tree:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(tree[1:], timeout=30)
     killed_at = json.loads(store.read_bytes("checkpoints/latest.json"))["step"]
     assert killed_at < steps, "the run finished before it could be killed"
     return killed_at
