@@ -6,6 +6,7 @@ test names the class it covers and what the code before its fix did.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -60,8 +61,6 @@ def ingested(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def root_dir(ingested, tmp_path) -> Path:
-    import shutil
-
     dest = tmp_path / "runs" / "r"
     shutil.copytree(ingested, dest)
     return dest
@@ -109,7 +108,7 @@ def test_a_short_key_is_redacted_and_a_too_short_one_refused(root_dir, monkeypat
     monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", "k3y9Q")
     with ChatServer(_every("echobare")) as server:
-        result = generate(root_dir, server, "-v")
+        result = generate(root_dir, server)
     assert result.exit_code == 4 and "every one of the 3 request(s) failed" in _last_error(result)
     assert "k3y9Q" not in result.stderr and "k3y9Q" not in _published_text(root_dir)
     # a key of 1-3 characters would mask ordinary letters everywhere: refused before any request
@@ -204,7 +203,7 @@ def test_a_gzip_bomb_is_refused_past_the_bound(root_dir, tmp_path, ingested, key
         tracemalloc.stop()
     _no_traceback(result)
     assert result.exit_code == 4 and "MiB" in _last_error(result), result.output
-    assert peak < 90 * 2**20, peak
+    assert peak < 60 * 2**20, peak  # the bound (8 MiB a chat answer, 17 MiB a batch of 64 vectors), not 100 MiB
 
 
 # --------------------------------------------------------------------- 4. tracebacks from odd answers
@@ -293,6 +292,7 @@ def test_escapes_from_an_endpoint_are_kept_as_text_but_never_printed_raw(root_di
     assert kept.exit_code == 0, kept.output
     queries = _lines(root_dir / "generate-queries" / "queries.jsonl")
     assert any(ANSI in q["query"] for q in queries)  # the data is kept as written: escaped on output only
+    shutil.rmtree(root_dir / "generate-queries" / "journal")  # or the answers above are read again
     with ChatServer(_every("ansi400")) as server:
         failed = generate(root_dir, server, "--force")
     assert failed.exit_code == 4, failed.output
