@@ -20,6 +20,7 @@ Hostile modes (tests/test_hostile_server.py):
     notjson   HTTP 200, content-type application/json, a body that is not JSON
     bomb      HTTP 200 whose gzip body inflates to llm_server.BOMB_BYTES
     drip      a valid answer sent one byte every llm_server.DRIP_EVERY seconds
+    driphead  the same, its status line and headers included
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from llm_server import LoopbackServer, gzip_bomb, send_json, send_raw
+from llm_server import LoopbackServer, drip_raw, gzip_bomb, send_json, send_raw
 
 DIM = 64
 HUGE_DIM = 200_000
@@ -93,9 +94,12 @@ class EmbeddingsServer(LoopbackServer):
                         d["embedding"] = [float("nan")] * DIM
                 if action == "datanull":
                     data = None
-                if action == "drip":
-                    payload = {"object": "list", "data": data, "model": body.get("model"), "usage": {}}
-                    return send_raw(self, 200, json.dumps(payload).encode(), drip=True)
+                if action in ("drip", "driphead"):
+                    payload = json.dumps({"object": "list", "data": data, "model": body.get("model"), "usage": {}})
+                    if action == "drip":
+                        return send_raw(self, 200, payload.encode(), drip=True)
+                    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+                    return drip_raw(self, (head + payload).encode())
                 if action == "short":
                     data = data[:-1]
                 if data:

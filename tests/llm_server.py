@@ -108,6 +108,21 @@ def gzip_bomb(size: int = BOMB_BYTES) -> bytes:
     return b"".join([*(packer.compress(chunk) for _ in range(size // len(chunk))), packer.flush()])
 
 
+def drip_raw(handler, data: bytes) -> None:
+    """Send DATA (a whole HTTP response, headers included) a byte every DRIP_EVERY s for DRIP_FOR s at most."""
+    end = time.monotonic() + DRIP_FOR
+    try:
+        for i in range(len(data)):
+            if time.monotonic() > end:
+                break  # cut: the client sees an incomplete answer (an old client had waited all along)
+            handler.wfile.write(data[i:i + 1])
+            handler.wfile.flush()
+            time.sleep(DRIP_EVERY)
+        handler.close_connection = True
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client gave up
+
+
 def send_raw(handler, status: int, data: bytes, headers=(), *, drip: bool = False) -> None:
     """Answer with DATA as is (HEADERS added); DRIP sends it a byte every DRIP_EVERY s for DRIP_FOR s at most."""
     try:
@@ -121,16 +136,9 @@ def send_raw(handler, status: int, data: bytes, headers=(), *, drip: bool = Fals
             handler.wfile.write(data)
             return
         handler.wfile.flush()
-        end = time.monotonic() + DRIP_FOR
-        for i in range(len(data)):
-            if time.monotonic() > end:
-                break  # cut: the client sees an incomplete body (an old client had waited all along)
-            handler.wfile.write(data[i:i + 1])
-            handler.wfile.flush()
-            time.sleep(DRIP_EVERY)
-        handler.close_connection = True
     except (BrokenPipeError, ConnectionResetError):
-        pass  # the client gave up
+        return  # the client gave up
+    drip_raw(handler, data)
 
 
 class _Server(ThreadingHTTPServer):

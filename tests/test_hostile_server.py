@@ -170,8 +170,10 @@ def test_an_answer_dripped_a_byte_at_a_time_times_out(root_dir, key_env):
     assert "timeout" in _last_error(result)
 
 
-def test_embeddings_dripped_a_byte_at_a_time_time_out(tmp_path, ingested, key_env):
-    with EmbeddingsServer(["drip"], key=PLANTED) as server:
+@pytest.mark.parametrize("action", ["drip", "driphead"])
+def test_embeddings_dripped_a_byte_at_a_time_time_out(tmp_path, ingested, key_env, action):
+    # Before: as for chat, never timed out (here: until the server cut its drip after 12 s).
+    with EmbeddingsServer([action], key=PLANTED) as server:
         t0 = time.monotonic()
         result = evaluate(tmp_path, ingested, server, api_timeout=1)
         elapsed = time.monotonic() - t0

@@ -13,7 +13,8 @@ reaches a message.
 
 A hostile answer is bounded and never scored: a body past a size bound (the
 batch's vectors at MAX_DIM dimensions, m3tune.generation.http) or slower than
-`timeout` in all is refused; vectors wider than MAX_DIM, or of two widths,
+`timeout` in all (headers included: the async client runs on the encoder's own
+event loop, under a wall-clock deadline) is refused; vectors wider than MAX_DIM, or of two widths,
 stop the run; an answer m3tune cannot read (not JSON, `data: null`, strings
 for numbers, NaN or infinite values, too few vectors) is retried, then an
 error naming it.
@@ -21,6 +22,7 @@ error naming it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -95,8 +97,12 @@ class ApiEncoder:
         self.model, self.base_url, self.dimensions = model, base_url.rstrip("/"), dimensions
         self.batch_size, self.max_retries, self.backoff, self.max_backoff = batch_size, max_retries, backoff, max_backoff
         limit = min(MAX_RESPONSE_BYTES, batch_size * MAX_DIM * _JSON_BYTES_PER_NUMBER + 2**20)
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout,
-                                    **client_kwargs(sync=True, limit=limit, timeout=timeout))
+        # Async on a loop of its own, so that each request gets a wall-clock deadline (asyncio.wait_for): the
+        # client's timeout applies to each read, and a byte every half second never trips it.
+        self._loop = asyncio.new_event_loop()
+        self.timeout = timeout
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout,
+                                         **client_kwargs(limit=limit, timeout=timeout))
         self.name = f"api:{model}"
         # Models that take a task prefix (e5 behind an endpoint, say) get it as text: the OpenAI API has no
         # query / document role of its own.
@@ -119,7 +125,23 @@ class ApiEncoder:
             body["dimensions"] = self.dimensions
         if self.input_type:
             body["input_type"] = role
-        return self.client.post("/embeddings", body=body, cast_to=http_module().Response)
+        call = self.client.post("/embeddings", body=body, cast_to=http_module().Response)
+        return self._loop.run_until_complete(asyncio.wait_for(call, self.timeout))
+
+    def close(self) -> None:
+        """Close the connections and the encoder's event loop (also done when it is collected)."""
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.run_until_complete(self.client.close())
+            finally:
+                loop.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at collection, a loop that cannot run now is only left to the OS
+            pass
 
     def _batch(self, texts: list[str], role: str):
         import openai
@@ -136,7 +158,7 @@ class ApiEncoder:
                 return vectors
             except _Unreadable as e:
                 kind, problem = "bad_response", str(e)
-            except openai.APITimeoutError:
+            except (openai.APITimeoutError, asyncio.TimeoutError):
                 kind = "timeout"
             except (openai.APIConnectionError, ResponseRefused) as e:
                 too_large = refused(e)

@@ -79,26 +79,14 @@ class _Reader:
         self.response._content = b"".join(self.parts)
 
 
-def _start(request) -> None:
+async def _start(request) -> None:
     request.extensions[_STARTED] = time.monotonic()
 
 
-async def _start_async(request) -> None:
-    _start(request)
-
-
-def client_kwargs(*, sync: bool, limit: int = MAX_RESPONSE_BYTES, timeout: float) -> dict:
-    """Keyword arguments for openai.OpenAI / AsyncOpenAI: an HTTP client whose answers are bounded."""
+def client_kwargs(*, limit: int = MAX_RESPONSE_BYTES, timeout: float) -> dict:
+    """Keyword arguments for openai.AsyncOpenAI: an HTTP client whose answers are bounded. (The callers also
+    wrap each call in asyncio.wait_for: this deadline covers the body, not a server that drips its headers.)"""
     import openai
-
-    def read(response) -> None:
-        reader = _Reader(response, limit, timeout)
-        try:
-            for raw in response.iter_raw():
-                reader.add(raw)
-        finally:
-            response.close()
-        reader.done()
 
     async def read_async(response) -> None:
         reader = _Reader(response, limit, timeout)
@@ -109,8 +97,8 @@ def client_kwargs(*, sync: bool, limit: int = MAX_RESPONSE_BYTES, timeout: float
             await response.aclose()
         reader.done()
 
-    hooks = {"request": [_start if sync else _start_async], "response": [read if sync else read_async]}
-    http = openai.DefaultHttpxClient(event_hooks=hooks) if sync else openai.DefaultAsyncHttpxClient(event_hooks=hooks)
+    hooks = {"request": [_start], "response": [read_async]}
+    http = openai.DefaultAsyncHttpxClient(event_hooks=hooks)
     # only what _inflater reads: a server may still send another encoding, which is then refused
     return {"http_client": http, "default_headers": {"Accept-Encoding": "gzip, deflate"}}
 

@@ -388,7 +388,7 @@ class _Runner:
             raise ConfigError("max_cost needs price_in and price_out (USD per million tokens), or an endpoint "
                               "that reports the cost of each request (OpenRouter)")
         self.client = AsyncOpenAI(base_url=settings.base_url, api_key=api_key(settings), max_retries=0,
-                                  timeout=settings.timeout, **client_kwargs(sync=False, limit=MAX_CHAT_RESPONSE_BYTES,
+                                  timeout=settings.timeout, **client_kwargs(limit=MAX_CHAT_RESPONSE_BYTES,
                                                                 timeout=settings.timeout))
         self._response_type = http_module().Response
         self._models_seen: set[str] = {settings.model}
