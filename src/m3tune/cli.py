@@ -73,6 +73,11 @@ def _setup(verbose: bool, s3_endpoint: str | None) -> None:
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "httpcore", "httpcore2", "openai", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _state["verbose"] = verbose
+    from m3tune.redact import has_url_credentials
+
+    if s3_endpoint and has_url_credentials(s3_endpoint):  # boto would not use them, and its errors quote the URL
+        raise ConfigError("--s3-endpoint: the URL must not hold credentials (user:password@); give them in the "
+                          "AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
 
 
 _state: dict[str, Any] = {"verbose": False}

@@ -131,11 +131,13 @@ class ApiEncoder:
     def close(self) -> None:
         """Close the connections and the encoder's event loop (also done when it is collected)."""
         loop = getattr(self, "_loop", None)
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.run_until_complete(self.client.close())
-            finally:
-                loop.close()
+        if loop is None or loop.is_closed():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # none runs in this thread (collected inside one, the sockets are left to the OS)
+            loop.run_until_complete(self.client.close())
+        loop.close()
 
     def __del__(self):
         try:

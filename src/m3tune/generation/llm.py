@@ -343,9 +343,10 @@ def _read_usage(usage: dict[str, Any] | None) -> tuple[int, int, float | None, s
     cost = usage.get("cost")
     if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost)
                              or cost < 0):
-        problems.append(f"usage.cost {str(cost)[:40]!r} is not a non-negative number")
-        cost = None
-    return prompt, completion, (float(cost) if cost is not None else None), "; ".join(problems) or None
+        return prompt, completion, None, f"usage.cost {str(cost)[:40]!r} is not a non-negative number"
+    if cost is not None:  # a readable cost is the cost, whatever the token counts say
+        return prompt, completion, float(cost), None
+    return prompt, completion, None, "; ".join(problems) or None
 
 
 class _Rejected(Exception):
