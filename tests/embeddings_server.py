@@ -10,6 +10,17 @@ next requests get, in order, before every later one is answered:
     short   a valid-looking answer with one vector fewer than inputs
     wide    an answer whose vectors have one dimension too many
     ok      a valid answer
+
+Hostile modes (tests/test_hostile_server.py):
+
+    huge      vectors HUGE_DIM wide
+    strings   each embedding a string
+    datanull  `data: null`
+    nan       vectors of NaN
+    notjson   HTTP 200, content-type application/json, a body that is not JSON
+    bomb      HTTP 200 whose gzip body inflates to llm_server.BOMB_BYTES
+    drip      a valid answer sent one byte every llm_server.DRIP_EVERY seconds
+    driphead  the same, its status line and headers included
 """
 
 from __future__ import annotations
@@ -19,9 +30,10 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from llm_server import LoopbackServer, send_json
+from llm_server import LoopbackServer, drip_raw, gzip_bomb, send_json, send_raw
 
 DIM = 64
+HUGE_DIM = 200_000
 
 
 def vector(text: str) -> list[float]:
@@ -68,11 +80,30 @@ class EmbeddingsServer(LoopbackServer):
                                                                  f"{self.headers.get('authorization')}"}})
                 if action in ("500", "401"):
                     return self._json(int(action), {"error": {"message": f"error {action}"}})
+                if action in ("notjson", "bomb"):
+                    return send_raw(self, 200, gzip_bomb() if action == "bomb" else b"not JSON {",
+                                    [("content-encoding", "gzip")] if action == "bomb" else [])
                 data = [{"object": "embedding", "index": i, "embedding": vector(t) + ([0.5] if action == "wide" else [])}
                         for i, t in enumerate(inputs)]
+                for d in data:
+                    if action == "huge":
+                        d["embedding"] = [0.5] * HUGE_DIM
+                    elif action == "strings":
+                        d["embedding"] = "0.1,0.2"
+                    elif action == "nan":
+                        d["embedding"] = [float("nan")] * DIM
+                if action == "datanull":
+                    data = None
+                if action in ("drip", "driphead"):
+                    payload = json.dumps({"object": "list", "data": data, "model": body.get("model"), "usage": {}})
+                    if action == "drip":
+                        return send_raw(self, 200, payload.encode(), drip=True)
+                    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
+                    return drip_raw(self, (head + payload).encode())
                 if action == "short":
                     data = data[:-1]
-                data.reverse()  # the protocol orders by `index`, not by position: clients must sort
+                if data:
+                    data.reverse()  # the protocol orders by `index`, not by position: clients must sort
                 self._json(200, {"object": "list", "data": data, "model": body.get("model"),
                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 

@@ -19,20 +19,42 @@ action scripted for its item (the passage id or theme the prompt names):
     invented    (themes) relevant_ids with an id that was not offered, and a scope with no positives
     400 401 402 HTTP 400 (bad request), 401 (bad key), 402 (no credits)
 
+Hostile modes (tests/test_hostile_server.py):
+
+    keyecho     a valid answer quoting the request's key in a query (Arabic and English) and in `model`
+    echobare    HTTP 400 quoting the request's key with no `Bearer` before it
+    ansi400     HTTP 400 whose message holds ANSI escapes, a bell and rich markup
+    ansi        a valid answer whose English queries hold ANSI escapes, control characters and markup
+    drip        a valid answer sent one byte every DRIP_EVERY seconds (for DRIP_FOR seconds, then cut)
+    bomb        HTTP 200 whose gzip body inflates to BOMB_BYTES
+    notjson200  HTTP 200, content-type application/json, a body that is not JSON
+    contentint  `content: 12345`
+    nomessage   a choice with no `message`
+    costabc     `usage.cost: "abc"`     costneg  `usage.cost: -5`     costnan  `usage.cost: NaN`
+    tokensmany  `usage.prompt_tokens: "many"`
+    othermodel  a valid answer from the model OTHER_MODEL, whatever was asked
+    longquery   a valid answer with one 23,000-character English query
+
 Items with no script get `ok`, after `delay` seconds if one is set.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RETRY_AFTER = 1
 HANG = 3.0
+DRIP_EVERY, DRIP_FOR = 0.5, 12.0
+BOMB_BYTES = 100 * 2**20
+OTHER_MODEL = "other/cheap-model"
+ANSI = "\x1b[2J\x1b[31mred\x1b[0m [bold]markup[/bold] \x07bell\x08"
 _ITEM = re.compile(r"^(?:Passage (\S+) \(|Theme: (.+?) \()", re.M)
 _COUNTS = re.compile(r"exactly (\d+) Arabic and (\d+) English|Write (\d+) Arabic and (\d+) English")
 _CANDIDATE = re.compile(r"^- (\S+): ", re.M)
@@ -76,6 +98,47 @@ def answer_for(prompt: str, invent: bool = False) -> str:
     queries += [{"query": f"what is the meaning of {english_word(key + str(i))}", "language": "en",
                  "type": types[i % 2]} for i in range(n_en)]
     return json.dumps({"queries": queries}, ensure_ascii=False)
+
+
+@functools.cache
+def gzip_bomb(size: int = BOMB_BYTES) -> bytes:
+    """SIZE bytes of spaces, gzipped (about a thousandth of SIZE)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    chunk = b" " * 2**20
+    return b"".join([*(packer.compress(chunk) for _ in range(size // len(chunk))), packer.flush()])
+
+
+def drip_raw(handler, data: bytes) -> None:
+    """Send DATA (a whole HTTP response, headers included) a byte every DRIP_EVERY s for DRIP_FOR s at most."""
+    end = time.monotonic() + DRIP_FOR
+    try:
+        for i in range(len(data)):
+            if time.monotonic() > end:
+                break  # cut: the client sees an incomplete answer (an old client had waited all along)
+            handler.wfile.write(data[i:i + 1])
+            handler.wfile.flush()
+            time.sleep(DRIP_EVERY)
+        handler.close_connection = True
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client gave up
+
+
+def send_raw(handler, status: int, data: bytes, headers=(), *, drip: bool = False) -> None:
+    """Answer with DATA as is (HEADERS added); DRIP sends it a byte every DRIP_EVERY s for DRIP_FOR s at most."""
+    try:
+        handler.send_response(status)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(data)))
+        for k, v in headers:
+            handler.send_header(k, v)
+        handler.end_headers()
+        if not drip:
+            handler.wfile.write(data)
+            return
+        handler.wfile.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the client gave up
+    drip_raw(handler, data)
 
 
 class _Server(ThreadingHTTPServer):
@@ -194,6 +257,9 @@ class ChatServer(LoopbackServer):
             time.sleep(HANG)
         elif self.delay:
             time.sleep(self.delay)
+        hostile = self._hostile(handler, action, body, prompt, completion)
+        if hostile is not False:
+            return hostile
         if action == "malformed":
             return handler._json(200, completion('{"queries": [ this is not json'))
         if action == "empty":
@@ -212,3 +278,48 @@ class ChatServer(LoopbackServer):
             body_["choices"][0]["finish_reason"] = "length"
             return handler._json(200, body_)
         return handler._json(200, completion(answer_for(prompt, invent=action == "invented")))
+
+    def _hostile(self, handler, action: str, body: dict, prompt: str, completion):
+        """The hostile modes' answers; False for any other action."""
+        key = (handler.headers.get("authorization") or "").removeprefix("Bearer ")
+        if action == "echobare":
+            return handler._json(400, {"error": {"message": f"bad request; your key was {key} (check it)"}})
+        if action == "ansi400":
+            return handler._json(400, {"error": {"message": f"bad request {ANSI}"}})
+        valid = answer_for(prompt)
+        if action == "keyecho":
+            answer = json.loads(valid)
+            for q in answer["queries"]:
+                q["query"] += f" {key}"
+            out = completion(json.dumps(answer, ensure_ascii=False))
+            out["model"] = f"{body.get('model')} {key}"
+            return handler._json(200, out)
+        if action == "ansi":
+            answer = json.loads(valid)
+            for q in answer["queries"]:
+                if q["language"] == "en":
+                    q["query"] += f" {ANSI}"
+            return handler._json(200, completion(json.dumps(answer, ensure_ascii=False)))
+        if action == "longquery":
+            answer = json.loads(valid)
+            answer["queries"][-1]["query"] = "what is the meaning of " + "x" * 23_000
+            return handler._json(200, completion(json.dumps(answer, ensure_ascii=False)))
+        if action in ("drip", "bomb", "notjson200"):
+            data = {"drip": json.dumps(completion(valid)).encode(), "notjson200": b"this is not JSON {",
+                    "bomb": gzip_bomb()}[action]
+            headers = [("content-encoding", "gzip")] if action == "bomb" else []
+            return send_raw(handler, 200, data, headers, drip=action == "drip")
+        out = completion(valid)
+        if action == "contentint":
+            out["choices"][0]["message"]["content"] = 12345
+        elif action == "nomessage":
+            del out["choices"][0]["message"]
+        elif action in ("costabc", "costneg", "costnan"):
+            out["usage"]["cost"] = {"costabc": "abc", "costneg": -5.0, "costnan": float("nan")}[action]
+        elif action == "tokensmany":
+            out["usage"]["prompt_tokens"] = "many"
+        elif action == "othermodel":
+            out["model"] = OTHER_MODEL
+        else:
+            return False
+        return handler._json(200, out)

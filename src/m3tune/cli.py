@@ -63,8 +63,9 @@ def _setup(verbose: bool, s3_endpoint: str | None) -> None:
 
     if s3_endpoint:
         os.environ["M3TUNE_S3_ENDPOINT"] = s3_endpoint
-    from m3tune.redact import RedactingFilter
+    from m3tune.redact import RedactingFilter, install_excepthook
 
+    install_excepthook()  # a traceback (-v, a bug) printed with its credentials masked, its escapes escaped
     handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=verbose)
     handler.addFilter(RedactingFilter())  # on the handler: records of every logger pass through it
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
@@ -72,6 +73,11 @@ def _setup(verbose: bool, s3_endpoint: str | None) -> None:
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "httpcore", "httpcore2", "openai", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _state["verbose"] = verbose
+    from m3tune.redact import has_url_credentials
+
+    if s3_endpoint and has_url_credentials(s3_endpoint):  # boto would not use them, and its errors quote the URL
+        raise ConfigError("--s3-endpoint: the URL must not hold credentials (user:password@); give them in the "
+                          "AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
 
 
 _state: dict[str, Any] = {"verbose": False}
@@ -85,9 +91,9 @@ def escape(text: str) -> str:
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    from m3tune.redact import redact
+    from m3tune.redact import printable
 
-    typer.secho(f"error: {redact(message)}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 
@@ -155,6 +161,11 @@ def _root(root: str | None, runs: str, run_id: str | None):
         if not run_id:
             raise ConfigError("no run given: pass --root URI, or --run-id ID (with --runs, default ./runs)")
         root = run_root_uri(runs, run_id)
+    from m3tune.redact import has_url_credentials
+
+    if has_url_credentials(root):  # refused before any client sees it: an S3 error would quote its parts
+        raise ConfigError("--root: a run root URI must not hold credentials (user:password@); give them in the "
+                          "AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
     _local_folder(root, "--root")
     return open_root(root)
 

@@ -10,10 +10,19 @@ chat backend, `m3tune.generation.llm`); a bad key (401/403), no credits
 environment (an API key variable only: m3tune.redact.check_key_env) and is
 never logged or recorded; an endpoint's error body is redacted before it
 reaches a message.
+
+A hostile answer is bounded and never scored: a body past a size bound (the
+batch's vectors at MAX_DIM dimensions, m3tune.generation.http) or slower than
+`timeout` in all (headers included: the async client runs on the encoder's own
+event loop, under a wall-clock deadline) is refused; vectors wider than MAX_DIM, or of two widths,
+stop the run; an answer m3tune cannot read (not JSON, `data: null`, strings
+for numbers, NaN or infinite values, too few vectors) is retried, then an
+error naming it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -23,10 +32,53 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+from m3tune.generation.http import MAX_RESPONSE_BYTES, ResponseRefused, client_kwargs, http_module, refused
 from m3tune.generation.llm import RETRYABLE_STATUS, LLMError, _retry_after, fatal_status
-from m3tune.redact import check_key_env, redact, register
+from m3tune.redact import check_key, check_key_env, redact, register
 
 log = logging.getLogger("m3tune.evaluate")
+
+# The widest vectors an embeddings API serves today are 4,096 (NV-Embed, Qwen3-Embedding-8B; OpenAI's largest
+# 3,072): twice that leaves room, and bounds what a hostile answer can make m3tune parse, hold and score.
+MAX_DIM = 8192
+_JSON_BYTES_PER_NUMBER = 32  # "-0.012345678901234567," with room to spare
+
+
+class _Unreadable(Exception):
+    """An embeddings answer m3tune cannot use as vectors (retried, as a broken response)."""
+
+
+def read_vectors(body: bytes, n: int, *, where: str, dim: int):
+    """The N vectors in an embeddings answer BODY, in input order, as float32; DIM (0: any) is their width.
+
+    _Unreadable for an answer to retry; LLMError for widths no retry mends (past MAX_DIM, or mixed)."""
+    import numpy as np
+
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _Unreadable("the body is not JSON") from None
+    rows = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or len(rows) != n:
+        raise _Unreadable(f"{len(rows) if isinstance(rows, list) else 'no'} vectors for {n} inputs")
+    if not all(isinstance(r, dict) and type(r.get("index")) is int and isinstance(r.get("embedding"), list)
+               for r in rows) or sorted(r["index"] for r in rows) != list(range(n)):
+        raise _Unreadable("data[] is not a list of {index, embedding: [numbers]}, one per input")
+    rows = sorted(rows, key=lambda r: r["index"])
+    sizes = {len(r["embedding"]) for r in rows}
+    if 0 in sizes:
+        raise _Unreadable("an empty vector")
+    if max(sizes) > MAX_DIM:
+        raise LLMError(f"{where} returned vectors of {max(sizes)} dimensions; m3tune takes at most {MAX_DIM}")
+    if len(sizes) > 1 or (dim and sizes != {dim}):
+        # not a passing fault: vectors of two sizes cannot be searched together
+        raise LLMError(f"{where} returned vectors of {sorted(sizes)} dimensions, expected {dim or 'one size'}")
+    if not all(type(x) in (float, int) for r in rows for x in r["embedding"]):  # numpy would take "0.5" too
+        raise _Unreadable("an embedding holds something other than numbers")
+    vectors = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+    if not np.isfinite(vectors).all():  # a NaN vector scores as anything: never a valid answer
+        raise _Unreadable("NaN or infinite values")
+    return vectors
 
 
 class ApiEncoder:
@@ -39,12 +91,18 @@ class ApiEncoder:
         except ImportError:
             raise LLMError("api: models need the openai package: pip install 'm3tune[evaluate]'") from None
         key = os.environ.get(check_key_env(api_key_env))
-        register(key)
         if not key:
             raise LLMError(f"api:{model}: no API key: set {api_key_env} (or api_key_env to the variable holding it)")
+        register(check_key(api_key_env, key))
         self.model, self.base_url, self.dimensions = model, base_url.rstrip("/"), dimensions
         self.batch_size, self.max_retries, self.backoff, self.max_backoff = batch_size, max_retries, backoff, max_backoff
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
+        limit = min(MAX_RESPONSE_BYTES, batch_size * MAX_DIM * _JSON_BYTES_PER_NUMBER + 2**20)
+        # Async on a loop of its own, so that each request gets a wall-clock deadline (asyncio.wait_for): the
+        # client's timeout applies to each read, and a byte every half second never trips it.
+        self._loop = asyncio.new_event_loop()
+        self.timeout = timeout
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout,
+                                         **client_kwargs(limit=limit, timeout=timeout))
         self.name = f"api:{model}"
         # Models that take a task prefix (e5 behind an endpoint, say) get it as text: the OpenAI API has no
         # query / document role of its own.
@@ -60,8 +118,34 @@ class ApiEncoder:
         self.requests = 0
         self.retries: Counter[str] = Counter()
 
+    def _post(self, texts: list[str], role: str):
+        """The raw answer to one embeddings request (its body read, bounded, by m3tune.generation.http)."""
+        body = {"model": self.model, "input": texts, "encoding_format": "float"}
+        if self.dimensions:
+            body["dimensions"] = self.dimensions
+        if self.input_type:
+            body["input_type"] = role
+        call = self.client.post("/embeddings", body=body, cast_to=http_module().Response)
+        return self._loop.run_until_complete(asyncio.wait_for(call, self.timeout))
+
+    def close(self) -> None:
+        """Close the connections and the encoder's event loop (also done when it is collected)."""
+        loop = getattr(self, "_loop", None)
+        if loop is None or loop.is_closed():
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # none runs in this thread (collected inside one, the sockets are left to the OS)
+            loop.run_until_complete(self.client.close())
+        loop.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at collection, a loop that cannot run now is only left to the OS
+            pass
+
     def _batch(self, texts: list[str], role: str):
-        import numpy as np
         import openai
 
         attempt = 0
@@ -69,25 +153,19 @@ class ApiEncoder:
             kind, response, problem = None, None, ""
             try:
                 self.requests += 1
-                extra = {"dimensions": self.dimensions} if self.dimensions else {}
-                if self.input_type:
-                    extra["extra_body"] = {"input_type": role}
-                answer = self.client.embeddings.create(model=self.model, input=texts, encoding_format="float", **extra)
-                data = sorted(answer.data, key=lambda d: d.index)
-                sizes = {len(d.embedding or ()) for d in data}
-                if len(data) != len(texts) or 0 in sizes:
-                    kind, problem = "bad_response", f"{len(data)} vectors for {len(texts)} inputs"
-                elif len(sizes) > 1 or (self.dim and sizes != {self.dim}):
-                    # not a passing fault: vectors of two sizes cannot be searched together
-                    raise LLMError(f"{self.base_url}: api:{self.model} returned vectors of {sorted(sizes)} "
-                                   f"dimensions, expected {self.dim or 'one size'}")
-                else:
-                    vectors = np.asarray([d.embedding for d in data], dtype=np.float32)
-                    self.dim = self.dim or int(vectors.shape[1])
-                    return vectors
-            except openai.APITimeoutError:
+                raw = self._post(texts, role)
+                vectors = read_vectors(raw.content, len(texts), where=f"{self.base_url}: api:{self.model}",
+                                       dim=self.dim)
+                self.dim = self.dim or int(vectors.shape[1])
+                return vectors
+            except _Unreadable as e:
+                kind, problem = "bad_response", str(e)
+            except (openai.APITimeoutError, asyncio.TimeoutError):
                 kind = "timeout"
-            except openai.APIConnectionError:
+            except (openai.APIConnectionError, ResponseRefused) as e:
+                too_large = refused(e)
+                if too_large:  # the same request gets the same answer: no retry
+                    raise LLMError(f"{self.base_url}: api:{self.model}: {too_large}") from None
                 kind = "connection"
             except openai.APIStatusError as e:
                 status, response = e.status_code, e.response

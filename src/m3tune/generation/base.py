@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.context import StepContext
+from m3tune.errors import BadInput
 from m3tune.generation.llm import LLMSettings
 from m3tune.generation.validate import QueryValidator
 from m3tune.records import Passage, Query
@@ -92,4 +93,16 @@ def check_and_publish(ctx: StepContext, generated: list[tuple[Query, list[str]]]
     ctx.log.info("%s queries (%s); rejected: %s", f"{len(kept):,}",
                  ", ".join(f"{k} {v}" for k, v in counts["language"].items()) or "none",
                  dict(checks.rejected) or "none")
+    if outcome is not None and not kept and rejects and not outcome.stats.incomplete:
+        _nothing_accepted(ctx, rejects)
     return result, kept
+
+
+def _nothing_accepted(ctx: StepContext, rejects: list[dict[str, Any]]) -> None:
+    """Raise: an LLM run whose every answer (or every query in them) was rejected, and with nothing left to ask,
+    generated nothing; a rerun reads the same answers from the journal, so it is bad input, not a success."""
+    reasons = Counter(f"{r['kind']} {str(r.get('reason'))[:40]}" for r in rejects)
+    listed = ", ".join(f"{k}: {v}" for k, v in reasons.most_common(5))
+    raise BadInput(f"no query was accepted: every answer or query was rejected ({listed}); see "
+                   f"{ctx.out.uri_of('rejects.jsonl')}; change the model, prompt or settings (the same requests "
+                   "read the same answers from the journal), then rerun")

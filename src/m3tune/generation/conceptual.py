@@ -136,6 +136,8 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
             if answer is None:
                 continue
             answer = ConceptualAnswer.model_validate(answer)
+            answered = outcome.models.get(f"theme:{t.id}", settings.model)  # the model that answered is recorded
+            written_by = generator if answered == settings.model else generator.model_copy(update={"model": answered})
             chosen = set(answer.relevant_ids)
             # Only ids that were offered count: an invented id is dropped, not trusted.
             offered = {pid for s in sources for pid in candidates[t.id].get(s, [])}
@@ -151,7 +153,7 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
                     continue
                 generated.append(Query(id=f"theme:{t.id}/{q.scope}/{q.language}-{n}", query=q.query.strip(),
                                        language=q.language, type="conceptual", positive_ids=scopes[q.scope],
-                                       source=q.scope, generator=generator))
+                                       source=q.scope, generator=written_by))
 
     if episodes:  # words from a reference work, whichever backend wrote the theme queries
         from m3tune.arabic import stop_words_ar as _stop_ar

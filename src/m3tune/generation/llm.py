@@ -5,7 +5,8 @@ candidate passages) with bounded concurrency and returns what each came to.
 What a user pays for is neither lost nor paid for twice:
 
 - Retries: 429, 408/409/425, 5xx, timeouts, connection errors and broken
-  responses (not JSON, no choices) are retried with exponential backoff and
+  responses (not JSON, no choices, a choice with no message, content that is
+  not text) are retried with exponential backoff and
   full jitter, honouring `Retry-After`, at most `max_retries` times; then the
   item is rejected as `retries_exhausted` and left for a later run.
 - Fatal: a refused key (401/403), no credits (402) or an unknown model (404)
@@ -28,6 +29,18 @@ What a user pays for is neither lost nor paid for twice:
   stays pending. A run that leaves anything pending or failed is reported
   incomplete, so `m3tune status` shows it stale and a rerun finishes it.
 
+Hostile answers are bounded (m3tune.generation.http): each request has a total
+deadline (`timeout`, however slowly the answer drips), a body is refused past
+8 MiB once inflated, and the answer is read from its JSON by m3tune, field
+by field, so an odd field is a retry, not a traceback. Everything kept from an
+answer (queries, the model name, a refusal) is redacted: an endpoint that
+echoes the key in a valid answer gets it stored nowhere. The model recorded
+is the one that answered (OpenAI names a dated version of the model asked
+for; a router may substitute another), with a warning when it differs. A
+`usage.cost` or token count that is not a non-negative number leaves the cost
+unknown, and stops a run capped by `max_cost` (a negative or NaN cost would
+defeat the cap).
+
 The API key comes from the environment (`OPENROUTER_API_KEY`, then
 `OPENAI_API_KEY`, or the variable `api_key_env` names, which must be an API
 key variable: m3tune.redact.check_key_env); it is never logged and never part
@@ -44,6 +57,7 @@ import email.utils
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -58,7 +72,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from m3tune.errors import BadInput, ConfigError, UserError
 from m3tune.jsonl import read_jsonl, write_jsonl
-from m3tune.redact import check_key_env, redact, register
+from m3tune.generation.http import ResponseRefused, client_kwargs, http_module, refused
+from m3tune.redact import check_key, check_key_env, redact, register
 from m3tune.storage import Store
 
 log = logging.getLogger("m3tune.llm")
@@ -245,8 +260,9 @@ def api_key(settings: LLMSettings) -> str:
     names = [check_key_env(settings.api_key_env)] if settings.api_key_env else ["OPENROUTER_API_KEY", "OPENAI_API_KEY"]
     for name in names:
         if os.environ.get(name):
-            register(os.environ[name])  # masked in every message from now on, whatever its shape
-            return os.environ[name]
+            key = check_key(name, os.environ[name])
+            register(key)  # masked in every message from now on, whatever its shape
+            return key
     raise LLMError(f"no API key: set {' or '.join(names)} (or use backend 'offline', which needs none)")
 
 
@@ -266,11 +282,71 @@ def _retry_after(response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _reported_cost(usage) -> float | None:
-    reported = getattr(usage, "cost", None)
-    if reported is None and getattr(usage, "model_extra", None):
-        reported = usage.model_extra.get("cost")
-    return float(reported) if reported is not None else None
+MAX_MODEL_CHARS = 200  # a model name recorded from an answer: longer is not a name
+# An answer of max_tokens tokens is some 4 bytes a token, 6 where JSON escapes it: 4,096 tokens are ~100 KB,
+# and the largest max_tokens in use (64k) under 2 MiB. 8 MiB leaves room, and `concurrency` answers in flight
+# at once (8 by default) then hold at most 64 MiB however hostile the endpoint.
+MAX_CHAT_RESPONSE_BYTES = 8 * 2**20
+
+
+@dataclass
+class _Completion:
+    """What m3tune reads of a chat completion, each field checked."""
+
+    content: str
+    refusal: str | None
+    finish_reason: str | None
+    model: str
+    usage: dict[str, Any] | None
+
+
+def _read_completion(body: bytes, asked: str) -> _Completion:
+    """BODY's completion; _Retry("bad_response") saying what is wrong with it."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _Retry("bad_response", detail="the body is not JSON") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _Retry("bad_response", detail="no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise _Retry("bad_response", detail="choices[0] has no message")
+    fields = {"content": message.get("content"), "refusal": message.get("refusal"),
+              "finish_reason": choice.get("finish_reason")}
+    for name, value in fields.items():
+        if value is not None and not isinstance(value, str):
+            raise _Retry("bad_response", detail=f"{name} is a {type(value).__name__}, not text")
+    model = data.get("model")
+    model = redact(model)[:MAX_MODEL_CHARS] if isinstance(model, str) and model.strip() else asked
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    return _Completion(fields["content"] or "", fields["refusal"], fields["finish_reason"], model, usage)
+
+
+def _read_usage(usage: dict[str, Any] | None) -> tuple[int, int, float | None, str | None]:
+    """(prompt tokens, completion tokens, reported cost or None, what is unreadable or None) of USAGE."""
+    if usage is None:
+        return 0, 0, None, None
+    problems = []
+
+    def count(name: str) -> int:
+        value = usage.get(name)
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            problems.append(f"usage.{name} {str(value)[:40]!r} is not a count")
+            return 0
+        return value
+
+    prompt, completion = count("prompt_tokens"), count("completion_tokens")
+    cost = usage.get("cost")
+    if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost)
+                             or cost < 0):
+        return prompt, completion, None, f"usage.cost {str(cost)[:40]!r} is not a non-negative number"
+    if cost is not None:  # a readable cost is the cost, whatever the token counts say
+        return prompt, completion, float(cost), None
+    return prompt, completion, None, "; ".join(problems) or None
 
 
 class _Rejected(Exception):
@@ -283,9 +359,9 @@ class _Rejected(Exception):
 
 
 class _Retry(Exception):
-    def __init__(self, kind: str, response=None):
+    def __init__(self, kind: str, response=None, detail: str = ""):
         super().__init__(kind)
-        self.kind, self.response = kind, response
+        self.kind, self.response, self.detail = kind, response, detail
 
 
 class _Budget(Exception):
@@ -303,7 +379,6 @@ class _Runner:
     def __init__(self, settings: LLMSettings, journal: Journal):
         try:
             from openai import AsyncOpenAI
-            from openai.types.chat import ChatCompletion
         except ImportError:
             raise LLMError("backend 'openai' needs the openai package: pip install 'm3tune[llm]'") from None
         self.s, self.journal = settings, journal
@@ -314,8 +389,11 @@ class _Runner:
             raise ConfigError("max_cost needs price_in and price_out (USD per million tokens), or an endpoint "
                               "that reports the cost of each request (OpenRouter)")
         self.client = AsyncOpenAI(base_url=settings.base_url, api_key=api_key(settings), max_retries=0,
-                                  timeout=settings.timeout)
-        self._completion_type = ChatCompletion
+                                  timeout=settings.timeout, **client_kwargs(limit=MAX_CHAT_RESPONSE_BYTES,
+                                                                timeout=settings.timeout))
+        self._response_type = http_module().Response
+        self._models_seen: set[str] = {settings.model}
+        self._usage_warned = False
         self._extra_body = {"usage": {"include": True}} if openrouter else {}
         self.stats = RunStats()
         self.rejects: list[dict[str, Any]] = []
@@ -346,25 +424,33 @@ class _Runner:
             self.stats.requests += 1
             self._in_flight += 1
 
-    def _count(self, response) -> None:
-        usage = getattr(response, "usage", None)
-        cost = None
-        if usage is not None:
-            self.stats.prompt_tokens += usage.prompt_tokens or 0
-            self.stats.completion_tokens += usage.completion_tokens or 0
-            cost = _reported_cost(usage)
-            if cost is None and self._prices:
-                cost = ((usage.prompt_tokens or 0) * self.s.price_in + (usage.completion_tokens or 0) * self.s.price_out) / 1e6
+    def _count(self, usage: dict[str, Any] | None) -> None:
+        prompt, completion, cost, problem = _read_usage(usage)
+        self.stats.prompt_tokens += prompt
+        self.stats.completion_tokens += completion
+        if problem:
+            self.stats.cost_known = False
+            if self.s.max_cost is not None:  # a cost it cannot read (or a negative one) would defeat the cap
+                self.stats.stopped = "unreadable cost"  # set before the slot is freed: no other request starts
+                raise LLMError(f"{self.s.base_url}: {problem}, so max_cost cannot be enforced: stopping (answers "
+                               "so far are kept); use price_in / price_out with reports_cost off, or no max_cost")
+            if not self._usage_warned:
+                self._usage_warned = True
+                log.warning("%s: %s; the run's cost is reported as unknown", self.s.base_url, problem)
+            return
+        if cost is None and usage is not None and self._prices:
+            cost = (prompt * self.s.price_in + completion * self.s.price_out) / 1e6
         if cost is None:
             self.stats.cost_known = False
             if self.s.max_cost is not None:
+                self.stats.stopped = "no cost reported"
                 raise LLMError("the endpoint reported no usage cost: give price_in and price_out to enforce max_cost")
             return
         self.stats.cost += cost
         self._costed += 1
 
     # --- one request, with retries -----------------------------------------------------------
-    async def _once(self, messages: list[dict[str, str]]):
+    async def _once(self, messages: list[dict[str, str]]) -> _Completion:
         import openai
 
         body: dict[str, Any] = {"model": self.s.model, "messages": messages, "temperature": self.s.temperature,
@@ -377,12 +463,20 @@ class _Runner:
             # response as chat.completions.create, without its per-call recursive
             # transform of the (already plain) parameters, which cost ~1 ms a request
             # and capped throughput at high concurrency (benchmarks/bench_generation.py).
-            response = await self.client.post("/chat/completions", body=body, cast_to=self._completion_type)
-            if isinstance(response, self._completion_type):
-                self._count(response)  # before the slot is released, so the budget sees this cost
-        except openai.APITimeoutError:
+            # The body comes back raw (bounded by m3tune.generation.http) and is read here: the client's own
+            # models accept any type in any field. The wait_for is the request's total deadline: the
+            # client's timeout applies to each read, and a byte every half second never trips it.
+            raw = await asyncio.wait_for(
+                self.client.post("/chat/completions", body=body, cast_to=self._response_type),
+                timeout=self.s.timeout)
+            completion = _read_completion(raw.content, self.s.model)
+            self._count(completion.usage)  # before the slot is released, so the budget sees this cost
+        except (openai.APITimeoutError, asyncio.TimeoutError):
             raise _Retry("timeout") from None
-        except openai.APIConnectionError:
+        except (openai.APIConnectionError, ResponseRefused) as e:
+            too_large = refused(e)
+            if too_large:  # a bomb or an encoding it cannot read: the same request gets the same answer
+                raise _Rejected("refused_response", str(too_large), journal=False) from None
             raise _Retry("connection") from None
         except openai.APIStatusError as e:
             status = e.status_code
@@ -398,11 +492,9 @@ class _Runner:
             async with self._cond:
                 self._in_flight -= 1
                 self._cond.notify_all()
-        if not isinstance(response, self._completion_type) or not response.choices:
-            raise _Retry("bad_response")  # a proxy's error page, an empty body
-        if response.choices[0].finish_reason == "error":
+        if completion.finish_reason == "error":
             raise _Retry("finish_error")
-        return response
+        return completion
 
     async def _call(self, messages: list[dict[str, str]]):
         attempt = 0
@@ -412,7 +504,8 @@ class _Runner:
             except _Retry as e:
                 attempt += 1
                 if attempt > self.s.max_retries:
-                    raise _Rejected("retries_exhausted", f"gave up after {self.s.max_retries} retries: {e.kind}",
+                    detail = f" ({e.detail})" if e.detail else ""
+                    raise _Rejected("retries_exhausted", f"gave up after {self.s.max_retries} retries: {e.kind}{detail}",
                                     journal=False) from None
                 self.stats.retries[e.kind] += 1
                 wait = _retry_after(e.response)
@@ -425,15 +518,15 @@ class _Runner:
         messages = list(item.messages)
         try:
             for asked in range(2):
-                response = await self._call(messages)
-                choice = response.choices[0]
-                message = choice.message
-                content = (message.content or "").strip()
-                refusal = getattr(message, "refusal", None)
-                if refusal or choice.finish_reason == "content_filter" or (content and _REFUSAL.match(content)):
+                answered = await self._call(messages)
+                # redacted before anything reads it: a valid answer can quote the key too (queries, rejects,
+                # the journal and the re-ask all hold it redacted)
+                content = redact(answered.content).strip()
+                refusal = answered.refusal
+                if refusal or answered.finish_reason == "content_filter" or (content and _REFUSAL.match(content)):
                     # redacted before the cut: a key cut in half would no longer look like one
                     raise _Rejected("refusal", redact(refusal or content or "content_filter")[:200], journal=True)
-                if choice.finish_reason == "length":
+                if answered.finish_reason == "length":
                     raise _Rejected("truncated", f"answer cut at max_tokens={self.s.max_tokens}", journal=False)
                 try:
                     if not content:
@@ -449,7 +542,8 @@ class _Runner:
                         continue
                     raise _Rejected("empty_answer" if not content else "malformed", _short(e), journal=True) from None
                 self.stats.accepted += 1
-                return JournalEntry(key=item.key, request=digest, model=self.s.model, status="accepted",
+                self._note_model(answered.model)
+                return JournalEntry(key=item.key, request=digest, model=answered.model, status="accepted",
                                     answer=answer.model_dump(mode="json"))
         except _Rejected as e:
             self.stats.rejected[e.reason] += 1
@@ -461,6 +555,13 @@ class _Runner:
         except _Budget:
             self.stats.pending += 1
         return None
+
+
+    def _note_model(self, model: str) -> None:
+        if model not in self._models_seen:
+            self._models_seen.add(model)
+            log.warning("%s answered as model %r, not %r: the queries record the model that answered",
+                        self.s.base_url, model, self.s.model)
 
 
 def parse_json_answer(model: type[BaseModel], check: Callable[[BaseModel], None] | None = None) -> Callable[[str], BaseModel]:
@@ -489,6 +590,7 @@ class Outcome:
     stats: RunStats
     answers: dict[str, dict[str, Any]]  # item key -> accepted answer (this run or the journal)
     rejects: list[dict[str, Any]]  # this run's, and final rejections from the journal
+    models: dict[str, str] = field(default_factory=dict)  # item key -> the model that wrote its accepted answer
 
 
 def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
@@ -532,6 +634,7 @@ def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
     stats = runner.stats if runner else RunStats(from_journal=len(items))
     rejects = runner.rejects if runner else []
     answers: dict[str, dict[str, Any]] = {}
+    models: dict[str, str] = {}
     asked = {it.key for it in todo}
     for it in items:
         entry = journal.entries.get(digests[it.key])
@@ -539,13 +642,14 @@ def run_items(items: Sequence[WorkItem], settings: LLMSettings, store: Store, *,
             continue
         if entry.status == "accepted":
             answers[it.key] = entry.answer or {}
+            models[it.key] = entry.model
         elif it.key not in asked:  # a final rejection from an earlier run
             rejects.append({"key": it.key, "reason": (entry.reason or "").split(":")[0], "detail": entry.reason,
                             "final": True, "from_journal": True})
     journal.compact()
     if runner is not None and not answers:  # answers kept from an earlier run still make queries
         _all_failed(runner, len(todo), settings.base_url)
-    return Outcome(stats, answers, rejects)
+    return Outcome(stats, answers, rejects, models)
 
 
 def _all_failed(runner: _Runner, asked: int, base_url: str) -> None:

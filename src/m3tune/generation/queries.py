@@ -100,11 +100,16 @@ def work_items(selected: list[Passage], prompt, *, n_ar: int, n_en: int, types: 
 
 
 def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Passage], positives: dict[str, list[str]],
-                       generator: Generator, *, n_ar: int, n_en: int) -> list[Query]:
-    """Query records from accepted answers, at most N_AR / N_EN per passage."""
+                       generator: Generator, *, n_ar: int, n_en: int,
+                       models: dict[str, str] | None = None) -> list[Query]:
+    """Query records from accepted answers, at most N_AR / N_EN per passage; MODELS names the model that wrote
+    each answer (GENERATOR's when absent)."""
     out: list[Query] = []
     for pid, answer in answers.items():
         p = by_id[pid]
+        written_by = generator
+        if models and models.get(pid, generator.model) != generator.model:
+            written_by = generator.model_copy(update={"model": models[pid]})
         taken = {"ar": 0, "en": 0}
         for q in QueriesAnswer.model_validate(answer).queries:
             if taken[q.language] >= {"ar": n_ar, "en": n_en}[q.language]:
@@ -112,7 +117,7 @@ def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Pass
             n = taken[q.language]
             taken[q.language] += 1
             out.append(Query(id=f"{pid}/{q.language}-{q.type}-{n}", query=q.query.strip(), language=q.language,
-                             type=q.type, positive_ids=positives[pid], source=p.source, generator=generator))
+                             type=q.type, positive_ids=positives[pid], source=p.source, generator=written_by))
     return out
 
 
@@ -151,7 +156,8 @@ def generate_queries(ctx: StepContext, *, backend: str, llm: dict[str, Any], pil
         items = list(work_items(selected, template, n_ar=n_ar, n_en=n_en, types=types))
         outcome = run_items(items, settings, ctx.out)
         generator = Generator(backend="openai", model=settings.model, prompt_version=template.version)
-        generated = answers_to_queries(outcome.answers, by_id, positives, generator, n_ar=n_ar, n_en=n_en)
+        generated = answers_to_queries(outcome.answers, by_id, positives, generator, n_ar=n_ar, n_en=n_en,
+                                       models=outcome.models)
 
     share = sum(q.language == "ar" for q in generated) / max(1, len(generated))
     if generated and abs(share - arabic_share) > 0.05:

@@ -4,7 +4,7 @@ A query is rejected, with its reason counted for the manifest, when its
 script does not match its declared language, when it is too short or too
 long, when it copies more than N consecutive words of its passage (a query
 that quotes the answer teaches the model nothing; type `exact` is exempt),
-or when it repeats an earlier query.
+or when it repeats an earlier query, or when it is longer than MAX_QUERY_CHARS.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ from collections.abc import Iterable
 
 from m3tune.arabic import detect_language, normalize
 from m3tune.records import Query
+
+# A query is what a person types into a search box: a question or a few keywords. max_words (24) of long words
+# fits in some 300 characters; past 400 it is an answer, a passage or padding pasted into the query (an
+# endpoint once answered 23,000 characters in one "word", which max_words let through), and it would cost the
+# encoder, the rejects file and every later step for nothing.
+MAX_QUERY_CHARS = 400
 
 
 def longest_shared_run(query_tokens: list[str], passage_tokens: list[str]) -> int:
@@ -44,6 +50,8 @@ class QueryValidator:
     def reason(self, query: Query, passage_texts: Iterable[str] = ()) -> str | None:
         """Why QUERY is rejected, or None if it passes (and is remembered)."""
         text = query.query.strip()
+        if len(text) > MAX_QUERY_CHARS:  # first: no language detection over a huge text
+            return "too_long"
         if detect_language(text) != query.language:
             return f"language_mismatch_{query.language}"
         plain = normalize(text)
