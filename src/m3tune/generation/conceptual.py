@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from m3tune.context import StepContext
 from m3tune.corpus.passages import read_passages
 from m3tune.generation.base import GenerationConfig, check_and_publish, twins
+from m3tune.generation.validate import record_text
 from m3tune.records import Generator, Query
 from m3tune.storage import absolute_uri
 
@@ -47,7 +48,7 @@ class GenerateConceptualConfig(GenerationConfig):
 
 class ThemeQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1)
+    query: str = Field(min_length=1, pattern=r"\S")  # a blank query is a malformed answer
     language: Literal["ar", "en"]
     scope: Literal["quran", "hadith", "mixed"]
 
@@ -151,7 +152,7 @@ def generate_conceptual(ctx: StepContext, *, backend: str, llm: dict[str, Any], 
                     dropped.append({"kind": "query", "key": f"theme:{t.id}", "reason": "no_positives_in_scope",
                                     "query": q.query, "scope": q.scope})
                     continue
-                generated.append(Query(id=f"theme:{t.id}/{q.scope}/{q.language}-{n}", query=q.query.strip(),
+                generated.append(Query(id=f"theme:{t.id}/{q.scope}/{q.language}-{n}", query=record_text(q.query),
                                        language=q.language, type="conceptual", positive_ids=scopes[q.scope],
                                        source=q.scope, generator=written_by))
 

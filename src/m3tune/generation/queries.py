@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from m3tune.context import StepContext
 from m3tune.corpus.passages import read_passages
 from m3tune.generation.base import GenerationConfig, check_and_publish, seeded_order, twins
+from m3tune.generation.validate import record_text
 from m3tune.records import Generator, Passage, Query
 from m3tune.storage import absolute_uri
 
@@ -54,7 +55,7 @@ class GenerateQueriesConfig(GenerationConfig):
 
 class GenQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(min_length=1)
+    query: str = Field(min_length=1, pattern=r"\S")  # a blank query is a malformed answer
     language: Literal["ar", "en"]
     type: QueryKind
 
@@ -116,8 +117,9 @@ def answers_to_queries(answers: dict[str, dict[str, Any]], by_id: dict[str, Pass
                 continue
             n = taken[q.language]
             taken[q.language] += 1
-            out.append(Query(id=f"{pid}/{q.language}-{q.type}-{n}", query=q.query.strip(), language=q.language,
-                             type=q.type, positive_ids=positives[pid], source=p.source, generator=written_by))
+            out.append(Query(id=f"{pid}/{q.language}-{q.type}-{n}", query=record_text(q.query),
+                             language=q.language, type=q.type, positive_ids=positives[pid], source=p.source,
+                             generator=written_by))
     return out
 
 

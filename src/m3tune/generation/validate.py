@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from m3tune.arabic import detect_language, normalize
+from m3tune.records import MAX_QUERY_CHARS as RECORD_MAX_QUERY_CHARS
 from m3tune.records import Query
 
 # A query is what a person types into a search box: a question or a few keywords. max_words (24) of long words
@@ -20,6 +21,13 @@ from m3tune.records import Query
 # endpoint once answered 23,000 characters in one "word", which max_words let through), and it would cost the
 # encoder, the rejects file and every later step for nothing.
 MAX_QUERY_CHARS = 400
+
+
+def record_text(text: str) -> str:
+    """An answer's query as a Query record can hold it: stripped, and cut to the record's own bound. A text
+    that long is far past MAX_QUERY_CHARS, so the check rejects it as too_long (and rejects.jsonl keeps its
+    start) instead of the record refusing it with a traceback."""
+    return text.strip()[:RECORD_MAX_QUERY_CHARS]
 
 
 def longest_shared_run(query_tokens: list[str], passage_tokens: list[str]) -> int:
