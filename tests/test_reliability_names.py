@@ -324,3 +324,16 @@ def test_a_name_with_a_final_newline_is_no_plain_name():
     with pytest.raises(ConfigError):
         safe_name("quran\n", "collection")
     assert validate_run_id("exp-01") == "exp-01" and safe_name("quran", "collection") == "quran"
+
+
+def test_asking_for_fewer_negatives_than_min_negatives_is_a_config_error():
+    # Before: hard 0, semi_hard 0, random 0 with min_negatives 1 dropped every example: 0 examples, exit 0.
+    from pydantic import ValidationError
+
+    from m3tune.mining.mine import MineConfig
+
+    with pytest.raises(ValidationError, match="every example would be dropped"):
+        MineConfig(hard=0, semi_hard=0, random=0)
+    with pytest.raises(ValidationError, match="min_negatives is 5"):
+        MineConfig(hard=2, semi_hard=1, random=1, min_negatives=5)
+    assert MineConfig(hard=0, semi_hard=0, random=0, min_negatives=0).min_negatives == 0  # in-batch only

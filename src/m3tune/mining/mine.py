@@ -85,6 +85,11 @@ class MineConfig(BaseModel):
             raise ValueError(f"end_rank ({self.end_rank}) must be above start_rank ({self.start_rank})")
         if self.consistency_judge == "encoder" and self.consistency_k and self.consistency_k > self.end_rank:
             raise ValueError(f"consistency_k ({self.consistency_k}) must not exceed end_rank ({self.end_rank})")
+        pool = self.hard + self.semi_hard + self.random
+        if pool < self.min_negatives:  # not one example could keep its negatives: 0 examples, exit 0 before
+            raise ValueError(f"hard + semi_hard + random = {pool} negatives a query, but min_negatives is "
+                             f"{self.min_negatives}: every example would be dropped; ask for at least "
+                             "min_negatives (or min_negatives 0: in-batch negatives only)")
         return self
 
 
