@@ -7,6 +7,7 @@ the offline generators, the tiny encoder) is built once per module and copied by
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -337,3 +338,27 @@ def test_asking_for_fewer_negatives_than_min_negatives_is_a_config_error():
     with pytest.raises(ValidationError, match="min_negatives is 5"):
         MineConfig(hard=2, semi_hard=1, random=1, min_negatives=5)
     assert MineConfig(hard=0, semi_hard=0, random=0, min_negatives=0).min_negatives == 0  # in-batch only
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_vectors_with_nan_in_a_run_root_are_refused_naming_the_file(tmp_path, bad):
+    # Before: an all-NaN vectors.npy of the right shape was read, searched and published as valid.
+    import numpy as np
+
+    from m3tune.errors import UserError
+    from m3tune.index.step import read_vectors
+    from m3tune.storage import open_root
+
+    folder = open_root(str(tmp_path / "runs" / "r")).child("index")
+    vectors = np.ones((3, 4), np.float32)
+    vectors[1, 2] = float(bad)
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    folder.write_bytes("vectors.npy", buffer.getvalue())
+    with pytest.raises(UserError, match=r"vectors.npy: 1 of its 3 vectors hold NaN or infinite values"):
+        read_vectors(folder, rows=3, dim=4)
+    vectors[1, 2] = 0.5
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    folder.write_bytes("vectors.npy", buffer.getvalue())
+    assert read_vectors(folder, rows=3, dim=4).shape == (3, 4)

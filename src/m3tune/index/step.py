@@ -191,6 +191,9 @@ def read_vectors(folder, *, rows: int, dim: int):
             filled += len(chunk)
         if f.read(1):
             raise refuse(f"holds more than the {len(target):,} data bytes its header gives")
+    if not np.isfinite(vectors).all():  # NaN scores every search as nothing and would be published as is
+        bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+        raise refuse(f"{bad:,} of its {rows:,} vectors hold NaN or infinite values")
     return vectors
 
 
