@@ -168,7 +168,10 @@ def test_values_schema_is_strict_and_values_match_the_template():
     jsonschema.validate(values, schema)
     jsonschema.validate(example_values(), schema)
     for bad in ({**values, "imagez": "x"}, {**values, "rbac": {"create": True, "extra": 1}},
-                {**values, "configs": {"run.txt": "{}"}}, {**values, "workflowParameters": {"Bad Name": "x"}}):
+                {**values, "configs": {"run.txt": "{}"}}, {**values, "workflowParameters": {"Bad Name": "x"}},
+                # a root Argo or the kubelet would substitute into the container args (a secret, a tag)
+                *({**values, "workflowParameters": {"root": root}} for root in (
+                    "s3://b/$(AWS_SECRET_ACCESS_KEY)/r1", "s3://b/{{workflow.name}}/r1", "s3://b/r1\nx"))):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     # the chart's workflowParameters can only set parameters the template has
