@@ -362,3 +362,16 @@ def test_vectors_with_nan_in_a_run_root_are_refused_naming_the_file(tmp_path, ba
     np.save(buffer, vectors)
     folder.write_bytes("vectors.npy", buffer.getvalue())
     assert read_vectors(folder, rows=3, dim=4).shape == (3, 4)
+
+
+@pytest.mark.parametrize("theme_id", ["../victim", "a/b", "x\n"])
+def test_a_theme_id_is_a_plain_name(tmp_path, theme_id):
+    # Before: any string was taken as a theme id (it names work items, journal entries and query ids).
+    from m3tune.errors import ConfigError
+    from m3tune.generation.offline import load_themes
+
+    themes = tmp_path / "themes.yaml"
+    themes.write_text(json.dumps({"version": 1, "themes": [{"id": theme_id, "ar": ["صبر"], "en": ["patience"],
+                                                             "lexicon": ["صبر"]}]}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="theme id .*not a plain name"):
+        load_themes(str(themes))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from m3tune.arabic import normalize, strip_marks
 from m3tune.errors import ConfigError
+from m3tune.names import safe_name
 from m3tune.records import Generator, Passage, Query
 
 OFFLINE_VERSION = "offline-v1"
@@ -264,6 +265,8 @@ def load_themes(path: str | None = None, *, held_out: bool = False) -> tuple[str
                           f"({e})") from None
     if len({t.id for t in themes}) != len(themes):
         raise ConfigError(f"{where}: theme ids must be unique")
+    for t in themes:  # an id names the theme's work item, journal entry and query ids: a plain name, as any
+        safe_name(t.id, "theme id", where)
     for t in themes:
         if not t.verses and not any(normalize(w).strip() for w in t.lexicon):
             # a theme that can match no passage would be dropped from the queries without a word
