@@ -77,11 +77,15 @@ class EmbeddingCache:
             return np.zeros((0, dim), dtype=np.float32)
         vectors = [self.vectors[k] for k in keys]
         widths = {v.shape for v in vectors}
-        if widths != {(dim,)}:
+        # an API encoder knows its width only after its first answer (dim 0): the cached vectors must then
+        # still share one width
+        ok = widths == {(dim,)} if dim else (len(widths) == 1 and len(next(iter(widths))) == 1)
+        if not ok:
             # a shard planted or left by another model under this fingerprint: its vectors would be uploaded
             # and searched as this encoder's (or fail in np.stack)
-            other = sorted(w for w in widths if w != (dim,))[0]
+            other = sorted(w for w in widths if w != (dim,))[0] if dim else sorted(widths)
+            made = f"{dim}-d ones" if dim else "one width"
             raise BadInput(f"{self.store.uri}: cached vectors of shape {other}, but "
-                           f"{getattr(encoder, 'name', 'the encoder')} makes {dim}-d ones: a foreign or tampered "
-                           "cache; remove the folder (it is rebuilt)")
+                           f"{getattr(encoder, 'name', 'the encoder')} makes {made}: a foreign or tampered cache; "
+                           "remove the folder (it is rebuilt)")
         return np.stack(vectors)

@@ -87,11 +87,11 @@ class EvaluateConfig(BaseModel):
     @field_validator("dims")
     @classmethod
     def _positive_dims(cls, dims: list[int]) -> list[int]:
-        # a dim of 0 or less truncates every vector to nothing (or counts from the end): metrics of no model
+        # a dim of 0 or less truncates every vector to nothing (or counts from the end): metrics of no model.
+        # None at all is fine: the model's full width is always measured.
         bad = [d for d in dims if d < 1]
-        if bad or not dims:
-            raise ValueError(f"--dims: {bad[0] if bad else '(none)'} is not a dimension; give positive integers, "
-                             "e.g. 1024,512,256")
+        if bad:
+            raise ValueError(f"--dims: {bad[0]} is not a dimension; give positive integers, e.g. 1024,512,256")
         if len(set(dims)) != len(dims):
             raise ValueError(f"--dims {','.join(map(str, dims))}: a dimension given twice")
         return dims
