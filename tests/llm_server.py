@@ -147,17 +147,7 @@ class _Server(ThreadingHTTPServer):
 
 def send_json(handler, status: int, payload, headers=()) -> None:
     """Answer HANDLER's request with PAYLOAD as JSON."""
-    data = json.dumps(payload, ensure_ascii=False).encode()
-    try:
-        handler.send_response(status)
-        handler.send_header("content-type", "application/json")
-        handler.send_header("content-length", str(len(data)))
-        for k, v in headers:
-            handler.send_header(k, v)
-        handler.end_headers()
-        handler.wfile.write(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the client gave up (its timeout): nothing to answer
+    send_raw(handler, status, json.dumps(payload, ensure_ascii=False).encode(), headers)
 
 
 class LoopbackServer:
