@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= demo
 
-.PHONY: demo demo-tiny test test-deepspeed bench quality clean render images
+.PHONY: demo demo-tiny test test-deepspeed bench quality clean render images docs
 
 # DeepSpeed (the [deepspeed] extra) on CPU, for the tests that run ZeRO-2/3 with gloo, has its own command: it
 # is an sdist whose build must see torch (no build isolation), and DS_BUILD_SHM_COMM=1 compiles its CPU
@@ -55,9 +55,15 @@ render: $(STAMP)
 	$(BIN)/m3tune render job mine-negatives --root s3://m3tune-runs/runs/exp-01 --rank 1 --world-size 4 \
 		-o jobs/rerun-mine-negatives-shard.yaml
 
+# The docs site (mkdocs.yml) into site/: the README as its home page, docs/ by task, each step's options
+# generated from its config (docs/hooks/options.py). --strict: a broken link or anchor fails the build.
+# NO_MKDOCS_2_WARNING: Material prints a banner about its successor at every build, noise in CI's log.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # Build and tag both images (needs Docker with buildx): make images REGISTRY=ghcr.io/you [PUSH=--push]
 images:
 	REGISTRY=$(or $(REGISTRY),m3tune) docker buildx bake -f images/docker-bake.hcl $(PUSH)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
