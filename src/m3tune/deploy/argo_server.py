@@ -39,7 +39,7 @@ TIMEOUT = 30.0  # seconds per request: Hera sets none, and a server that accepts
 # submitted (its config, image, endpoint, shard count, GPUs), and a retried step skips itself when done.
 JOB_ONLY = ("--config", "--image", "--s3-endpoint", "--rank", "--world-size", "--merge-shards", "--gpus", "--force")
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # one header-safe word: no space, control or non-ASCII character
-_HERA_MESSAGE = re.compile(r"Server returned status code \d+ with message: `(.*)`", re.S)
+_HERA_MESSAGE = re.compile(r"Server returned status code \d+ with message: `(.*)`", re.DOTALL)
 
 
 class ArgoServerError(UserError):
@@ -165,7 +165,7 @@ def _ca_bundle(path: str) -> str:
     return path
 
 
-def _call(server: ArgoServer, service, doing: str, namespace: str, fn, *args, hints: dict[int, str] | None = None,
+def _call(server: ArgoServer, service, doing: str, ns: str, fn, /, *args, hints: dict[int, str] | None = None,
           **kwargs):
     """FN's answer, or one line naming the server, the HTTP status and what to do."""
     import requests
@@ -193,7 +193,7 @@ def _call(server: ArgoServer, service, doing: str, namespace: str, fn, *args, hi
                 raise ArgoServerError(f"{doing}: the answer of {server.url} is not the Argo API's; is it the Argo "
                                       "Server's URL (with its --basehref path, if any)?") from None
             raise
-        raise _refusal(server, doing, namespace, response, e, hints or {}) from None
+        raise _refusal(server, doing, ns, response, e, hints or {}) from None
 
 
 def _reason(e: Exception) -> str:
