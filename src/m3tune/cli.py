@@ -464,8 +464,8 @@ def _kube(kubeconfig: Optional[str], context: Optional[str], namespace: Optional
 
 ArgoServerOpt = Annotated[Optional[str], typer.Option(
     "--argo-server", envvar="M3TUNE_ARGO_SERVER", show_envvar=True,
-    help="Talk to this Argo Server (https://HOST[:PORT][/BASEHREF]) with a bearer token instead of the Kubernetes "
-         "API (docs/argo-server.md).")]
+    help="Talk to this Argo Server (https://HOST:PORT, with its base path if it has one) with a bearer token "
+         "instead of the Kubernetes API (docs/argo-server.md).")]
 ArgoTokenEnvOpt = Annotated[Optional[str], typer.Option(
     "--argo-token-env", help="Variable holding the Argo Server's token (a name ending in _TOKEN; default ARGO_TOKEN).")]
 ArgoTokenFileOpt = Annotated[Optional[str], typer.Option(
