@@ -253,25 +253,22 @@ def test_forbidden_missing_and_conflict_each_say_what_to_do(argo):
     assert not argo.workflows
 
 
-def test_a_workflow_deleted_before_its_retry_is_a_404_that_says_so(argo):
+def test_a_conflict_or_a_workflow_deleted_before_its_retry_says_what_to_do(argo, monkeypatch):
     argo.workflows[("m3tune", "m3tune-gone")] = workflow("m3tune-gone")
     argo.fail("/api/v1/workflows/m3tune/m3tune-gone/retry", 409)
     code, out, err = m3tune("rerun", "combine", "--root", ROOT, "--argo-server", argo.url)
     one_line_error(code, out, err, "HTTP 409", "run the command again")
-    del argo.failing["/api/v1/workflows/m3tune/m3tune-gone/retry"]
+    argo.failing.clear()
 
-    real_list = argo_server._workflows
+    listed = argo_server._workflows
 
     def listed_then_deleted(server, service, namespace):
-        found = real_list(server, service, namespace)
-        argo.workflows.clear()  # gone between the listing and the retry
+        found = listed(server, service, namespace)
+        argo.workflows.clear()  # deleted by someone else between the listing and the retry
         return found
 
-    argo_server._workflows, saved = listed_then_deleted, argo_server._workflows
-    try:
-        code, out, err = m3tune("rerun", "combine", "--root", ROOT, "--argo-server", argo.url)
-    finally:
-        argo_server._workflows = saved
+    monkeypatch.setattr(argo_server, "_workflows", listed_then_deleted)
+    code, out, err = m3tune("rerun", "combine", "--root", ROOT, "--argo-server", argo.url)
     one_line_error(code, out, err, "HTTP 404", "the Workflow is gone", "submit the run again")
 
 
