@@ -9,7 +9,8 @@ Every request body is checked against the Argo API's schema as Hera generates it
 specification (`hera.workflows.models`): parsed by the request's model, and a key the model does not know is
 refused (400, as the real server's JSON decoder does) instead of being dropped. The bearer token is checked
 (401 otherwise); `fail(prefix, code)` makes a path answer 403 or 409. Errors are the grpc-gateway's
-`{"code", "message"}` objects the Argo Server answers. Objects live in memory; every request is recorded
+`{"code", "message"}` objects the Argo Server answers; outside BASE/api/ it answers its web UI's page (HTML,
+200, no token needed), as the real server does. Objects live in memory; every request is recorded
 (method, path, query, headers, the body as sent).
 """
 
@@ -121,10 +122,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.requests.append({"method": method, "path": url.path, "query": parse_qs(url.query),
                                          "headers": {k.lower(): v for k, v in self.headers.items()},
                                          "body": copy.deepcopy(body)})
+        if not url.path.startswith(self.server.base + "/api/"):
+            # the web UI's page, as the Argo Server serves it for any path outside its API, without a token
+            data = b"<!doctype html><html><head><title>Argo</title></head><body></body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
         if self.headers.get("Authorization") != f"Bearer {self.server.token}":
             return self._error(401, "token not valid. see https://argo-workflows.readthedocs.io/en/latest/faq/")
-        if not url.path.startswith(self.server.base + "/"):
-            return self._error(404, "Not Found")
         path = url.path[len(self.server.base):]
         for prefix, code in self.server.failing.items():
             if path.startswith(prefix):

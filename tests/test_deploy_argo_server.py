@@ -10,10 +10,10 @@ import json
 import pytest
 import requests
 import typer
-from click.testing import CliRunner
-
 from argo_api_server import ArgoAPIServer, check_schema
+from click.testing import CliRunner
 from kube_server import KubeServer, kubeconfig
+
 from m3tune.cli import app
 from m3tune.deploy import argo_server
 from m3tune.deploy.argo import render_workflow_template
@@ -157,6 +157,13 @@ def test_runs_lists_workflows_with_their_step_states(argo):
     assert code == 0 and "m3tune-abc" in out and "m3tune-old" not in out, err
 
 
+def test_a_url_without_the_servers_base_path_says_so(argo):
+    """Outside its API the Argo Server answers its web UI's page (200, HTML): not taken for an answer."""
+    code, out, err = m3tune("runs", "--argo-server", argo.url.removesuffix("/argo"))
+    one_line_error(code, out, err, "is not the Argo API's", "base path")
+    assert [r["path"] for r in argo.requests] == ["/api/v1/workflows/m3tune"]
+
+
 def test_runs_with_none_lists_none(argo):
     code, out, err = m3tune("runs", "--json", "--argo-server", argo.url)  # the server answers "items": null
     assert code == 0 and json.loads(out) == [], err
@@ -188,11 +195,11 @@ def test_rerun_of_a_multinode_training_selects_its_jobset_task(argo):
     template = install(argo)
     argo.workflows[("m3tune", "m3tune-mn")] = workflow("m3tune-mn", template=template,
                                                        parameters={"train-nodes": "4"})
-    code, out, err = m3tune("rerun", "train", "--root", ROOT, "--argo-server", argo.url)
+    code, _, err = m3tune("rerun", "train", "--root", ROOT, "--argo-server", argo.url)
     assert code == 0, err
     assert argo.requests[-1]["body"]["nodeFieldSelector"] == "templateName=train-multinode"
     argo.workflows[("m3tune", "m3tune-mn")] = workflow("m3tune-mn", template=template)  # the default: one node
-    code, out, err = m3tune("rerun", "train", "--root", ROOT, "--argo-server", argo.url)
+    code, _, err = m3tune("rerun", "train", "--root", ROOT, "--argo-server", argo.url)
     assert code == 0, err
     assert argo.requests[-1]["body"]["nodeFieldSelector"] == "templateName=train"
 
@@ -357,11 +364,12 @@ def test_a_server_that_never_answers_times_out(argo, monkeypatch):
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1, made here."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "m3tune test Argo Server")])

@@ -173,11 +173,15 @@ def _call(server: ArgoServer, service, doing: str, ns: str, fn, /, *args, hints:
 
     try:
         with warnings.catch_warnings():
+            # Hera serialises requests with pydantic's deprecated .json(): nothing the user can act on
+            warnings.filterwarnings("ignore", message="The `json` method is deprecated")
             if server.verify is False:  # the user turned verification off on purpose, and was told once
                 from urllib3.exceptions import InsecureRequestWarning
 
                 warnings.simplefilter("ignore", InsecureRequestWarning)
             return fn(*args, **kwargs)
+    except requests.exceptions.JSONDecodeError:  # a RequestException too, but the server did answer
+        raise ArgoServerError(_not_argo(server, doing)) from None
     except requests.exceptions.SSLError as e:
         raise ArgoServerError(f"{doing}: TLS with the Argo Server {server.url} failed ({_reason(e)}); give its CA "
                               "bundle with --argo-ca-file") from None
@@ -190,17 +194,23 @@ def _call(server: ArgoServer, service, doing: str, ns: str, fn, /, *args, hints:
             raise
         if response.ok:
             if isinstance(e, (ValueError, ValidationError)):  # JSONDecodeError is a ValueError
-                raise ArgoServerError(f"{doing}: the answer of {server.url} is not the Argo API's; is it the Argo "
-                                      "Server's URL (with its --basehref path, if any)?") from None
+                raise ArgoServerError(_not_argo(server, doing)) from None
             raise
         raise _refusal(server, doing, ns, response, e, hints or {}) from None
 
 
+def _not_argo(server: ArgoServer, doing: str) -> str:
+    # the Argo Server answers its web UI's page, 200, for any path outside its API: a URL without the server's
+    # base path lands there
+    return (f"{doing}: the answer of {server.url} is not the Argo API's; is it the Argo Server's URL, with its "
+            "base path (--basehref) if it has one?")
+
+
 def _reason(e: Exception) -> str:
     # urllib3's reasons nest ("Max retries exceeded … (Caused by SSLError(…))"): the innermost says the most
-    text = str(e)
-    inner = re.findall(r"Caused by \w+\((.*)\)\)?$", text)
-    return " ".join((inner[0] if inner else text).split())[:300]
+    text = " ".join(str(e).split())
+    inner = re.search(r"Caused by \w+\(([\'\"]?)(.*)\1\)\)?$", text)
+    return (inner[2] if inner else text)[:300]
 
 
 def _refusal(server: ArgoServer, doing: str, namespace: str, response, error: Exception,
