@@ -246,6 +246,15 @@ def test_a_bearer_prefix_in_the_token_is_not_doubled(argo, tmp_path):
     assert argo.requests[-1]["headers"]["authorization"] == f"Bearer {TOKEN}"
 
 
+def test_a_netrc_entry_for_the_server_does_not_replace_the_token(argo, tmp_path):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password planted-netrc-password\n")
+    netrc.chmod(0o600)
+    code, _, err = m3tune("runs", "--argo-server", argo.url, env={"NETRC": str(netrc)})
+    assert code == 0, err
+    assert argo.requests[-1]["headers"]["authorization"] == f"Bearer {TOKEN}"
+
+
 def test_forbidden_missing_and_conflict_each_say_what_to_do(argo):
     code, out, err = m3tune("submit", "-p", f"root={ROOT}", "--argo-server", argo.url)
     one_line_error(code, out, err, "HTTP 404", argo.url, "WorkflowTemplate m3tune", "helm install")

@@ -60,11 +60,15 @@ class ArgoServer:
         from hera.workflows import WorkflowsService
 
         return WorkflowsService(host=self.url, token=self.token, verify_ssl=self.verify,  # type: ignore[arg-type]
-                                namespace=namespace, session=_session())
+                                namespace=namespace, session=_session(self.token))
 
 
-def _session():
+def _session(token: str):
     import requests
+
+    def bearer(request):
+        request.headers["Authorization"] = f"Bearer {token}"
+        return request
 
     class Session(requests.Session):
         """A timeout on every request, and the last response kept: Hera's errors are built from the response
@@ -79,7 +83,11 @@ def _session():
             self.last = response
             return response
 
-    return Session()
+    session = Session()
+    # The session's own auth (the same header Hera sets): without one, requests would let a ~/.netrc entry for
+    # the host replace the token with a password. On a redirect to another host requests drops it.
+    session.auth = bearer
+    return session
 
 
 def connect(url: str | None, *, token_env: str | None, token_file: str | None, ca_file: str | None,
