@@ -225,7 +225,12 @@ def test_rerun_refuses_what_the_argo_server_cannot_do_before_any_request(argo):
 
 # --- refusals: 401, 403, 404, 409 ----------------------------------------------------------------------------------
 
-def test_a_refused_token_is_one_line_without_the_token(argo):
+def test_a_refused_token_is_one_line_without_the_token(argo, monkeypatch):
+    from m3tune import cli
+
+    # -v below leaves the CLI's module state verbose, which a later command that sets up no logging (render job)
+    # would keep: restored when this test ends
+    monkeypatch.setitem(cli._state, "verbose", False)
     install(argo)
     wrong = "planted-wrong-token-9a8b7c"
     for args in (["runs"], ["submit", "-p", f"root={ROOT}"]):
