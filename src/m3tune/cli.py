@@ -462,28 +462,86 @@ def _kube(kubeconfig: Optional[str], context: Optional[str], namespace: Optional
     return client, validate.namespace(namespace or default_namespace or "m3tune", option)
 
 
+ArgoServerOpt = Annotated[Optional[str], typer.Option(
+    "--argo-server", envvar="M3TUNE_ARGO_SERVER", show_envvar=True,
+    help="Talk to this Argo Server (https://HOST:PORT, with its base path if it has one) with a bearer token "
+         "instead of the Kubernetes API (docs/argo-server.md).")]
+ArgoTokenEnvOpt = Annotated[Optional[str], typer.Option(
+    "--argo-token-env", help="Variable holding the Argo Server's token (a name ending in _TOKEN; default ARGO_TOKEN).")]
+ArgoTokenFileOpt = Annotated[Optional[str], typer.Option(
+    "--argo-token-file", help="File holding the Argo Server's token (instead of ARGO_TOKEN).")]
+ArgoCaOpt = Annotated[Optional[str], typer.Option(
+    "--argo-ca-file", help="CA bundle (PEM) that verifies the Argo Server's certificate (default: the system's).")]
+ArgoInsecureOpt = Annotated[bool, typer.Option(
+    "--argo-insecure-skip-verify", help="Do not verify the Argo Server's certificate (any server could then "
+                                        "receive the token).")]
+
+
+def _given(ctx: typer.Context, *names: str) -> list[str]:
+    """The options among NAMES (parameter names) given on the command line (KUBECONFIG set in the environment is
+    the kubeconfig path's default, not a choice of it)."""
+    options = {p.name: p.opts[0] for p in ctx.command.params}
+    return [options[n] for n in names if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+
+
+def _argo(ctx: typer.Context, server: Optional[str], token_env: Optional[str], token_file: Optional[str],
+          ca_file: Optional[str], insecure: bool, namespace: Optional[str], verbose: bool):
+    """Logging set up, then (Argo Server, namespace); None when --argo-server is not given (the kubeconfig path),
+    after refusing the Argo Server options it would ignore, and the kubeconfig options with --argo-server."""
+    from m3tune.deploy import validate
+
+    _setup(verbose, None)
+    if server is None:
+        for option in _given(ctx, "argo_token_env", "argo_token_file", "argo_ca_file", "argo_insecure_skip_verify"):
+            raise ConfigError(f"{option} goes with --argo-server URL (the Kubernetes API path takes its "
+                              "credentials from the kubeconfig)")
+        return None
+    for option in _given(ctx, "kubeconfig", "context"):
+        raise ConfigError(f"{option}: not with --argo-server (the Argo Server path uses a token, not a kubeconfig); "
+                          "give one of the two")
+    from m3tune.deploy.argo_server import connect
+
+    argo = connect(server, token_env=token_env, token_file=token_file, ca_file=ca_file, insecure=insecure)
+    return argo, validate.namespace(namespace or "m3tune")
+
+
 @app.command()
 @_errors
 def submit(
+    ctx: typer.Context,
     parameter: Annotated[list[str], typer.Option("--parameter", "-p", help="NAME=VALUE of the WorkflowTemplate "
                                                  "(repeatable), e.g. -p root=s3://bucket/runs/exp-01.")] = [],
     template: Annotated[str, typer.Option("--template", help="The installed WorkflowTemplate.")] = "m3tune",
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,
+    argo_server: ArgoServerOpt = None,
+    argo_token_env: ArgoTokenEnvOpt = None,
+    argo_token_file: ArgoTokenFileOpt = None,
+    argo_ca_file: ArgoCaOpt = None,
+    argo_insecure_skip_verify: ArgoInsecureOpt = False,
     verbose: VerboseOpt = False,
 ):
-    """Run the pipeline on the cluster: a Workflow from the installed WorkflowTemplate (no argo CLI needed)."""
+    """Run the pipeline on the cluster: a Workflow from the installed WorkflowTemplate (no argo CLI needed), through
+    the Kubernetes API (kubeconfig) or the Argo Server (--argo-server)."""
     from m3tune.deploy.kube import parse_parameters, submit as submit_workflow
 
+    parameters = parse_parameters(parameter)
+    argo = _argo(ctx, argo_server, argo_token_env, argo_token_file, argo_ca_file, argo_insecure_skip_verify,
+                 namespace, verbose)
+    if argo is not None:
+        from m3tune.deploy import argo_server as via_argo
+
+        typer.echo(via_argo.submit(*argo, parameters, template=template))
+        return
     client, ns = _kube(kubeconfig, context, namespace, verbose)
-    name = submit_workflow(client, ns, parse_parameters(parameter), template=template)
-    typer.echo(name)
+    typer.echo(submit_workflow(client, ns, parameters, template=template))
 
 
 @app.command()
 @_errors
 def rerun(
+    ctx: typer.Context,
     step: Annotated[str, typer.Argument(help="The step to rerun.")],
     root: JobRootOpt,
     config: JobConfigOpt = "run.yaml",
@@ -497,11 +555,26 @@ def rerun(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,
+    argo_server: ArgoServerOpt = None,
+    argo_token_env: ArgoTokenEnvOpt = None,
+    argo_token_file: ArgoTokenFileOpt = None,
+    argo_ca_file: ArgoCaOpt = None,
+    argo_insecure_skip_verify: ArgoInsecureOpt = False,
     verbose: VerboseOpt = False,
 ):
-    """Rerun one step of an existing run on the cluster, as a Kubernetes Job (what `m3tune render job` prints)."""
+    """Rerun one step of an existing run on the cluster, as a Kubernetes Job (what `m3tune render job` prints); with
+    --argo-server, as Argo's retry of the run's newest Workflow from that step."""
     from m3tune.deploy.kube import rerun as create_job
 
+    argo = _argo(ctx, argo_server, argo_token_env, argo_token_file, argo_ca_file, argo_insecure_skip_verify,
+                 namespace, verbose)
+    if argo is not None:
+        from m3tune.deploy import argo_server as via_argo
+
+        via_argo.refuse_job_options(_given(ctx, "config", "image", "s3_endpoint", "rank", "world_size", "merge_shards",
+                                    "gpus", "force"))
+        typer.echo(via_argo.rerun(*argo, step, root))
+        return
     client, ns = _kube(kubeconfig, context, namespace, verbose)
     job = _job(step, root, config, ns, image, s3_endpoint, rank, world_size, merge_shards, gpus, force)
     typer.echo(create_job(client, ns, job))
@@ -510,14 +583,20 @@ def rerun(
 @app.command()
 @_errors
 def runs(
+    ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", help="How many of the most recent runs.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,
+    argo_server: ArgoServerOpt = None,
+    argo_token_env: ArgoTokenEnvOpt = None,
+    argo_token_file: ArgoTokenFileOpt = None,
+    argo_ca_file: ArgoCaOpt = None,
+    argo_insecure_skip_verify: ArgoInsecureOpt = False,
     verbose: VerboseOpt = False,
 ):
-    """List recent m3tune Workflows on the cluster and the state of each step."""
+    """List recent m3tune Workflows on the cluster and the state of each step (Kubernetes API or Argo Server)."""
     import dataclasses
 
     from rich.console import Console
@@ -525,8 +604,16 @@ def runs(
 
     from m3tune.deploy.kube import runs as list_runs
 
-    client, ns = _kube(kubeconfig, context, namespace, verbose)
-    found = list_runs(client, ns, limit=limit)
+    argo = _argo(ctx, argo_server, argo_token_env, argo_token_file, argo_ca_file, argo_insecure_skip_verify,
+                 namespace, verbose)
+    if argo is not None:
+        from m3tune.deploy import argo_server as via_argo
+
+        ns = argo[1]
+        found = via_argo.runs(*argo, limit=limit)
+    else:
+        client, ns = _kube(kubeconfig, context, namespace, verbose)
+        found = list_runs(client, ns, limit=limit)
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(r) for r in found], indent=2))
         return

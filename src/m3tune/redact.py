@@ -128,6 +128,21 @@ def check_key_env(name: str) -> str:
                       f"(e.g. OPENROUTER_API_KEY), or list it in {EXTRA_KEY_ENVS}=NAME[,NAME...]")
 
 
+_TOKEN_ENV = re.compile(r"^[A-Z][A-Z0-9_]*_TOKEN$")
+
+
+def check_token_env(name: str, option: str = "--argo-token-env") -> str:
+    """NAME if it may hold a bearer token sent to a server (ARGO_TOKEN), else ConfigError. As `check_key_env`:
+    never an AWS variable, and only a name that says it holds a token (`*_TOKEN`, which `redact` masks by name),
+    so a typo cannot send another secret to a server as a Bearer token."""
+    if name.upper().startswith("AWS_"):
+        raise ConfigError(f"{option} {name!r}: an AWS credential is never sent to a server as a token")
+    if not _TOKEN_ENV.match(name):
+        raise ConfigError(f"{option} {name!r}: not a token variable; use one whose name ends in _TOKEN "
+                          "(e.g. ARGO_TOKEN)")
+    return name
+
+
 class RedactingFilter(logging.Filter):
     """Masks credentials and escapes control characters in every log record (its message formatted first, so
     arguments are covered; its traceback, chained exceptions included, too)."""

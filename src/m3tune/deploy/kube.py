@@ -86,16 +86,15 @@ def parse_parameters(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def submit(client, namespace: str, parameters: dict[str, str], *, template: str = NAME) -> str:
-    """Create a Workflow from the installed WorkflowTemplate TEMPLATE; return its name."""
-    from kubernetes.client import CustomObjectsApi
-
-    # checked before any request: what the template would pass on to a pod, Argo or the kubelet
+def check_submission(parameters: dict[str, str], template: str) -> None:
+    """What the template would pass on to a pod, Argo or the kubelet: checked before any request."""
     validate.dns_subdomain(template, "--template")
     validate.check_parameters(parameters)
-    api = CustomObjectsApi(client)
-    installed = _call(f"reading WorkflowTemplate {template}", namespace, api.get_namespaced_custom_object,
-                      *ARGO, namespace, "workflowtemplates", template)
+
+
+def workflow_body(installed: dict[str, Any], parameters: dict[str, str], template: str) -> dict[str, Any]:
+    """The Workflow that runs the installed WorkflowTemplate INSTALLED (named TEMPLATE) with PARAMETERS, checked
+    against the template's declared parameters. Both submission paths (Kubernetes API, Argo Server) send it."""
     declared = {p["name"]: p for p in installed.get("spec", {}).get("arguments", {}).get("parameters", [])}
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
@@ -104,13 +103,24 @@ def submit(client, namespace: str, parameters: dict[str, str], *, template: str 
     missing = sorted(n for n, p in declared.items() if "value" not in p and n not in parameters)
     if missing:
         raise ConfigError(f"missing parameter(s): {', '.join(missing)} (-p NAME=VALUE)")
-    body = {
+    return {
         "apiVersion": "/".join(ARGO),
         "kind": "Workflow",
         "metadata": {"generateName": f"{template}-", "labels": dict(pod.LABELS)},
         "spec": {"workflowTemplateRef": {"name": template},
                  "arguments": {"parameters": [{"name": k, "value": v} for k, v in parameters.items()]}},
     }
+
+
+def submit(client, namespace: str, parameters: dict[str, str], *, template: str = NAME) -> str:
+    """Create a Workflow from the installed WorkflowTemplate TEMPLATE; return its name."""
+    from kubernetes.client import CustomObjectsApi
+
+    check_submission(parameters, template)
+    api = CustomObjectsApi(client)
+    installed = _call(f"reading WorkflowTemplate {template}", namespace, api.get_namespaced_custom_object,
+                      *ARGO, namespace, "workflowtemplates", template)
+    body = workflow_body(installed, parameters, template)
     created = _call("creating the Workflow", namespace, api.create_namespaced_custom_object,
                     *ARGO, namespace, "workflows", body)
     return created["metadata"]["name"]
@@ -160,20 +170,29 @@ def _dag_tasks(workflow: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+def run_info(workflow: dict[str, Any]) -> RunInfo:
+    status = workflow.get("status", {})
+    params = {p["name"]: p.get("value", "")
+              for p in workflow.get("spec", {}).get("arguments", {}).get("parameters", [])}
+    return RunInfo(name=workflow["metadata"]["name"], phase=status.get("phase", "Pending"),
+                   started=status.get("startedAt") or "", finished=status.get("finishedAt") or "",
+                   root=params.get("root", ""), steps=_steps(workflow))
+
+
+def newest_first(workflows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(workflows, key=lambda w: w["metadata"].get("creationTimestamp", ""), reverse=True)
+
+
+def label_selector() -> str:
+    """The labels every m3tune Workflow carries (`workflow_body`, the template's workflowMetadata)."""
+    return ",".join(f"{k}={v}" for k, v in pod.LABELS.items())
+
+
 def runs(client, namespace: str, *, limit: int = 10) -> list[RunInfo]:
     """The most recent m3tune Workflows, newest first, with the phase of each step."""
     from kubernetes.client import CustomObjectsApi
 
     validate.count(limit, "--limit", high=1000)  # a slice by 0 or -1 would show none, or all but the oldest
-    selector = ",".join(f"{k}={v}" for k, v in pod.LABELS.items())
     listed = _call("listing Workflows", namespace, CustomObjectsApi(client).list_namespaced_custom_object,
-                   *ARGO, namespace, "workflows", label_selector=selector)
-    items = sorted(listed.get("items", []), key=lambda w: w["metadata"].get("creationTimestamp", ""), reverse=True)
-    out = []
-    for wf in items[:limit]:
-        status = wf.get("status", {})
-        params = {p["name"]: p.get("value", "") for p in wf.get("spec", {}).get("arguments", {}).get("parameters", [])}
-        out.append(RunInfo(name=wf["metadata"]["name"], phase=status.get("phase", "Pending"),
-                           started=status.get("startedAt") or "", finished=status.get("finishedAt") or "",
-                           root=params.get("root", ""), steps=_steps(wf)))
-    return out
+                   *ARGO, namespace, "workflows", label_selector=label_selector())
+    return [run_info(wf) for wf in newest_first(listed.get("items", []))[:limit]]

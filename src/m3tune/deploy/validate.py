@@ -131,12 +131,8 @@ def run_root(value: str, option: str = "--root") -> str:
     return run_id
 
 
-def s3_endpoint(value: str, option: str = "--s3-endpoint") -> str:
-    """An S3 endpoint: empty (AWS), or http(s)://HOST[:PORT][/PATH], without credentials, query or fragment."""
-    if not value:
-        return value
-    if _has_userinfo(value):
-        raise _credentials(option)
+def _http_url(value: str, option: str) -> str:
+    """VALUE, an http(s)://HOST[:PORT][/PATH] URL without credentials (checked first), query or fragment."""
     try:
         url = urlsplit(value)
         port = url.port  # ValueError when out of range
@@ -148,6 +144,30 @@ def s3_endpoint(value: str, option: str = "--s3-endpoint") -> str:
             or not _URL_PATH.fullmatch(url.path)):
         raise _bad(option, value, "an http:// or https:// URL (HOST[:PORT][/PATH]), without query or fragment")
     return value
+
+
+def s3_endpoint(value: str, option: str = "--s3-endpoint") -> str:
+    """An S3 endpoint: empty (AWS), or http(s)://HOST[:PORT][/PATH], without credentials, query or fragment."""
+    if not value:
+        return value
+    if _has_userinfo(value):
+        raise _credentials(option)
+    return _http_url(value, option)
+
+
+def argo_server(value: str, option: str = "--argo-server") -> str:
+    """The Argo Server's URL, https://HOST[:PORT][/BASEHREF]: with its scheme (a bare host:port, as the argo CLI's
+    ARGO_SERVER holds, would be read as a path), without credentials (the token goes in a header, never in a URL,
+    where proxies and logs keep it), query or fragment."""
+    # not quoted: it holds a credential (user:token@host:2746 too, without a scheme)
+    if _has_userinfo(value) or ("://" not in value and "@" in value.partition("/")[0]):
+        raise ConfigError(f"{option}: a user or password in the URL (USER:PASSWORD@) is refused; the token goes in "
+                          "ARGO_TOKEN or --argo-token-file")
+    if not value:
+        raise ConfigError(f"{option}: empty; give the Argo Server's URL, e.g. https://argo.example.com:2746")
+    if "://" not in value:
+        raise _bad(option, value, "no scheme; give https://HOST[:PORT] (or http:// for a server without TLS)")
+    return _http_url(value, option)
 
 
 def image(value: str, option: str = "--image") -> str:
