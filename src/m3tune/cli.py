@@ -104,6 +104,9 @@ def _errors(fn):
     def wrapper(*args, **kwargs):
         from m3tune.analysis.analyze import TargetsMissed
 
+        # Each command sets -v in _setup; one in-process call's -v (typer's CliRunner, an embedding program) must
+        # not turn the next command's one-line errors into tracebacks, nor an error raised before _setup.
+        _state["verbose"] = False
         try:
             return fn(*args, **kwargs)
         except TargetsMissed as e:
