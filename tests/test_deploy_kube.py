@@ -136,3 +136,15 @@ def test_a_bad_token_is_refused_and_never_printed(kube, tmp_path):
     verbose = CliRunner().invoke(app, ["runs", "--kubeconfig", str(bad), "-v"])  # -v: the traceback, still no token
     assert verbose.exit_code == 1 and "HTTP 401" in str(verbose.exception)
     assert "planted-wrong-token-11" not in verbose.output + repr(verbose.exception)
+
+
+def test_one_commands_verbose_does_not_leak_into_the_next(kube, tmp_path):
+    # the -v call above leaves the CLI's verbose state set; a later in-process command (render job, which never
+    # calls _setup before its error) must still print one line, not re-raise a traceback
+    server, _ = kube
+    bad = tmp_path / "bad"
+    bad.write_text(kubeconfig(server.url, "planted-wrong-token-12"))
+    assert CliRunner().invoke(app, ["runs", "--kubeconfig", str(bad), "-v"]).exit_code == 1
+    after = CliRunner().invoke(app, ["render", "job", "combine", "--root", "s3://b/runs/r1", "--gpus", "2"])
+    assert after.exit_code == 1 and isinstance(after.exception, SystemExit)
+    assert "error:" in after.output and "--gpus" in after.output
