@@ -12,7 +12,7 @@ from m3tune.combine.step import CombineConfig
 from m3tune.corpus.ingest import IngestConfig
 from m3tune.corpus.passages import read_passages
 from m3tune.arabic import CHAIN_WORDS as _CHAIN
-from m3tune.evaluation.build_gold import Rule, match
+from m3tune.gold.build import Rule, match
 from m3tune.executor import run_step
 from m3tune.generation.base import twins
 from m3tune.generation.exact import GenerateExactConfig, PhraseIndex, contains, exact_queries

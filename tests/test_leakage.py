@@ -173,7 +173,7 @@ def test_a_bad_held_out_list_names_file_and_line(tmp_path):
 
 
 def test_held_out_themes_are_never_generated_and_the_gold_s_held_out_topics_use_them():
-    from m3tune.evaluation.build_gold import HELD_THEMATIC
+    from m3tune.gold.build import HELD_THEMATIC
     from m3tune.generation.offline import load_themes
 
     _, generated = load_themes()

@@ -46,7 +46,7 @@ def run(tmp_path_factory):
     from m3tune.evaluation.step import EvaluateConfig, options_of
     from m3tune.executor import run_step
     from m3tune.manifest import Manifest, OutputInfo, write_manifest
-    from m3tune.training.bench import quran_examples
+    from m3tune.bench.train import quran_examples
     from m3tune.training.config import TrainConfig
 
     base = tmp_path_factory.mktemp("publish")

@@ -766,7 +766,7 @@ def bench_train(
     MFU of BGE-M3 (--gpu)."""
     import tempfile
 
-    from m3tune.training import bench
+    from m3tune.bench import train as bench
 
     _setup(False, None)
     if gpu:
@@ -801,7 +801,7 @@ def bench_quality(
     held-out-test queries; no category lower) is missed."""
     from rich.console import Console
 
-    from m3tune.quality import QualitySettings, markdown, run_quality
+    from m3tune.bench.quality import QualitySettings, markdown, run_quality
     from m3tune.yamlfile import read_yaml
 
     _setup(verbose, s3_endpoint)
@@ -848,7 +848,7 @@ def bench_gpu(
     import time
 
     started = time.monotonic()
-    from m3tune import gpubench
+    from m3tune.bench import gpu as gpubench
 
     _setup(verbose, None)
     out = out or Path(f"gpu-bench-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -244,7 +244,7 @@ def compare_cpu(*, workdir: Path, model: str = "local:e5-small", batch: int = 16
             # m3tune's checkpoints from the run before would make this one resume (nothing left to train)
             shutil.rmtree(Path(root) / "train", ignore_errors=True)
             args = dict(common, workdir=str(workdir / f"work-{n}-{r}"), options=fields)
-            code = ("import json, sys; from m3tune.training import bench; "
+            code = ("import json, sys; from m3tune.bench import train as bench; "
                     f"print('RESULT ' + json.dumps(bench.{function}({root!r}, **json.loads(sys.argv[1]))))")
             out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
                                  env=env)

@@ -268,7 +268,8 @@ def measure_loop(model: str, work: Path, *, batch: int, steps: int, warmup: int,
     the share of real tokens is reported beside it)."""
     import torch
 
-    from m3tune.training import bench, loop
+    from m3tune.bench import train as bench
+    from m3tune.training import loop
     from m3tune.training.config import TrainConfig
 
     root = work / "run"
@@ -375,7 +376,7 @@ def _phase_quality(out: Path, *, config: Path, deadline: float) -> dict[str, Any
     import sys
 
     from m3tune.manifest import read_manifest
-    from m3tune.quality import PHASES
+    from m3tune.bench.quality import PHASES
     from m3tune.storage import open_root
 
     import torch
