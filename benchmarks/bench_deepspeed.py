@@ -27,7 +27,7 @@ def prepare(root_dir: Path) -> None:
     from m3tune.corpus.ingest import IngestConfig
     from m3tune.corpus.passages import read_passages
     from m3tune.executor import run_step
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
     from m3tune.bench.train import quran_examples
 
     root = open_root(str(root_dir / "data"))

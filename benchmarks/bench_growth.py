@@ -82,7 +82,7 @@ def prepare_mining(root_uri: str, scale: int, workdir: str) -> dict:
     from m3tune.executor import run_step
     from m3tune.generation.exact import GenerateExactConfig
     from m3tune.generation.queries import GenerateQueriesConfig
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     n = corpus_file(f"{workdir}/corpus-{scale}.jsonl", scale)
@@ -100,7 +100,7 @@ def mine(root_uri: str) -> dict:
     from m3tune.executor import run_step
     from m3tune.index.step import EncoderSettings, IndexConfig
     from m3tune.mining.mine import MineConfig
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     base_rss = rss_mb()

@@ -32,7 +32,7 @@ def one(variant: str, args) -> dict:
     from m3tune.encoder import heads
     from m3tune.training.data import collate, read_examples
     from m3tune.training.loss import Unified, encode, encode_unified, matryoshka_info_nce, unified_info_nce
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

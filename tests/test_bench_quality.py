@@ -84,7 +84,7 @@ def test_a_repeated_per_query_row_is_an_error_naming_file_and_line(full_run, tmp
     import shutil
 
     from m3tune.jsonl import RecordError
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root, _ = full_run
     copy = tmp_path / "run"
@@ -200,7 +200,7 @@ def test_a_second_training_seed_trains_on_the_same_data_in_its_own_run_root(full
     from m3tune.executor import run_pipeline
     from m3tune.manifest import read_manifest
     from m3tune.bench.quality import SHARED_STEPS, copy_steps, seed_root
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     source, _ = full_run
     main = tmp_path / "runs" / "main"

@@ -200,7 +200,7 @@ def test_fine_tuned_model_gives_m3tunes_vectors_in_sentence_transformers(tmp_pat
     from m3tune.corpus.packaged import quran_passages
     from m3tune.encoder.model import Encoder
     from m3tune.encoder.profiles import profile_of
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
     from m3tune.bench.train import quran_examples
     from m3tune.training.step import train
 

@@ -19,7 +19,7 @@ from m3tune.generation.exact import GenerateExactConfig, PhraseIndex, contains, 
 from m3tune.generation.validate import QueryValidator
 from m3tune.jsonl import read_records
 from m3tune.records import Passage, Query
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 RULES = dict(min_words=4, max_words=12, min_content_words=3, max_matches=20)
 

@@ -11,7 +11,7 @@ from m3tune.combine.step import CombineConfig
 from m3tune.corpus import heldout
 from m3tune.executor import run_step
 from m3tune.records import GoldQuery
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 
 def gold(i: str, query: str, relevant: list[str], language: str = "ar") -> GoldQuery:

@@ -27,7 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from m3tune.cli import app
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 DIMS = [32, 16, 8]
 BASE = dict(dims=DIMS, batch_size=16, gradient_accumulation=1, temperature=0.05, learning_rate=1e-2,

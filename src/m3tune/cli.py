@@ -153,7 +153,8 @@ def _local_folder(path: str, option: str) -> None:
 
 
 def _root(root: str | None, runs: str, run_id: str | None):
-    from m3tune.storage import open_root, run_root_uri
+    from m3tune.runroot import open_root
+    from m3tune.storage import run_root_uri
 
     if root and run_id:
         raise ConfigError("give either --root or --run-id, not both")

@@ -377,7 +377,7 @@ def _phase_quality(out: Path, *, config: Path, deadline: float) -> dict[str, Any
 
     from m3tune.manifest import read_manifest
     from m3tune.bench.quality import PHASES
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     import torch
 

@@ -404,7 +404,7 @@ SHARED_STEPS = PHASES[:PHASES.index("train")]  # what every training seed's run 
 
 def seed_root(root, seed: int):
     """The run root of training seed SEED beside ROOT: ROOT's URI with `-seedSEED` (a run root of its own)."""
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     return open_root(f"{root.uri.rstrip('/')}-seed{seed}")
 

@@ -95,7 +95,7 @@ def prepare(root_uri: str, *, n_train: int, n_val: int, seed: int = 7) -> None:
     from m3tune.corpus.passages import read_passages
     from m3tune.executor import run_step
     from m3tune.jsonl import write_jsonl
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     run_step(root, "ingest", IngestConfig(sources=["quran", "bukhari"]))
@@ -158,7 +158,7 @@ def run_sentence_transformers(root_uri: str, *, model: str, batch: int, steps: i
     from sentence_transformers.training_args import BatchSamplers
 
     from m3tune.encoder.profiles import profile_of, resolve
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     # the texts as m3tune's loop sees them (the model's prompts, marks stripped) and its pooling: the same work
     profile = profile_of(model)
