@@ -263,7 +263,7 @@ def measure_encoder(model, *, device, batch: int, seq: int, steps: int, warmup: 
 def measure_loop(model: str, work: Path, *, batch: int, steps: int, warmup: int, mixed_precision: str,
                  dims: tuple[int, ...] = (384, 256, 128), peak_tflops: float | None = None, n_train: int = 1024,
                  n_val: int = 64, max_length: int = 256) -> dict[str, Any]:
-    """m3tune's training loop on MODEL with real Quran pairs (training.bench's data) under WORK: tokens/s over
+    """m3tune's training loop on MODEL with real Quran pairs (bench.train's data) under WORK: tokens/s over
     the steps after WARMUP, counted from what the loop fed the model (padding included: the model computes it;
     the share of real tokens is reported beside it)."""
     import torch
