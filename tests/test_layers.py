@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("pipeline", frozenset({"pipeline"})),
     ("steps", frozenset({"corpus", "generation", "index", "mining", "combine", "analysis", "training",
                          "evaluation", "publish"})),
-    # the foundation, in its own order: integrity wraps storage, and the encoder sits on both
+    # the foundation, in its own order: integrity (manifest, runroot) wraps storage, never the reverse
     ("encoder, step context", frozenset({"encoder", "context"})),
     ("run root", frozenset({"runroot"})),
     ("manifests", frozenset({"manifest"})),
@@ -28,8 +28,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("storage, records", frozenset({"storage", "records", "redact", "progress", "apiclient"})),
     ("base", frozenset({"arabic", "errors", "__init__"})),
 ]
-# Units of one layer do not import each other, except the steps, and only along these arrows: what a step
-# reads of another step's package. corpus reads none, generation never evaluation, evaluation never training.
+# Units of one layer do not import each other, except along the arrows below. The steps': what a step reads of
+# another step's package (acyclic: corpus reads none, generation never evaluation, evaluation never training).
 STEP_READS: dict[str, frozenset[str]] = {
     "corpus": frozenset(),
     "analysis": frozenset(),
