@@ -2,7 +2,7 @@
 
 Integrity wraps storage, never the other way round: `m3tune.storage` knows folders, atomic publishing and an
 `Integrity` hook, and nothing of manifests; `m3tune.manifest` records what a step published and checks it
-(RunIntegrity). `open_root` puts the two together, so a read of a published file is verified against its
+(RunIntegrity). `open_root` and `verified` put the two together, so a read of a published file is verified against its
 step's manifest while it is read, and a change under a step's folder withdraws that step's manifest first,
 whichever step or command does it.
 """
@@ -20,4 +20,11 @@ def open_root(uri: str, *, s3_endpoint: str | None = None) -> Store:
     if isinstance(store, S3Store) and not store.prefix:
         raise StorageError(f"invalid run root {uri!r}: expected s3://bucket/prefix/RUN_ID")
     validate_run_id(last)
-    return store.with_integrity(RunIntegrity(store))
+    return verified(store)
+
+
+def verified(root: Store) -> Store:
+    """ROOT, a run's folder, as its run root: reads verified against the manifests, changes announced to them.
+    A view of its own over the manifest cache every view of that root shares, so a root handed over bare (by a
+    test, a benchmark) is verified too."""
+    return root.with_integrity(RunIntegrity(root))
