@@ -54,7 +54,7 @@ def one(which: str, path: str, workdir: str) -> None:
     else:
         from m3tune.combine.step import CombineConfig
         from m3tune.executor import run_step
-        from m3tune.storage import open_root
+        from m3tune.runroot import open_root
 
         manifest, _ = run_step(open_root(f"{workdir}/run"), "combine",
                                CombineConfig(mined=False, inputs=[path], max_examples=CAP), force=True)

@@ -4,7 +4,7 @@ records in its manifest's metrics as peak_rss_mib_per_process), and the per-step
 
     .venv/bin/python benchmarks/bench_deepspeed.py [--model local:e5-small] [--steps 10] [--out runs/bench-ds]
 
-The data: 480 training and 96 validation examples from real Quran verses (m3tune.training.bench.quran_examples,
+The data: 480 training and 96 validation examples from real Quran verses (m3tune.bench.train.quran_examples,
 the test suite's kind of pairs), validation over them plus a 300-passage corpus sample.
 """
 
@@ -27,8 +27,8 @@ def prepare(root_dir: Path) -> None:
     from m3tune.corpus.ingest import IngestConfig
     from m3tune.corpus.passages import read_passages
     from m3tune.executor import run_step
-    from m3tune.storage import open_root
-    from m3tune.training.bench import quran_examples
+    from m3tune.runroot import open_root
+    from m3tune.bench.train import quran_examples
 
     root = open_root(str(root_dir / "data"))
     run_step(root, "ingest", IngestConfig(sources=["quran"]))

@@ -63,7 +63,7 @@ def offline_rates() -> list[tuple[str, int, float]]:
     from m3tune.executor import run_step
     from m3tune.generation.conceptual import GenerateConceptualConfig
     from m3tune.generation.queries import GenerateQueriesConfig
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     with tempfile.TemporaryDirectory() as tmp:
         root = open_root(f"{tmp}/runs/bench")

@@ -9,7 +9,7 @@ a pipeline: the offline generators (`generate-queries`, `generate-exact`) read a
 QUERY_EVERY (`generate-conceptual`'s theme queries, which mine-negatives also needs, are a fixed number).
 
 Training (the train step's loop as the step runs it: `loop.setup`, `train`, `save`; tiny model, batch 16, one
-epoch, validation before and after, the final model saved): BASE_EXAMPLES real Quran examples (`m3tune.training.bench.quran_examples`)
+epoch, validation before and after, the final model saved): BASE_EXAMPLES real Quran examples (`m3tune.bench.train.quran_examples`)
 at 1x, 5x and 25x, validation a quarter of it. One epoch, not a fixed number of steps: steps grow with the
 examples, and so does everything else an epoch does (reading and checking the data, the sampler, the
 validation), which a fixed-steps run would hide.
@@ -82,7 +82,7 @@ def prepare_mining(root_uri: str, scale: int, workdir: str) -> dict:
     from m3tune.executor import run_step
     from m3tune.generation.exact import GenerateExactConfig
     from m3tune.generation.queries import GenerateQueriesConfig
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     n = corpus_file(f"{workdir}/corpus-{scale}.jsonl", scale)
@@ -100,7 +100,7 @@ def mine(root_uri: str) -> dict:
     from m3tune.executor import run_step
     from m3tune.index.step import EncoderSettings, IndexConfig
     from m3tune.mining.mine import MineConfig
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     base_rss = rss_mb()
@@ -116,7 +116,7 @@ def mine(root_uri: str) -> dict:
 
 
 def prepare_training(root_uri: str, scale: int) -> dict:
-    from m3tune.training.bench import prepare
+    from m3tune.bench.train import prepare
 
     n = scale * BASE_EXAMPLES
     prepare(root_uri, n_train=n, n_val=n // 4)

@@ -56,7 +56,7 @@ def prepare_real(workdir: str) -> str:
     from m3tune.executor import run_step
     from m3tune.index.step import EncoderSettings, IndexConfig, cache_store
     from m3tune.mining.mine import load_queries
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(f"{workdir}/runs/bench")
     for step in ("ingest", "generate-queries", "generate-conceptual"):

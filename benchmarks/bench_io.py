@@ -33,7 +33,8 @@ def main() -> None:
     from m3tune.executor import run_step
     from m3tune.jsonl import read_jsonl, write_jsonl
     from m3tune.records import Passage
-    from m3tune.storage import LocalStore, open_root
+    from m3tune.runroot import open_root
+    from m3tune.storage import LocalStore
 
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:

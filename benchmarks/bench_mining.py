@@ -48,7 +48,7 @@ def prepare(workdir: str, limit: int | None) -> str:
     """A run with the corpus (at most LIMIT passages a source) and the offline demo's queries; returns its root."""
     from m3tune.corpus.ingest import IngestConfig
     from m3tune.executor import run_step
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(f"{workdir}/runs/bench")
     run_step(root, "ingest", IngestConfig(limit=limit))
@@ -65,7 +65,7 @@ def peer(root_uri: str, model_key: str) -> dict:
     from m3tune.encoder.profiles import profile_of, resolve
     from m3tune.jsonl import read_records
     from m3tune.records import Passage, Query
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
@@ -98,7 +98,7 @@ def ours(root_uri: str, which: str, model_key: str) -> dict:
     from m3tune.executor import run_step
     from m3tune.index.step import EncoderSettings, IndexConfig
     from m3tune.mining.mine import MineConfig
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -135,7 +135,7 @@ def main(model_key: str, int8: bool) -> None:
             Encoder(name, dtype="int8")  # quantized once, outside the timings
         from m3tune.jsonl import read_records
         from m3tune.records import Passage
-        from m3tune.storage import open_root
+        from m3tune.runroot import open_root
 
         n = sum(1 for _ in read_records(open_root(root_uri).child("ingest"), "passages.jsonl", Passage))
         print(f"python {sys.version.split()[0]}, 2 cores; corpus {n:,} passages; {name}, {pooling}, "

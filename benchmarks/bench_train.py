@@ -5,7 +5,7 @@ in MatryoshkaLoss), same model, real Quran and Bukhari pairs, texts, batch, leng
         [--max-length 256] [--rounds 2] [--threads 1] [--option length_group=0]
         [--variant length_group=0]
 
-Each contender runs in a fresh process, in turn, ROUNDS times; see m3tune.training.bench for what is
+Each contender runs in a fresh process, in turn, ROUNDS times; see m3tune.bench.train for what is
 measured. The GPU counterpart is `m3tune bench train --gpu`.
 """
 
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from m3tune.training.bench import compare_cpu
+from m3tune.bench.train import compare_cpu
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/bench_unified.py --model local:e5-small --batch-size 8 --steps 5
 
-Each variant runs in a fresh process on the same real Quran batches (m3tune.training.bench's pairs): the
+Each variant runs in a fresh process on the same real Quran batches (m3tune.bench.train's pairs): the
 training loop's own pieces (collate, encode / encode_unified, matryoshka_info_nce / unified_info_nce,
 backward, fused AdamW), one warm-up step, then STEPS timed steps; peak memory is the process's max RSS
 (CPU) or torch's peak allocation (CUDA). The variants run in the order dense, unified, unified, dense.
@@ -29,10 +29,10 @@ def one(variant: str, args) -> dict:
 
     from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.profiles import profile_of, resolve
-    from m3tune.training import heads
+    from m3tune.encoder import heads
     from m3tune.training.data import collate, read_examples
     from m3tune.training.loss import Unified, encode, encode_unified, matryoshka_info_nce, unified_info_nce
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +101,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(one(args.variant, args)))
         return
-    from m3tune.training.bench import prepare
+    from m3tune.bench.train import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         root = str(Path(tmp) / "root")

@@ -15,7 +15,7 @@ import tempfile
 CHILD = r'''
 import io, json, resource, sys
 import numpy as np
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 root, action, path, rows, dim = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 folder = open_root(root).child("index")
 if action == "write":

@@ -27,7 +27,8 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     from m3tune.encoder.profiles import profile_of, resolve
-    from m3tune.training import export, heads
+    from m3tune.encoder import heads
+    from m3tune.training import export
 
     path = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

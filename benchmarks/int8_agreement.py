@@ -29,7 +29,7 @@ def main() -> None:
     from m3tune.encoder.model import Encoder
     from m3tune.jsonl import read_records
     from m3tune.records import Passage, Query
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(args.run)
     passages = [p.text for p in read_records(root.child("ingest"), "passages.jsonl", Passage)]

@@ -14,7 +14,7 @@ import sys
 
 from m3tune.corpus.passages import read_passages
 from m3tune.mining.mine import load_queries, mine
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 
 def main(root_uri: str, variants: list[str]) -> None:

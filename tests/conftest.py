@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from m3tune.storage import LocalStore, S3Store, open_root
+from m3tune.runroot import open_root
+from m3tune.storage import LocalStore, S3Store
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers (pytest-xdist) on a 2-core machine: one thread each, in the workers and in

@@ -12,7 +12,7 @@ from m3tune.arabic import normalize
 from m3tune.combine.step import CombineConfig
 from m3tune.errors import UserError
 from m3tune.executor import run_step
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 AR_WORDS = ["الصلاة", "الزكاة", "الصيام", "الحج", "الصبر", "الرحمة", "التوبة", "الجنة", "النار", "العلم",
             "الصدق", "الوالدين", "اليتيم", "الجهاد", "الدعاء", "الذكر"]

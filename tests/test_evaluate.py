@@ -11,7 +11,7 @@ from m3tune.corpus.passages import read_passages
 from m3tune.evaluation.gold import load_gold
 from m3tune.evaluation.metrics import METRICS, holm, interval, pairwise, per_query
 from m3tune.records import GoldQuery
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 TINY = {"base_model": "local:tiny-xlmr", "max_length": 256, "batch_size": 64}  # as configs/demo.yaml's index
 

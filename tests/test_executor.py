@@ -137,7 +137,7 @@ def test_killed_step_publishes_nothing_and_reruns_cleanly(tmp_path):
     names = sorted(p.name for p in folder.iterdir())
     assert "passages.jsonl" not in names and MANIFEST not in names
     assert any(".tmp-" in n for n in names)  # the half-written file, never under its real name
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
     root = open_root(str(root_dir))
     status = step_status(root, get_step("ingest"))
     assert (status.state, status.reason) == ("missing", "started but not finished (no manifest)")

@@ -12,14 +12,14 @@ from m3tune.combine.step import CombineConfig
 from m3tune.corpus.ingest import IngestConfig
 from m3tune.corpus.passages import read_passages
 from m3tune.arabic import CHAIN_WORDS as _CHAIN
-from m3tune.evaluation.build_gold import Rule, match
+from m3tune.gold.build import Rule, match
 from m3tune.executor import run_step
 from m3tune.generation.base import twins
 from m3tune.generation.exact import GenerateExactConfig, PhraseIndex, contains, exact_queries
 from m3tune.generation.validate import QueryValidator
 from m3tune.jsonl import read_records
 from m3tune.records import Passage, Query
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 RULES = dict(min_words=4, max_words=12, min_content_words=3, max_matches=20)
 

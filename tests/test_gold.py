@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from m3tune.corpus.passages import read_passages
-from m3tune.evaluation.build_gold import build
+from m3tune.gold.build import build
 from m3tune.evaluation.gold import PACKAGED, load_gold
 from m3tune.jsonl import RecordError
 from m3tune.records import GoldQuery
@@ -96,7 +96,7 @@ def test_the_development_set_is_rebuilt_by_its_rules_and_stays_apart_from_the_te
     drawn from a passage a test query was drawn from or names by hand."""
     from m3tune.arabic import normalize
     from m3tune.corpus import heldout
-    from m3tune.evaluation.build_gold import all_entries, dev_entries
+    from m3tune.gold.build import all_entries, dev_entries
 
     partition = heldout.load()
     dev = load_gold(str(PACKAGED.parent / "gold_dev_v3.jsonl"), {p.id for p in corpus}, held_out=partition)
@@ -116,7 +116,7 @@ def test_the_confirmation_set_is_held_out_rebuilt_by_its_rules_and_apart_from_te
     every category there, and the file what its rules build."""
     from m3tune.arabic import normalize
     from m3tune.corpus import heldout
-    from m3tune.evaluation.build_gold import all_entries, confirm_entries, dev_entries
+    from m3tune.gold.build import all_entries, confirm_entries, dev_entries
 
     partition = heldout.load()
     confirm = load_gold(str(PACKAGED.parent / "gold_confirm_v3.jsonl"), {p.id for p in corpus}, held_out=partition)

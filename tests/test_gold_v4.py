@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from m3tune.corpus import heldout
-from m3tune.evaluation import build_gold_v4 as v4
+from m3tune.gold import build_v4 as v4
 from m3tune.evaluation.gold import V4_DEV, V4_TEST, gold_location, load_for_selection, load_gold
 from m3tune.evaluation.metrics import cluster_bootstrap, p_text
 from m3tune.jsonl import RecordError

@@ -11,7 +11,7 @@ from m3tune.combine.step import CombineConfig
 from m3tune.corpus import heldout
 from m3tune.executor import run_step
 from m3tune.records import GoldQuery
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 
 def gold(i: str, query: str, relevant: list[str], language: str = "ar") -> GoldQuery:
@@ -173,7 +173,7 @@ def test_a_bad_held_out_list_names_file_and_line(tmp_path):
 
 
 def test_held_out_themes_are_never_generated_and_the_gold_s_held_out_topics_use_them():
-    from m3tune.evaluation.build_gold import HELD_THEMATIC
+    from m3tune.gold.build import HELD_THEMATIC
     from m3tune.generation.offline import load_themes
 
     _, generated = load_themes()

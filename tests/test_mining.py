@@ -330,7 +330,7 @@ def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tm
     from m3tune.executor import run_step
     from m3tune.index.step import EncoderSettings, IndexConfig, local_qdrant_path
     from m3tune.mining.mine import mine
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root, _ = full_run
     folder = root.child("index")
@@ -399,7 +399,7 @@ def test_sharded_mining_merges_to_the_same_examples(full_run, tmp_path):
 
     import shutil
 
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     shutil.copytree(full_run[0].path, tmp_path / "runs" / "copy")  # the shared run stays as it is
     root = open_root(str(tmp_path / "runs" / "copy"))
@@ -470,7 +470,7 @@ def test_an_index_folder_that_does_not_hold_together_is_named_before_mining(tmp_
 
     from m3tune.errors import UserError
     from m3tune.index.step import read_index
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     folder = open_root(str(tmp_path / "run")).child("index")
     info = {"model": "local:tiny-xlmr", "pooling": "cls", "query_prompt": None, "passage_prompt": None,

@@ -80,7 +80,7 @@ def test_ingest_publishes_groups_and_a_bad_groups_file_is_refused(tmp_path):
     from m3tune.corpus.neardup import read_groups
     from m3tune.errors import UserError
     from m3tune.executor import run_step
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     user = tmp_path / "p.jsonl"
     import json

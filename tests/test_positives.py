@@ -155,7 +155,7 @@ def test_a_positive_that_is_also_a_negative_names_file_line_and_field(tmp_path):
 
     from m3tune.combine.step import CombineConfig
     from m3tune.executor import run_step
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     rows = [{"query": f"سؤال رقم {i}", "pos": [f"نص {i}"], "pos_ids": [f"bukhari:{i + 1}"], "neg": ["آخر"],
              "neg_ids": [f"muslim:{i + 1}"], "type": "question", "language": "ar", "source": "hadith"}

@@ -25,7 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from m3tune.errors import UserError
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qdrant_server import QdrantRestServer  # noqa: E402
@@ -46,7 +46,7 @@ def run(tmp_path_factory):
     from m3tune.evaluation.step import EvaluateConfig, options_of
     from m3tune.executor import run_step
     from m3tune.manifest import Manifest, OutputInfo, write_manifest
-    from m3tune.training.bench import quran_examples
+    from m3tune.bench.train import quran_examples
     from m3tune.training.config import TrainConfig
 
     base = tmp_path_factory.mktemp("publish")

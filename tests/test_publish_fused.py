@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from m3tune.errors import UserError
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from qdrant_server import QdrantRestServer  # noqa: E402

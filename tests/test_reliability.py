@@ -18,7 +18,8 @@ from m3tune.corpus.ingest import IngestConfig
 from m3tune.executor import run_step, step_status
 from m3tune.manifest import MANIFEST, Tampered, read_manifest
 from m3tune.pipeline import get_step
-from m3tune.storage import StorageError, download_folder, open_root
+from m3tune.runroot import open_root
+from m3tune.storage import StorageError, download_folder
 
 SMALL = IngestConfig(sources=["quran"], limit=6)
 PLANTED = "sk-PLANTED-123-do-not-leak"

@@ -286,7 +286,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_exit_4_and_runs_nothing(tmp_path, t
 def test_a_truncated_embeddings_cache_shard_is_exit_4_naming_it(tmp_path):
     # Before: zipfile.BadZipFile from numpy when the cache was opened: a traceback.
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     store = open_root(str(tmp_path / "cache"))
 
@@ -338,7 +338,7 @@ def test_cached_vectors_of_another_width_or_nan_are_refused_naming_the_cache(tmp
     # Before: a shard of 8-d vectors under a 4-d encoder's fingerprint was served (np.stack failed on a mix);
     # a model encoding NaN cached them, and publish uploaded them.
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     store = open_root(str(tmp_path / "cache"))
     wide = _FakeEncoder()
@@ -353,7 +353,7 @@ def test_cached_vectors_of_another_width_or_nan_are_refused_naming_the_cache(tmp
 
 def test_an_edited_shard_with_nan_vectors_is_refused(tmp_path):
     from m3tune.encoder.cache import EmbeddingCache
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     store = open_root(str(tmp_path / "cache"))
     buffer = io.BytesIO()

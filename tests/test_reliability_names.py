@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from m3tune.cli import app
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 DEMO = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
 SECRET = "aws-secret-PLANTED-0123456789"
@@ -347,7 +347,7 @@ def test_vectors_with_nan_in_a_run_root_are_refused_naming_the_file(tmp_path, ba
 
     from m3tune.errors import UserError
     from m3tune.index.step import read_vectors
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     folder = open_root(str(tmp_path / "runs" / "r")).child("index")
     vectors = np.ones((3, 4), np.float32)

@@ -97,7 +97,7 @@ def test_max_steps_patience_and_cadence_may_change_on_resume(finished, tmp_path,
     """A resumed run with a lower max_steps, another patience and cadence keeps its checkpoints and steps."""
     import shutil
 
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     copy = tmp_path / "runs" / "copy"
     shutil.copytree(finished.path, copy)  # type: ignore[attr-defined]
@@ -114,7 +114,7 @@ def test_a_resume_whose_data_or_model_path_changed_refuses_saying_what(finished,
     import shutil
 
     from m3tune.errors import ConfigError
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     copy = tmp_path / "runs" / "copy"
     shutil.copytree(finished.path, copy)  # type: ignore[attr-defined]
@@ -139,7 +139,7 @@ def test_max_steps_past_the_schedule_it_started_with_is_refused(finished, tmp_pa
     import shutil
 
     from m3tune.errors import ConfigError
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     copy = tmp_path / "runs" / "copy"
     shutil.copytree(finished.path, copy)  # type: ignore[attr-defined]

@@ -1,6 +1,7 @@
 import pytest
 
-from m3tune.storage import StorageError, file_digest, open_root, open_store, run_root_uri, split_uri, validate_run_id
+from m3tune.runroot import open_root
+from m3tune.storage import StorageError, file_digest, open_store, run_root_uri, split_uri, validate_run_id
 
 
 @pytest.mark.parametrize("run_id", ["..", ".", "../x", "a/b", "", "/abs", "-lead", "a\\b", "x" * 129, "a b", "..."])

@@ -1,6 +1,6 @@
 """The train step on CPU with the tiny local XLM-RoBERTa, on real Quran pairs.
 
-The data (`m3tune.training.bench.quran_examples`): verses of the packaged
+The data (`m3tune.bench.train.quran_examples`): verses of the packaged
 Quran (ingest), each a training example whose query is either its English
 translation (cross-lingual) or its first eight Arabic words (an exact-quote
 query), its hard negatives three other verses of the same surah and one
@@ -27,7 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from m3tune.cli import app
-from m3tune.storage import open_root
+from m3tune.runroot import open_root
 
 DIMS = [32, 16, 8]
 BASE = dict(dims=DIMS, batch_size=16, gradient_accumulation=1, temperature=0.05, learning_rate=1e-2,
@@ -42,7 +42,7 @@ def quran_pairs(tmp_path_factory) -> dict[str, bytes]:
     from m3tune.corpus.ingest import IngestConfig
     from m3tune.corpus.passages import read_passages
     from m3tune.executor import run_step
-    from m3tune.training.bench import quran_examples
+    from m3tune.bench.train import quran_examples
 
     root = open_root(str(tmp_path_factory.mktemp("quran") / "runs" / "q"))
     run_step(root, "ingest", IngestConfig(sources=["quran"]))
@@ -582,7 +582,7 @@ def test_bge_m3_sized_training_step_on_gpu():
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from m3tune.training.bench import gpu_throughput
+    from m3tune.bench.train import gpu_throughput
 
     result = gpu_throughput(batch=4, steps=3, warmup=1)
     assert 5e8 < result["parameters"] < 6e8  # XLM-RoBERTa large: BGE-M3's 568M

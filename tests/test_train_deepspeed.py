@@ -279,7 +279,7 @@ def test_unified_heads_and_matryoshka_under_zero2(tmp_path, quran_pairs, tiny_mo
     the one-process curve of the same global batch, and the trained heads published."""
     import torch
 
-    from m3tune.training.heads import COLBERT_FILE, SPARSE_FILE
+    from m3tune.encoder.heads import COLBERT_FILE, SPARSE_FILE
 
     one, _ = _run(tmp_path, "unified-one", quran_pairs, model=tiny_model, batch_size=8, unified=True)
     two, manifest = _run(tmp_path, "unified-zero2", quran_pairs, model=tiny_model, processes=2, deepspeed="zero2",

@@ -31,7 +31,7 @@ def _batch(root, tokenizer, n=6):
 def _unified(tiny_model, seed=0):
     from transformers import AutoModel, AutoTokenizer
 
-    from m3tune.training import heads
+    from m3tune.encoder import heads
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     encoder = AutoModel.from_pretrained(tiny_model, add_pooling_layer=False)
@@ -41,7 +41,7 @@ def _unified(tiny_model, seed=0):
 
 
 def _settings(tokenizer, **kw):
-    from m3tune.training import heads
+    from m3tune.encoder import heads
     from m3tune.training.loss import Unified
 
     return Unified(temperatures=(0.05, 0.05, 0.05), special_ids=tuple(heads.special_ids(tokenizer)), **kw)
@@ -270,7 +270,7 @@ def test_export_is_a_bge_m3_folder_that_flagembedding_scores_alike(unified_one, 
     from FlagEmbedding import BGEM3FlagModel
     from transformers import AutoTokenizer
 
-    from m3tune.training import heads
+    from m3tune.encoder import heads
     from m3tune.training.data import read_examples
     from m3tune.training.loss import colbert_scores, dense_scores, encode_unified, sparse_scores
 
@@ -317,7 +317,7 @@ def test_head_files_of_the_wrong_shape_or_width_are_named(tiny_model, tmp_path):
     import torch
 
     from m3tune.errors import BadInput
-    from m3tune.training import heads
+    from m3tune.encoder import heads
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_model, folder)
@@ -343,7 +343,7 @@ def test_unified_refuses_a_tokenizer_that_does_not_match_the_heads_before_traini
                                                                                     tmp_path):
     from m3tune.context import StepContext
     from m3tune.errors import ConfigError
-    from m3tune.training import heads
+    from m3tune.encoder import heads
     from m3tune.training.step import train
 
     folder = tmp_path / "m"

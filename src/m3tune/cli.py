@@ -156,7 +156,8 @@ def _local_folder(path: str, option: str) -> None:
 
 
 def _root(root: str | None, runs: str, run_id: str | None):
-    from m3tune.storage import open_root, run_root_uri
+    from m3tune.runroot import open_root
+    from m3tune.storage import run_root_uri
 
     if root and run_id:
         raise ConfigError("give either --root or --run-id, not both")
@@ -856,7 +857,7 @@ def bench_train(
     MFU of BGE-M3 (--gpu)."""
     import tempfile
 
-    from m3tune.training import bench
+    from m3tune.bench import train as bench
 
     _setup(False, None)
     if gpu:
@@ -891,7 +892,7 @@ def bench_quality(
     held-out-test queries; no category lower) is missed."""
     from rich.console import Console
 
-    from m3tune.quality import QualitySettings, markdown, run_quality
+    from m3tune.bench.quality import QualitySettings, markdown, run_quality
     from m3tune.yamlfile import read_yaml
 
     _setup(verbose, s3_endpoint)
@@ -938,7 +939,7 @@ def bench_gpu(
     import time
 
     started = time.monotonic()
-    from m3tune import gpubench
+    from m3tune.bench import gpu as gpubench
 
     _setup(verbose, None)
     out = out or Path(f"gpu-bench-{time.strftime('%Y%m%d-%H%M%S')}")

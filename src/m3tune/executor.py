@@ -17,11 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from m3tune import __version__
-from m3tune.manifest import (MANIFEST, Manifest, OutputInfo, RunIntegrity, Tampered, config_digest, read_manifest,
+from m3tune.manifest import (MANIFEST, Manifest, OutputInfo, Tampered, config_digest, read_manifest,
                              tampered_message, write_manifest)
 from m3tune.context import StepContext
 from m3tune.errors import ConfigError, UserError
 from m3tune.pipeline import PIPELINE, STEPS, Step, get_step
+from m3tune.runroot import verified
 from m3tune.storage import StorageError, Store, file_digest
 
 log = logging.getLogger("m3tune")
@@ -67,7 +68,7 @@ def shard_folder(root: Store, name: str, rank: int, world_size: int) -> Store:
 def _verified_view(root: Store) -> Store:
     """ROOT with an Integrity of its own (the same shared manifest cache): a bare store given by a caller
     is verified too."""
-    return root.with_integrity(RunIntegrity(root))
+    return verified(root)
 
 
 def _output_problem(folder: Store, name: str, info: OutputInfo, *, verify: bool) -> StepStatus | None:

@@ -161,9 +161,10 @@ class _HashingWriter(io.RawIOBase):
 
 
 class Integrity(ABC):
-    """What a run root knows about its published files (m3tune.manifest.RunIntegrity): every read of one is
-    checked against the sha256 its step's manifest recorded, and every change under a step's folder is
-    announced first (so a manifest is withdrawn before what it vouches for changes)."""
+    """What a run root knows about its published files (m3tune.manifest.RunIntegrity, attached by
+    m3tune.runroot): every read of one is checked against the sha256 its step's manifest recorded, and every
+    change under a step's folder is announced first (so a manifest is withdrawn before what it vouches for
+    changes). Storage defines only this hook: it knows nothing of manifests."""
 
     @abstractmethod
     def reader(self, path: str, stream: BinaryIO, uri: str) -> BinaryIO:
@@ -177,8 +178,8 @@ class Integrity(ABC):
 class Store(ABC):
     """A folder: a local directory or an S3 prefix. Paths inside are '/'-separated.
 
-    A run root (open_root) carries an Integrity, passed on to its sub-folders: reads of published files are
-    verified while they are read, whichever step or command reads them."""
+    A run root (m3tune.runroot.open_root) carries an Integrity, passed on to its sub-folders: reads of
+    published files are verified while they are read, whichever step or command reads them."""
 
     uri: str
     _integrity: Integrity | None = None
@@ -483,18 +484,6 @@ def open_store(uri: str, *, s3_endpoint: str | None = None) -> Store:
     if ".." in parts or "." in parts[1:]:  # a leading './' only names the current folder
         raise StorageError(f"invalid path {uri!r}: '..' and '.' segments are not allowed in a run location")
     return LocalStore(path)
-
-
-def open_root(uri: str, *, s3_endpoint: str | None = None) -> Store:
-    """The store of one run: its last path segment is the run id, validated."""
-    from m3tune.manifest import RunIntegrity  # manifests are a layer above storage
-
-    store = open_store(uri, s3_endpoint=s3_endpoint)
-    last = store.uri.rstrip("/").rsplit("/", 1)[-1]
-    if isinstance(store, S3Store) and not store.prefix:
-        raise StorageError(f"invalid run root {uri!r}: expected s3://bucket/prefix/RUN_ID")
-    validate_run_id(last)
-    return store.with_integrity(RunIntegrity(store))
 
 
 def split_uri(uri: str, *, s3_endpoint: str | None = None) -> tuple[Store, str]:

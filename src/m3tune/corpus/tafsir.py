@@ -4,7 +4,7 @@ and the clauses of that explanation that say the verse's meaning in other words.
 Two users share one rule, so that what they call a paraphrase is the same thing:
 
 - the gold builder: a held-out paraphrase query is the *first* such clause of a held-out verse
-  (m3tune.evaluation.build_gold);
+  (m3tune.gold.build);
 - the offline generator (`generate-queries --tafsir`): a training verse's Arabic question is one of its
   clauses, a sentence a person wrote about the verse, where the offline template («ما الآية التي تذكر ...؟»)
   only repeats the verse's own salient words. Held-out verses never reach training: combine removes the

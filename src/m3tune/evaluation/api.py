@@ -12,7 +12,7 @@ never logged or recorded; an endpoint's error body is redacted before it
 reaches a message.
 
 A hostile answer is bounded and never scored: a body past a size bound (the
-batch's vectors at MAX_DIM dimensions, m3tune.generation.http) or slower than
+batch's vectors at MAX_DIM dimensions, m3tune.apiclient) or slower than
 `timeout` in all (headers included: the async client runs on the encoder's own
 event loop, under a wall-clock deadline) is refused; vectors wider than MAX_DIM, or of two widths,
 stop the run; an answer m3tune cannot read (not JSON, `data: null`, strings
@@ -32,8 +32,8 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from m3tune.generation.http import MAX_RESPONSE_BYTES, ResponseRefused, client_kwargs, http_module, refused
-from m3tune.generation.llm import RETRYABLE_STATUS, LLMError, _retry_after, fatal_status
+from m3tune.apiclient import (MAX_RESPONSE_BYTES, RETRYABLE_STATUS, LLMError, ResponseRefused, client_kwargs,
+                              fatal_status, http_module, refused, retry_after)
 from m3tune.redact import check_key, check_key_env, redact, register
 
 log = logging.getLogger("m3tune.evaluate")
@@ -119,7 +119,7 @@ class ApiEncoder:
         self.retries: Counter[str] = Counter()
 
     def _post(self, texts: list[str], role: str):
-        """The raw answer to one embeddings request (its body read, bounded, by m3tune.generation.http)."""
+        """The raw answer to one embeddings request (its body read, bounded, by m3tune.apiclient)."""
         body = {"model": self.model, "input": texts, "encoding_format": "float"}
         if self.dimensions:
             body["dimensions"] = self.dimensions
@@ -184,7 +184,7 @@ class ApiEncoder:
                                f"{': ' + problem if problem else ''}); "
                                "what was encoded before is cached, a rerun goes on from there")
             self.retries[kind] += 1
-            wait = _retry_after(response)
+            wait = retry_after(response)
             if wait is None:
                 wait = random.uniform(0, self.backoff * 2 ** (attempt - 1))  # full jitter
             log.info("embeddings: %s, retry %d in %.1fs", kind, attempt, wait)

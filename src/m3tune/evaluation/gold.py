@@ -1,6 +1,6 @@
 """The gold standard: evaluation queries with their relevant passages, validated against the corpus.
 
-The packaged set (`data/gold_standard_v3.jsonl`, built by `build_gold.py`
+The packaged set (`data/gold_standard_v3.jsonl`, built by `m3tune.gold.build`
 from the real corpus; rules in `data/README.md`) is the default; any file of
 GoldQuery records can replace it. A malformed line, a duplicate query id or
 a relevant id missing from the corpus stops the evaluation with the file,
@@ -19,7 +19,7 @@ from m3tune.jsonl import RecordError, read_jsonl_numbered
 from m3tune.records import GoldQuery
 
 PACKAGED = Path(__file__).resolve().parent / "data" / "gold_standard_v3.jsonl"
-# Gold v4 (build_gold_v4): held-out-test, read once per reported result, and held-out-dev, where choices are made.
+# Gold v4 (m3tune.gold.build_v4): held-out-test, read once per reported result, and held-out-dev, where choices are made.
 V4_TEST, V4_DEV = "packaged:gold_v4_test.jsonl", "packaged:gold_v4_dev.jsonl"
 PACKAGED_NAMES = ("gold_standard_v3.jsonl", "gold_dev_v3.jsonl", "gold_confirm_v3.jsonl", "gold_v4_test.jsonl",
                   "gold_v4_dev.jsonl")

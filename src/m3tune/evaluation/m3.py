@@ -1,7 +1,7 @@
 """BGE-M3's three retrievers, each on its own and together, for the evaluate step.
 
 A model folder with BGE-M3's heads (`sparse_linear.pt`, `colbert_linear.pt`: BGE-M3 itself, or a model
-`train` fine-tuned with `unified: true`) retrieves three ways (m3tune.training.heads has the definitions):
+`train` fine-tuned with `unified: true`) retrieves three ways (m3tune.encoder.heads has the definitions):
 
     sparse:SPEC    lexical weights by an inverted index: the corpus's weights as a sparse (passages x
                    vocabulary) matrix, each query's scores one sparse product (scipy), exact
@@ -39,7 +39,7 @@ class M3Model:
     """An Encoder (its profile: prompts, pooling, marks) with the folder's two heads."""
 
     def __init__(self, encoder, path: str):
-        from m3tune.training import heads
+        from m3tune.encoder import heads
 
         self.encoder = encoder
         if encoder.model is None:

@@ -16,7 +16,7 @@ does not depend on which other passages were drawn):
   spellings no reader types);
 - a hadith's span lies in the last third of its words, past the chain of
   narrators, and holds no word of a chain or a blessing formula (the gold's
-  exact spans follow the same rule: m3tune.evaluation.build_gold);
+  exact spans follow the same rule: m3tune.gold.build);
 - length: `min_words` to `max_words`, drawn uniformly; spans of one passage
   do not overlap;
 - a span needs `min_content_words` words of 3+ letters that are not Arabic

@@ -29,7 +29,7 @@ What a user pays for is neither lost nor paid for twice:
   stays pending. A run that leaves anything pending or failed is reported
   incomplete, so `m3tune status` shows it stale and a rerun finishes it.
 
-Hostile answers are bounded (m3tune.generation.http): each request has a total
+Hostile answers are bounded (m3tune.apiclient): each request has a total
 deadline (`timeout`, however slowly the answer drips), a body is refused past
 8 MiB once inflated, and the answer is read from its JSON by m3tune, field
 by field, so an odd field is a retry, not a traceback. Everything kept from an
@@ -53,7 +53,6 @@ empty success.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import logging
@@ -70,9 +69,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from m3tune.errors import BadInput, ConfigError, UserError
+from m3tune.apiclient import (RETRYABLE_STATUS, LLMError, ResponseRefused, client_kwargs, fatal_status,
+                              http_module, refused, retry_after)
+from m3tune.errors import ConfigError, UserError
 from m3tune.jsonl import read_jsonl, write_jsonl
-from m3tune.generation.http import ResponseRefused, client_kwargs, http_module, refused
 from m3tune.redact import check_key, check_key_env, redact, register
 from m3tune.storage import Store
 
@@ -80,30 +80,14 @@ log = logging.getLogger("m3tune.llm")
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 JOURNAL_DIR = "journal"
-RETRYABLE_STATUS = {408, 409, 425, 429}
 # Refusals some models write as plain text instead of using message.refusal.
 _REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|i can(?:'|no)t|i won'?t|i am unable|i'm unable|"
                       r"as an ai|لا أستطيع|عذرا|عذراً|آسف)", re.I)
 
 
-class LLMError(BadInput):
-    """The endpoint cannot be used at all (no key, bad key, no credits, bad settings): the run stops."""
-
-
 class LLMUnavailable(UserError):
     """Every request failed for reasons a later run may not meet (the endpoint down, overloaded): exit 1,
     so Argo retries the step; nothing was generated, so reporting success would hide it."""
-
-
-def fatal_status(status: int, base_url: str, model: str) -> "LLMError | None":
-    """The error that stops a run for an HTTP status no retry can mend (a bad key, no credits, no such model)."""
-    if status in (401, 403):
-        return LLMError(f"{base_url} refused the API key (HTTP {status}); check the key")
-    if status == 402:
-        return LLMError(f"{base_url}: payment required (HTTP 402): out of credits?")
-    if status == 404:
-        return LLMError(f"{base_url}: model {model!r} or endpoint not found (HTTP 404)")
-    return None
 
 
 class LLMSettings(BaseModel):
@@ -264,22 +248,6 @@ def api_key(settings: LLMSettings) -> str:
             register(key)  # masked in every message from now on, whatever its shape
             return key
     raise LLMError(f"no API key: set {' or '.join(names)} (or use backend 'offline', which needs none)")
-
-
-def _retry_after(response) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
-    value = response.headers.get("retry-after") if response is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 MAX_MODEL_CHARS = 200  # a model name recorded from an answer: longer is not a name
@@ -463,7 +431,7 @@ class _Runner:
             # response as chat.completions.create, without its per-call recursive
             # transform of the (already plain) parameters, which cost ~1 ms a request
             # and capped throughput at high concurrency (benchmarks/bench_generation.py).
-            # The body comes back raw (bounded by m3tune.generation.http) and is read here: the client's own
+            # The body comes back raw (bounded by m3tune.apiclient) and is read here: the client's own
             # models accept any type in any field. The wait_for is the request's total deadline: the
             # client's timeout applies to each read, and a byte every half second never trips it.
             raw = await asyncio.wait_for(
@@ -508,7 +476,7 @@ class _Runner:
                     raise _Rejected("retries_exhausted", f"gave up after {self.s.max_retries} retries: {e.kind}{detail}",
                                     journal=False) from None
                 self.stats.retries[e.kind] += 1
-                wait = _retry_after(e.response)
+                wait = retry_after(e.response)
                 if wait is None:
                     wait = random.uniform(0, self.s.backoff * 2 ** (attempt - 1))  # full jitter
                 await asyncio.sleep(min(wait, self.s.max_backoff))

@@ -202,7 +202,7 @@ def served_encoder(record: dict[str, Any], model: str | None = None):
     """The encoder RECORD's system reads (None: BM25 alone), loaded as evaluate loaded it. MODEL (a folder or
     hub id) replaces where it is read from; its fingerprint must be the published one."""
     from m3tune.evaluation.models import EncodeOptions, load_dense, parse_model
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     how = (record.get("served") or {}).get("encoder")
     if how is None:

@@ -7,5 +7,4 @@ validate  retrieval metrics on the validation split at each Matryoshka dim
 loop      the recipe: setup / train / save / cleanup (python -m, accelerate launch, torchrun)
 export    the model folder (transformers + sentence-transformers), model card, curves
 step      the pipeline step: in-process for one process, a launcher subprocess for more
-bench     throughput against sentence-transformers' trainer (CPU) and MFU at BGE-M3 size (GPU)
 """

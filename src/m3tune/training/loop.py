@@ -112,7 +112,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
 
     from m3tune.encoder.model import FastTokenize
     from m3tune.encoder.profiles import profile_of, resolve
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
     from m3tune.training import engine
     from m3tune.training.config import check_deepspeed
     from m3tune.training.data import global_batches, read_examples
@@ -247,7 +247,7 @@ def setup(cfg, *, root_uri: str, work: Path) -> Session:
 def _unified_model(cfg, model, tokenizer, path: str):
     """(the encoder with BGE-M3's sparse and ColBERT heads as one module, the unified loss's settings, "loaded"
     or "fresh"): the tokenizer is checked against the heads' vocabulary before any training."""
-    from m3tune.training import heads
+    from m3tune.encoder import heads
     from m3tune.training.loss import Unified
 
     folder = heads.locate(path)

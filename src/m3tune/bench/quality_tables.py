@@ -65,7 +65,7 @@ def tables(gold, clusters: dict[str, str], values_of: dict[str, dict[str, dict[s
     untagged = [g.id for g in gold if g.split == TEST and g.independent is None]
     if untagged:
         raise ConfigError(f"quality: held-out-test queries without an independent tag ({', '.join(untagged[:3])}): "
-                          "tag every test row independent true or false (build_gold_v4 does)")
+                          "tag every test row independent true or false (m3tune.gold.build_v4 does)")
     out: dict[str, Any] = {"split": TEST, "resamples": resamples, "seeds": list(next(iter(per_seed.values()), {})),
                            "parts": {}}
     pairs = [(tuned, base)] + [(tuned, bm25)] * bool(bm25) + [(hybrid, bm25)] * bool(hybrid and bm25) \

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from m3tune import gpubench
+from m3tune.bench import gpu as gpubench
 from m3tune.cli import app
 
 runner = CliRunner()

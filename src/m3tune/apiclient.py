@@ -1,4 +1,6 @@
-"""Bounded HTTP answers for the API clients (chat completions here, embeddings in m3tune.evaluation.api).
+"""What m3tune's clients of OpenAI-compatible APIs share: chat completions (m3tune.generation.llm) and
+embeddings (m3tune.evaluation.api), kept below both so that neither step package imports the other: the
+errors and statuses that stop a run or are retried, and bounded HTTP answers.
 
 The `openai` client reads a whole body, inflated, before it looks at it, and
 its timeout applies to each read: an endpoint that drips a byte every half
@@ -11,14 +13,18 @@ request's start.
 
 from __future__ import annotations
 
+import email.utils
 import time
 import zlib
+
+from m3tune.errors import BadInput
 
 # What a real answer needs is far less: a chat answer of max_tokens=4096 is some 50 KB, a batch of 64 vectors
 # of 8192 dimensions some 17 MB. 64 MiB keeps a hostile body's peak bounded while no real one comes near it.
 MAX_RESPONSE_BYTES = 64 * 2**20
 _STEP = 2**20  # most bytes inflated at once: one step of a gzip bomb stays small
 _STARTED = "m3tune_started"
+RETRYABLE_STATUS = {408, 409, 425, 429}
 
 
 class ResponseRefused(Exception):
@@ -110,3 +116,34 @@ def refused(error: BaseException) -> ResponseRefused | None:
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+class LLMError(BadInput):
+    """The endpoint cannot be used at all (no key, bad key, no credits, bad settings): the run stops."""
+
+
+def fatal_status(status: int, base_url: str, model: str) -> "LLMError | None":
+    """The error that stops a run for an HTTP status no retry can mend (a bad key, no credits, no such model)."""
+    if status in (401, 403):
+        return LLMError(f"{base_url} refused the API key (HTTP {status}); check the key")
+    if status == 402:
+        return LLMError(f"{base_url}: payment required (HTTP 402): out of credits?")
+    if status == 404:
+        return LLMError(f"{base_url}: model {model!r} or endpoint not found (HTTP 404)")
+    return None
+
+
+def retry_after(response) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    value = response.headers.get("retry-after") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,6 +1,6 @@
 """Build the packaged gold standard (`data/gold_standard_v3.jsonl` and its README) from the real corpus.
 
-    python -m m3tune.evaluation.build_gold --corpus runs/demo/ingest/passages.jsonl
+    python -m m3tune.gold.build --corpus runs/demo/ingest/passages.jsonl
 
 Relevance is computed, not typed in, wherever it can be: each query below
 carries a rule, and its relevant passages are every passage of the corpus
@@ -34,9 +34,10 @@ from pathlib import Path
 
 from m3tune.arabic import CHAIN_WORDS, WORD, content_words, normalize, stop_words_ar, stop_words_en
 from m3tune.errors import UserError
+from m3tune.evaluation.gold import PACKAGED
 from m3tune.records import GoldQuery, Passage
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = PACKAGED.parent  # the runtime reads what this writes from its own package folder
 MAX_RELEVANT = 40
 
 
@@ -648,7 +649,7 @@ showed and then measured on it, as docs/benchmarks.md says.
 ## How relevance is decided
 
 Nothing below is typed in by hand except the passages marked hand-picked:
-`python -m m3tune.evaluation.build_gold --corpus PASSAGES_JSONL`
+`python -m m3tune.gold.build --corpus PASSAGES_JSONL`
 rebuilds this file from the corpus, and a test checks that it is unchanged.
 
 - Normalized Arabic phrase («…»): every passage whose `text_plain`

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from m3tune.cli import app
 from m3tune.corpus.packaged import hadith_passages, quran_passages
 from m3tune.evaluation.gold import load_gold
-from m3tune.quality import markdown, subset_passages, summarize
+from m3tune.bench.quality import markdown, subset_passages, summarize
 
 from conftest import demo_configs
 
@@ -84,7 +84,7 @@ def test_a_repeated_per_query_row_is_an_error_naming_file_and_line(full_run, tmp
     import shutil
 
     from m3tune.jsonl import RecordError
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root, _ = full_run
     copy = tmp_path / "run"
@@ -130,7 +130,7 @@ def test_shipped_quality_configs_load_and_compare_a_model_with_its_own_base(name
     import yaml
 
     from m3tune.cli import run_configs
-    from m3tune.quality import QualitySettings
+    from m3tune.bench.quality import QualitySettings
 
     path = CONFIGS / name
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -158,8 +158,8 @@ def _gold(qid: str, category: str, independent: bool, passage: str):
 
 
 def test_held_out_test_tables_average_seeds_and_report_independent_rows_apart():
-    from m3tune.quality_tables import markdown as lines_of
-    from m3tune.quality_tables import seed_mean, tables
+    from m3tune.bench.quality_tables import markdown as lines_of
+    from m3tune.bench.quality_tables import seed_mean, tables
 
     gold = [_gold(f"i{n}", ("exact", "thematic")[n % 2], True, f"quran:{12 + n % 4}:{n + 1}") for n in range(12)]
     gold += [_gold("r0", "exact", False, "quran:12:50"), _gold("r1", "exact", False, "quran:18:50")]
@@ -199,8 +199,8 @@ def test_a_second_training_seed_trains_on_the_same_data_in_its_own_run_root(full
 
     from m3tune.executor import run_pipeline
     from m3tune.manifest import read_manifest
-    from m3tune.quality import SHARED_STEPS, copy_steps, seed_root
-    from m3tune.storage import open_root
+    from m3tune.bench.quality import SHARED_STEPS, copy_steps, seed_root
+    from m3tune.runroot import open_root
 
     source, _ = full_run
     main = tmp_path / "runs" / "main"

@@ -95,7 +95,7 @@ def prepare(root_uri: str, *, n_train: int, n_val: int, seed: int = 7) -> None:
     from m3tune.corpus.passages import read_passages
     from m3tune.executor import run_step
     from m3tune.jsonl import write_jsonl
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     root = open_root(root_uri)
     run_step(root, "ingest", IngestConfig(sources=["quran", "bukhari"]))
@@ -158,7 +158,7 @@ def run_sentence_transformers(root_uri: str, *, model: str, batch: int, steps: i
     from sentence_transformers.training_args import BatchSamplers
 
     from m3tune.encoder.profiles import profile_of, resolve
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     # the texts as m3tune's loop sees them (the model's prompts, marks stripped) and its pooling: the same work
     profile = profile_of(model)
@@ -244,7 +244,7 @@ def compare_cpu(*, workdir: Path, model: str = "local:e5-small", batch: int = 16
             # m3tune's checkpoints from the run before would make this one resume (nothing left to train)
             shutil.rmtree(Path(root) / "train", ignore_errors=True)
             args = dict(common, workdir=str(workdir / f"work-{n}-{r}"), options=fields)
-            code = ("import json, sys; from m3tune.training import bench; "
+            code = ("import json, sys; from m3tune.bench import train as bench; "
                     f"print('RESULT ' + json.dumps(bench.{function}({root!r}, **json.loads(sys.argv[1]))))")
             out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
                                  env=env)

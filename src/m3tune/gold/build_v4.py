@@ -1,7 +1,7 @@
 """Build gold v4 (`data/gold_v4_test.jsonl`, `data/gold_v4_dev.jsonl`) from hand-written sources and the corpus.
 
-    python -m m3tune.evaluation.build_gold_v4 build --corpus runs/full/ingest/passages.jsonl
-    python -m m3tune.evaluation.build_gold_v4 check gold/v4/test-quran.jsonl --corpus ...   (a writer's check)
+    python -m m3tune.gold.build_v4 build --corpus runs/full/ingest/passages.jsonl
+    python -m m3tune.gold.build_v4 check gold/v4/test-quran.jsonl --corpus ...   (a writer's check)
 
 Gold v4 answers issue [1/6]: a test no training rule can game.
 
@@ -14,7 +14,7 @@ Gold v4 answers issue [1/6]: a test no training rule can game.
   task" figure. held-out-dev also takes v3's queries that lie wholly in it (ids `v3-*`); v3's queries in
   held-out-test were looked at while choosing [3/7]'s config, so none of them is in v4's test file.
 - **Relevance.** A hand-written query names its relevant passages (verses, hadith ids: `ids`, `verses`) or
-  gives a verbatim phrase rule (`ar`: every passage holding the phrase); build_gold.match resolves both, twins
+  gives a verbatim phrase rule (`ar`: every passage holding the phrase); build.match resolves both, twins
   included. Where judgments from a pool exist (`gold/v4/judgments.jsonl`), the passages judged relevant are
   added and the pool is recorded.
 
@@ -41,11 +41,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from m3tune.arabic import normalize
 from m3tune.errors import UserError
+from m3tune.evaluation.gold import PACKAGED
 from m3tune.records import GoldQuery, Passage, PassageId, Text, source_of
 
 REPO = Path(__file__).resolve().parents[3]
 SOURCES = REPO / "gold" / "v4"
-DATA = Path(__file__).resolve().parent / "data"
+DATA = PACKAGED.parent  # the runtime reads what this writes from its own package folder
 SHARED_RUN = 4  # consecutive words: a run this long is a copy, not a shared name ("the people of the cave")
 MAX_RELEVANT = 60
 SEED = "gold-v4"
@@ -220,7 +221,7 @@ def resolve(sources: list[tuple[str, int, Source]], passages: list[Passage], sam
     error. JUDGED ({query: {passage: relevant}}) adds the pooled passages judged relevant (and their twins); a
     query they take out of its part is not held out after all: it goes to DROPPED, with the passages why."""
     from m3tune.arabic import detect_language
-    from m3tune.evaluation.build_gold import Rule, match
+    from m3tune.gold.build import Rule, match
     from m3tune.jsonl import RecordError
 
     by_id = {p.id: p for p in passages}
@@ -263,7 +264,7 @@ def rule_built(passages: list[Passage], same: dict[str, list[str]], test: frozen
                explanations: dict[str, str], used: set[str]) -> list[GoldQuery]:
     """v3's rules with SEED over held-out-test passages no earlier gold query used: rule-shared rows."""
     from m3tune.arabic import detect_language
-    from m3tune.evaluation.build_gold import _rule_built, match
+    from m3tune.gold.build import _rule_built, match
 
     entries = _rule_built(passages, test, same, explanations, taken, seed=f"{SEED}-test", quotas=RULE_QUOTAS,
                           id_prefix="v4-test-", sources_taken=used)
@@ -343,7 +344,7 @@ def build(passages: list[Passage], source_files: list[Path], dropped: list[dict]
 
 README = """# Gold v4: held-out-dev and held-out-test
 
-Built by `python -m m3tune.evaluation.build_gold_v4 build --corpus PASSAGES` from the hand-written sources in
+Built by `python -m m3tune.gold.build_v4 build --corpus PASSAGES` from the hand-written sources in
 `gold/v4/*.jsonl`, the pooled judgments in `gold/v4/judging/`, and the corpus; a test rebuilds both files and
 checks they are unchanged. One GoldQuery a line, with `split`, `independent` and `shares`.
 
@@ -370,7 +371,7 @@ and books, and by subject, with every near-duplicate group kept on one side:
   passages of one part and the rules below, not people who search these texts), the way a reader types: quotes
   remembered without diacritics, topics and questions in their own words, English in their own English (not the
   Sahih International wording BM25 and the offline generator read). Relevance: verse ranges and hadith ids
-  named by the writer, or verbatim phrases (`build_gold.match`), plus the pooled judgments below. A query
+  named by the writer, or verbatim phrases (`m3tune.gold.build.match`), plus the pooled judgments below. A query
   whose relevance reached outside its part was rewritten or dropped while writing.
 - `exact-span`, `english-span`, `tafsir-paraphrase` (ids `v4-test-*`): v3's rules with the seed `gold-v4-test`
   over held-out-test passages no v3 query used. A training generator shares each rule (`shares` says which),
@@ -418,7 +419,7 @@ def readme(parts: dict[str, list[GoldQuery]], dropped: list[dict]) -> str:
         judged = read_judgments(JUDGMENTS, pools) if JUDGMENTS.exists() else {}
         n = sum(len(v) for v in judged.values())
         first = next(iter(pools.values()))
-        pooling = (f"Every hand-written held-out-test query was pooled (`build_gold_v4 pool`): the top "
+        pooling = (f"Every hand-written held-out-test query was pooled (`m3tune.gold.build_v4 pool`): the top "
                    f"{first.depth} of each of {len(first.systems)} systems ({', '.join(first.systems)}). "
                    f"Each pooled passage not already relevant by the writer's rule was read against the query and "
                    f"judged (`judging/judgments.jsonl`: {n} judgments, "

@@ -190,7 +190,7 @@ def heldout_test_report(root, seed_roots: dict[int, Any], results: dict[str, Any
     from m3tune.corpus.heldout import in_units
     from m3tune.evaluation.metrics import passage_units, query_clusters
     from m3tune.jsonl import read_records
-    from m3tune.quality_tables import oracle, seed_mean, tables
+    from m3tune.bench.quality_tables import oracle, seed_mean, tables
     from m3tune.records import Passage
 
     specs = {m["name"]: m["spec"] for m in results["models"]}
@@ -275,7 +275,7 @@ def summarize(root, *, alpha: float, corpus: dict[str, Any] | None = None, test_
 
 def markdown(summary: dict[str, Any]) -> str:
     from m3tune.evaluation.metrics import p_text
-    from m3tune.quality_tables import markdown as heldout_lines
+    from m3tune.bench.quality_tables import markdown as heldout_lines
 
     models = list(summary["overall"])
     metrics = list(next(iter(summary["overall"].values())))
@@ -404,7 +404,7 @@ SHARED_STEPS = PHASES[:PHASES.index("train")]  # what every training seed's run 
 
 def seed_root(root, seed: int):
     """The run root of training seed SEED beside ROOT: ROOT's URI with `-seedSEED` (a run root of its own)."""
-    from m3tune.storage import open_root
+    from m3tune.runroot import open_root
 
     return open_root(f"{root.uri.rstrip('/')}-seed{seed}")
 

@@ -263,12 +263,13 @@ def measure_encoder(model, *, device, batch: int, seq: int, steps: int, warmup: 
 def measure_loop(model: str, work: Path, *, batch: int, steps: int, warmup: int, mixed_precision: str,
                  dims: tuple[int, ...] = (384, 256, 128), peak_tflops: float | None = None, n_train: int = 1024,
                  n_val: int = 64, max_length: int = 256) -> dict[str, Any]:
-    """m3tune's training loop on MODEL with real Quran pairs (training.bench's data) under WORK: tokens/s over
+    """m3tune's training loop on MODEL with real Quran pairs (bench.train's data) under WORK: tokens/s over
     the steps after WARMUP, counted from what the loop fed the model (padding included: the model computes it;
     the share of real tokens is reported beside it)."""
     import torch
 
-    from m3tune.training import bench, loop
+    from m3tune.bench import train as bench
+    from m3tune.training import loop
     from m3tune.training.config import TrainConfig
 
     root = work / "run"
@@ -375,8 +376,8 @@ def _phase_quality(out: Path, *, config: Path, deadline: float) -> dict[str, Any
     import sys
 
     from m3tune.manifest import read_manifest
-    from m3tune.quality import PHASES
-    from m3tune.storage import open_root
+    from m3tune.bench.quality import PHASES
+    from m3tune.runroot import open_root
 
     import torch
 
