@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/confirm_corpus.py RUN_ROOT FULL_PASSAGES_JSONL GOLD_JSONL OUT_JSONL
 
 `m3tune bench quality` searches every Quran verse, a seeded sample of hadith and every hadith the test set cites
-(m3tune.quality.subset_passages). A gold set written later (`gold_confirm_v3.jsonl`) cites hadith that sample may
+(m3tune.bench.quality.subset_passages). A gold set written later (`gold_confirm_v3.jsonl`) cites hadith that sample may
 lack, and `m3tune evaluate` refuses a relevant id missing from the corpus. Re-drawing the sample with the new ids
 would change the run's corpus, so this adds the missing passages to it instead, in the full corpus' order.
 FULL_PASSAGES_JSONL is a full ingest (`m3tune step ingest --root R`: R/ingest/passages.jsonl).

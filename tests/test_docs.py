@@ -31,7 +31,7 @@ SHELL = ("bash", "sh", "shell", "console")
 # Commands not run, by (program, first argument); "*": any first argument. Their reason is the test's record
 # of why a reader's command is trusted without running it.
 NOT_RUN = {
-    ("make", "demo"): "15-25 minutes of training on 2 cores; test_quality.py runs its summary on the tiny demo",
+    ("make", "demo"): "15-25 minutes of training on 2 cores; test_bench_quality.py runs its summary on the tiny demo",
     ("make", "test"): "the whole suite, this file included",
     ("for", "*"): "docs/benchmarks.md's timing loop over `make demo`",
     ("kubectl", "*"): "needs a cluster (the objects are validated offline by tests/test_deploy_manifests.py)",

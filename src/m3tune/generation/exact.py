@@ -28,7 +28,7 @@ does not depend on which other passages were drawn):
 Positives: every passage of the corpus whose `text_plain` contains the
 normalized span as whole words, the first of which may carry a one-letter
 proclitic (و ف ب ل ك) — the rule by which the gold decides an exact query's
-relevant passages (build_gold.match), so a training quote is labelled as the
+relevant passages (m3tune.gold.build.match), so a training quote is labelled as the
 gold labels one. They are found through an inverted index of words: the
 candidates hold the span's two rarest words (after the first), and only they
 are checked against the phrase. A span is dropped, and counted, when it
@@ -99,7 +99,7 @@ def generate_exact_inputs(config: GenerateExactConfig) -> dict[str, str]:
 
 
 class PhraseIndex:
-    """Which passages contain a normalized phrase as whole words (build_gold.match's rule, indexed).
+    """Which passages contain a normalized phrase as whole words (m3tune.gold.build.match's rule, indexed).
 
     An inverted index of each passage's words: the passages holding the
     phrase's two rarest words (not the first, which may carry a proclitic)
