@@ -43,6 +43,7 @@ LOCKS = "_locks"
 RUN = "run"
 TTL_S = 120.0
 FORMAT = "m3tune-lock/1"
+_HELD: set[str] = set()  # tokens of the locks this process holds: its pid alone does not tell them from a past life's
 
 
 class LockHeld(UserError):
@@ -83,15 +84,19 @@ class _Local:
         self.uri = store.uri_of(rel)
 
     def create(self, body: bytes) -> bytes | None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._temp(body)
-        try:
-            os.link(tmp, self.path)  # fails if the lock exists: the create-if-absent, with the content in place
-        except FileExistsError:
-            return None
-        finally:
-            os.unlink(tmp)
-        return body
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp = self._temp(body)
+                try:
+                    os.link(tmp, self.path)  # fails if the lock exists: create-if-absent, the content in place
+                finally:
+                    os.unlink(tmp)
+            except FileExistsError:
+                return None
+            except FileNotFoundError:  # _locks/ removed by a holder's release meanwhile: make it again
+                continue
+            return body
 
     def _temp(self, body: bytes) -> str:
         tmp = str(self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}"))
@@ -149,12 +154,17 @@ class _Local:
         with self._if_still(version) as ok:
             if ok:
                 self.path.unlink()
+                try:
+                    self.path.parent.rmdir()  # the last lock gone: no empty _locks/ left in the run root
+                except OSError:
+                    pass
             return ok
 
     def stale(self, holder: dict, age: float) -> bool:
         if holder["host"] == socket.gethostname():
-            # the same pid as this process is an earlier life of it (pid 1 of a restarted container)
-            return holder["pid"] == os.getpid() or not _pid_alive(holder["pid"])
+            if holder["pid"] == os.getpid():  # ours, or an earlier life's (pid 1 of a restarted container)
+                return holder["token"] not in _HELD
+            return not _pid_alive(holder["pid"])
         return age > holder["ttl_s"]
 
 
@@ -292,6 +302,7 @@ class Lock:
         while True:
             holder = self._try()
             if holder is None:
+                _HELD.add(self.token)
                 break
             if time.monotonic() >= deadline:
                 raise LockHeld(self._held_message(holder))
@@ -338,6 +349,7 @@ class Lock:
             if not self.backend.delete(self.version):
                 log.warning("%s was no longer this process's lock; left as it is", self.uri)
         self.version = None
+        _HELD.discard(self.token)
 
     def __enter__(self) -> "Lock":
         return self.acquire()
