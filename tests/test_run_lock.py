@@ -289,3 +289,16 @@ def test_the_workflow_template_holds_a_mutex_named_after_the_root():
     tasks = [t for t in spec["templates"] if "container" in t]
     assert tasks and all("--wait-lock" in t["container"].get("args", t["container"].get("command", []))
                          for t in tasks)
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"format": "other/1"}, "not m3tune-lock/1"), ({"pid": 0}, "field 'pid' is not a process id"),
+    ({"pid": True}, "field 'pid'"), ({"ttl_s": float("nan")}, "field 'ttl_s'"), ({"ttl_s": -1}, "field 'ttl_s'"),
+    ({"host": None}, "field 'host'")])
+def test_a_lock_file_with_a_wrong_field_is_refused(local_root, fields, problem):
+    path = local_root.path / "_locks" / "run.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_lock_body(**fields))
+    with pytest.raises(BadLock, match=f"run.json: not an m3tune lock .*{problem}"):
+        Lock(local_root, "run", command="x").acquire()
+    assert path.read_bytes() == _lock_body(**fields)  # left for the user to look at

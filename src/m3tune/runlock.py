@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -235,8 +236,10 @@ def _parse(data: bytes, uri: str) -> dict:
                             ("ttl_s", (int, float))):
             if not isinstance(holder.get(field), kind) or isinstance(holder.get(field), bool):
                 raise ValueError(f"field {field!r} missing or of the wrong type")
-        if holder["ttl_s"] <= 0:
-            raise ValueError("field 'ttl_s' is not positive")
+        if not (math.isfinite(holder["ttl_s"]) and holder["ttl_s"] > 0):  # NaN and Infinity parse: never stale
+            raise ValueError("field 'ttl_s' is not a positive number")
+        if not 0 < holder["pid"] < 2 ** 31:  # 0 and -1 would signal process groups when checked
+            raise ValueError("field 'pid' is not a process id")
     except (UnicodeDecodeError, ValueError) as e:
         raise BadLock(f"{uri}: not an m3tune lock ({e}); if no m3tune process is writing this run, delete the "
                       "file and rerun") from None
@@ -324,6 +327,10 @@ class Lock:
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 version = self.backend.replace(self._body(), self.version)
+                if version is None:
+                    found = self.backend.read()
+                    # still ours: another process held the file's flock a moment (a taker backing off)
+                    version = self.version if found is not None and found[1] == self.version else None
             except Exception as e:  # a network blip: the next beat tries again, the lease covers 3 misses
                 log.warning("could not renew %s: %s", self.uri, e)
                 continue
@@ -346,8 +353,11 @@ class Lock:
             self._thread.join()
             self._thread = None
         if self.version is not None and not self.lost.is_set():
-            if not self.backend.delete(self.version):
-                log.warning("%s was no longer this process's lock; left as it is", self.uri)
+            try:
+                if not self.backend.delete(self.version):
+                    log.warning("%s was no longer this process's lock; left as it is", self.uri)
+            except UserError as e:  # the work is done: a lock left behind expires with its lease
+                log.warning("could not remove %s (%s); it is taken over once its lease runs out", self.uri, e)
         self.version = None
         _HELD.discard(self.token)
 
@@ -389,6 +399,7 @@ def hold_step(root: Store, step: str, *, shard: tuple[int, int] | None = None, c
                 raise LockHeld(run._held_message(holder))
             time.sleep(1.0)
         yield lock
+        lock.check()
 
 
 class RunHold:
