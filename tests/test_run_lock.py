@@ -286,6 +286,10 @@ def test_the_workflow_template_holds_a_mutex_named_after_the_root():
     assert MUTEX == "m3tune-{{=sprig.sha256sum(workflow.parameters.root)}}"
     root = "s3://m3tune-runs/runs/exp-01"
     assert mutex_name(root) == "m3tune-" + hashlib.sha256(root.encode()).hexdigest()
+    from m3tune.deploy.pod import WAIT_LOCK_S
+    from m3tune.runlock import TTL_S
+
+    assert WAIT_LOCK_S > TTL_S  # a retried pod outwaits the lease of the pod it replaces
     tasks = [t for t in spec["templates"] if "container" in t]
     assert tasks and all("--wait-lock" in t["container"].get("args", t["container"].get("command", []))
                          for t in tasks)
