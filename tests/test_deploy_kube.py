@@ -84,7 +84,7 @@ def test_rerun_creates_the_single_step_job_and_refuses_a_second_writer(kube):
     job = server.objects[("jobs", "m3tune", out.strip())]
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["step", "mine-negatives", "--root", ROOT, "--config", "/etc/m3tune/config/run.yaml",
-                                 "--rank", "1", "--world-size", "4"]
+                                 "--wait-lock", "300", "--rank", "1", "--world-size", "4"]
     code, _, err = m3tune(config, "rerun", "mine-negatives", "--root", ROOT, "--rank", "1", "--world-size", "4")
     assert code == 1 and "HTTP 409" in err and "already exists" in err and "kubectl -n m3tune get job" in err
     code, _, err = m3tune(config, "rerun", "ingest", "--root", ROOT, "--rank", "1", "--world-size", "4")

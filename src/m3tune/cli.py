@@ -55,6 +55,9 @@ EndpointOpt = Annotated[Optional[str], typer.Option(
     "--s3-endpoint", envvar="M3TUNE_S3_ENDPOINT", show_envvar=True,
     help="S3-compatible endpoint URL (MinIO, moto, …); credentials come from the usual AWS variables.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and full tracebacks.")]
+WaitLockOpt = Annotated[float, typer.Option(
+    "--wait-lock", min=0, envvar="M3TUNE_WAIT_LOCK", show_envvar=True,
+    help="Seconds to wait for another m3tune process writing this run root (its lock) before giving up.")]
 
 
 def _setup(verbose: bool, s3_endpoint: str | None) -> None:
@@ -243,6 +246,7 @@ def run(
                                           "search (the config's publish: section; off by default).")] = False,
     s3_endpoint: EndpointOpt = None,
     verbose: VerboseOpt = False,
+    wait_lock: WaitLockOpt = 0.0,
 ):
     """Run the whole pipeline locally, in order. Finished steps are skipped, so a rerun resumes."""
     from rich.console import Console
@@ -261,11 +265,16 @@ def run(
         raise ConfigError(f"--force {unknown[0]!r} is not a pipeline step; steps: {', '.join(PIPELINE)}")
     if publish and until is not None:
         raise ConfigError("--publish runs after evaluate: it does not go with --until")
-    ran = run_pipeline(store, configs, force=set(force), until=until)
-    if publish:  # optional, and last: it changes production search
-        from m3tune.executor import run_step
+    from m3tune.runlock import command_line, hold_run
 
-        ran.append(("publish", run_step(store, "publish", configs.get("publish"), force="publish" in force)[1]))
+    with hold_run(store, command=command_line(), wait_s=wait_lock) as hold:
+        ran = run_pipeline(store, configs, force=set(force), until=until, guard=hold.step)
+        if publish:  # optional, and last: it changes production search
+            from m3tune.executor import run_step
+
+            with hold.step("publish"):
+                ran.append(("publish", run_step(store, "publish", configs.get("publish"),
+                                                force="publish" in force)[1]))
     for name, did_run in ran:
         _print_manifest(read_manifest(store.child(name)), did_run)
     from m3tune.pipeline import STEPS
@@ -971,6 +980,7 @@ _COMMON = [
                                           "is its base; options given here override it.")]),
     inspect.Parameter("s3_endpoint", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=EndpointOpt),
     inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt),
+    inspect.Parameter("wait_lock", inspect.Parameter.KEYWORD_ONLY, default=0.0, annotation=WaitLockOpt),
 ]
 _DRY_RUN = inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
     bool, typer.Option("--dry-run", help="Print sample prompts and an estimate of requests, tokens and cost; "
@@ -1003,8 +1013,8 @@ def _register_step(step) -> None:
                   + config_parameters(step.config))
     check_unique(parameters, step.name)
 
-    def command(*, root, runs, run_id, force, config=None, s3_endpoint=None, verbose=False, dry_run=False, rank=None,
-                world_size=None, merge_shards=None, **params):
+    def command(*, root, runs, run_id, force, config=None, s3_endpoint=None, verbose=False, wait_lock=0.0,
+                dry_run=False, rank=None, world_size=None, merge_shards=None, **params):
         from rich.console import Console
 
         from m3tune.executor import merge_shards as merge, run_step
@@ -1025,11 +1035,14 @@ def _register_step(step) -> None:
         # stdout carries the step's report alone: what a library prints there while the step runs goes to stderr
         # (DeepSpeed, when installed on a CPU machine, prints its accelerator detection to stdout as soon as
         # Accelerate imports it, which transformers' save_pretrained does)
-        with contextlib.redirect_stdout(sys.stderr):
+        from m3tune.runlock import command_line, hold_step
+
+        shard = (rank, world_size) if world_size is not None and merge_shards is None else None
+        with contextlib.redirect_stdout(sys.stderr), hold_step(store, step.name, shard=shard, command=command_line(),
+                                                               wait_s=wait_lock):
             if merge_shards is not None:
                 manifest, ran = merge(store, step.name, config, world_size=merge_shards, force=force)
             else:
-                shard = (rank, world_size) if world_size is not None else None
                 manifest, ran = run_step(store, step.name, config, force=force, shard=shard)
         _print_manifest(manifest, ran)
         if step.show is not None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
@@ -282,13 +283,16 @@ def merge_shards(root: Store, name: str, config: BaseModel | None = None, *, wor
 
 
 def run_pipeline(root: Store, configs: dict[str, BaseModel], *, force: set[str] = frozenset(),
-                 until: str | None = None) -> list[tuple[str, bool]]:
-    """Run the pipeline's steps in order, resuming: finished steps are skipped."""
+                 until: str | None = None,
+                 guard: Callable[[str], AbstractContextManager] | None = None) -> list[tuple[str, bool]]:
+    """Run the pipeline's steps in order, resuming: finished steps are skipped. GUARD(NAME) is held around
+    each step (`m3tune run`: the step's lock, runlock.RunHold.step), the skip decision included."""
     if until is not None and until not in PIPELINE:
         raise ConfigError(f"--until {until!r} is not a pipeline step; steps: {', '.join(PIPELINE)}")
     ran: list[tuple[str, bool]] = []
     for name in PIPELINE:
-        _, did_run = run_step(root, name, configs.get(name), force=name in force)
+        with guard(name) if guard is not None else nullcontext():
+            _, did_run = run_step(root, name, configs.get(name), force=name in force)
         ran.append((name, did_run))
         if name == until:
             break

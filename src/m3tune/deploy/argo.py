@@ -29,6 +29,10 @@ appears after a re-render (`m3tune render argo --output argo/`).
   resource template that waits for its terminal state (`NAME-multinode`).
   Only one of the two tasks runs; the other is skipped, and Argo counts a
   skipped dependency as done.
+- One workflow per run root at a time: the workflow holds a mutex named after
+  a hash of the `root` parameter (`mutex_name`), so a second workflow on the
+  same root waits in Argo's queue; inside, each `m3tune step` holds its own
+  lock in the root (m3tune.runlock), which also keeps out a local `m3tune run`.
 - Every container task retries with exponential backoff, except on exit 2
   (a usage error) and 3 (a quality target missed): a rerun cannot fix those.
   A retry is cheap because a step skips what its manifest proves done.
@@ -53,6 +57,18 @@ EXAMPLE_FILE = "workflow.yaml"
 EXAMPLE_ROOT = "s3://m3tune-runs/runs/exp-01"
 NO_RETRY_EXIT_CODES = (2, 3, 4)
 DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+# sprig's sha256sum is the hex SHA-256 of the text: the same name `mutex_name` computes in Python. Hashed because
+# a root holds '/' and ':', which Argo's lock keys (NAMESPACE/Mutex/NAME) use as separators.
+MUTEX = "m3tune-{{=sprig.sha256sum(workflow.parameters.root)}}"
+
+
+def mutex_name(root: str) -> str:
+    """The mutex a workflow on ROOT (the `root` parameter, as given) holds: what `argo get` shows it waiting for."""
+    import hashlib
+
+    return "m3tune-" + hashlib.sha256(root.encode()).hexdigest()
 
 
 def param(name: str) -> str:
@@ -372,6 +388,7 @@ def render_workflow_template(steps: dict[str, Step] | None = None, pipeline: lis
         arguments=m.Arguments(parameters=[m.Parameter.model_validate(p) for p in parameters(order, registry=registry)]),
         workflow_metadata=m.WorkflowMetadata(labels=dict(pod.LABELS)),
         pod_gc=m.PodGC(strategy="OnPodSuccess"),  # failed pods stay, with their logs
+        synchronization=m.Synchronization(mutexes=[m.Mutex(name=MUTEX)]),
         security_context=m.PodSecurityContext.model_validate(pod.security_context(USER_ID)),
         volumes=[m.Volume.model_validate(pod.config_volume())],
         templates=[m.Template.model_validate(t) for t in [dag, *templates]],

@@ -31,12 +31,15 @@ CPU_DEADLINE = 24 * 3600
 GPU_DEADLINE = 3 * 24 * 3600
 CPU_CACHE_SIZE, GPU_CACHE_SIZE, TMP_SIZE = "50Gi", "200Gi", "20Gi"
 MAIN_PORT = 29500  # torch.distributed rendezvous on the first node of a multi-node run
+WAIT_LOCK_S = 300  # longer than a killed pod's lock lease (runlock.TTL_S, 120 s)
 
 
 def step_args(name: str, *, root: str, config: str, rank: str | None = None, world_size: str | None = None,
               merge_shards: str | None = None, force: bool = False) -> list[str]:
     """The arguments of `m3tune step NAME` as a pod runs it (CONFIG: a key of the config map)."""
-    args = ["step", name, "--root", root, "--config", f"{CONFIG_DIR}/{config}"]
+    # --wait-lock: a pod retried after its predecessor was killed (OOM, a lost node) waits out the dead pod's
+    # step lock instead of failing the retry
+    args = ["step", name, "--root", root, "--config", f"{CONFIG_DIR}/{config}", "--wait-lock", str(WAIT_LOCK_S)]
     if rank is not None:
         args += ["--rank", rank, "--world-size", world_size or ""]
     if merge_shards is not None:
