@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                          "evaluation", "publish"})),
     # the foundation, in its own order: integrity (manifest, runroot) wraps storage, never the reverse
     ("encoder, step context", frozenset({"encoder", "context"})),
-    ("run root", frozenset({"runroot"})),
+    ("run root", frozenset({"runroot", "runlock"})),
     ("manifests", frozenset({"manifest"})),
     ("files", frozenset({"jsonl", "names", "yamlfile"})),
     ("storage, records", frozenset({"storage", "records", "redact", "progress", "apiclient"})),

@@ -911,7 +911,12 @@ def bench_quality(
     settings = _build(QualitySettings, data.get("quality") or {}, f"{config}: quality")
     configs = run_configs(data, str(config))
     store = _root(root or f"runs/{config.stem}", "runs", None)
-    summary = run_quality(store, configs, settings, log=logging.getLogger("m3tune.quality"))
+    from m3tune.runlock import command_line, hold_run
+
+    # the root's run lock, as `m3tune run` holds it: no `m3tune run`/`step` writes this root meanwhile (the
+    # seed roots ROOT-seedS are this command's own and are not locked)
+    with hold_run(store, command=command_line()):
+        summary = run_quality(store, configs, settings, log=logging.getLogger("m3tune.quality"))
     Console().print(markdown(summary), highlight=False)
     Console().print(f"summary: [bold]{escape(store.child('quality').uri_of('summary.md'))}[/bold]")
     if not summary["goal_met"]:
