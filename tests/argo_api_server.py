@@ -23,8 +23,9 @@ import ssl
 import threading
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+from json_api_server import JSONHandler, ThreadedServer
 
 _ROUTES = [
     ("GET", re.compile(r"^/api/v1/workflow-templates/(?P<ns>[^/]+)/(?P<name>[^/]+)$"), "get_template"),
@@ -61,9 +62,7 @@ def check_schema(model, body) -> str | None:
     return f'{model.__name__}: unknown field "{unknown[0]}"' if unknown else None
 
 
-class ArgoAPIServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class ArgoAPIServer(ThreadedServer):
     def __init__(self, token: str, *, base: str = "", certfile: str | None = None, keyfile: str | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token = token
@@ -87,28 +86,9 @@ class ArgoAPIServer(ThreadingHTTPServer):
         """Requests under PATH_PREFIX (after BASE) answer CODE (403: RBAC refuses; 409: a conflict)."""
         self.failing[path_prefix] = code
 
-    def __enter__(self):
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
 
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     server: ArgoAPIServer
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _error(self, code: int, message: str) -> None:
         self._send(code, {"code": _GRPC[code], "message": message})

@@ -18,8 +18,9 @@ import re
 import threading
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+from json_api_server import JSONHandler, ThreadedServer
 
 _PATH = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$")
 
@@ -29,9 +30,7 @@ def status(code: int, reason: str, message: str) -> dict:
             "reason": reason, "code": code}
 
 
-class KubeServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class KubeServer(ThreadedServer):
     def __init__(self, token: str):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token = token
@@ -51,28 +50,9 @@ class KubeServer(ThreadingHTTPServer):
     def forbid(self, path_prefix: str) -> None:
         self.forbidden.add(path_prefix)
 
-    def __enter__(self):
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
 
-    def __exit__(self, *exc):
-        self.shutdown()
-        self.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     server: KubeServer
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _handle(self, method: str) -> None:
         url = urlparse(self.path)

@@ -118,19 +118,9 @@ def connect(url: str | None, *, token_env: str | None, token_file: str | None, c
 def _read_token(token_env: str | None, token_file: str | None) -> tuple[str, str]:
     if token_file is not None:
         source = f"--argo-token-file {token_file}"
-        try:
-            with open(token_file, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file; write the token there (e.g. `argo auth token`)") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{source}: a folder, not a file holding the token") from None
-        except PermissionError:
-            raise ConfigError(f"{source}: cannot read it (permission denied); fix its permissions") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{source}: not UTF-8 text; it must hold the token alone") from None
-        except OSError as e:
-            raise ConfigError(f"{source}: cannot read it ({e.strerror})") from None
+        text = _read_file(token_file, source, "a file holding the token", "utf-8",
+                          missing="write the token there (e.g. `argo auth token`)",
+                          undecodable="not UTF-8 text; it must hold the token alone")
     else:
         name = redact.check_token_env(token_env or DEFAULT_TOKEN_ENV)
         source = name
@@ -139,6 +129,25 @@ def _read_token(token_env: str | None, token_file: str | None) -> tuple[str, str
             raise ConfigError(f"no Argo Server token: {name} is not set; set it (export {name}=$(argo auth token)), "
                               "or give --argo-token-file")
     return _clean_token(text, source), source
+
+
+def _read_file(path: str, source: str, what: str, encoding: str, *, missing: str = "",
+               undecodable: str = "") -> str:
+    """The text of PATH (given as SOURCE), or one line saying why it cannot be read. ASCII reads replace what
+    is not ASCII (a PEM file's comments may hold anything); a strict encoding's failure says UNDECODABLE."""
+    try:
+        with open(path, encoding=encoding, errors="replace" if encoding == "ascii" else "strict") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file" + (f"; {missing}" if missing else "")) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: a folder, not {what}") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: cannot read it (permission denied); fix its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: {undecodable}") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read it ({e.strerror})") from None
 
 
 def _clean_token(text: str, source: str) -> str:
@@ -159,15 +168,7 @@ def _clean_token(text: str, source: str) -> str:
 
 
 def _ca_bundle(path: str) -> str:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            pem = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"--argo-ca-file {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--argo-ca-file {path}: a folder, not a PEM file") from None
-    except OSError as e:
-        raise ConfigError(f"--argo-ca-file {path}: cannot read it ({e.strerror})") from None
+    pem = _read_file(path, f"--argo-ca-file {path}", "a PEM file", "ascii")
     if "-----BEGIN CERTIFICATE-----" not in pem:
         raise ConfigError(f"--argo-ca-file {path}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)")
     return path
