@@ -253,6 +253,25 @@ def test_an_expired_s3_lock_is_taken_over_by_one_taker(s3_root):
         assert json.loads(client.get_object(Bucket=s3_root.bucket, Key=key)["Body"].read())["token"] == lock.token
 
 
+def test_an_s3_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(s3_root):
+    # a step killed on this machine and rerun against S3 (test_executor's killed-step test) must not wait out
+    # the 120 s lease: the pid tells, as on a local root; a live pid here is still refused
+    client, key = s3_root.client, s3_root._key("_locks/step.ingest.json")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    client.put_object(Bucket=s3_root.bucket, Key=key, Body=_lock_body(pid=dead.pid, command="m3tune step ingest"))
+    with Lock(s3_root, "step.ingest", command="rerun") as lock:
+        assert json.loads(client.get_object(Bucket=s3_root.bucket, Key=key)["Body"].read())["token"] == lock.token
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        client.put_object(Bucket=s3_root.bucket, Key=key, Body=_lock_body(pid=sleeper.pid))
+        with pytest.raises(LockHeld, match=f"pid {sleeper.pid} on "):
+            Lock(s3_root, "step.ingest", command="rerun").acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_s3_lease_is_renewed_while_held_and_a_lost_lease_stops_the_holder(s3_root):
     client, key = s3_root.client, s3_root._key("_locks/run.json")
     holder = Lock(s3_root, "run", command="long step", ttl_s=3).acquire()  # renewed every 0.75 s

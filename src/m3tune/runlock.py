@@ -14,8 +14,8 @@ wins:
   reader ever sees a half-written lock); on the same host a holder whose pid is dead is stale, on another
   host (a shared folder) one whose file was not renewed within its lease; a takeover or renewal holds
   flock on the file it read and replaces it only if it is still that file with those bytes;
-- S3 root: PUT with If-None-Match: * creates it; a lock whose LastModified is older than its lease (by the
-  server's clock: its Date header) is stale, and replaced with If-Match on the ETag read; the holder renews
+- S3 root: PUT with If-None-Match: * creates it; a lock of this host whose pid is dead, or one of another
+  host whose LastModified is older than its lease (by the server's clock: its Date header), is stale, and replaced with If-Match on the ETag read; the holder renews
   and deletes it with If-Match on its own ETag, so a holder that lost its lease cannot remove the new one.
 """
 
@@ -162,11 +162,18 @@ class _Local:
             return ok
 
     def stale(self, holder: dict, age: float) -> bool:
-        if holder["host"] == socket.gethostname():
-            if holder["pid"] == os.getpid():  # ours, or an earlier life's (pid 1 of a restarted container)
-                return holder["token"] not in _HELD
-            return not _pid_alive(holder["pid"])
-        return age > holder["ttl_s"]
+        return _stale(holder, age)
+
+
+def _stale(holder: dict, age: float) -> bool:
+    """Whether HOLDER's lock (AGE seconds since its last renewal) may be taken over. On this host its pid tells
+    at once, whatever the root (a step killed on a laptop and rerun against S3 must not wait out the lease);
+    on another host only its lease can."""
+    if holder["host"] == socket.gethostname():
+        if holder["pid"] == os.getpid():  # ours, or an earlier life's (pid 1 of a restarted container)
+            return holder["token"] not in _HELD
+        return not _pid_alive(holder["pid"])
+    return age > holder["ttl_s"]
 
 
 class _S3:
@@ -216,7 +223,7 @@ class _S3:
         return self._conditional("DELETE", self.store.client.delete_object, IfMatch=version) is not None
 
     def stale(self, holder: dict, age: float) -> bool:
-        return age > holder["ttl_s"]
+        return _stale(holder, age)
 
 
 def _backend(root: Store, rel: str):
