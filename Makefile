@@ -1,6 +1,6 @@
 # Two commands on a fresh clone (only Python >= 3.11 and make needed):
 #   make demo   create .venv, install, fine-tune multilingual-e5-small locally on embedded defaults (no network,
-#               ~13 minutes on 2 cores) and print base vs fine-tuned vs BM25; make demo-tiny: the same pipeline on
+#               15-25 minutes on 2 cores) and print base vs fine-tuned vs BM25; make demo-tiny: the same pipeline on
 #               the tiny encoder in about a minute
 #   make test   create .venv if needed, run the tests (make test-deepspeed: the slower DeepSpeed ones)
 PYTHON ?= python3
