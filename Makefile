@@ -2,14 +2,14 @@
 #   make demo   create .venv, install, fine-tune multilingual-e5-small locally on embedded defaults (no network,
 #               15-25 minutes on 2 cores) and print base vs fine-tuned vs BM25; make demo-tiny: the same pipeline on
 #               the tiny encoder in about a minute
-#   make test   create .venv if needed, run the tests (make test-deepspeed: the slower DeepSpeed ones)
+#   make test   create .venv if needed, run the tests (make test-slow, make test-deepspeed: the slower end-to-end and DeepSpeed ones)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= demo
 
-.PHONY: demo demo-tiny test test-deepspeed bench quality clean render images docs
+.PHONY: demo demo-tiny test test-slow test-deepspeed bench quality clean render images docs
 
 # DeepSpeed (the [deepspeed] extra) on CPU, for the tests that run ZeRO-2/3 with gloo, has its own command: it
 # is an sdist whose build must see torch (no build isolation), and DS_BUILD_SHM_COMM=1 compiles its CPU
@@ -38,6 +38,12 @@ test: $(STAMP)
 # nodes): each trains 2 gloo processes on both cores, so one worker (~7 minutes; .ci/run runs it)
 test-deepspeed: $(STAMP)
 	$(BIN)/python -m pytest -m deepspeed_slow
+
+# The end-to-end runs left out of `make test` for time (marked slow: the whole pipeline on S3, the Argo DAG on
+# S3, mining from an existing collection and in shards, kill-and-resume rounds, real e5-small equivalences):
+# about 8 minutes in two workers; .ci/run runs it
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_io.py

@@ -191,6 +191,7 @@ def test_held_out_test_tables_average_seeds_and_report_independent_rows_apart():
     assert report["categories_worse"] == ["thematic"] and not report["goal_met"]
 
 
+@pytest.mark.slow
 def test_a_second_training_seed_trains_on_the_same_data_in_its_own_run_root(full_run, tmp_path):
     """The steps before train are copied (and so skipped), train runs with the new seed, and the seed roots'
     evaluations feed the summary's seed means."""

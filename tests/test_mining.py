@@ -322,6 +322,7 @@ def test_bm25_consistency_judge_finds_good_queries_and_not_vague_ones(full_run):
     assert top[4] is None
 
 
+@pytest.mark.slow
 def test_mining_from_an_existing_collection_gives_the_same_examples(full_run, tmp_path):
     """A production collection (vectors already there, passage_id payloads, here two points per passage as
     chunked stores keep them) is searched as it is, never replaced."""
@@ -391,6 +392,7 @@ def test_mining_rebuilds_a_missing_edge_shard(full_run):
     assert [e.neg_ids for e in before] == [e.neg_ids for e in after] and any(e.neg_ids for e in after)
 
 
+@pytest.mark.slow
 def test_sharded_mining_merges_to_the_same_examples(full_run, tmp_path):
     """Three shards, each on its block of the queries, then merged: the same bytes as one run."""
     import os

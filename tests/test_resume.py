@@ -36,6 +36,7 @@ def _train(root, tmp_path, model, **over):
     return train(StepContext(root=root, name="train"), **{**RUN, "model": model, "workdir": str(tmp_path), **over})
 
 
+@pytest.mark.slow
 def test_three_sigkills_at_random_points_end_with_the_unbroken_runs_weights(tmp_path, quran_pairs, tiny_model):
     """Each kill waits for a step drawn by a seeded RNG to be checkpointed, then a seeded delay of 0-0.4 s (so
     it lands in training, validation or an upload), and kills the process group. Every restart resumes in an

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import DEMO_CONFIG
 from m3tune.manifest import read_manifest
 
@@ -35,6 +37,7 @@ def untimed(data: bytes, name: str) -> bytes:
     return data
 
 
+@pytest.mark.slow
 def test_full_run_on_s3_matches_local(full_run, s3_root, s3_endpoint):
     local, steps = full_run
     env = {**os.environ, "M3TUNE_S3_ENDPOINT": s3_endpoint}

@@ -311,6 +311,7 @@ def test_run_in_length_groups_follows_the_one_pass_curve(tmp_path, quran_pairs, 
     np.testing.assert_allclose(_losses(_history(root)), _losses(reference), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_s3_checkpoint_with_the_same_curve(tmp_path, quran_pairs, tiny_model, reference,
                                                                     s3_bucket, s3_endpoint):
     """A pod killed mid-run (SIGKILL) and restarted elsewhere (an empty local folder) continues the curve."""

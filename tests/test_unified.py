@@ -240,6 +240,7 @@ def unified_one(tmp_path_factory, quran_pairs, tiny_model):  # noqa: F811
     return root
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_unified_curve(tmp_path, quran_pairs, tiny_model,  # noqa: F811
                                                                 unified_one):
     """2 processes x 4 examples (dense, sparse weights and multi-vectors gathered) = 1 process x 8."""
