@@ -41,7 +41,7 @@ test-deepspeed: $(STAMP)
 
 # The end-to-end runs left out of `make test` for time (marked slow: the whole pipeline on S3, the Argo DAG on
 # S3, mining from an existing collection and in shards, kill-and-resume rounds, real e5-small equivalences):
-# about 8 minutes in two workers; .ci/run runs it
+# about 12 minutes in two workers; .ci/run runs it
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m slow
 
