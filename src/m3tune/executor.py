@@ -66,12 +66,6 @@ def shard_folder(root: Store, name: str, rank: int, world_size: int) -> Store:
     return root.child(name).child(f"shards/{rank:05d}-of-{world_size:05d}")
 
 
-def _verified_view(root: Store) -> Store:
-    """ROOT with an Integrity of its own (the same shared manifest cache): a bare store given by a caller
-    is verified too."""
-    return verified(root)
-
-
 def _output_problem(folder: Store, name: str, info: OutputInfo, *, verify: bool) -> StepStatus | None:
     """Why the published output NAME is not what the manifest recorded ('tampered': changed), or None. Sizes always; VERIFY: every byte (status), not only when a consumer reads it."""
     if not folder.exists(name):
@@ -136,7 +130,7 @@ def step_status(root: Store, step: Step, config: BaseModel | None = None, *, ver
 
     VERIFY reads every published output once to find same-size edits ('tampered'); without it only sizes
     are compared (as a skip decision does: consumers verify what they read)."""
-    return _check(_verified_view(root), step, config if config is not None else step.config(), verify=verify)[0]
+    return _check(verified(root), step, config if config is not None else step.config(), verify=verify)[0]
 
 
 def _remove_unpublished(folder: Store, published, name: str) -> None:
@@ -167,7 +161,7 @@ def run_step(root: Store, name: str, config: BaseModel | None = None, *, force: 
             raise ConfigError(f"step {name!r} cannot be sharded")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in 0..{world_size - 1}")
-    root = _verified_view(root)  # every read the step makes of a published file is verified
+    root = verified(root)  # every read the step makes of a published file is verified
     folder = shard_folder(root, name, rank, world_size) if shard else root.child(name)
     status, inputs = _check(root, step, config, folder)
     if status.state == "done" and not force:
@@ -242,7 +236,7 @@ def merge_shards(root: Store, name: str, config: BaseModel | None = None, *, wor
         raise ConfigError(f"{name}: merge of {world_size} shards: the number of shards is 1 or more")
     step = get_step(name)
     config = config if config is not None else step.config()
-    root = _verified_view(root)  # the shards' outputs are read against the shards' manifests
+    root = verified(root)  # the shards' outputs are read against the shards' manifests
     inputs = current_inputs(root, step, config)
     digest = config_digest(config)
     manifests = [read_manifest(shard_folder(root, name, r, world_size)) for r in range(world_size)]
