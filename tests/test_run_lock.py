@@ -325,3 +325,11 @@ def test_a_lock_file_with_a_wrong_field_is_refused(local_root, fields, problem):
     with pytest.raises(BadLock, match=f"run.json: not an m3tune lock .*{problem}"):
         Lock(local_root, "run", command="x").acquire()
     assert path.read_bytes() == _lock_body(**fields)  # left for the user to look at
+
+
+def test_wait_lock_with_a_dry_run_is_an_error_not_ignored(tmp_path):
+    # a dry run writes nothing and takes no lock, so a --wait-lock given with it would do nothing
+    root = tmp_path / "runs" / "dry"
+    ran = m3tune("step", "generate-queries", "--root", str(root), "--dry-run", "--wait-lock", "5")
+    assert ran.returncode == 1 and "--wait-lock" in ran.stderr and "--dry-run" in ran.stderr
+    assert not root.exists() or not (root / "_locks").exists()

@@ -1031,6 +1031,9 @@ def _register_step(step) -> None:
         values = _merged(base.model_dump() if base is not None else {}, config_values(params))
         config = _build(step.config, values, f"step {step.name}")
         if dry_run:
+            if wait_lock:  # a dry run writes nothing and takes no lock: there is nothing to wait for
+                raise ConfigError("--wait-lock (or M3TUNE_WAIT_LOCK) does not go with --dry-run, which writes "
+                                  "nothing and takes no lock")
             Console().print(step.plan(store, config), highlight=False, markup=False)
             return
         if (rank is None) != (world_size is None):
