@@ -104,12 +104,8 @@ class _Handler(JSONHandler):
                                          "body": copy.deepcopy(body)})
         if not url.path.startswith(self.server.base + "/api/"):
             # the web UI's page, as the Argo Server serves it for any path outside its API, without a token
-            data = b"<!doctype html><html><head><title>Argo</title></head><body></body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self._send_bytes(200, b"<!doctype html><html><head><title>Argo</title></head><body></body></html>",
+                             "text/html")
             return None
         if self.headers.get("Authorization") != f"Bearer {self.server.token}":
             return self._error(401, "token not valid. see https://argo-workflows.readthedocs.io/en/latest/faq/")

@@ -25,9 +25,11 @@ class JSONHandler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        self._send_bytes(code, json.dumps(body).encode(), "application/json")
+
+    def _send_bytes(self, code: int, data: bytes, content_type: str) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from json_api_server import JSONHandler, ThreadedServer
 from m3tune.cli import app
 from m3tune.runroot import open_root
 
@@ -84,37 +84,24 @@ class _Recorder:
         self.headers: list[dict[str, str]] = []
         recorder = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler):
             def _answer(self):
                 recorder.headers.append({k.lower(): v for k, v in self.headers.items()})
                 length = int(self.headers.get("content-length") or 0)
                 self.rfile.read(length)
-                body = b'{"status": {"error": "not found"}, "result": null}'
-                self.send_response(404)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._send(404, {"status": {"error": "not found"}, "result": None})
 
             do_GET = do_PUT = do_POST = do_DELETE = _answer
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadedServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
 def recorder():
     r = _Recorder()
-    yield r
-    r.close()
+    with r.server:
+        yield r
 
 
 # --------------------------------------------------------------------------- 1. names that become paths
