@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 RUN    ?= demo
 
-.PHONY: demo demo-tiny test test-slow test-deepspeed bench quality clean render images docs
+.PHONY: demo demo-tiny test test-slow test-deepspeed bench bench-ratios quality clean render images docs
 
 # DeepSpeed (the [deepspeed] extra) on CPU, for the tests that run ZeRO-2/3 with gloo, has its own command: it
 # is an sdist whose build must see torch (no build isolation), and DS_BUILD_SHM_COMM=1 compiles its CPU
@@ -48,6 +48,12 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_io.py
 	$(BIN)/python benchmarks/bench_generation.py
+
+# m3tune against its peers' strongest configurations, fresh processes in alternating pairs on the same cores
+# (benchmarks/ratios.py; makes .venv-peer for sentence-transformers' ONNX backend once). RATIOS="--quick" for
+# the <40-minute form.
+bench-ratios: $(STAMP)
+	$(BIN)/python benchmarks/ratios.py $(RATIOS)
 
 # Does m3tune make a real model better? The pipeline on multilingual-e5-small (local:e5-small), base vs
 # fine-tuned vs BM25 on the gold standard (2 CPU cores; see configs/quality-cpu.yaml).

@@ -164,3 +164,14 @@ def test_the_index_and_the_mining_settings_of_one_model_share_one_loaded_encoder
     assert load_encoder(TINY, pooling="cls", query_prompt="", passage_prompt="", max_length=16,
                         strip_marks=True) is index
     assert load_encoder(TINY, max_length=32) is not index
+
+
+def test_onnx_runtime_threads_sleep_rather_than_spin():
+    """On shared cores ONNX Runtime's default spin-waiting takes the cores other work needs (benchmarks/ratios.py
+    runs both sides with it off); the vectors are the reference's either way (the test above)."""
+    from m3tune.encoder.model import Encoder
+    from m3tune.encoder.tiny import TINY
+
+    options = Encoder(TINY, max_length=16)._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"

@@ -153,7 +153,8 @@ def run_sentence_transformers(root_uri: str, *, model: str, batch: int, steps: i
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, \
         SentenceTransformerTrainingArguments
     from transformers import TrainerCallback
-    from sentence_transformers.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss, \
+        MultipleNegativesRankingLoss
     from sentence_transformers.models import Normalize, Pooling, Transformer
     from sentence_transformers.training_args import BatchSamplers
 
@@ -172,7 +173,17 @@ def run_sentence_transformers(root_uri: str, *, model: str, batch: int, steps: i
     transformer = Transformer(resolve(model), max_seq_length=max_length)
     st = SentenceTransformer(modules=[transformer, Pooling(transformer.get_word_embedding_dimension(),
                                                            profile.pooling), Normalize()], device="cpu")
-    loss = MatryoshkaLoss(st, MultipleNegativesRankingLoss(st, scale=1 / temperature), matryoshka_dims=dims)
+    unknown = set(options or {}) - {"freeze_embeddings", "cached"}
+    if unknown:
+        raise ValueError(f"sentence-transformers contender: options {sorted(unknown)} have no peer counterpart")
+    if (options or {}).get("freeze_embeddings"):
+        # the recipe's frozen word embeddings, given to the peer too: the trainer optimizes only what needs a
+        # gradient, so both sides do the same work (AdamW over 96M embedding rows would be most of the step)
+        transformer.auto_model.get_input_embeddings().requires_grad_(False)
+    # cached: GradCache (CachedMultipleNegativesRankingLoss), the peer's form for recipes that use GradCache
+    inner = (CachedMultipleNegativesRankingLoss(st, scale=1 / temperature, mini_batch_size=int(options["cached"]))
+             if (options or {}).get("cached") else MultipleNegativesRankingLoss(st, scale=1 / temperature))
+    loss = MatryoshkaLoss(st, inner, matryoshka_dims=dims)
     args = SentenceTransformerTrainingArguments(
         output_dir=workdir, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
         warmup_ratio=0.1, lr_scheduler_type="cosine", weight_decay=0.01, batch_sampler=BatchSamplers.NO_DUPLICATES,

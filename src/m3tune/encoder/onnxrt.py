@@ -194,5 +194,11 @@ def session(file: Path, threads: int):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads  # torch's setting: one knob for both runtimes
     options.inter_op_num_threads = 1
+    # ONNX Runtime's threads spin-wait between operators by default: on a machine whose cores are shared
+    # (2 CPU cores running a step beside the tokenizer, an upload or another pod) the spinning takes the cores
+    # the other work needs. Off, they sleep; the vectors are the same (benchmarks/ratios.py measures both sides
+    # with it off).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
