@@ -234,6 +234,43 @@ def _kill_at_first_checkpoint(proc: subprocess.Popen, store, *, steps: int) -> i
     return killed_at
 
 
+@pytest.mark.slow
+def test_a_killed_step_takes_its_training_processes_with_it(tmp_path, quran_pairs):  # noqa: F811
+    """SIGKILL of `m3tune step train` alone (not its process tree): torchrun, which put each worker in a session
+    of its own, and the workers end too (the kernel's parent-death signal, m3tune/procs.py), so nothing trains on
+    into the run root behind a rerun. Before it, the workers trained to the end."""
+    import psutil
+
+    root = _root_with_data(str(tmp_path / "runs" / "orphans"), quran_pairs, manifest=True)
+    cmd = [sys.executable, "-m", "m3tune.cli", "step", "train", "--root", root.uri, "--workdir", str(tmp_path / "w"),
+           *_short_args(), "--model", "local:tiny-xlmr", "--processes", "2", "--max-steps", "100000",
+           "--checkpoint-every", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step = psutil.Process(proc.pid)
+    deadline = time.time() + 240
+    workers: list = []
+    def training(p) -> bool:
+        try:  # both started and past their imports
+            return "m3tune.training.loop" in " ".join(p.cmdline()) and p.cpu_times().user > 1
+        except psutil.Error:  # gone meanwhile, or a zombie (a short-lived helper process)
+            return False
+
+    while time.time() < deadline and proc.poll() is None:
+        workers = [p for p in step.children(recursive=True) if training(p)]
+        if len(workers) == 2:
+            break
+        time.sleep(0.2)
+    assert len(workers) == 2, "the two training processes never started"
+    tree = step.children(recursive=True)
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(tree, timeout=30)
+    for p in alive:  # not leave them running whatever the assertion says
+        p.kill()
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+    assert not root.child("train").exists("model/model.safetensors")  # nothing finished behind the kill
+
+
 @pytest.mark.deepspeed_slow
 def test_zero2_killed_mid_run_resumes_and_ends_as_the_unbroken_run(tmp_path, quran_pairs):
     """The tiny model with its dropout: the resumed steps reproduce the unbroken run's only if the RNG state of

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -877,7 +878,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="JSON file of TrainConfig fields")
     parser.add_argument("--workdir", required=True, help="local working folder")
     args = parser.parse_args(argv)
+    from m3tune.procs import die_with_parent
     from m3tune.redact import RedactingFilter
+
+    # a worker outlives a SIGKILLed torchrun otherwise (its own session): it would write on into the run root
+    die_with_parent(signal.SIGKILL)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for handler in logging.getLogger().handlers:

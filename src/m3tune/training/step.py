@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from typing import Any
 
 from m3tune.context import StepContext
 from m3tune.errors import BadInput, ConfigError, UserError
+from m3tune.procs import die_with_parent
 from m3tune.training.config import TrainConfig
 
 
@@ -133,7 +135,9 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
         for stale in (work / ERRORS, work / "out"):  # a failed or finished run's files are not this run's
             shutil.rmtree(stale, ignore_errors=True)
         ctx.log.info("launching: %s", " ".join(cmd))
-        rc = subprocess.run(cmd, env=env).returncode
+        # torchrun dies with this step (SIGTERM: it then stops its workers), and each worker with torchrun
+        # (loop.main): torchrun puts every worker in a session of its own, so a killed step left them training
+        rc = subprocess.run(cmd, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM)).returncode
         if rc != 0:
             reason = _first_error(work / ERRORS)
             if reason:  # a UserError in the processes (bad input, a request not honoured): its one line
