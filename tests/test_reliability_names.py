@@ -164,6 +164,7 @@ def test_the_index_step_sends_no_aws_secret_as_a_qdrant_key(run_copy, recorder, 
                  "--qdrant-api-key-env", "AWS_SECRET_ACCESS_KEY", "--force")
     assert result.exit_code == 1, result.output
     assert "AWS credential" in _last_error(result)
+    assert "qdrant_api_key_env 'AWS_SECRET_ACCESS_KEY'" in _last_error(result)  # the setting it came from
     assert recorder.headers == []  # refused before any request
 
 

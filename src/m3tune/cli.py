@@ -651,7 +651,7 @@ def _production(url: Optional[str], path: Optional[str], key_env: str):
     from m3tune.publish.step import open_production
     from m3tune.redact import check_key_env
 
-    return open_production(url, "QDRANT_URL", path, check_key_env(key_env), 60.0)
+    return open_production(url, "QDRANT_URL", path, check_key_env(key_env, "--qdrant-api-key-env"), 60.0)
 
 
 @app.command()

@@ -117,14 +117,15 @@ def redact_data(value):
     return value
 
 
-def check_key_env(name: str) -> str:
-    """NAME if it may hold the API key sent to an endpoint, else ConfigError saying how to allow it."""
+def check_key_env(name: str, field: str = "api_key_env") -> str:
+    """NAME if it may hold the API key sent to an endpoint, else ConfigError saying how to allow it; FIELD names
+    the setting in the message (qdrant_api_key_env for a Qdrant server's key)."""
     extra = {n.strip() for n in os.environ.get(EXTRA_KEY_ENVS, "").split(",") if n.strip()}
     if name.upper().startswith("AWS_"):
-        raise ConfigError(f"api_key_env {name!r}: an AWS credential is never sent to an API endpoint")
+        raise ConfigError(f"{field} {name!r}: an AWS credential is never sent to an API endpoint")
     if name in DEFAULT_KEY_ENVS or _KEY_ENV.match(name) or name in extra:
         return name
-    raise ConfigError(f"api_key_env {name!r}: not an API key variable; use one whose name ends in _API_KEY "
+    raise ConfigError(f"{field} {name!r}: not an API key variable; use one whose name ends in _API_KEY "
                       f"(e.g. OPENROUTER_API_KEY), or list it in {EXTRA_KEY_ENVS}=NAME[,NAME...]")
 
 

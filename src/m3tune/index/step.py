@@ -86,7 +86,7 @@ class IndexConfig(BaseModel):
         return None if where is None else safe_location(where, "embeddings_cache")
 
     # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
-    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name)))
+    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name, "qdrant_api_key_env")))
 
     @model_validator(mode="after")
     def _url_needs_qdrant(self) -> "IndexConfig":
@@ -225,7 +225,7 @@ def open_qdrant(collection: str, url: str | None, api_key_env: str):
     from m3tune.index.search import QdrantIndex
 
     if url:
-        key = os.environ.get(check_key_env(api_key_env)) or None
+        key = os.environ.get(check_key_env(api_key_env, "qdrant_api_key_env")) or None
         return QdrantIndex(collection, url=url, api_key=key)
     return QdrantIndex(collection, path=local_qdrant_path(collection))
 

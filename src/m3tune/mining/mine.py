@@ -70,7 +70,7 @@ class MineConfig(BaseModel):
                                          "URI; default: the local m3tune cache folder)")
 
     # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
-    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name)))
+    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name, "qdrant_api_key_env")))
 
     @field_validator("embeddings_cache")
     @classmethod
