@@ -60,7 +60,7 @@ def shell_blocks(path: Path) -> list[str]:
 
 def commands(block: str) -> list[list[str]]:
     """Each command of BLOCK as its words: continuations joined, comments dropped, pipelines split, the
-    leading VAR=value assignments and `nice -n N` removed."""
+    leading VAR=value assignments, `nice -n N` and `taskset -c CORES` removed."""
     out = []
     for line in re.sub(r"\\\n", " ", block).splitlines():
         words = shlex.split(line, comments=True)
@@ -69,7 +69,7 @@ def commands(block: str) -> list[list[str]]:
                 else (words, "", [])
             while head and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", head[0]):
                 head = head[1:]
-            if head[:1] == ["nice"]:
+            if head[:1] in (["nice"], ["taskset"]):  # nice -n N CMD, taskset -c CORES CMD: CMD is checked
                 head = head[3:]
             if head:
                 out.append(head)
