@@ -881,8 +881,11 @@ def main(argv: list[str] | None = None) -> None:
     from m3tune.procs import die_with_parent
     from m3tune.redact import RedactingFilter
 
-    # a worker outlives a SIGKILLed torchrun otherwise (its own session): it would write on into the run root
-    die_with_parent(signal.SIGKILL)
+    # a worker of torchrun's (its elastic agent sets TORCHELASTIC_RUN_ID) would outlive a SIGKILLed torchrun
+    # (each worker has a session of its own) and write on into the run root. Not when started by hand: its
+    # parent is then a shell, whose exit (a closed terminal under nohup) must not kill a training run.
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_parent(signal.SIGKILL)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for handler in logging.getLogger().handlers:

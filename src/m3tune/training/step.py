@@ -28,7 +28,7 @@ from typing import Any
 
 from m3tune.context import StepContext
 from m3tune.errors import BadInput, ConfigError, UserError
-from m3tune.procs import die_with_parent
+from m3tune.procs import dies_with_this_process
 from m3tune.training.config import TrainConfig
 
 
@@ -137,7 +137,7 @@ def train(ctx: StepContext, **config: Any) -> dict[str, Any]:
         ctx.log.info("launching: %s", " ".join(cmd))
         # torchrun dies with this step (SIGTERM: it then stops its workers), and each worker with torchrun
         # (loop.main): torchrun puts every worker in a session of its own, so a killed step left them training
-        rc = subprocess.run(cmd, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM)).returncode
+        rc = subprocess.run(cmd, env=env, preexec_fn=dies_with_this_process(signal.SIGTERM)).returncode
         if rc != 0:
             reason = _first_error(work / ERRORS)
             if reason:  # a UserError in the processes (bad input, a request not honoured): its one line
