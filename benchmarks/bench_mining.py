@@ -57,12 +57,10 @@ def prepare(workdir: str, limit: int | None) -> str:
     return root.uri
 
 
-def peer(root_uri: str, model_key: str) -> dict:
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, models
-    from sentence_transformers.util import mine_hard_negatives
-
-    from m3tune.encoder.profiles import profile_of, resolve
+def peer_inputs(root_uri: str, model: str) -> dict[str, list[str]]:
+    """The peer's anchors, positives and corpus, as m3tune's profile of MODEL gives them to the model (marks
+    stripped, prompt first): both sides encode the same tokens."""
+    from m3tune.encoder.profiles import profile_of
     from m3tune.jsonl import read_records
     from m3tune.records import Passage, Query
     from m3tune.runroot import open_root
@@ -72,23 +70,39 @@ def peer(root_uri: str, model_key: str) -> dict:
     by_id = {p.id: p for p in passages}
     queries = [q for step in ("generate-queries", "generate-conceptual")
                for q in read_records(root.child(step), "queries.jsonl", Query)]
+    profile = profile_of(model)
+    return {"anchors": [profile.prepare(q.query, queries=True) for q in queries],
+            "positives": [profile.prepare(by_id[q.positive_ids[0]].text, queries=False) for q in queries],
+            "corpus": [profile.prepare(p.text, queries=False) for p in passages]}
+
+
+def mine_with_peer(inputs: dict[str, list[str]], model) -> tuple[int, int]:
+    """`mine_hard_negatives` over INPUTS (peer_inputs) with MODEL: (rows, negatives). Imports only the peer's
+    packages, so benchmarks/ratios.py runs it in the peer's own virtualenv too."""
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    mined = mine_hard_negatives(Dataset.from_dict({"anchor": inputs["anchors"], "positive": inputs["positives"]}),
+                                model, corpus=inputs["corpus"], range_min=10, range_max=200, relative_margin=0.05,
+                                num_negatives=7, sampling_strategy="top", batch_size=64, output_format="n-tuple",
+                                verbose=False)
+    return len(mined), sum(1 for row in mined for k, v in row.items() if k.startswith("negative") and v)
+
+
+def peer(root_uri: str, model_key: str) -> dict:
+    from sentence_transformers import SentenceTransformer, models
+
+    from m3tune.encoder.profiles import resolve
+
     name, pooling = MODELS[model_key][:2]
-    profile = profile_of(name)
+    inputs = peer_inputs(root_uri, name)
     t0, c0 = time.perf_counter(), time.process_time()
     transformer = models.Transformer(resolve(name), max_seq_length=MAX_LENGTH)
     model = SentenceTransformer(modules=[transformer, models.Pooling(transformer.get_word_embedding_dimension(), pooling),
                                          models.Normalize()], device="cpu")
-    # the texts as m3tune's profile gives them to the model (marks stripped, prompt first): the same tokens
-    pairs = Dataset.from_dict({"anchor": [profile.prepare(q.query, queries=True) for q in queries],
-                               "positive": [profile.prepare(by_id[q.positive_ids[0]].text, queries=False)
-                                            for q in queries]})
-    corpus = [profile.prepare(p.text, queries=False) for p in passages]
-    mined = mine_hard_negatives(pairs, model, corpus=corpus, range_min=10, range_max=200,
-                                relative_margin=0.05, num_negatives=7, sampling_strategy="top", batch_size=64,
-                                output_format="n-tuple", verbose=False)
+    rows, negatives = mine_with_peer(inputs, model)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    negatives = sum(1 for row in mined for k, v in row.items() if k.startswith("negative") and v)
-    return {"seconds": seconds, "cpu_s": cpu, "rows": len(mined), "negatives": negatives}
+    return {"seconds": seconds, "cpu_s": cpu, "rows": rows, "negatives": negatives}
 
 
 def ours(root_uri: str, which: str, model_key: str) -> dict:

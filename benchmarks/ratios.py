@@ -1,7 +1,8 @@
 """Speed ratios anyone can rerun: m3tune against the strongest configuration of its peer, measured one way.
 
-    make bench-ratios                                   # every row, ~70 minutes on 2 cores
-    .venv/bin/python benchmarks/ratios.py --quick       # smaller workloads, the same pairs (<40 minutes)
+    make bench-ratios                                   # every row (not yet timed)
+    .venv/bin/python benchmarks/ratios.py --quick       # smaller workloads, the same pairs: 57 minutes on one
+                                                        # core with 1 thread (2026-12-07); 2 cores not yet timed
     .venv/bin/python benchmarks/ratios.py --rows encode-onnx,train --pairs 7 --cores 0,1 --threads 2
 
 How every row is measured:
@@ -48,14 +49,8 @@ PEER_VENV = REPO / ".venv-peer"
 MODEL = "local:e5-small"
 ROWS = ("encode-onnx", "encode-torch", "train", "mining")
 # workload sizes: (passages to encode, training steps, passages per source for mining)
-SIZES = {"full": (1000, 20, 300), "quick": (500, 10, 150)}
+SIZES = {"full": (1000, 20, 300), "quick": (500, 5, 150)}
 BATCH, MAX_LENGTH = 32, 128
-
-
-def vm_hwm_mb() -> float:
-    """This process's peak resident memory (VmHWM): ru_maxrss would carry the parent's pre-exec high-water mark."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -132,26 +127,18 @@ def child_train(side: str, spec: dict) -> dict:
 
 
 def child_mine(side: str, spec: dict) -> dict:
-    if side == "m3tune":
-        sys.path.insert(0, str(HERE))
-        import bench_mining
+    import bench_mining  # beside this script (sys.path[0]); it imports only the standard library at the top
 
+    if side == "m3tune":
         result = bench_mining.ours(spec["root"], "exact", "e5-small")
         return {"seconds": result["seconds"], "rate": result["seconds"], "unit": "s",
                 "rows": result["rows"], "negatives": result["negatives"]}
-    from datasets import Dataset
-    from sentence_transformers.util import mine_hard_negatives
-
     data = json.loads(Path(spec["texts"]).read_text(encoding="utf-8"))
     t0 = time.perf_counter()  # the peer's model load is inside its clock, as m3tune's index step loads its own
-    model = _st_model(side, spec["st_folder"], spec["threads"], max_length=bench_mining_max_length())
-    mined = mine_hard_negatives(Dataset.from_dict({"anchor": data["anchors"], "positive": data["positives"]}), model,
-                                corpus=data["corpus"], range_min=10, range_max=200, relative_margin=0.05,
-                                num_negatives=7, sampling_strategy="top", batch_size=64, output_format="n-tuple",
-                                verbose=False)
+    model = _st_model(side, spec["st_folder"], spec["threads"], max_length=bench_mining.MAX_LENGTH)
+    rows, negatives = bench_mining.mine_with_peer(data, model)
     seconds = time.perf_counter() - t0
-    negatives = sum(1 for row in mined for k, v in row.items() if k.startswith("negative") and v)
-    return {"seconds": seconds, "rate": seconds, "unit": "s", "rows": len(mined), "negatives": negatives}
+    return {"seconds": seconds, "rate": seconds, "unit": "s", "rows": rows, "negatives": negatives}
 
 
 def child_setup_st_onnx(spec: dict) -> dict:
@@ -167,19 +154,14 @@ def child_setup_st_onnx(spec: dict) -> dict:
     return {"files": sorted(os.listdir(Path(folder) / "onnx"))}
 
 
-def bench_mining_max_length() -> int:
-    """bench_mining's token bound (256), read without importing it (it imports nothing heavy, but the peer's
-    virtualenv has no m3tune)."""
-    source = (HERE / "bench_mining.py").read_text(encoding="utf-8")
-    return int(next(l for l in source.splitlines() if l.startswith("MAX_LENGTH = ")).split("=")[1])
-
-
 def child(kind: str, side: str, spec: dict) -> None:
     if "cache" in spec:  # this run's own embeddings cache (set before m3tune is imported)
         os.environ["M3TUNE_CACHE"] = spec["cache"]
+    from bench_mining import peak_rss_mb  # VmHWM: this process's own peak, not its parent's
+
     result = {"encode": child_encode, "train": child_train, "mine": child_mine}[kind](side, spec) \
         if kind != "setup" else child_setup_st_onnx(spec)
-    result["peak_mb"] = vm_hwm_mb()
+    result["peak_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -198,16 +180,16 @@ def ensure_peer_venv(log) -> Path:
 
 
 class Runner:
-    def __init__(self, cores: str, threads: int, workdir: Path, log):
-        self.cores, self.threads, self.workdir, self.log = cores, threads, workdir, log
+    def __init__(self, cores: str, threads: int, log):
+        self.cores, self.threads, self.log = cores, threads, log
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                     "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true",
                     "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
 
-    def run(self, python: Path | str, kind: str, side: str, spec: dict, env: dict | None = None) -> dict:
+    def run(self, python: Path | str, kind: str, side: str, spec: dict) -> dict:
         spec = {**spec, "threads": self.threads}
         command = ["taskset", "-c", self.cores, str(python), __file__, "--child", kind, side, json.dumps(spec)]
-        out = subprocess.run(command, capture_output=True, text=True, env={**self.env, **(env or {})})
+        out = subprocess.run(command, capture_output=True, text=True, env=self.env)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if out.returncode or line is None:
             raise SystemExit(f"{kind} {side} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -215,13 +197,13 @@ class Runner:
 
 
 def alternate(runner: Runner, pairs: int, ours: tuple, peer: tuple, label: str) -> dict:
-    """PAIRS pairs of fresh runs, AB then BA; OURS and PEER are (python, kind, side, spec_for(i), env)."""
+    """PAIRS pairs of fresh runs, AB then BA; OURS and PEER are (python, kind, side, spec_for(i, name))."""
     load_before = os.getloadavg()[0]
     runs = {"m3tune": [], "peer": []}
     for i in range(pairs):
         order = (("m3tune", ours), ("peer", peer)) if i % 2 == 0 else (("peer", peer), ("m3tune", ours))
-        for name, (python, kind, side, spec_for, env) in order:
-            result = runner.run(python, kind, side, spec_for(i, name), env)
+        for name, (python, kind, side, spec_for) in order:
+            result = runner.run(python, kind, side, spec_for(i, name))
             runs[name].append(result)
             runner.log(f"  {label} pair {i + 1}/{pairs} {name}: {result['seconds']:.1f} s, {result['rate']:.2f} "
                        f"{result['unit']}, peak {result['peak_mb']:,.0f} MB, load {os.getloadavg()[0]:.2f}")
@@ -248,24 +230,6 @@ def encode_texts(n: int) -> list[str]:
     return [strip_marks(p.text) for p in random.Random(3).sample(passages, n)]
 
 
-def mining_texts(root_uri: str) -> dict:
-    """The peer's inputs for the mining row, as m3tune's profile gives them to the model (bench_mining.peer's)."""
-    from m3tune.encoder.profiles import profile_of
-    from m3tune.jsonl import read_records
-    from m3tune.records import Passage, Query
-    from m3tune.runroot import open_root
-
-    root = open_root(root_uri)
-    profile = profile_of(MODEL)
-    passages = list(read_records(root.child("ingest"), "passages.jsonl", Passage))
-    by_id = {p.id: p for p in passages}
-    queries = [q for step in ("generate-queries", "generate-conceptual")
-               for q in read_records(root.child(step), "queries.jsonl", Query)]
-    return {"anchors": [profile.prepare(q.query, queries=True) for q in queries],
-            "positives": [profile.prepare(by_id[q.positive_ids[0]].text, queries=False) for q in queries],
-            "corpus": [profile.prepare(p.text, queries=False) for p in passages]}
-
-
 def cosine_floor(ours: str, peer: str) -> float:
     import numpy as np
 
@@ -275,8 +239,8 @@ def cosine_floor(ours: str, peer: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller workloads (500 passages, 10 steps, 150 "
-                        "passages a source for mining), the same number of pairs")
+    parser.add_argument("--quick", action="store_true", help="smaller workloads ({} passages, {} steps, {} "
+                        "passages a source for mining), the same number of pairs".format(*SIZES["quick"]))
     parser.add_argument("--pairs", type=int, default=5, help="AB/BA pairs per row (at least 5)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--cores", default="0,1", help="taskset core list every process is pinned to")
@@ -297,6 +261,8 @@ def main() -> None:
         parser.error("--pairs: at least 5 (a median and quartiles of fewer ratios say little)")
     if args.threads < 1:
         parser.error("--threads: at least 1")
+    if args.cached_peer is not None and args.cached_peer < 1:
+        parser.error("--cached-peer: a mini-batch of at least 1")
     if shutil.which("taskset") is None:
         parser.error("taskset (util-linux) is needed to pin every contender to the same cores")
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -311,13 +277,14 @@ def main() -> None:
         workdir = Path(tmp)
         # one model cache for every process (the model converted and exported once, outside the clocks)
         cache = workdir / "cache"
-        runner = Runner(args.cores, args.threads, workdir, log)
+        runner = Runner(args.cores, args.threads, log)
         runner.env["M3TUNE_CACHE"] = str(cache)
         os.environ["M3TUNE_CACHE"] = str(cache)
         from m3tune.encoder.model import Encoder
         from m3tune.encoder.profiles import resolve
 
-        Encoder(MODEL)  # m3tune's ONNX export, once
+        if set(rows) - {"train"}:  # the rows that encode with ONNX Runtime
+            Encoder(MODEL)  # m3tune's ONNX export, once, outside the clocks
         st_folder, st_torch = str(workdir / "st-onnx"), resolve(MODEL)
         if peer_python:
             files = runner.run(peer_python, "setup", "st-onnx", {"st_folder": st_folder, "model_folder": st_torch})
@@ -331,8 +298,8 @@ def main() -> None:
                     continue
                 vectors = lambda i, name, side=side: {"texts": str(texts), "st_folder": st_torch if side ==  # noqa
                                                       "st-torch" else st_folder, "out": str(workdir / f"{row}-{name}-{i}.npy")}
-                result = alternate(runner, args.pairs, (sys.executable, "encode", "m3tune", vectors, None),
-                                   (python, "encode", side, vectors, None), row)
+                result = alternate(runner, args.pairs, (sys.executable, "encode", "m3tune", vectors),
+                                   (python, "encode", side, vectors), row)
                 result["min_cosine_to_peer"] = min(cosine_floor(str(workdir / f"{row}-m3tune-{i}.npy"),
                                                                 str(workdir / f"{row}-peer-{i}.npy"))
                                                    for i in range(args.pairs))
@@ -351,37 +318,31 @@ def main() -> None:
                 return {"root": root, "steps": steps, "cached": args.cached_peer,
                         "out": str(workdir / f"train-{name}-{i}")}
 
-            result = alternate(runner, args.pairs, (sys.executable, "train", "m3tune", train_spec, None),
-                               (sys.executable, "train", side, train_spec, None), "train")
+            result = alternate(runner, args.pairs, (sys.executable, "train", "m3tune", train_spec),
+                               (sys.executable, "train", side, train_spec), "train")
             result["work"] = (f"{steps} steps of {BATCH} (1 hard negative), max_length {MAX_LENGTH}, dims 384/256/128, "
                               f"word embeddings frozen; peer {'CachedMNRL' if args.cached_peer else 'MNRL'} + "
                               "MatryoshkaLoss")
             results.append(result)
         if "mining" in rows:
-            sys.path.insert(0, str(HERE))
-            import bench_mining
+            import bench_mining  # beside this script (sys.path[0])
 
             root_uri = bench_mining.prepare(str(workdir / "mine"), mine_limit)
             data = workdir / "mine-texts.json"
-            data.write_text(json.dumps(mining_texts(root_uri), ensure_ascii=False), encoding="utf-8")
+            data.write_text(json.dumps(bench_mining.peer_inputs(root_uri, MODEL), ensure_ascii=False),
+                            encoding="utf-8")
 
-            def mine_env(i, name):
-                # a fresh embeddings cache for each m3tune run (everyone encodes everything), the models shared
+            def mine_spec(i, name):
+                # a fresh embeddings cache for each run (everyone encodes everything), the models shared
                 run_cache = workdir / f"cache-{name}-{i}"
                 run_cache.mkdir()
                 for sub in ("models", "onnx"):
                     if (cache / sub).is_dir():
                         (run_cache / sub).symlink_to(cache / sub)
-                return str(run_cache)
+                return {"root": root_uri, "texts": str(data), "st_folder": st_folder, "cache": str(run_cache)}
 
-            caches: dict = {}
-
-            def mine_spec(i, name):
-                caches[(i, name)] = mine_env(i, name)
-                return {"root": root_uri, "texts": str(data), "st_folder": st_folder, "cache": caches[(i, name)]}
-
-            result = alternate(runner, args.pairs, (sys.executable, "mine", "m3tune", mine_spec, None),
-                               (peer_python, "mine", "st-onnx", mine_spec, None), "mining")
+            result = alternate(runner, args.pairs, (sys.executable, "mine", "m3tune", mine_spec),
+                               (peer_python, "mine", "st-onnx", mine_spec), "mining")
             result["work"] = f"ingest limit {mine_limit} a source, ranks [10, 200), margin 0.05, 7 negatives"
             results.append(result)
     finished = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -24,6 +24,7 @@ def ratios():
     (["--rows", ","], "--rows: unknown none given"),
     (["--threads", "0"], "--threads: at least 1"),
     (["--steps", "-1"], "--passages, --steps and --mine-limit: at least 1"),
+    (["--cached-peer", "0"], "--cached-peer: a mini-batch of at least 1"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(args, message, tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path)], capture_output=True,
@@ -46,13 +47,13 @@ def test_pairs_alternate_and_the_ratio_is_of_each_pair(monkeypatch):
     class Runner:  # the real Runner starts processes; this one records the order and answers fixed rates
         log = staticmethod(lambda message: None)
 
-        def run(self, python, kind, side, spec, env=None):
+        def run(self, python, kind, side, spec):
             calls.append((side, spec["i"]))
             return {"seconds": 1.0, "rate": 2.0 if side == "ours" else 1.0 + spec["i"], "unit": "x/s",
                     "peak_mb": 100.0}
 
     spec = lambda i, name: {"i": i}  # noqa: E731
-    result = module.alternate(Runner(), 5, ("py", "k", "ours", spec, None), ("py", "k", "peer", spec, None), "row")
+    result = module.alternate(Runner(), 5, ("py", "k", "ours", spec), ("py", "k", "peer", spec), "row")
     assert calls == [("ours", 0), ("peer", 0), ("peer", 1), ("ours", 1), ("ours", 2), ("peer", 2), ("peer", 3),
                      ("ours", 3), ("ours", 4), ("peer", 4)]
     assert result["ratios"] == [2.0, 1.0, 2 / 3, 0.5, 0.4]
