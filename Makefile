@@ -51,7 +51,7 @@ bench: $(STAMP)
 
 # m3tune against its peers' strongest configurations, fresh processes in alternating pairs on the same cores
 # (benchmarks/ratios.py; makes .venv-peer for sentence-transformers' ONNX backend once). RATIOS="--quick" for
-# the <40-minute form.
+# smaller workloads: 57 minutes on one core (2026-12-07); neither form is timed on 2 idle cores yet.
 bench-ratios: $(STAMP)
 	$(BIN)/python benchmarks/ratios.py $(RATIOS)
 
