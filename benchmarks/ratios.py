@@ -296,8 +296,11 @@ def main() -> None:
                                       ("encode-torch", sys.executable, "st-torch")):
                 if row not in rows:
                     continue
-                vectors = lambda i, name, side=side: {"texts": str(texts), "st_folder": st_torch if side ==  # noqa
-                                                      "st-torch" else st_folder, "out": str(workdir / f"{row}-{name}-{i}.npy")}
+                folder = st_torch if side == "st-torch" else st_folder
+
+                def vectors(i, name, row=row, folder=folder):
+                    return {"texts": str(texts), "st_folder": folder, "out": str(workdir / f"{row}-{name}-{i}.npy")}
+
                 result = alternate(runner, args.pairs, (sys.executable, "encode", "m3tune", vectors),
                                    (python, "encode", side, vectors), row)
                 result["min_cosine_to_peer"] = min(cosine_floor(str(workdir / f"{row}-m3tune-{i}.npy"),

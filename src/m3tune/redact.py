@@ -129,6 +129,14 @@ def check_key_env(name: str, field: str = "api_key_env") -> str:
                       f"(e.g. OPENROUTER_API_KEY), or list it in {EXTRA_KEY_ENVS}=NAME[,NAME...]")
 
 
+def key_env_validator(field: str):
+    """The pydantic validator of a config FIELD that names an API key variable: `check_key_env`, its message
+    naming FIELD. Assign it in the model's body (`_key_variable = key_env_validator("api_key_env")`)."""
+    from pydantic import field_validator
+
+    return field_validator(field)(classmethod(lambda cls, name: check_key_env(name, field)))
+
+
 _TOKEN_ENV = re.compile(r"^[A-Z][A-Z0-9_]*_TOKEN$")
 
 

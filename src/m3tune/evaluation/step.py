@@ -22,7 +22,7 @@ from m3tune.context import StepContext
 from m3tune.encoder.profiles import ProfileFields
 from m3tune.evaluation.models import EncodeOptions, ModelSpec, parse_models, run_steps
 from m3tune.records import GoldQuery, Passage
-from m3tune.redact import check_key_env
+from m3tune.redact import key_env_validator
 from m3tune.storage import absolute_uri
 
 
@@ -59,7 +59,7 @@ class EvaluateConfig(BaseModel):
                               "api: models (Gemini: https://generativelanguage.googleapis.com/v1beta/openai, "
                               "OpenRouter: https://openrouter.ai/api/v1)")
     api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
-    _key_variable = field_validator("api_key_env")(classmethod(lambda cls, name: check_key_env(name)))  # never AWS_*
+    _key_variable = key_env_validator("api_key_env")  # never AWS_*
     api_batch_size: int = Field(default=64, ge=1, description="texts per embeddings request")
     api_max_retries: int = Field(default=6, ge=0, description="retries of a failed embeddings request")
     api_timeout: float = Field(default=60.0, gt=0, description="seconds per embeddings request")

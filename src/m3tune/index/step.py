@@ -23,7 +23,7 @@ from m3tune.context import StepContext
 from m3tune.encoder.profiles import Dtype, ProfileFields
 from m3tune.errors import UserError
 from m3tune.names import safe_location, safe_name
-from m3tune.redact import check_key_env
+from m3tune.redact import check_key_env, key_env_validator
 
 
 class EncoderSettings(ProfileFields):
@@ -86,7 +86,7 @@ class IndexConfig(BaseModel):
         return None if where is None else safe_location(where, "embeddings_cache")
 
     # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
-    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name, "qdrant_api_key_env")))
+    _key_variable = key_env_validator("qdrant_api_key_env")
 
     @model_validator(mode="after")
     def _url_needs_qdrant(self) -> "IndexConfig":

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from m3tune.context import StepContext
 from m3tune.errors import UserError
 from m3tune.records import Example, Passage, Query
-from m3tune.redact import check_key_env
+from m3tune.redact import key_env_validator
 
 QUERY_FILES = (("generate-queries", "queries.jsonl"), ("generate-conceptual", "queries.jsonl"),
                ("generate-exact", "queries.jsonl"))
@@ -70,7 +70,7 @@ class MineConfig(BaseModel):
                                          "URI; default: the local m3tune cache folder)")
 
     # the rule of every API key variable (an *_API_KEY one, never AWS_*): its value goes out as the api-key header
-    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name, "qdrant_api_key_env")))
+    _key_variable = key_env_validator("qdrant_api_key_env")
 
     @field_validator("embeddings_cache")
     @classmethod

@@ -25,12 +25,12 @@ import os
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from m3tune.context import StepContext
 from m3tune.errors import BadInput, UserError
 from m3tune.evaluation.metrics import TESTED
-from m3tune.redact import check_key_env
+from m3tune.redact import key_env_validator
 
 PUBLISHED = "publish.json"
 
@@ -51,7 +51,7 @@ class PublishConfig(BaseModel):
     qdrant_path: str | None = Field(default=None, description="local-mode Qdrant folder when no URL is given "
                                     "(default: the m3tune cache's qdrant/production)")
     qdrant_api_key_env: str = Field(default="QDRANT_API_KEY", description="variable holding the Qdrant API key, if any")
-    _key_variable = field_validator("qdrant_api_key_env")(classmethod(lambda cls, name: check_key_env(name, "qdrant_api_key_env")))
+    _key_variable = key_env_validator("qdrant_api_key_env")
     payload_key: str = Field(default="passage_id", description="the payload field holding the passage id (the "
                              "production collection's payloads are matched to passages by it)")
     batch_size: int = Field(default=256, ge=1, description="points per upload request")
