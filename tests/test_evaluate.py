@@ -292,3 +292,40 @@ def test_bilingual_scores_each_passage_by_the_better_of_its_text_and_its_transla
         best = max(own, float(np.dot(q, encoder.encode([p.translation_en], queries=False)[0]))) \
             if p.translation_en else own
         assert one[p.id] == pytest.approx(own, abs=1e-5) and two[p.id] == pytest.approx(best, abs=1e-5)
+
+
+def test_bilingual_body_adds_a_hadiths_body_and_each_passage_still_appears_once():
+    """bilingual-body: a hadith with a body (the words after its first quotation mark, 8 or more) gets a third
+    vector, the body alone; a hadith without one, and a verse, keep what bilingual gives them. K passages come
+    back even when every passage has several vectors (the search reads deep enough)."""
+    import numpy as np
+
+    from m3tune.corpus.neardup import hadith_body
+    from m3tune.encoder.model import load_encoder
+    from m3tune.evaluation.models import dense_rank, parse_model
+    from m3tune.records import GoldQuery, Passage
+
+    assert parse_model("bilingual-body:run:train", "b").kind == "bilingual-body"
+    assert parse_model("bilingual-body:", "b").target == "b"
+    chain = "حدثنا عبد الله بن يوسف قال اخبرنا مالك عن نافع عن عبد الله بن عمر ان رسول الله قال "
+    said = "انما الاعمال بالنيات وانما لكل امرئ ما نوى فمن كانت هجرته الى دنياه يصيبها"
+    encoder = load_encoder("local:tiny-xlmr", max_length=64, batch_size=8)
+    passages = [Passage(id="quran:1:1", source="quran", collection="quran", text="الحمد لله رب العالمين",
+                        text_plain="الحمد لله رب العالمين", meta={}, translation_en="All praise is due to Allah"),
+                Passage(id="bukhari:1", source="hadith", collection="bukhari", text=chain + '"' + said + '"',
+                        text_plain=chain + said, meta={}),
+                Passage(id="bukhari:2", source="hadith", collection="bukhari", text=chain + '"قصير"',
+                        text_plain=chain + "قصير", meta={})]
+    assert hadith_body(passages[1]) == said + '"' and hadith_body(passages[2]) is None
+    assert hadith_body(passages[0]) is None
+    queries = [GoldQuery(id="q", query="الاعمال بالنيات", relevant_ids=["bukhari:1"], category="paraphrase",
+                         language="ar", source="hadith", difficulty="easy")]
+    two = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, translations=True).runs[None]["q"]
+    three = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, translations=True,
+                       bodies=True).runs[None]["q"]
+    assert sorted(three) == sorted(p.id for p in passages)  # each passage once, all three within k=3
+    q = encoder.encode(["الاعمال بالنيات"], queries=True)[0]
+    body = float(np.dot(q, encoder.encode([said + '"'], queries=False)[0]))
+    assert three["bukhari:1"] == pytest.approx(max(two["bukhari:1"], body), abs=1e-5)
+    assert three["bukhari:2"] == pytest.approx(two["bukhari:2"], abs=1e-6)
+    assert three["quran:1:1"] == pytest.approx(two["quran:1:1"], abs=1e-6)

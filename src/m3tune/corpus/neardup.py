@@ -38,16 +38,23 @@ MIN_VERSE_WORDS = 6
 _QUOTE = re.compile('["\u201c\u201d\u00ab\u00bb]')
 
 
+def hadith_body(p: Passage) -> str | None:
+    """A hadith's reported words as written (`text` after its first quotation mark, without the chain of
+    narrators) where the rule in the module docstring finds a body; None for a verse or a hadith without one."""
+    if p.source != "hadith":
+        return None
+    m = _QUOTE.search(p.text)
+    if m is None:
+        return None
+    quoted = p.text[m.end():]
+    return quoted if len(normalize(quoted).split()) >= MIN_MATN_WORDS else None
+
+
 def body(p: Passage) -> str:
     """The normalized text a passage is compared by: a hadith's quoted body (without its chain) where the rule
     in the module docstring finds one, else the whole text_plain."""
-    if p.source != "hadith":
-        return p.text_plain
-    m = _QUOTE.search(p.text)
-    if m is None:
-        return p.text_plain
-    quoted = normalize(p.text[m.end():])
-    return quoted if len(quoted.split()) >= MIN_MATN_WORDS else p.text_plain
+    quoted = hadith_body(p)
+    return p.text_plain if quoted is None else normalize(quoted)
 
 
 def _matn(p: Passage) -> str | None:

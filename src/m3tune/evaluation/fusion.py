@@ -45,7 +45,8 @@ from m3tune.errors import ConfigError
 
 Run = dict[str, dict[str, float]]  # query id -> passage id -> score
 NORMALIZATIONS = ("minmax", "zscore", "tmm")
-THEORETICAL_MIN = {"bm25": 0.0, "dense": -1.0, "bilingual": -1.0}  # by model kind: BM25 ≥ 0, cosine ≥ −1
+# by model kind: BM25 ≥ 0, a cosine ≥ −1
+THEORETICAL_MIN = {"bm25": 0.0, "dense": -1.0, "bilingual": -1.0, "bilingual-body": -1.0}
 DEFAULT = "default"
 SUM_TOLERANCE = 1e-6
 QUOTE_MIN_PAIRS, QUOTE_DEPTH = 2, 10

@@ -16,6 +16,10 @@
     bilingual:SPEC     SPEC (dense) with a second vector per passage from its English translation (the
                        Quran's; hadith have none), each passage scored by its better vector: the text BM25
                        reads for English queries, read by the dense model too (equal inputs)
+    bilingual-body:SPEC
+                       bilingual:SPEC with a third vector per hadith from its body alone (the reported
+                       words after the chain of narrators: m3tune.corpus.neardup.hadith_body), which a
+                       128-token encoder otherwise reads only in part after a chain of ~60 tokens
     sparse:SPEC        SPEC's BGE-M3 sparse head alone (inverted index): see m3tune.evaluation.m3
     colbert:SPEC       SPEC's multi-vector head rescoring SPEC's dense top 100
     m3:SPEC            the three heads' ensemble (dense + 0.3 sparse + colbert) reranking the dense and
@@ -51,6 +55,9 @@ log = logging.getLogger("m3tune.evaluate")
 
 Run = dict[str, dict[str, float]]  # query id -> passage id -> score (what ir-measures reads)
 M3_KINDS = ("sparse", "colbert", "m3")  # BGE-M3's heads: m3tune.evaluation.m3
+# one encoder's vectors of each passage (dense: its text; bilingual: and its translation; bilingual-body: and a
+# hadith's body), a passage scoring its best one
+DENSE_KINDS = ("dense", "bilingual", "bilingual-body")
 _NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)=(.+)$")
 RUN_MODEL_DIR = "model"
 
@@ -58,7 +65,7 @@ RUN_MODEL_DIR = "model"
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    kind: str  # dense | bilingual | bm25 | hybrid | api | sparse | colbert | m3 | fusion
+    kind: str  # dense | bilingual | bilingual-body | bm25 | hybrid | api | sparse | colbert | m3 | fusion
     target: str  # dense: model id, path or run:STEP; hybrid: its dense target; api: the API's model name;
     # bm25: its analyzer (arabic, plain); fusion: its members' names, comma-separated
     spec: str  # as written
@@ -86,9 +93,10 @@ def parse_model(text: str, base_model: str) -> ModelSpec:
             raise ConfigError(f"model {text!r}: fusion: needs two or more distinct model names, comma-separated "
                               "(e.g. fusion:bm25,bilingual:run:train)")
         return ModelSpec(name or spec, "fusion", ",".join(members), text)
-    if spec.startswith("bilingual:"):
-        inner = spec[len("bilingual:"):] or "base"
-        return ModelSpec(name or spec, "bilingual", base_model if inner == "base" else inner, text)
+    for kind in ("bilingual", "bilingual-body"):
+        if spec.startswith(kind + ":"):
+            inner = spec[len(kind) + 1:] or "base"
+            return ModelSpec(name or spec, kind, base_model if inner == "base" else inner, text)
     if spec.startswith("api:"):
         if not spec[4:]:
             raise ConfigError(f"model {text!r}: api: needs the endpoint's model name, e.g. api:text-embedding-3-large")
@@ -120,7 +128,7 @@ def parse_models(texts: Sequence[str], base_model: str) -> list[ModelSpec]:
 
 def run_steps(specs: Sequence[ModelSpec]) -> tuple[str, ...]:
     """The run's steps whose model folder a spec names (run:train -> train)."""
-    return tuple(dict.fromkeys(s.target[4:] for s in specs if s.kind in ("dense", "bilingual", "hybrid", *M3_KINDS)
+    return tuple(dict.fromkeys(s.target[4:] for s in specs if s.kind in (*DENSE_KINDS, "hybrid", *M3_KINDS)
                                and s.target.startswith("run:")))
 
 
@@ -204,8 +212,10 @@ def _top_k_run(query_ids: list[str], query_vectors, doc_vectors, doc_ids: list[s
     """Each query's top K passages; a passage with several vectors (DOC_IDS repeats its id) scores its best."""
     from m3tune.index.search import ExactIndex
 
-    # at most two vectors a passage (its text, its translation): the top 2K hits hold its K best passages
-    depth = 2 * k if len(set(doc_ids)) < len(doc_ids) else k
+    # a passage has at most m vectors (its text, translation, body): the top m·K hits hold the K best passages
+    from collections import Counter
+
+    depth = k * max(Counter(doc_ids).values(), default=1)
     hits = ExactIndex(doc_vectors, doc_ids).search(query_vectors, depth)
     out: Run = {}
     for qid, ranked in zip(query_ids, hits):
@@ -226,9 +236,10 @@ def _truncate(vectors, dim: int):
 
 def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
                dims: Sequence[int], cache_uri: str | None, chunk: int | None = None,
-               translations: bool = False) -> Ranked:
-    """TRANSLATIONS: a second vector per passage that has an English translation (the Quran's), the
-    passage scoring its better one: what BM25 reads for English queries, the dense model reads too."""
+               translations: bool = False, bodies: bool = False) -> Ranked:
+    """TRANSLATIONS: a second vector per passage that has an English translation (the Quran's): what BM25
+    reads for English queries, the dense model reads too. BODIES: one more per hadith with a body
+    (neardup.hadith_body). A passage scores its best vector."""
     import numpy as np
 
     from m3tune.encoder.cache import EmbeddingCache
@@ -246,6 +257,15 @@ def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage
         docs = np.vstack([docs, _encode_chunked(cache, encoder, [p.translation_en for p in english], queries=False,
                                                 chunk=chunk, desc="encode translations")])
         ids = ids + [p.id for p in english]
+    if bodies:
+        from m3tune.corpus.neardup import hadith_body
+
+        told = [(p.id, b) for p in passages if (b := hadith_body(p)) is not None]
+        if not told:
+            raise UserError("bilingual-body: no hadith of the corpus has a body the rule finds")
+        docs = np.vstack([docs, _encode_chunked(cache, encoder, [b for _, b in told], queries=False, chunk=chunk,
+                                                desc="encode hadith bodies")])
+        ids = ids + [pid for pid, _ in told]
     t1 = time.perf_counter()
     qvecs = _encode_chunked(cache, encoder, [q.query for q in queries], queries=True, chunk=chunk,
                             desc="encode queries")
@@ -335,9 +355,9 @@ def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence
         runs = m3.rank(spec.kind, q, p, [g.id for g in queries], [x.id for x in passages], k=k, dims=dims)
         return Ranked(runs, None if spec.kind == "sparse" else int(q.dense.shape[1]),
                       {"encode": t1 - t0, "search": time.perf_counter() - t1}, [], getattr(encoder, "notice", None))
-    if spec.kind in ("dense", "bilingual"):
+    if spec.kind in DENSE_KINDS:
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache,
-                          translations=spec.kind == "bilingual")
+                          translations=spec.kind != "dense", bodies=spec.kind == "bilingual-body")
     dense = dense_rank(encoder, queries, passages, k=k, dims=(), cache_uri=options.embeddings_cache)
     t0 = time.perf_counter()
     fused = rrf([dense.runs[None], lexical("arabic").rank(queries, k)], k=k)

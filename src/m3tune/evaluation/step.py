@@ -130,7 +130,7 @@ def evaluate_needs(config: EvaluateConfig) -> tuple[str, ...]:
 
 def evaluate_inputs(config: EvaluateConfig) -> dict[str, str]:
     from m3tune.evaluation.gold import gold_digest
-    from m3tune.evaluation.models import M3_KINDS, local_fingerprint
+    from m3tune.evaluation.models import DENSE_KINDS, M3_KINDS, local_fingerprint
 
     from m3tune.corpus import heldout
 
@@ -140,7 +140,7 @@ def evaluate_inputs(config: EvaluateConfig) -> dict[str, str]:
     if config.held_out is not None:
         inputs[f"held-out:{config.held_out}"] = heldout.digest(config.held_out)
     for spec in specs_of(config):
-        fp = local_fingerprint(spec.target) if spec.kind in ("dense", "bilingual", "hybrid", *M3_KINDS) else None
+        fp = local_fingerprint(spec.target) if spec.kind in (*DENSE_KINDS, "hybrid", *M3_KINDS) else None
         if fp:
             inputs[f"model:{spec.target}"] = "fingerprint:" + fp
     return inputs
