@@ -27,15 +27,16 @@ LENIENT = {"gate_min_delta": -1.0, "gate_max_p": 1.0}
 MODELS = ["base", "bm25", "bilingual:base", "fused=fusion:bm25,bilingual:base"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def _evaluated_run(base: Path, models: list[str], *, hadith: int = 0):
+    """A run over gold v4's Quran-only test and dev queries, their passages, every 40th verse and the first
+    HADITH hadith of Bukhari (distractors with bodies), evaluated with MODELS."""
     from m3tune.corpus.ingest import IngestConfig
+    from m3tune.corpus.packaged import hadith_passages
     from m3tune.corpus.passages import read_passages
     from m3tune.evaluation.gold import PACKAGED
     from m3tune.evaluation.step import EvaluateConfig
     from m3tune.executor import run_step
 
-    base = tmp_path_factory.mktemp("fused")
     scratch = open_root(str(base / "runs" / "quran"))
     run_step(scratch, "ingest", IngestConfig(sources=["quran"]))
     quran = read_passages(scratch)
@@ -48,15 +49,21 @@ def run(tmp_path_factory):
         (base / f"{part}.jsonl").write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in sets[part]),
                                             encoding="utf-8")
     wanted = {r for rows in sets.values() for g in rows for r in g["relevant_ids"]}
-    (base / "passages.jsonl").write_text("".join(p.model_dump_json() + "\n" for i, p in enumerate(quran)
-                                                 if p.id in wanted or i % 40 == 0), encoding="utf-8")
+    corpus = [p for i, p in enumerate(quran) if p.id in wanted or i % 40 == 0]
+    corpus += list(hadith_passages("bukhari", hadith)) if hadith else []
+    (base / "passages.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in corpus), encoding="utf-8")
     root = open_root(str(base / "runs" / "run-1"))
     run_step(root, "ingest", IngestConfig(sources=[], user_files=[str(base / "passages.jsonl")]))
     ev = EvaluateConfig(test_set=str(base / "test.jsonl"), dev_set=str(base / "dev.jsonl"),
-                        base_model="local:tiny-xlmr", models=MODELS, dims=[], k=100, max_length=128, batch_size=64,
+                        base_model="local:tiny-xlmr", models=models, dims=[], k=100, max_length=128, batch_size=64,
                         significance_resamples=200, fusion_step=0.1)
     run_step(root, "evaluate", ev)
     return root, ev, base
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _evaluated_run(tmp_path_factory.mktemp("fused"), MODELS)
 
 
 def _config(**kw):
@@ -225,3 +232,37 @@ def test_the_quote_route_is_served_as_evaluate_computes_it(run, tmp_path):
         # fewer than five passages
         top = [score for score in list(lexical.values())[:5] if score > min(lexical.values())]
         assert [lexical.get(pid) for pid in list(got[q])[:len(top)]] == pytest.approx(top, rel=1e-5)
+
+
+def test_a_fused_system_reading_hadith_bodies_is_served_as_evaluated(tmp_path_factory):
+    """bilingual-body: the collection holds a dense-body vector for each hadith with a body (and only those),
+    and searching it gives evaluate's fused figures and rankings: the body vectors are read on both sides."""
+    from m3tune.corpus.neardup import hadith_body
+    from m3tune.corpus.passages import read_passages
+    from m3tune.executor import run_step
+    from m3tune.publish.served import search_alias
+    from m3tune.publish.step import open_production
+
+    base = tmp_path_factory.mktemp("fused-body")
+    root, ev, _ = _evaluated_run(base, ["bm25", "bilingual-body:base", "fused=fusion:bm25,bilingual-body:base"],
+                                 hadith=120)
+    entry, top10 = _evaluated(root)
+    assert entry["recipe"]["kinds"] == ["bm25", "bilingual-body"]
+    place = {"qdrant_path": str(base / "qdrant")}
+    manifest, ran = run_step(root, "publish", _config(**place), force=True)
+    assert ran and manifest.metrics["collection/ndcg@10"] == pytest.approx(entry["overall"]["ndcg@10"], abs=0.01)
+    passages = read_passages(root)
+    told = {i for i, p in enumerate(passages) if hadith_body(p) is not None}
+    assert 0 < len(told) < 120
+    prod = open_production(None, "QDRANT_URL", place["qdrant_path"], "QDRANT_API_KEY", 60)
+    try:
+        target = prod.alias_target(ALIAS)
+        assert set(prod.client.get_collection(target).config.params.vectors) == {"dense", "dense-en", "dense-body"}
+        points, _ = prod.client.scroll(target, limit=len(passages), with_vectors=["dense-body"])
+        assert {int(p.id) for p in points if (p.vector or {}).get("dense-body")} == told
+        gold = [json.loads(line) for line in Path(ev.test_set).read_text(encoding="utf-8").splitlines()]
+        same = sum([pid for pid, _, _ in search_alias(prod, ALIAS, g["query"], k=10, language=g["language"])]
+                   == top10[g["id"]] for g in gold[:12])
+        assert same >= 11  # the same ranking, up to a float tie
+    finally:
+        prod.close()

@@ -26,7 +26,9 @@ def members_of(entry: dict[str, Any], results: dict[str, Any]) -> list[dict[str,
 
 def encoder_target(members: list[dict[str, Any]]) -> str | None:
     """The one model whose vectors the dense members read (None: BM25 alone)."""
-    targets = {m["target"] for m in members if m["kind"] in ("dense", "bilingual")}
+    from m3tune.evaluation.models import DENSE_KINDS
+
+    targets = {m["target"] for m in members if m["kind"] in DENSE_KINDS}
     if len(targets) > 1:
         raise ConfigError(f"publish: the fusion's dense members use {len(targets)} models ({', '.join(sorted(targets))}): "
                           "a collection serves one encoder's vectors")
@@ -150,6 +152,12 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
                 english = [i for i, p in enumerate(passages) if p.translation_en]
                 got = cache.encode(encoder, [passages[i].translation_en for i in english], desc="encode translations")
                 dense[served.DENSE_EN] = dict(zip(english, got))
+            if served.DENSE_BODY in vectors:
+                from m3tune.corpus.neardup import hadith_body
+
+                told = [(i, b) for i, p in enumerate(passages) if (b := hadith_body(p)) is not None]
+                got = cache.encode(encoder, [b for _, b in told], desc="encode hadith bodies")
+                dense[served.DENSE_BODY] = dict(zip((i for i, _ in told), got))
         identity = {"run_id": ctx.root.uri.rstrip("/").rsplit("/", 1)[-1], "root": ctx.root.uri,
                     "model": {"spec": entry["spec"], "name": entry["name"], "fingerprint": fingerprint,
                               "encoder": target_model, "sha256": _model_digest(ctx.root, target_model or "")},

@@ -4,6 +4,8 @@ The collection holds, per passage (point i = passage i of the corpus):
 
     dense      the encoder's vector of the passage's text (named dense vector, dot product on unit vectors)
     dense-en   the encoder's vector of its English translation, where it has one (bilingual: members)
+    dense-body the encoder's vector of a hadith's body alone, where the rule finds one (bilingual-body: members;
+               m3tune.corpus.neardup.hadith_body)
     bm25-ar    the strong BM25's Arabic terms (m3tune.evaluation.bm25.arabic_terms) as a sparse vector whose
                values are BM25's term-frequency part, tf / (tf + k1 (1 − b + b·dl/avgdl)), with Qdrant's IDF
                modifier, so the engine multiplies each query term by ln(1 + (N − df + 0.5)/(df + 0.5)): bm25s's
@@ -15,8 +17,8 @@ have no collision, recorded in the collection. (A query term absent from the cor
 with one, one chance in about 2^32 / vocabulary ≈ 40,000 per such term; bm25s would ignore it.)
 
 A query runs the recipe's lists as Qdrant Query API requests, all lists of a batch of queries in one
-`query_batch_points` call: the dense one, the translation one (a passage keeps the better of its two
-scores: the union of the two top-DEPTH lists holds the top DEPTH passages by that maximum), and the BM25
+`query_batch_points` call: the dense one, the translation one and the body one (a passage keeps the best of
+its scores: the union of the top-DEPTH lists holds the top DEPTH passages by that maximum), and the BM25
 one of the query's language. The convex combination runs client-side (m3tune.evaluation.fusion, the code
 evaluate measured): Qdrant's server-side fusions are RRF and DBSF, neither weighted, and a formula query
 cannot see a list's per-query minimum and maximum, which the normalization needs.
@@ -31,8 +33,11 @@ from typing import Any
 
 from m3tune.errors import ConfigError, UserError
 
-DENSE, DENSE_EN, BM25_AR, BM25_EN = "dense", "dense-en", "bm25-ar", "bm25-en"
-SERVED_KINDS = ("bm25", "dense", "bilingual")
+DENSE, DENSE_EN, DENSE_BODY, BM25_AR, BM25_EN = "dense", "dense-en", "dense-body", "bm25-ar", "bm25-en"
+# the named vectors each kind of member reads
+READS = {"bm25": (BM25_AR, BM25_EN), "dense": (DENSE,), "bilingual": (DENSE, DENSE_EN),
+         "bilingual-body": (DENSE, DENSE_EN, DENSE_BODY)}
+SERVED_KINDS = tuple(READS)
 WHERE_FUSED = ("lists: Qdrant Query API (one query_batch_points call per batch of queries); fusion: client-side "
                "(m3tune.evaluation.fusion), as Qdrant's RRF and DBSF are unweighted and a formula query cannot "
                "see a list's per-query minimum and maximum")
@@ -58,10 +63,7 @@ def vectors_of(kinds: Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"a fused system with a {unknown[0]} member cannot be served (served: "
                           f"{', '.join(SERVED_KINDS)})")
-    names = []
-    for kind in kinds:
-        names += {"bm25": [BM25_AR, BM25_EN], "dense": [DENSE], "bilingual": [DENSE, DENSE_EN]}[kind]
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(name for kind in kinds for name in READS[kind]))
 
 
 def bm25_documents(terms: Sequence[Sequence[str]], *, k1: float, b: float, salt: int) -> list[tuple[list, list]]:
@@ -113,7 +115,7 @@ def search(prod, collection: str, record: dict[str, Any], encoder, queries: Sequ
     recipe = Recipe.from_json(record["recipe"], where=f"collection {collection!r}'s recipe")
     salt, dim = int(record["served"]["salt"]), int(record["dim"])
     params = models.SearchParams(exact=True) if prod.remote else None
-    dense_needed = any(k in ("dense", "bilingual") for k in recipe.kinds)
+    dense_needed = any(k != "bm25" for k in recipe.kinds)
     out: dict[str, dict[str, float]] = {}
     for start in range(0, len(queries), batch):
         chunk = queries[start:start + batch]
@@ -136,8 +138,7 @@ def search(prod, collection: str, record: dict[str, Any], encoder, queries: Sequ
                                                         limit=recipe.depth, with_payload=[key], params=params))
                     slots.append((qi, mi))
                 else:
-                    names = [DENSE] + ([DENSE_EN] if kind == "bilingual" else [])
-                    for name in names:
+                    for name in READS[kind]:
                         requests.append(models.QueryRequest(query=qvecs[qi].tolist(), using=name, limit=recipe.depth,
                                                             with_payload=[key], params=params))
                         slots.append((qi, mi))
@@ -153,7 +154,7 @@ def search(prod, collection: str, record: dict[str, Any], encoder, queries: Sequ
                 pid = str((p.payload or {}).get(key))
                 score = float(p.score)
                 if kind_positive(recipe.kinds[mi], score) and (pid not in merged or score > merged[pid]):
-                    merged[pid] = score  # bilingual: a passage's better vector
+                    merged[pid] = score  # bilingual(-body): a passage's best vector
         for qi, (qid, text, lang) in enumerate(chunk):
             quote = recipe.quote_share is not None and lang != "en" and routed(
                 recipe, _quote_share(prod, collection, text, salt, lexical_points.get(qi, [])))
