@@ -329,3 +329,50 @@ def test_bilingual_body_adds_a_hadiths_body_and_each_passage_still_appears_once(
     assert three["bukhari:1"] == pytest.approx(max(two["bukhari:1"], body), abs=1e-5)
     assert three["bukhari:2"] == pytest.approx(two["bukhari:2"], abs=1e-6)
     assert three["quran:1:1"] == pytest.approx(two["quran:1:1"], abs=1e-6)
+
+
+def test_evaluate_reads_the_index_steps_vectors_from_a_shared_cache_byte_for_byte(tmp_path, monkeypatch):
+    """make quality encodes the corpus with the base model once: index writes its vectors into the embeddings
+    cache that evaluate reads (the same encoder, so the same fingerprint), evaluate's base row then encodes
+    the queries only, and its ranking is the one a fresh encoding gives."""
+    import numpy as np
+
+    from m3tune.corpus.ingest import IngestConfig
+    from m3tune.corpus.passages import read_passages
+    from m3tune.encoder.model import Encoder
+    from m3tune.evaluation.models import EncodeOptions, load_dense, parse_model, rank_model
+    from m3tune.executor import run_step
+    from m3tune.index.step import IndexConfig
+    from m3tune.records import GoldQuery
+    from m3tune.runroot import open_root
+
+    root = open_root(str(tmp_path / "run"))
+    run_step(root, "ingest", IngestConfig(sources=["quran"], limit=40))
+    cache = str(tmp_path / "cache")
+    run_step(root, "index", IndexConfig(encoder={"model": "local:tiny-xlmr", "max_length": 64, "batch_size": 8},
+                                        backend="exact", embeddings_cache=cache))
+    passages = read_passages(root)
+    queries = [GoldQuery(id="q", query="الحمد لله", relevant_ids=[passages[1].id], category="exact", language="ar",
+                         source="quran", difficulty="easy")]
+    spec = parse_model("base", "local:tiny-xlmr")
+    fingerprint = load_dense(spec, None, EncodeOptions(max_length=64, batch_size=8)).fingerprint
+    encoded: list[int] = []
+    original = Encoder.encode
+
+    def counting(self, texts, **kw):
+        encoded.append(len(texts))
+        return original(self, texts, **kw)
+
+    monkeypatch.setattr(Encoder, "encode", counting)
+    shared = rank_model(spec, queries, passages, k=10, dims=(), options=EncodeOptions(
+        max_length=64, batch_size=8, embeddings_cache=cache))
+    assert encoded == [1]  # the query alone: every passage vector came from index's
+    fresh = rank_model(spec, queries, passages, k=10, dims=(), options=EncodeOptions(max_length=64, batch_size=8))
+    assert encoded[1:] == [len(passages), 1]
+    assert shared.runs[None] == fresh.runs[None]  # byte for byte: the same scores, not merely close ones
+    from m3tune.encoder.cache import EmbeddingCache, text_key
+    from m3tune.index.step import cache_store
+
+    stored = EmbeddingCache(cache_store(cache), fingerprint).vectors
+    assert np.array_equal(np.load(tmp_path / "run" / "index" / "vectors.npy"),
+                          np.stack([stored[text_key("d:" + p.text)] for p in passages]))
