@@ -51,7 +51,7 @@ bench: $(STAMP)
 
 # m3tune against its peers' strongest configurations, fresh processes in alternating pairs on the same cores
 # (benchmarks/ratios.py; makes .venv-peer for sentence-transformers' ONNX backend once). RATIOS="--quick" for
-# smaller workloads: 57 minutes on one core (2026-12-07); neither form is timed on 2 idle cores yet.
+# smaller workloads: 27 minutes on 2 idle cores (2026-12-08; the full form is not timed yet).
 bench-ratios: $(STAMP)
 	$(BIN)/python benchmarks/ratios.py $(RATIOS)
 
