@@ -33,6 +33,8 @@ SHELL = ("bash", "sh", "shell", "console")
 NOT_RUN = {
     ("make", "demo"): "15-25 minutes of training on 2 cores; test_bench_quality.py runs its summary on the tiny demo",
     ("make", "test"): "the whole suite, this file included",
+    ("make", "bench-ratios"): "the speed ratios against the peers (27 minutes with --quick on 2 cores); "
+                              "tests/test_ratios.py checks the harness",
     ("for", "*"): "docs/benchmarks.md's timing loop over `make demo`",
     ("kubectl", "*"): "needs a cluster (the objects are validated offline by tests/test_deploy_manifests.py)",
     ("helm", "*"): "needs a cluster and Qdrant's chart repository (the chart is rendered and linted by "

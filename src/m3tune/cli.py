@@ -766,7 +766,8 @@ def evaluate(
     corpus: Annotated[Optional[str], typer.Option("--corpus", help="passages.jsonl to search (path or URI); "
                       "default: the corpus of the run given by --root / --run-id.")] = None,
     model: Annotated[list[str], typer.Option("--model", help="A model to evaluate (repeatable; the first is the "
-                     "baseline): base, bm25, bm25-plain, hybrid:SPEC, api:MODEL, run:train, a hub id or folder; NAME=SPEC "
+                     "baseline): base, bm25, bm25-plain, hybrid:SPEC, bilingual:SPEC, bilingual-body:SPEC, fusion:A,B, "
+                     "api:MODEL, run:train, a hub id or folder; NAME=SPEC "
                      "names it.")] = [],
     compare_all: Annotated[bool, typer.Option("--compare-all", help="Every model of the config (the --config "
                            "file's evaluate.models, else base, run:train, bm25), then any --model.")] = False,

@@ -210,11 +210,11 @@ def _encode_chunked(cache, encoder, texts: list[str], *, queries: bool, chunk: i
 
 def _top_k_run(query_ids: list[str], query_vectors, doc_vectors, doc_ids: list[str], k: int) -> Run:
     """Each query's top K passages; a passage with several vectors (DOC_IDS repeats its id) scores its best."""
+    from collections import Counter
+
     from m3tune.index.search import ExactIndex
 
     # a passage has at most m vectors (its text, translation, body): the top m·K hits hold the K best passages
-    from collections import Counter
-
     depth = k * max(Counter(doc_ids).values(), default=1)
     hits = ExactIndex(doc_vectors, doc_ids).search(query_vectors, depth)
     out: Run = {}

@@ -38,8 +38,8 @@ class EvaluateConfig(BaseModel):
     base_model: str = Field(default="BAAI/bge-m3", description="the model the spec 'base' names (hub id or folder)")
     models: list[str] = Field(default_factory=lambda: ["base", "run:train", "bm25"], json_schema_extra={"cli": "model"},
                               description="models to compare, the first is the baseline: base, run:STEP (the "
-                              "run's ROOT/STEP/model), bm25, bm25-plain, hybrid:SPEC, api:MODEL, a hub id or folder; "
-                              "NAME=SPEC names one")
+                              "run's ROOT/STEP/model), bm25, bm25-plain, hybrid:SPEC, bilingual:SPEC, "
+                              "bilingual-body:SPEC, fusion:A,B, api:MODEL, a hub id or folder; NAME=SPEC names one")
     dims: list[int] = Field(default_factory=lambda: [1024, 512, 256, 128], json_schema_extra={"cli": "dim"},
                             description="Matryoshka dimensions to evaluate dense models at (larger than the "
                             "model's: skipped)")
