@@ -284,7 +284,7 @@ def test_bilingual_scores_each_passage_by_the_better_of_its_text_and_its_transla
     queries = [GoldQuery(id="q", query="praise be to God", relevant_ids=["quran:1:1"], category="cross_lingual",
                          language="en", source="quran", difficulty="easy")]
     one = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None).runs[None]["q"]
-    two = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, translations=True).runs[None]["q"]
+    two = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, kind="bilingual").runs[None]["q"]
     assert sorted(one) == sorted(two) == [p.id for p in passages]  # each passage once
     q = encoder.encode(["praise be to God"], queries=True)[0]
     for p in passages:
@@ -320,9 +320,9 @@ def test_bilingual_body_adds_a_hadiths_body_and_each_passage_still_appears_once(
     assert hadith_body(passages[0]) is None
     queries = [GoldQuery(id="q", query="الاعمال بالنيات", relevant_ids=["bukhari:1"], category="paraphrase",
                          language="ar", source="hadith", difficulty="easy")]
-    two = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, translations=True).runs[None]["q"]
-    three = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, translations=True,
-                       bodies=True).runs[None]["q"]
+    two = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None, kind="bilingual").runs[None]["q"]
+    three = dense_rank(encoder, queries, passages, k=3, dims=(), cache_uri=None,
+                       kind="bilingual-body").runs[None]["q"]
     assert sorted(three) == sorted(p.id for p in passages)  # each passage once, all three within k=3
     q = encoder.encode(["الاعمال بالنيات"], queries=True)[0]
     body = float(np.dot(q, encoder.encode([said + '"'], queries=False)[0]))

@@ -55,9 +55,10 @@ log = logging.getLogger("m3tune.evaluate")
 
 Run = dict[str, dict[str, float]]  # query id -> passage id -> score (what ir-measures reads)
 M3_KINDS = ("sparse", "colbert", "m3")  # BGE-M3's heads: m3tune.evaluation.m3
-# one encoder's vectors of each passage (dense: its text; bilingual: and its translation; bilingual-body: and a
-# hadith's body), a passage scoring its best one
-DENSE_KINDS = ("dense", "bilingual", "bilingual-body")
+# one encoder's vectors of each passage, a passage scoring its best one: its text's, and those of the views each
+# kind adds (extra_views: bilingual a verse's translation, bilingual-body a hadith's body too)
+VIEWS_OF = {"dense": (), "bilingual": ("translation",), "bilingual-body": ("translation", "body")}
+DENSE_KINDS = tuple(VIEWS_OF)
 _NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)=(.+)$")
 RUN_MODEL_DIR = "model"
 
@@ -234,12 +235,30 @@ def _truncate(vectors, dim: int):
     return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
 
 
+VIEWS = {"translation": "translations", "body": "hadith bodies"}  # a passage's texts beyond its own, in order
+
+
+def extra_views(passages: Sequence[Passage], views: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
+    """The texts of VIEWS (keys of VIEWS) a dense model encodes beyond each passage's own: (passage index, text) of
+    each verse's English translation and of each hadith's body (m3tune.corpus.neardup.hadith_body). evaluate
+    and publish both read them here, so a collection holds the vectors evaluate measured."""
+    from m3tune.corpus.neardup import hadith_body
+
+    texts = {"translation": lambda p: p.translation_en, "body": hadith_body}
+    out = {}
+    for view in views:
+        found = [(i, t) for i, p in enumerate(passages) if (t := texts[view](p))]
+        if not found:
+            raise UserError(f"no passage of the corpus has a {view}: the corpus lacks {VIEWS[view]}")
+        out[view] = found
+    return out
+
+
 def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage], *, k: int,
                dims: Sequence[int], cache_uri: str | None, chunk: int | None = None,
-               translations: bool = False, bodies: bool = False) -> Ranked:
-    """TRANSLATIONS: a second vector per passage that has an English translation (the Quran's): what BM25
-    reads for English queries, the dense model reads too. BODIES: one more per hadith with a body
-    (neardup.hadith_body). A passage scores its best vector."""
+               kind: str = "dense") -> Ranked:
+    """KIND (DENSE_KINDS): which further vectors a passage has beside its text's (extra_views: a verse's
+    translation, what BM25 reads for English queries; a hadith's body). A passage scores its best vector."""
     import numpy as np
 
     from m3tune.encoder.cache import EmbeddingCache
@@ -250,22 +269,10 @@ def dense_rank(encoder, queries: Sequence[GoldQuery], passages: Sequence[Passage
     docs = _encode_chunked(cache, encoder, [p.text for p in passages], queries=False, chunk=chunk,
                            desc="encode passages")
     ids, qids = [p.id for p in passages], [q.id for q in queries]
-    if translations:
-        english = [p for p in passages if p.translation_en]
-        if not english:
-            raise UserError("translations: no passage of the corpus has an English translation")
-        docs = np.vstack([docs, _encode_chunked(cache, encoder, [p.translation_en for p in english], queries=False,
-                                                chunk=chunk, desc="encode translations")])
-        ids = ids + [p.id for p in english]
-    if bodies:
-        from m3tune.corpus.neardup import hadith_body
-
-        told = [(p.id, b) for p in passages if (b := hadith_body(p)) is not None]
-        if not told:
-            raise UserError("bilingual-body: no hadith of the corpus has a body the rule finds")
-        docs = np.vstack([docs, _encode_chunked(cache, encoder, [b for _, b in told], queries=False, chunk=chunk,
-                                                desc="encode hadith bodies")])
-        ids = ids + [pid for pid, _ in told]
+    for view, found in extra_views(passages, VIEWS_OF[kind]).items():
+        docs = np.vstack([docs, _encode_chunked(cache, encoder, [t for _, t in found], queries=False, chunk=chunk,
+                                                desc=f"encode {VIEWS[view]}")])
+        ids = ids + [passages[i].id for i, _ in found]
     t1 = time.perf_counter()
     qvecs = _encode_chunked(cache, encoder, [q.query for q in queries], queries=True, chunk=chunk,
                             desc="encode queries")
@@ -357,7 +364,7 @@ def rank_model(spec: ModelSpec, queries: Sequence[GoldQuery], passages: Sequence
                       {"encode": t1 - t0, "search": time.perf_counter() - t1}, [], getattr(encoder, "notice", None))
     if spec.kind in DENSE_KINDS:
         return dense_rank(encoder, queries, passages, k=k, dims=dims, cache_uri=options.embeddings_cache,
-                          translations=spec.kind != "dense", bodies=spec.kind == "bilingual-body")
+                          kind=spec.kind)
     dense = dense_rank(encoder, queries, passages, k=k, dims=(), cache_uri=options.embeddings_cache)
     t0 = time.perf_counter()
     fused = rrf([dense.runs[None], lexical("arabic").rank(queries, k)], k=k)

@@ -68,7 +68,7 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
     from m3tune.evaluation import bm25 as lexical
     from m3tune.evaluation import metrics
     from m3tune.evaluation.fusion import Recipe
-    from m3tune.evaluation.models import load_dense, parse_model
+    from m3tune.evaluation.models import VIEWS, extra_views, load_dense, parse_model
     from m3tune.evaluation.step import options_of
     from m3tune.index.step import cache_store
     from m3tune.manifest import read_manifest
@@ -148,16 +148,10 @@ def publish_fused(ctx, ev_config, entry: dict[str, Any], results: dict[str, Any]
         if encoder is not None:
             cache = EmbeddingCache(cache_store(options.embeddings_cache), encoder.fingerprint)
             dense[served.DENSE] = cache.encode(encoder, [p.text for p in passages], desc="encode passages")
-            if served.DENSE_EN in vectors:
-                english = [i for i, p in enumerate(passages) if p.translation_en]
-                got = cache.encode(encoder, [passages[i].translation_en for i in english], desc="encode translations")
-                dense[served.DENSE_EN] = dict(zip(english, got))
-            if served.DENSE_BODY in vectors:
-                from m3tune.corpus.neardup import hadith_body
-
-                told = [(i, b) for i, p in enumerate(passages) if (b := hadith_body(p)) is not None]
-                got = cache.encode(encoder, [b for _, b in told], desc="encode hadith bodies")
-                dense[served.DENSE_BODY] = dict(zip((i for i, _ in told), got))
+            views = [view for view, name in served.VIEW_VECTORS.items() if name in vectors]
+            for view, found in extra_views(passages, views).items():  # the texts evaluate encoded
+                got = cache.encode(encoder, [t for _, t in found], desc=f"encode {VIEWS[view]}")
+                dense[served.VIEW_VECTORS[view]] = dict(zip((i for i, _ in found), got))
         identity = {"run_id": ctx.root.uri.rstrip("/").rsplit("/", 1)[-1], "root": ctx.root.uri,
                     "model": {"spec": entry["spec"], "name": entry["name"], "fingerprint": fingerprint,
                               "encoder": target_model, "sha256": _model_digest(ctx.root, target_model or "")},

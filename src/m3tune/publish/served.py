@@ -38,6 +38,7 @@ DENSE, DENSE_EN, DENSE_BODY, BM25_AR, BM25_EN = "dense", "dense-en", "dense-body
 READS = {"bm25": (BM25_AR, BM25_EN), "dense": (DENSE,), "bilingual": (DENSE, DENSE_EN),
          "bilingual-body": (DENSE, DENSE_EN, DENSE_BODY)}
 SERVED_KINDS = tuple(READS)
+VIEW_VECTORS = {"translation": DENSE_EN, "body": DENSE_BODY}  # evaluation.models.extra_views' views
 WHERE_FUSED = ("lists: Qdrant Query API (one query_batch_points call per batch of queries); fusion: client-side "
                "(m3tune.evaluation.fusion), as Qdrant's RRF and DBSF are unweighted and a formula query cannot "
                "see a list's per-query minimum and maximum")
