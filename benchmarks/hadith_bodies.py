@@ -31,7 +31,8 @@ def lengths(passages, model: str, limit: int) -> list[str]:
     from tokenizers import Tokenizer
 
     encoder = load_encoder(model, max_length=limit)
-    tokenizer = Tokenizer.from_str(encoder._rust.to_str())  # a copy, untruncated: the whole length is counted
+    # a copy of the encoder's own tokenizer, untruncated: the whole length is counted
+    tokenizer = Tokenizer.from_str(encoder.tokenizer.backend_tokenizer.to_str())
     tokenizer.no_truncation()
     tokenizer.no_padding()
 
