@@ -32,13 +32,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from m3tune.errors import ConfigError, UserError
+from m3tune.evaluation.models import VIEWS_OF
 
 DENSE, DENSE_EN, DENSE_BODY, BM25_AR, BM25_EN = "dense", "dense-en", "dense-body", "bm25-ar", "bm25-en"
-# the named vectors each kind of member reads
-READS = {"bm25": (BM25_AR, BM25_EN), "dense": (DENSE,), "bilingual": (DENSE, DENSE_EN),
-         "bilingual-body": (DENSE, DENSE_EN, DENSE_BODY)}
+VIEW_VECTORS = {"translation": DENSE_EN, "body": DENSE_BODY}  # the named vector of each of extra_views' views
+# the named vectors each kind of member reads: a dense kind its text's and its views'
+READS = {"bm25": (BM25_AR, BM25_EN),
+         **{kind: (DENSE, *(VIEW_VECTORS[v] for v in views)) for kind, views in VIEWS_OF.items()}}
 SERVED_KINDS = tuple(READS)
-VIEW_VECTORS = {"translation": DENSE_EN, "body": DENSE_BODY}  # evaluation.models.extra_views' views
 WHERE_FUSED = ("lists: Qdrant Query API (one query_batch_points call per batch of queries); fusion: client-side "
                "(m3tune.evaluation.fusion), as Qdrant's RRF and DBSF are unweighted and a formula query cannot "
                "see a list's per-query minimum and maximum")
